@@ -1,0 +1,64 @@
+# pykvm: set-up, guests, run, tests, benchmarks.
+#
+#   make run     boot the main guest and print what it prints (does all set-up)
+#   make test    the whole suite (does all set-up)
+#   make bench   benchmarks -> bench/results/
+#
+# Set-up installs the Debian packages it needs when missing (needs root or
+# sudo) and makes .venv/ with pykvm installed editable (.venv/bin/pykvm).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := gcc make libc6-dev qemu-system-x86
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all setup deps guests run test test-unit test-integration bench clean distclean
+
+all: setup guests
+
+# Debian packages: install only what is missing.
+deps: $(VENV)/.deps-stamp
+$(VENV)/.deps-stamp: Makefile
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		$(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+# The virtualenv, with pykvm editable; rebuilt when the native code changes.
+setup: deps $(VENV)/.install-stamp
+$(VENV)/.install-stamp: pyproject.toml setup.py $(wildcard native/*.c native/*.h native/*.py)
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+guests: deps
+	$(MAKE) -C guest
+
+run: setup guests
+	$(VENV)/bin/pykvm run guest/build/hello.elf --cmdline "console=ttyS0 greeting=hello"
+
+test: setup guests
+	$(VENV)/bin/pytest -q tests
+
+test-unit: setup
+	$(VENV)/bin/pytest -q tests/unit
+
+test-integration: setup guests
+	$(VENV)/bin/pytest -q tests/integration
+
+bench: setup guests
+	$(PY) bench/run.py
+
+clean:
+	$(MAKE) -C guest clean
+	rm -rf build pykvm/_native*.so pykvm/_native.c pykvm/_native.o *.egg-info
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,158 @@
+"""Load an ELF by the Xen PVH boot protocol.
+
+The entry point is the 32-bit physical address in the ELF note named "Xen" of
+type 18 (XEN_ELFNOTE_PHYS32_ENTRY); ``e_entry`` is not used. PT_LOAD segments
+go to their physical addresses (p_paddr), each checked to lie inside guest RAM
+and inside the file. The VMM then builds ``struct hvm_start_info`` (version 1)
+with the command line and the e820 map, at an address no segment covers
+(including .bss), and starts the vCPU in 32-bit flat protected mode with
+paging off and EBX pointing at it.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from ..errors import BootError
+from ..memory import GuestMemory
+from .e820 import E820Entry
+
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+HVM_START_MAGIC = 0x336EC578
+HVM_START_INFO = struct.Struct("<IIII QQQQ II")   # version 1: 56 bytes
+HVM_MEMMAP_ENTRY = struct.Struct("<QQII")         # 24 bytes
+MAX_CMDLINE = 64 * 1024
+BOOT_INFO_SEARCH_START = 0x1000
+
+
+@dataclass
+class LoadedImage:
+    path: str
+    entry: int
+    segments: list[tuple[int, int]] = field(default_factory=list)  # (paddr, memsz)
+    boot_info: int = 0  # gpa of hvm_start_info
+
+
+def _parse_notes(data: bytes, path: str):
+    """Yield (name, type, desc) for each note in a PT_NOTE segment's bytes."""
+    off = 0
+    while off + 12 <= len(data):
+        namesz, descsz, ntype = struct.unpack_from("<III", data, off)
+        off += 12
+        name_end = off + namesz
+        desc_off = off + ((namesz + 3) & ~3)
+        desc_end = desc_off + descsz
+        if desc_end > len(data):
+            raise BootError(path, "truncated ELF note")
+        name = data[off:name_end].rstrip(b"\0")
+        yield name, ntype, data[desc_off:desc_end]
+        off = desc_off + ((descsz + 3) & ~3)
+
+
+def find_pvh_entry(elf: ELFFile, path: str) -> int | None:
+    for seg in elf.iter_segments():
+        if seg["p_type"] != "PT_NOTE":
+            continue
+        for name, ntype, desc in _parse_notes(seg.data(), path):
+            if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
+                if len(desc) not in (4, 8):
+                    raise BootError(path, f"PVH entry note has a {len(desc)}-byte descriptor")
+                entry = int.from_bytes(desc, "little")
+                if entry >> 32:
+                    raise BootError(path, f"PVH entry {entry:#x} is not a 32-bit address")
+                return entry
+    return None
+
+
+def is_elf(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"\x7fELF"
+
+
+def load_pvh(path: str, mem: GuestMemory) -> LoadedImage:
+    """Load the PT_LOAD segments of a PVH ELF into guest memory."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise BootError(path, e.strerror or str(e)) from None
+    with f:
+        if f.read(4) != b"\x7fELF":
+            raise BootError(path, "not an ELF file")
+        f.seek(0, 2)
+        file_size = f.tell()
+        f.seek(0)
+        try:
+            elf = ELFFile(f)
+            if elf.header["e_machine"] not in ("EM_X86_64", "EM_386"):
+                raise BootError(path, f"ELF for {elf.header['e_machine']}, not x86")
+            entry = find_pvh_entry(elf, path)
+            if entry is None:
+                raise BootError(path, 'no PVH entry note (ELF note "Xen", type 18); '
+                                "not a PVH kernel")
+            image = LoadedImage(path, entry)
+            for seg in elf.iter_segments():
+                if seg["p_type"] != "PT_LOAD":
+                    continue
+                paddr, filesz, memsz, offset = (seg["p_paddr"], seg["p_filesz"],
+                                                seg["p_memsz"], seg["p_offset"])
+                if filesz > memsz:
+                    raise BootError(path, f"segment at {paddr:#x}: file size {filesz:#x} "
+                                    f"exceeds memory size {memsz:#x}")
+                if offset + filesz > file_size:
+                    raise BootError(path, f"segment at {paddr:#x} extends past the end of the file")
+                if memsz == 0:
+                    continue
+                if not mem.contains(paddr, memsz):
+                    raise BootError(path, f"segment [{paddr:#x}, {paddr + memsz:#x}) lies outside "
+                                    f"guest RAM ({mem.size >> 20} MiB)")
+                f.seek(offset)
+                data = f.read(filesz)
+                mem.write(paddr, data)
+                mem.fill(paddr + filesz, memsz - filesz, 0)
+                image.segments.append((paddr, memsz))
+        except ELFError as e:
+            raise BootError(path, f"malformed ELF: {e}") from None
+        except struct.error as e:
+            raise BootError(path, f"malformed ELF: {e}") from None
+    if not image.segments:
+        raise BootError(path, "no loadable segments")
+    if not any(p <= entry < p + n for p, n in image.segments):
+        raise BootError(path, f"PVH entry {entry:#x} is outside every loaded segment")
+    return image
+
+
+def _free_spot(mem: GuestMemory, used: list[tuple[int, int]], size: int,
+               e820: list[E820Entry]) -> int:
+    """Lowest page-aligned gpa in e820 RAM where [gpa, gpa+size) overlaps nothing used."""
+    for e in e820:
+        if e.type != 1:
+            continue
+        gpa = max(e.addr, BOOT_INFO_SEARCH_START)
+        gpa = (gpa + 0xFFF) & ~0xFFF
+        while gpa + size <= e.addr + e.size:
+            clash = next(((p, n) for p, n in used if p < gpa + size and gpa < p + n), None)
+            if clash is None:
+                return gpa
+            gpa = (clash[0] + clash[1] + 0xFFF) & ~0xFFF
+    raise BootError("hvm_start_info", "no free guest RAM for the boot information")
+
+
+def write_start_info(mem: GuestMemory, image: LoadedImage, cmdline: str,
+                     e820: list[E820Entry]) -> int:
+    """Build hvm_start_info v1 + memmap + command line; return its gpa."""
+    cmd = cmdline.encode() + b"\0"
+    if len(cmd) > MAX_CMDLINE:
+        raise BootError(image.path, f"command line of {len(cmd)} bytes exceeds {MAX_CMDLINE}")
+    memmap_off = HVM_START_INFO.size
+    cmd_off = memmap_off + HVM_MEMMAP_ENTRY.size * len(e820)
+    total = cmd_off + len(cmd)
+    base = _free_spot(mem, image.segments, total, e820)
+    info = HVM_START_INFO.pack(HVM_START_MAGIC, 1, 0, 0, 0, base + cmd_off, 0,
+                               base + memmap_off, len(e820), 0)
+    memmap = b"".join(HVM_MEMMAP_ENTRY.pack(e.addr, e.size, e.type, 0) for e in e820)
+    mem.write(base, info + memmap + cmd)
+    image.boot_info = base
+    return base

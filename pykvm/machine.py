@@ -1,0 +1,203 @@
+"""Machine: builds a VM from a config, owns its threads, runs it, tears it down.
+
+This is the one module that knows every layer; it wires them together:
+kvm (VM, irqchip, PIT, memory slots) -> memory -> buses -> devices -> boot ->
+vCPUs. ``run()`` starts one thread per vCPU and waits for the first of: the
+guest writing to isa-debug-exit, a vCPU stopping on its own (fault, shutdown
+event), or the timeout.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import BinaryIO, TextIO
+
+from . import debug
+from .boot.e820 import build_e820
+from .boot.pvh import load_pvh, write_start_info
+from .bus import Bus
+from .devices import DEBUG_EXIT_PORT, SERIAL_IRQ, SERIAL_PORT, DebugExit, Serial16550
+from .errors import ConfigError, GuestFault, GuestTimeout
+from .kvm import Kvm
+from .memory import GuestMemory
+from .vcpu import CPUID_1_ECX_CX16, CPUID_1_ECX_XSAVE, CPUID_1_ECX_OSXSAVE, Vcpu, VcpuStop, build_cpuid
+
+TSS_ADDR = 0xFFFB_D000
+IDENTITY_MAP_ADDR = 0xFFFB_C000
+MIN_MEM = 2 << 20
+MAX_CPUS = 64
+
+
+def host_is_pvm() -> bool:
+    """True when /dev/kvm is provided by kvm_pvm (CPL 0 emulated; see DESIGN.md)."""
+    import os
+    return os.path.isdir("/sys/module/kvm_pvm")
+
+
+@dataclass
+class MachineConfig:
+    kernel: str
+    cmdline: str = ""
+    mem_size: int = 256 << 20
+    cpus: int = 1
+    serial_out: BinaryIO | None = None   # None: stdout
+    trace: TextIO | None = None          # per-exit trace lines go here
+    hugepages: bool = True
+
+
+@dataclass
+class RunResult:
+    status: int                 # the guest's debug-exit value (0 for a clean shutdown event)
+    stop: VcpuStop | None = None
+    exit_counts: dict = field(default_factory=dict)
+
+
+class Machine:
+    def __init__(self, config: MachineConfig):
+        if config.mem_size < MIN_MEM or config.mem_size % 4096:
+            raise ConfigError(f"--mem {config.mem_size}: need at least 2 MiB, a multiple of 4 KiB")
+        if not 1 <= config.cpus <= MAX_CPUS:
+            raise ConfigError(f"--cpus {config.cpus}: must be between 1 and {MAX_CPUS}")
+        self.config = config
+        self._closers = []
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._exit_status: int | None = None
+        self._stop: VcpuStop | None = None
+        self._stopped_vcpu: Vcpu | None = None
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- construction --------------------------------------------------------
+
+    def _build(self) -> None:
+        cfg = self.config
+        self.kvm = Kvm()
+        self._closers.append(self.kvm.close)
+        self.kvm.require("KVM_CAP_USER_MEMORY", "KVM_CAP_EXT_CPUID", why="running a guest")
+        self.kvm.require("KVM_CAP_IRQCHIP", "KVM_CAP_PIT2", "KVM_CAP_IRQFD", "KVM_CAP_IOEVENTFD",
+                         why="the in-kernel interrupt controllers and device notifications")
+        self.kvm.require("KVM_CAP_IMMEDIATE_EXIT", why="stopping vCPUs cleanly")
+        self.vm = self.kvm.create_vm()
+        self._closers.append(self.vm.close)
+        if self.kvm.check_extension(self.kvm_lib.KVM_CAP_SET_TSS_ADDR):
+            self.vm.set_tss_addr(TSS_ADDR)
+        if self.kvm.check_extension(self.kvm_lib.KVM_CAP_SET_IDENTITY_MAP_ADDR):
+            self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+
+        self.mem = GuestMemory(cfg.mem_size, hugepages=cfg.hugepages)
+        self._closers.append(self.mem.close)
+        for slot, r in enumerate(self.mem.regions):
+            self.vm.set_user_memory_region(slot, r.gpa, r.size, self.mem.hva + r.offset)
+
+        self.pio = Bus("pio", 0x10000)
+        self.mmio = Bus("mmio", 1 << 52)
+        out = cfg.serial_out if cfg.serial_out is not None else sys.stdout.buffer
+        self.serial = Serial16550(out, irq=lambda level: self.vm.irq_line(SERIAL_IRQ, level))
+        self.pio.register(SERIAL_PORT, 8, self.serial)
+        self.pio.register(DEBUG_EXIT_PORT, 1, DebugExit(self._on_debug_exit))
+
+        self.image = load_pvh(cfg.kernel, self.mem)
+        self.symbols = debug.Symbols.from_elf(cfg.kernel)
+        self.e820 = build_e820(self.mem)
+        self.cmdline = cfg.cmdline
+        start_info = write_start_info(self.mem, self.image, self.cmdline, self.e820)
+
+        supported = self.kvm.supported_cpuid()
+        # On kvm_pvm, CPL-0 guest code runs in KVM's instruction emulator, which
+        # lacks cmpxchg16b and the xsave family: hide them (DESIGN.md).
+        hide = CPUID_1_ECX_CX16 | CPUID_1_ECX_XSAVE | CPUID_1_ECX_OSXSAVE if host_is_pvm() else 0
+        self.vcpus: list[Vcpu] = []
+        for i in range(cfg.cpus):
+            fd = self.vm.create_vcpu(i)
+            vcpu = Vcpu(fd, self.pio, self.mmio, trace=cfg.trace)
+            self._closers.append(vcpu.close)
+            self.tsc_khz = fd.get_tsc_khz()
+            vcpu.set_cpuid(build_cpuid(supported, i, self.tsc_khz, hide_ecx1=hide))
+            self.vcpus.append(vcpu)
+        self.vcpus[0].setup_pvh(self.image.entry, start_info)
+
+    @property
+    def kvm_lib(self):
+        from .kvm import lib
+        return lib
+
+    # -- running -------------------------------------------------------------
+
+    def _on_debug_exit(self, value: int) -> None:
+        with self._lock:
+            if self._exit_status is None:
+                self._exit_status = value
+        self._request_stop()
+
+    def _request_stop(self) -> None:
+        self._done.set()
+        for v in self.vcpus:
+            v.stop()
+
+    def _vcpu_thread(self, vcpu: Vcpu) -> None:
+        try:
+            stop = vcpu.run()
+        except BaseException as e:  # a VMM bug or a KVM error: stop the VM, report it
+            stop = VcpuStop("unexpected", f"vCPU {vcpu.index} thread failed: {e!r}")
+        if stop.kind != "requested":
+            with self._lock:
+                if self._stop is None and self._exit_status is None:
+                    self._stop = stop
+                    self._stopped_vcpu = vcpu
+        self._request_stop()
+
+    def run(self, timeout: float | None = None) -> RunResult:
+        """Run until the guest exits; raise GuestFault or GuestTimeout otherwise."""
+        threads = [threading.Thread(target=self._vcpu_thread, args=(v,), name=f"vcpu{v.index}",
+                                    daemon=True) for v in self.vcpus]
+        for t in threads:
+            t.start()
+        try:
+            finished = self._done.wait(timeout)
+        finally:
+            self._request_stop()
+            for t in threads:
+                t.join()
+            self.serial.flush()
+        counts = sum((v.exit_counts for v in self.vcpus), start=__import__("collections").Counter())
+        if self._exit_status is not None:
+            return RunResult(self._exit_status, None, dict(counts))
+        if not finished:
+            raise GuestTimeout(f"guest did not stop within {timeout:g} s")
+        stop = self._stop
+        assert stop is not None
+        if stop.kind == "system_event":
+            return RunResult(0, stop, dict(counts))
+        raise self._fault(stop)
+
+    def _fault(self, stop: VcpuStop) -> GuestFault:
+        vcpu = self._stopped_vcpu or self.vcpus[0]
+        try:
+            regs = vcpu.fd.get_regs()
+            sregs = vcpu.fd.get_sregs()
+        except Exception as e:  # the vCPU is unreadable: say so, without a report
+            return GuestFault(stop.kind, 0, "", "", f"{stop.detail}; registers unreadable: {e}")
+        text, rip, symbol, insn = debug.fault_report(f"vCPU {vcpu.index}: {stop.detail}",
+                                                     regs, sregs, self.mem, self.symbols)
+        return GuestFault(stop.detail, rip, symbol, insn, text)
+
+    def close(self) -> None:
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                closer()
+            except Exception:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
