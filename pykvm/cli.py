@@ -62,9 +62,7 @@ def cmd_run(args) -> int:
             result = machine.run(timeout=args.timeout)
         finally:
             if trace:
-                counts = sum((v.exit_counts for v in machine.vcpus),
-                             start=__import__("collections").Counter())
-                print_exit_counts(counts, trace)
+                print_exit_counts(machine.exit_counts(), trace)
     return result.status
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-import capstone
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
@@ -140,6 +139,8 @@ def read_linear(mem: GuestMemory, sregs, linear: int, length: int) -> bytes:
 
 
 def disassemble(code: bytes, address: int, bits: int, count: int = 8) -> list[tuple[int, str]]:
+    import capstone  # only a fault needs it; keep it off the boot path
+
     mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[bits]
     md = capstone.Cs(capstone.CS_ARCH_X86, mode)
     out = []

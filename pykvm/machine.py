@@ -8,6 +8,8 @@ event), or the timeout.
 """
 from __future__ import annotations
 
+import collections
+import os
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -18,8 +20,8 @@ from .boot.e820 import build_e820
 from .boot.pvh import load_pvh, write_start_info
 from .bus import Bus
 from .devices import DEBUG_EXIT_PORT, SERIAL_IRQ, SERIAL_PORT, DebugExit, Serial16550
-from .errors import ConfigError, GuestFault, GuestTimeout
-from .kvm import Kvm
+from .errors import ConfigError, GuestFault, GuestTimeout, PykvmError
+from .kvm import Kvm, lib
 from .memory import GuestMemory
 from .vcpu import CPUID_1_ECX_CX16, CPUID_1_ECX_XSAVE, CPUID_1_ECX_OSXSAVE, Vcpu, VcpuStop, build_cpuid
 
@@ -31,7 +33,6 @@ MAX_CPUS = 64
 
 def host_is_pvm() -> bool:
     """True when /dev/kvm is provided by kvm_pvm (CPL 0 emulated; see DESIGN.md)."""
-    import os
     return os.path.isdir("/sys/module/kvm_pvm")
 
 
@@ -48,7 +49,7 @@ class MachineConfig:
 
 @dataclass
 class RunResult:
-    status: int                 # the guest's debug-exit value (0 for a clean shutdown event)
+    status: int | None  # the guest's debug-exit value; 0 for a shutdown event, None if stopped
     stop: VcpuStop | None = None
     exit_counts: dict = field(default_factory=dict)
 
@@ -84,9 +85,9 @@ class Machine:
         self.kvm.require("KVM_CAP_IMMEDIATE_EXIT", why="stopping vCPUs cleanly")
         self.vm = self.kvm.create_vm()
         self._closers.append(self.vm.close)
-        if self.kvm.check_extension(self.kvm_lib.KVM_CAP_SET_TSS_ADDR):
+        if self.kvm.check_extension(lib.KVM_CAP_SET_TSS_ADDR):
             self.vm.set_tss_addr(TSS_ADDR)
-        if self.kvm.check_extension(self.kvm_lib.KVM_CAP_SET_IDENTITY_MAP_ADDR):
+        if self.kvm.check_extension(lib.KVM_CAP_SET_IDENTITY_MAP_ADDR):
             self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
         self.vm.create_irqchip()
         self.vm.create_pit2()
@@ -123,11 +124,6 @@ class Machine:
             self.vcpus.append(vcpu)
         self.vcpus[0].setup_pvh(self.image.entry, start_info)
 
-    @property
-    def kvm_lib(self):
-        from .kvm import lib
-        return lib
-
     # -- running -------------------------------------------------------------
 
     def _on_debug_exit(self, value: int) -> None:
@@ -144,8 +140,8 @@ class Machine:
     def _vcpu_thread(self, vcpu: Vcpu) -> None:
         try:
             stop = vcpu.run()
-        except BaseException as e:  # a VMM bug or a KVM error: stop the VM, report it
-            stop = VcpuStop("unexpected", f"vCPU {vcpu.index} thread failed: {e!r}")
+        except Exception as e:  # a VMM bug or a KVM error: stop the VM, report it
+            stop = VcpuStop("vmm_error", f"vCPU {vcpu.index}: {type(e).__name__}: {e}")
         if stop.kind != "requested":
             with self._lock:
                 if self._stop is None and self._exit_status is None:
@@ -166,16 +162,30 @@ class Machine:
             for t in threads:
                 t.join()
             self.serial.flush()
-        counts = sum((v.exit_counts for v in self.vcpus), start=__import__("collections").Counter())
+        counts = self.exit_counts()
         if self._exit_status is not None:
             return RunResult(self._exit_status, None, dict(counts))
         if not finished:
             raise GuestTimeout(f"guest did not stop within {timeout:g} s")
         stop = self._stop
-        assert stop is not None
+        if stop is None:  # stop() from the host
+            return RunResult(None, VcpuStop("requested", "stopped by the host"), dict(counts))
         if stop.kind == "system_event":
             return RunResult(0, stop, dict(counts))
+        if stop.kind == "vmm_error":
+            raise PykvmError(f"internal error: {stop.detail}")
         raise self._fault(stop)
+
+    def stop(self) -> None:
+        """Stop a running machine from another thread; run() then returns."""
+        self._request_stop()
+
+    def exit_counts(self) -> collections.Counter:
+        """VM exits per reason, summed over the vCPUs."""
+        total: collections.Counter = collections.Counter()
+        for v in self.vcpus:
+            total.update(v.exit_counts)
+        return total
 
     def _fault(self, stop: VcpuStop) -> GuestFault:
         vcpu = self._stopped_vcpu or self.vcpus[0]

@@ -52,6 +52,7 @@ class Serial16550:
         self.thre_pending = True  # transmitter empty since reset
         self._irq_level = 0
         self.transmitted = 0
+        self.output_error: Exception | None = None
 
     # -- host side ---------------------------------------------------------
 
@@ -183,10 +184,23 @@ class Serial16550:
                 self.scr = value
             self._update_irq()
         if out is not None and self.out is not None:
-            self.out.write(bytes((out,)))
-            if out == 0x0A:
-                self.out.flush()
+            try:
+                self.out.write(bytes((out,)))
+                if out == 0x0A:
+                    self.out.flush()
+            except (OSError, ValueError) as e:
+                self._lose_output(e)
+
+    def _lose_output(self, err: Exception) -> None:
+        """The host side of the line went away (closed pipe, full disk): the
+        guest keeps running and its further output is dropped, as on a real
+        UART with nothing plugged in."""
+        self.out = None
+        self.output_error = err
 
     def flush(self) -> None:
         if self.out is not None:
-            self.out.flush()
+            try:
+                self.out.flush()
+            except (OSError, ValueError) as e:
+                self._lose_output(e)
