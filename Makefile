@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := gcc make libc6-dev qemu-system-x86
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup deps guests run test test-unit test-integration bench clean distclean
+.PHONY: all setup deps guests run test test-unit test-integration bench bench-quick clean distclean
 
 all: setup guests
 
@@ -35,7 +35,7 @@ setup: deps $(VENV)/.install-stamp
 $(VENV)/.install-stamp: pyproject.toml setup.py $(wildcard native/*.c native/*.h native/*.py)
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
 guests: deps
@@ -55,6 +55,9 @@ test-integration: setup guests
 
 bench: setup guests
 	$(PY) bench/run.py
+
+bench-quick: setup guests
+	$(PY) bench/run.py --quick
 
 clean:
 	$(MAKE) -C guest clean

@@ -25,3 +25,8 @@ static void *pykvm_gpa_to_hva(const struct pykvm_mem_region *regions, uint32_t n
     }
     return NULL;
 }
+
+static void pykvm_smp_mb(void)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}

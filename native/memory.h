@@ -15,3 +15,7 @@ struct pykvm_mem_region {
  * one region (len 0 is valid anywhere inside a region). */
 void *pykvm_gpa_to_hva(const struct pykvm_mem_region *regions, uint32_t nregions,
                        uint64_t gpa, uint64_t len);
+
+/* Full memory barrier (orders earlier stores before later loads), for the
+ * virtqueue steps that need one; Python calls it through cffi. */
+void pykvm_smp_mb(void);

@@ -11,12 +11,6 @@ from __future__ import annotations
 import bisect
 import collections
 import threading
-from typing import Protocol
-
-
-class BusDevice(Protocol):
-    def read(self, offset: int, size: int) -> int: ...
-    def write(self, offset: int, size: int, value: int) -> None: ...
 
 
 class BusConflict(ValueError):
@@ -30,11 +24,13 @@ class Bus:
         self.name = name
         self.limit = limit
         self._starts: list[int] = []
-        self._entries: list[tuple[int, int, BusDevice]] = []
+        self._entries: list[tuple] = []  # (base, size, device)
         self._lock = threading.Lock()
         self.unclaimed: collections.Counter[int] = collections.Counter()
 
-    def register(self, base: int, size: int, device: BusDevice) -> None:
+    def register(self, base: int, size: int, device) -> None:
+        """Claim [base, base+size) for ``device``: any object with
+        ``read(offset, size) -> int`` and ``write(offset, size, value)``."""
         if size <= 0 or base < 0 or base + size > self.limit:
             raise BusConflict(f"{self.name}: range [{base:#x}, {base + size:#x}) is invalid")
         with self._lock:

@@ -8,11 +8,7 @@ GuestMemory's bounds checks.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
-
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
+import collections
 
 from .errors import GuestMemoryError
 from .memory import GuestMemory
@@ -33,6 +29,11 @@ class Symbols:
 
     @classmethod
     def from_elf(cls, path: str) -> "Symbols":
+        # pyelftools is only needed once a report is printed: keep it off the boot path.
+        from elftools.common.exceptions import ELFError
+        from elftools.elf.elffile import ELFFile
+        from elftools.elf.sections import SymbolTableSection
+
         entries = []
         try:
             with open(path, "rb") as f:
@@ -68,10 +69,9 @@ class Symbols:
         return ""
 
 
-@dataclass
-class CpuMode:
-    name: str          # "real", "protected-16", "protected-32", "compat", "long"
-    bits: int          # 16, 32 or 64 for the disassembler
+#: name: "real", "protected-16", "protected-32", "compat" or "long";
+#: bits: 16, 32 or 64, for the disassembler
+CpuMode = collections.namedtuple("CpuMode", "name bits")
 
 
 def cpu_mode(sregs) -> CpuMode:

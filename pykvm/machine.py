@@ -12,10 +12,7 @@ import collections
 import os
 import sys
 import threading
-from dataclasses import dataclass, field
-from typing import BinaryIO, TextIO
 
-from . import debug
 from .boot.e820 import build_e820
 from .boot.pvh import load_pvh, write_start_info
 from .bus import Bus
@@ -36,22 +33,30 @@ def host_is_pvm() -> bool:
     return os.path.isdir("/sys/module/kvm_pvm")
 
 
-@dataclass
 class MachineConfig:
-    kernel: str
-    cmdline: str = ""
-    mem_size: int = 256 << 20
-    cpus: int = 1
-    serial_out: BinaryIO | None = None   # None: stdout
-    trace: TextIO | None = None          # per-exit trace lines go here
-    hugepages: bool = True
+    """What to build. ``serial_out``: binary file for the UART (None: stdout);
+    ``trace``: text file for per-exit trace lines (None: no trace)."""
+
+    def __init__(self, kernel: str, cmdline: str = "", mem_size: int = 256 << 20, cpus: int = 1,
+                 serial_out=None, trace=None, hugepages: bool = True):
+        self.kernel = kernel
+        self.cmdline = cmdline
+        self.mem_size = mem_size
+        self.cpus = cpus
+        self.serial_out = serial_out
+        self.trace = trace
+        self.hugepages = hugepages
 
 
-@dataclass
 class RunResult:
-    status: int | None  # the guest's debug-exit value; 0 for a shutdown event, None if stopped
-    stop: VcpuStop | None = None
-    exit_counts: dict = field(default_factory=dict)
+    """``status``: the guest's debug-exit value; 0 for a shutdown event; None
+    when the host stopped the machine."""
+
+    def __init__(self, status: int | None, stop: VcpuStop | None = None,
+                 exit_counts: dict | None = None):
+        self.status = status
+        self.stop = stop
+        self.exit_counts = exit_counts or {}
 
 
 class Machine:
@@ -105,7 +110,6 @@ class Machine:
         self.pio.register(DEBUG_EXIT_PORT, 1, DebugExit(self._on_debug_exit))
 
         self.image = load_pvh(cfg.kernel, self.mem)
-        self.symbols = debug.Symbols.from_elf(cfg.kernel)
         self.e820 = build_e820(self.mem)
         self.cmdline = cfg.cmdline
         start_info = write_start_info(self.mem, self.image, self.cmdline, self.e820)
@@ -188,6 +192,7 @@ class Machine:
         return total
 
     def _fault(self, stop: VcpuStop) -> GuestFault:
+        from . import debug  # capstone and pyelftools load only when there is a report to make
         vcpu = self._stopped_vcpu or self.vcpus[0]
         try:
             regs = vcpu.fd.get_regs()
@@ -195,7 +200,8 @@ class Machine:
         except Exception as e:  # the vCPU is unreadable: say so, without a report
             return GuestFault(stop.kind, 0, "", "", f"{stop.detail}; registers unreadable: {e}")
         text, rip, symbol, insn = debug.fault_report(f"vCPU {vcpu.index}: {stop.detail}",
-                                                     regs, sregs, self.mem, self.symbols)
+                                                     regs, sregs, self.mem,
+                                                     debug.Symbols.from_elf(self.config.kernel))
         return GuestFault(stop.detail, rip, symbol, insn, text)
 
     def close(self) -> None:

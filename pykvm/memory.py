@@ -11,8 +11,8 @@ array of ``struct pykvm_mem_region``, is what the C fast path translates with.
 """
 from __future__ import annotations
 
+import collections
 import mmap
-from dataclasses import dataclass
 
 from ._native import ffi
 from .errors import GuestMemoryError
@@ -22,11 +22,10 @@ HIGH_START = 0x1_0000_0000
 PAGE_SIZE = 4096
 
 
-@dataclass(frozen=True)
-class Region:
-    gpa: int
-    size: int
-    offset: int  # offset inside the host mapping
+class Region(collections.namedtuple("Region", "gpa size offset")):
+    """RAM at [gpa, gpa+size), at ``offset`` inside the host mapping."""
+
+    __slots__ = ()
 
     @property
     def end(self) -> int:

@@ -6,7 +6,7 @@ regions of GuestMemory (below the device hole, then from 4 GiB).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import collections
 
 from ..memory import GuestMemory
 
@@ -19,11 +19,7 @@ LEGACY_END = 0x100000
 BIOS_START = 0xF0000
 
 
-@dataclass(frozen=True)
-class E820Entry:
-    addr: int
-    size: int
-    type: int
+E820Entry = collections.namedtuple("E820Entry", "addr size type")
 
 
 def build_e820(mem: GuestMemory) -> list[E820Entry]:

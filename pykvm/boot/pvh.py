@@ -11,14 +11,11 @@ paging off and EBX pointing at it.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
-
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
 
 from ..errors import BootError
 from ..memory import GuestMemory
-from .e820 import E820Entry
+from .e820 import E820_RAM, E820Entry
+from .elf import EM_386, EM_X86_64, PT_LOAD, ElfFormatError, ElfImage
 
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 HVM_START_MAGIC = 0x336EC578
@@ -28,95 +25,58 @@ MAX_CMDLINE = 64 * 1024
 BOOT_INFO_SEARCH_START = 0x1000
 
 
-@dataclass
 class LoadedImage:
-    path: str
-    entry: int
-    segments: list[tuple[int, int]] = field(default_factory=list)  # (paddr, memsz)
-    boot_info: int = 0  # gpa of hvm_start_info
+    def __init__(self, path: str, entry: int):
+        self.path = path
+        self.entry = entry
+        self.segments: list[tuple[int, int]] = []  # (paddr, memsz) of what was loaded
+        self.boot_info = 0                          # gpa of hvm_start_info
 
 
-def _parse_notes(data: bytes, path: str):
-    """Yield (name, type, desc) for each note in a PT_NOTE segment's bytes."""
-    off = 0
-    while off + 12 <= len(data):
-        namesz, descsz, ntype = struct.unpack_from("<III", data, off)
-        off += 12
-        name_end = off + namesz
-        desc_off = off + ((namesz + 3) & ~3)
-        desc_end = desc_off + descsz
-        if desc_end > len(data):
-            raise BootError(path, "truncated ELF note")
-        name = data[off:name_end].rstrip(b"\0")
-        yield name, ntype, data[desc_off:desc_end]
-        off = desc_off + ((descsz + 3) & ~3)
-
-
-def find_pvh_entry(elf: ELFFile, path: str) -> int | None:
-    for seg in elf.iter_segments():
-        if seg["p_type"] != "PT_NOTE":
-            continue
-        for name, ntype, desc in _parse_notes(seg.data(), path):
-            if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
-                if len(desc) not in (4, 8):
-                    raise BootError(path, f"PVH entry note has a {len(desc)}-byte descriptor")
-                entry = int.from_bytes(desc, "little")
-                if entry >> 32:
-                    raise BootError(path, f"PVH entry {entry:#x} is not a 32-bit address")
-                return entry
+def find_pvh_entry(elf: ElfImage, path: str) -> int | None:
+    for name, ntype, desc in elf.notes():
+        if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
+            if len(desc) not in (4, 8):
+                raise BootError(path, f"PVH entry note has a {len(desc)}-byte descriptor")
+            entry = int.from_bytes(desc, "little")
+            if entry >> 32:
+                raise BootError(path, f"PVH entry {entry:#x} is not a 32-bit address")
+            return entry
     return None
-
-
-def is_elf(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"\x7fELF"
 
 
 def load_pvh(path: str, mem: GuestMemory) -> LoadedImage:
     """Load the PT_LOAD segments of a PVH ELF into guest memory."""
     try:
-        f = open(path, "rb")
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise BootError(path, e.strerror or str(e)) from None
-    with f:
-        if f.read(4) != b"\x7fELF":
-            raise BootError(path, "not an ELF file")
-        f.seek(0, 2)
-        file_size = f.tell()
-        f.seek(0)
-        try:
-            elf = ELFFile(f)
-            if elf.header["e_machine"] not in ("EM_X86_64", "EM_386"):
-                raise BootError(path, f"ELF for {elf.header['e_machine']}, not x86")
-            entry = find_pvh_entry(elf, path)
-            if entry is None:
-                raise BootError(path, 'no PVH entry note (ELF note "Xen", type 18); '
-                                "not a PVH kernel")
-            image = LoadedImage(path, entry)
-            for seg in elf.iter_segments():
-                if seg["p_type"] != "PT_LOAD":
-                    continue
-                paddr, filesz, memsz, offset = (seg["p_paddr"], seg["p_filesz"],
-                                                seg["p_memsz"], seg["p_offset"])
-                if filesz > memsz:
-                    raise BootError(path, f"segment at {paddr:#x}: file size {filesz:#x} "
-                                    f"exceeds memory size {memsz:#x}")
-                if offset + filesz > file_size:
-                    raise BootError(path, f"segment at {paddr:#x} extends past the end of the file")
-                if memsz == 0:
-                    continue
-                if not mem.contains(paddr, memsz):
-                    raise BootError(path, f"segment [{paddr:#x}, {paddr + memsz:#x}) lies outside "
-                                    f"guest RAM ({mem.size >> 20} MiB)")
-                f.seek(offset)
-                data = f.read(filesz)
-                mem.write(paddr, data)
-                mem.fill(paddr + filesz, memsz - filesz, 0)
-                image.segments.append((paddr, memsz))
-        except ELFError as e:
-            raise BootError(path, f"malformed ELF: {e}") from None
-        except struct.error as e:
-            raise BootError(path, f"malformed ELF: {e}") from None
+    try:
+        elf = ElfImage(data)
+        if elf.machine not in (EM_X86_64, EM_386):
+            raise BootError(path, f"ELF for machine {elf.machine}, not x86")
+        entry = find_pvh_entry(elf, path)
+        if entry is None:
+            raise BootError(path, 'no PVH entry note (ELF note "Xen", type 18); not a PVH kernel')
+        image = LoadedImage(path, entry)
+        for seg in elf.segments:
+            if seg.type != PT_LOAD:
+                continue
+            if seg.filesz > seg.memsz:
+                raise BootError(path, f"segment at {seg.paddr:#x}: file size {seg.filesz:#x} "
+                                f"exceeds memory size {seg.memsz:#x}")
+            payload = elf.segment_data(seg)
+            if seg.memsz == 0:
+                continue
+            if not mem.contains(seg.paddr, seg.memsz):
+                raise BootError(path, f"segment [{seg.paddr:#x}, {seg.paddr + seg.memsz:#x}) "
+                                f"lies outside guest RAM ({mem.size >> 20} MiB)")
+            mem.write(seg.paddr, payload)
+            mem.fill(seg.paddr + seg.filesz, seg.memsz - seg.filesz, 0)
+            image.segments.append((seg.paddr, seg.memsz))
+    except ElfFormatError as e:
+        raise BootError(path, str(e)) from None
     if not image.segments:
         raise BootError(path, "no loadable segments")
     if not any(p <= entry < p + n for p, n in image.segments):
@@ -124,14 +84,12 @@ def load_pvh(path: str, mem: GuestMemory) -> LoadedImage:
     return image
 
 
-def _free_spot(mem: GuestMemory, used: list[tuple[int, int]], size: int,
-               e820: list[E820Entry]) -> int:
+def _free_spot(used: list[tuple[int, int]], size: int, e820: list[E820Entry]) -> int:
     """Lowest page-aligned gpa in e820 RAM where [gpa, gpa+size) overlaps nothing used."""
     for e in e820:
-        if e.type != 1:
+        if e.type != E820_RAM:
             continue
-        gpa = max(e.addr, BOOT_INFO_SEARCH_START)
-        gpa = (gpa + 0xFFF) & ~0xFFF
+        gpa = (max(e.addr, BOOT_INFO_SEARCH_START) + 0xFFF) & ~0xFFF
         while gpa + size <= e.addr + e.size:
             clash = next(((p, n) for p, n in used if p < gpa + size and gpa < p + n), None)
             if clash is None:
@@ -149,7 +107,7 @@ def write_start_info(mem: GuestMemory, image: LoadedImage, cmdline: str,
     memmap_off = HVM_START_INFO.size
     cmd_off = memmap_off + HVM_MEMMAP_ENTRY.size * len(e820)
     total = cmd_off + len(cmd)
-    base = _free_spot(mem, image.segments, total, e820)
+    base = _free_spot(image.segments, total, e820)
     info = HVM_START_INFO.pack(HVM_START_MAGIC, 1, 0, 0, 0, base + cmd_off, 0,
                                base + memmap_off, len(e820), 0)
     memmap = b"".join(HVM_MEMMAP_ENTRY.pack(e.addr, e.size, e.type, 0) for e in e820)

@@ -5,11 +5,9 @@ the guest's value is the test's result as written.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 
 class DebugExit:
-    def __init__(self, on_exit: Callable[[int], None]):
+    def __init__(self, on_exit):
         self.on_exit = on_exit
 
     def read(self, offset: int, size: int) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import BinaryIO, Callable
 
 RBR_THR, IER, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)
 
@@ -36,7 +35,8 @@ FIFO_SIZE = 16
 class Serial16550:
     """A UART at some base port; ``out`` receives transmitted bytes."""
 
-    def __init__(self, out: BinaryIO | None, irq: Callable[[int], None] | None = None):
+    def __init__(self, out, irq=None):
+        """``out``: a binary file (or None); ``irq(level)``: drives the interrupt line."""
         self.out = out
         self.irq = irq
         self._lock = threading.Lock()

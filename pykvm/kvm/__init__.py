@@ -7,6 +7,7 @@ vCPU thread blocked in KVM_RUN never stalls the rest of the VMM.
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import signal
@@ -189,23 +190,18 @@ class VcpuFd:
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._buf = ffi.from_buffer(self._map)
         self.run_struct = ffi.cast("struct kvm_run *", self._buf)
-        self._map_addr = int(ffi.cast("uintptr_t", self._buf))
+        #: the whole kvm_run mapping as a buffer: PIO data lives at io.data_offset
+        self.run_buffer = ffi.buffer(self._buf, size)
 
     def run(self) -> int:
         """KVM_RUN (GIL released). Returns the exit reason, or -EINTR when kicked."""
         ret = lib.pykvm_ioctl_val(self.fd, lib.KVM_RUN, 0)
         if ret < 0:
             err = ffi.errno
-            if err in (4, 11):  # EINTR, EAGAIN: a kick (immediate_exit or signal)
-                return -4
+            if err in (errno.EINTR, errno.EAGAIN):  # a kick (immediate_exit or signal)
+                return -errno.EINTR
             raise KvmError("KVM_RUN", err)
         return self.run_struct.exit_reason
-
-    def io_data(self, offset: int, length: int):
-        """A cffi buffer over the PIO data area of kvm_run (offset from the mmap start)."""
-        if offset + length > len(self._map):
-            raise KvmError("KVM_EXIT_IO", 14, f"data offset {offset:#x} outside kvm_run")
-        return ffi.buffer(self._buf + offset, length)
 
     def get_regs(self):
         regs = ffi.new("struct kvm_regs *")
@@ -258,6 +254,7 @@ class VcpuFd:
         if self.fd >= 0:
             self._buf = None
             self.run_struct = None
+            self.run_buffer = None
             try:
                 self._map.close()
             except BufferError:

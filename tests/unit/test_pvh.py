@@ -92,3 +92,30 @@ def test_e820_covers_ram_without_overlap(mem):
     ram = sum(e.size for e in e820 if e.type == E820_RAM)
     assert (8 << 20) - (1 << 20) <= ram <= 8 << 20
     assert any(e.addr == 0x100000 and e.type == E820_RAM for e in e820)
+
+
+def guest_elfs():
+    import pathlib
+    return sorted((pathlib.Path(__file__).resolve().parents[2] / "guest" / "build").glob("*.elf"))
+
+
+@pytest.mark.parametrize("path", guest_elfs(), ids=lambda p: p.name)
+def test_elf_reader_agrees_with_pyelftools(path):
+    """The loader's own reader sees the same segments and PVH note as pyelftools."""
+    from elftools.elf.elffile import ELFFile
+
+    from pykvm.boot.elf import ElfImage
+    from pykvm.boot.pvh import find_pvh_entry
+
+    ours = ElfImage(path.read_bytes())
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        theirs = [(s["p_type"], s["p_offset"], s["p_paddr"], s["p_filesz"], s["p_memsz"])
+                  for s in elf.iter_segments()]
+        ptypes = {"PT_LOAD": 1, "PT_NOTE": 4}
+        assert [(ptypes.get(t, t), o, p, fs, ms) for t, o, p, fs, ms in theirs if t in ptypes] == \
+            [(s.type, s.offset, s.paddr, s.filesz, s.memsz) for s in ours.segments if s.type in (1, 4)]
+        notes = [(n["n_name"], n["n_type"]) for seg in elf.iter_segments()
+                 if seg["p_type"] == "PT_NOTE" for n in seg.iter_notes()]
+    assert ("Xen", 18) in notes
+    assert find_pvh_entry(ours, str(path)) == 0x100000
