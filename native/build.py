@@ -11,7 +11,7 @@ import pathlib
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-UNITS = ["kvm", "memory"]
+UNITS = ["kvm", "memory", "file"]
 
 ffibuilder = FFI()
 for unit in UNITS:
@@ -25,7 +25,7 @@ if os.environ.get("PYKVM_SANITIZE"):
 
 ffibuilder.set_source(
     "pykvm._native",
-    "\n".join(f'#include "{unit}.c"' for unit in UNITS),
+    "#define _GNU_SOURCE\n" + "\n".join(f'#include "{unit}.c"' for unit in UNITS),
     include_dirs=[str(HERE)],
     extra_compile_args=extra_compile_args,
     extra_link_args=extra_link_args,

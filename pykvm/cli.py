@@ -1,18 +1,25 @@
-"""pykvm's command line: ``pykvm run KERNEL ...``.
+"""pykvm's command line: ``pykvm run`` and ``pykvm fio``.
 
 Usage errors exit 2 (argparse). Every other failure a user can hit prints one
 line on stderr, ``pykvm: <what went wrong>``, and exits non-zero; a guest
-fault prints its report first. No traceback reaches the user.
+fault prints its report first. No traceback reaches the user. Device
+messages (a guest's bad request, a device that needs a reset) are log lines
+on stderr with the same prefix.
 """
 from __future__ import annotations
 
 import argparse
+import io
+import logging
+import os
 import re
 import sys
 
 from .errors import ConfigError, GuestFault, PykvmError
 
 _SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
+GUEST_DIR = os.environ.get("PYKVM_GUEST_DIR") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "guest", "build")
 
 
 def parse_size(text: str, default_unit: str = "M") -> int:
@@ -22,6 +29,11 @@ def parse_size(text: str, default_unit: str = "M") -> int:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (use e.g. 256M or 1G)")
     unit = (m.group(2) or default_unit).upper()
     return int(m.group(1)) << {"": 0, "B": 0, "K": 10, "M": 20, "G": 30, "T": 40}[unit]
+
+
+def parse_bytes(text: str) -> int:
+    """fio-style sizes: '4k', '1M', '512' (bytes by default)."""
+    return parse_size(text, default_unit="")
 
 
 def _positive_float(text: str) -> float:
@@ -34,49 +46,139 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _disk(text: str):
+    from .machine import DiskSpec
+    try:
+        return DiskSpec.parse(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _common_vm_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mem", type=parse_size, default=256 << 20, metavar="SIZE",
+                   help="guest RAM (default 256M; a bare number is MiB)")
+    p.add_argument("--timeout", type=_positive_float, metavar="S",
+                   help="stop the guest after S seconds (exit 124)")
+    p.add_argument("--trace", choices=["exits"], action="append", default=[],
+                   help="'exits': print every VM exit and a count per reason at the end")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pykvm", description="A KVM hypervisor harness.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     run = sub.add_parser("run", help="boot a kernel (PVH ELF) and run it until it exits")
     run.add_argument("kernel", metavar="KERNEL", help="PVH ELF image")
     run.add_argument("--cmdline", default="", help="kernel command line")
-    run.add_argument("--mem", type=parse_size, default=256 << 20, metavar="SIZE",
-                     help="guest RAM (default 256M; a bare number is MiB)")
     run.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
-    run.add_argument("--timeout", type=_positive_float, metavar="S",
-                     help="stop the guest after S seconds (exit 124)")
-    run.add_argument("--trace", choices=["exits"], action="append", default=[],
-                     help="'exits': print every VM exit and a count per reason at the end")
+    run.add_argument("--disk", type=_disk, action="append", default=[], metavar="SPEC",
+                     help="a virtio-blk disk: file=PATH[,format=raw][,transport=mmio|pci]"
+                          "[,cache=...][,aio=python][,readonly=on][,discard=ignore|unmap]"
+                          "[,serial=S] (repeatable)")
+    _common_vm_args(run)
+
+    fio = sub.add_parser("fio", help="run the workload guest against a disk, print fio's output")
+    fio.add_argument("--disk", type=_disk, required=True, metavar="SPEC", help="as for run")
+    fio.add_argument("--rw", default="randread",
+                     choices=["read", "write", "randread", "randwrite", "randrw"])
+    fio.add_argument("--rwmixread", type=int, default=50, metavar="PCT")
+    fio.add_argument("--bs", type=parse_bytes, default=4096, metavar="SIZE")
+    fio.add_argument("--iodepth", type=int, default=1, metavar="N")
+    fio.add_argument("--size", type=parse_bytes, metavar="SIZE", help="bytes of the disk to use")
+    fio.add_argument("--offset", type=parse_bytes, default=0, metavar="SIZE")
+    fio.add_argument("--runtime", type=_positive_float, default=5.0, metavar="S")
+    fio.add_argument("--ios", type=int, metavar="N", help="a fixed number of I/Os instead")
+    fio.add_argument("--seed", type=int, default=1)
+    fio.add_argument("--verify", choices=["crc32c", "none"], default="none")
+    fio.add_argument("--output-format", choices=["normal", "json"], default="normal")
+    fio.add_argument("--kernel", help="workload guest ELF (default: the built-in one)")
+    _common_vm_args(fio)
     return p
 
 
-def cmd_run(args) -> int:
+def _run_machine(args, kernel: str, cmdline: str, disks, serial_out=None):
     from .machine import Machine, MachineConfig
     from .vcpu import print_exit_counts
 
     trace = sys.stderr if "exits" in args.trace else None
-    cfg = MachineConfig(kernel=args.kernel, cmdline=args.cmdline, mem_size=args.mem,
-                        cpus=args.cpus, trace=trace)
+    cfg = MachineConfig(kernel=kernel, cmdline=cmdline, mem_size=args.mem,
+                        cpus=getattr(args, "cpus", 1), trace=trace, disks=disks,
+                        serial_out=serial_out)
     with Machine(cfg) as machine:
         try:
             result = machine.run(timeout=args.timeout)
         finally:
             if trace:
                 print_exit_counts(machine.exit_counts(), trace)
-    return result.status
+        stats = [dict(getattr(d.core.device, "stats", {})) for d in machine.disks]
+    return result, stats
+
+
+def cmd_run(args) -> int:
+    result, _ = _run_machine(args, args.kernel, args.cmdline, args.disk)
+    return result.status if result.status is not None else 1
+
+
+def cmd_fio(args) -> int:
+    from . import fio
+
+    kernel = args.kernel or os.path.join(GUEST_DIR, "workload.elf")
+    if not os.path.exists(kernel):
+        raise ConfigError(f"{kernel}: workload guest not found (run 'make guests')")
+    if args.iodepth < 1 or args.iodepth > 254:
+        raise ConfigError(f"--iodepth {args.iodepth}: must be between 1 and 254")
+    if args.bs < 512 or args.bs % 512:
+        raise ConfigError(f"--bs {args.bs}: must be a multiple of 512")
+    opts = [f"transport={args.disk.transport}", f"rw={args.rw}", f"bs={args.bs}",
+            f"iodepth={args.iodepth}", f"offset={args.offset}", f"seed={args.seed}",
+            f"verify={args.verify}", f"rwmixread={args.rwmixread}"]
+    if args.size:
+        opts.append(f"size={args.size}")
+    opts.append(f"ios={args.ios}" if args.ios else f"runtime={args.runtime:g}")
+    out = io.BytesIO()
+    timeout = args.timeout or (args.runtime + 60 if not args.ios else None)
+    args.timeout = timeout
+    result, stats = _run_machine(args, kernel, " ".join(opts), [args.disk], serial_out=out)
+    text = out.getvalue().decode(errors="replace")
+    for line in text.splitlines():
+        if line.startswith("workload:"):
+            print(line, file=sys.stderr)
+    try:
+        r = fio.parse_result(text)
+    except fio.WorkloadError as e:
+        raise PykvmError(f"{e}; guest output: {text.strip()[-300:]!r}") from None
+    if args.output_format == "json":
+        print(fio.to_json(r, {"device": stats[0] if stats else {}}))
+    else:
+        print(fio.to_normal(r))
+        if stats:
+            s = stats[0]
+            print(f"  device: requests={s.get('requests', 0)}, interrupts={s.get('interrupts', 0)}, "
+                  f"suppressed={s.get('interrupts_suppressed', 0)}, errors={s.get('errors', 0)}")
+    return result.status if result.status is not None else 1
+
+
+class _Prefix(logging.Formatter):
+    def format(self, record):
+        return f"pykvm: {record.getMessage()}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Prefix())
+    root = logging.getLogger("pykvm")
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    root.propagate = False
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "fio":
+            return cmd_fio(args)
     except GuestFault as e:
         print(e.report, file=sys.stderr)
-        print(f"pykvm: {e}", file=sys.stderr)
-        return e.exit_status
-    except ConfigError as e:
         print(f"pykvm: {e}", file=sys.stderr)
         return e.exit_status
     except PykvmError as e:
@@ -85,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pykvm: interrupted", file=sys.stderr)
         return 130
+    finally:
+        root.removeHandler(handler)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -25,6 +25,9 @@ from .vcpu import CPUID_1_ECX_CX16, CPUID_1_ECX_XSAVE, CPUID_1_ECX_OSXSAVE, Vcpu
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 MIN_MEM = 2 << 20
+VIRTIO_MMIO_BASE = 0xD000_0000
+VIRTIO_MMIO_FIRST_GSI = 5
+PCI_MMIO_START = 0xE000_0000
 MAX_CPUS = 64
 
 
@@ -33,12 +36,88 @@ def host_is_pvm() -> bool:
     return os.path.isdir("/sys/module/kvm_pvm")
 
 
+class DiskSpec:
+    """One --disk, in QEMU's -drive syntax (DESIGN.md, "Command line")."""
+
+    TRANSPORTS = ("mmio", "pci")
+    AIO = ("python",)
+    KEYS = ("file", "format", "transport", "cache", "aio", "readonly", "discard", "detect-zeroes",
+            "serial")
+
+    def __init__(self, file: str, format: str | None = None, transport: str = "mmio",
+                 cache: str = "writeback", aio: str = "python", readonly: bool = False,
+                 discard: str = "unmap", serial: str = ""):
+        self.file = file
+        self.format = format
+        self.transport = transport
+        self.cache = cache
+        self.aio = aio
+        self.readonly = readonly
+        self.discard = discard
+        self.serial = serial
+
+    @classmethod
+    def parse(cls, text: str) -> "DiskSpec":
+        """'file=PATH,format=raw,...' or a bare path; raises ConfigError."""
+        from .block import CACHE_MODES, DISCARD_MODES
+        opts: dict[str, str] = {}
+        for i, item in enumerate(_split_commas(text)):
+            key, eq, value = item.partition("=")
+            if not eq:
+                if i == 0:
+                    key, value = "file", item
+                else:
+                    raise ConfigError(f"--disk {text}: '{item}' is not KEY=VALUE")
+            if key not in cls.KEYS:
+                raise ConfigError(f"--disk {text}: unknown option '{key}' "
+                                  f"(one of {', '.join(cls.KEYS)})")
+            opts[key] = value
+        if not opts.get("file"):
+            raise ConfigError(f"--disk {text}: no file given")
+
+        def choice(key, allowed, default):
+            value = opts.get(key, default)
+            if value not in allowed:
+                raise ConfigError(f"--disk {text}: {key}={value} is not one of "
+                                  f"{', '.join(allowed)}")
+            return value
+
+        readonly = choice("readonly", ("on", "off"), "off") == "on"
+        choice("detect-zeroes", ("off",), "off")
+        return cls(file=opts["file"], format=opts.get("format"),
+                   transport=choice("transport", cls.TRANSPORTS, "mmio"),
+                   cache=choice("cache", tuple(CACHE_MODES), "writeback"),
+                   aio=choice("aio", cls.AIO, "python"), readonly=readonly,
+                   discard=choice("discard", DISCARD_MODES, "unmap"),
+                   serial=opts.get("serial", ""))
+
+
+def _split_commas(text: str) -> list[str]:
+    """Split on commas, where ',,' stands for a literal comma (as in QEMU)."""
+    items, cur, i = [], "", 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1:i + 2] == ",":
+                cur += ","
+                i += 2
+                continue
+            items.append(cur)
+            cur = ""
+        else:
+            cur += text[i]
+        i += 1
+    items.append(cur)
+    return items
+
+
 class MachineConfig:
     """What to build. ``serial_out``: binary file for the UART (None: stdout);
-    ``trace``: text file for per-exit trace lines (None: no trace)."""
+    ``trace``: text file for per-exit trace lines (None: no trace); ``disks``:
+    DiskSpecs, each a virtio-blk device."""
 
     def __init__(self, kernel: str, cmdline: str = "", mem_size: int = 256 << 20, cpus: int = 1,
-                 serial_out=None, trace=None, hugepages: bool = True):
+                 serial_out=None, trace=None, hugepages: bool = True, disks=None):
+        self.disks = list(disks or [])
         self.kernel = kernel
         self.cmdline = cmdline
         self.mem_size = mem_size
@@ -111,7 +190,9 @@ class Machine:
 
         self.image = load_pvh(cfg.kernel, self.mem)
         self.e820 = build_e820(self.mem)
-        self.cmdline = cfg.cmdline
+        self.disks: list = []
+        extra = self._add_disks(cfg.disks)
+        self.cmdline = " ".join(filter(None, [cfg.cmdline] + extra))
         start_info = write_start_info(self.mem, self.image, self.cmdline, self.e820)
 
         supported = self.kvm.supported_cpuid()
@@ -127,6 +208,50 @@ class Machine:
             vcpu.set_cpuid(build_cpuid(supported, i, self.tsc_khz, hide_ecx1=hide))
             self.vcpus.append(vcpu)
         self.vcpus[0].setup_pvh(self.image.entry, start_info)
+
+    def _add_disks(self, specs: list[DiskSpec]) -> list[str]:
+        """Create each disk's backend, device and transport; return the command
+        line fragments that announce virtio-mmio devices."""
+        from .block import BlockBackend
+        from .kvm import GsiRouting
+        from .virtio.blk import VirtioBlk
+        from .virtio.device import VirtioCore
+        from .virtio.transport.mmio import WINDOW_SIZE, VirtioMmio
+        from .virtio.transport.pci import VirtioPci
+
+        if not specs:
+            return []
+        cmdline = []
+        pci_host = None
+        next_pci_bar = PCI_MMIO_START
+        for i, spec in enumerate(specs):
+            backend = BlockBackend(spec.file, fmt=spec.format, cache=spec.cache,
+                                   read_only=spec.readonly, discard=spec.discard)
+            dev = VirtioBlk(backend, serial=spec.serial or f"pykvm-disk{i}", name=f"virtio-blk{i}")
+            core = VirtioCore(dev, self.mem, name=dev.name)
+            if spec.transport == "mmio":
+                n = sum(1 for d in self.disks if d.transport == "mmio")
+                base, gsi = VIRTIO_MMIO_BASE + n * WINDOW_SIZE, VIRTIO_MMIO_FIRST_GSI + n
+                transport = VirtioMmio(core, base, gsi, vm=self.vm)
+                self.mmio.register(base, WINDOW_SIZE, transport)
+                cmdline.append(transport.cmdline)
+            else:
+                if pci_host is None:
+                    from .devices.pci import CONFIG_ADDRESS, PciHost
+                    pci_host = self.pci = PciHost(self.mmio)
+                    self.pio.register(CONFIG_ADDRESS, 8, pci_host)
+                    self.gsi_routing = GsiRouting(self.vm)
+                transport = VirtioPci(core, vm=self.vm, routing=self.gsi_routing)
+                pci_host.attach(transport)
+                for bar in transport.bars.values():
+                    next_pci_bar = -(-next_pci_bar // bar.size) * bar.size
+                    transport.set_bar_address(bar.index, next_pci_bar)
+                    next_pci_bar += bar.size
+                transport.enable()
+            self._closers.append(transport.close)
+            transport.transport = spec.transport
+            self.disks.append(transport)
+        return cmdline
 
     # -- running -------------------------------------------------------------
 

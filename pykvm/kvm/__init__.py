@@ -11,11 +11,12 @@ import errno
 import mmap
 import os
 import signal
+import threading
 
 from .._native import ffi, lib
 from ..errors import KvmError, KvmUnavailable, MissingCapability
 
-__all__ = ["Kvm", "VmFd", "VcpuFd", "ffi", "lib", "KICK_SIGNAL"]
+__all__ = ["Kvm", "VmFd", "VcpuFd", "GsiRouting", "ffi", "lib", "KICK_SIGNAL"]
 
 #: Signal used to kick a vCPU thread out of KVM_RUN (handler installed in C).
 KICK_SIGNAL = signal.SIGUSR1
@@ -261,3 +262,48 @@ class VcpuFd:
                 pass
             os.close(self.fd)
             self.fd = -1
+
+
+class GsiRouting:
+    """The VM's GSI routing table: KVM's default irqchip routes plus MSI routes.
+
+    KVM_SET_GSI_ROUTING replaces the whole table, so whoever adds an MSI route
+    must resend the default ones too; this class owns that. GSIs 0-23 are the
+    IOAPIC pins (0-15 also the PICs'), as after KVM_CREATE_IRQCHIP; MSI routes
+    take GSIs from 24 up.
+    """
+
+    FIRST_MSI_GSI = 24
+    IOAPIC_PINS = 24
+
+    def __init__(self, vm: VmFd):
+        self.vm = vm
+        self._msi: dict[int, tuple[int, int]] = {}  # gsi -> (address, data)
+        self._next = self.FIRST_MSI_GSI
+        self._lock = threading.Lock()
+
+    def allocate(self) -> int:
+        with self._lock:
+            gsi = self._next
+            self._next += 1
+            return gsi
+
+    def set_msi(self, gsi: int, address: int, data: int) -> None:
+        with self._lock:
+            if self._msi.get(gsi) == (address, data):
+                return
+            self._msi[gsi] = (address, data)
+            self._commit()
+
+    def _commit(self) -> None:
+        routes = []
+        for pin in range(self.IOAPIC_PINS):
+            if pin < 16:
+                chip = lib.KVM_IRQCHIP_PIC_MASTER if pin < 8 else lib.KVM_IRQCHIP_PIC_SLAVE
+                routes.append({"gsi": pin, "type": "irqchip", "irqchip": chip, "pin": pin % 8})
+            routes.append({"gsi": pin, "type": "irqchip", "irqchip": lib.KVM_IRQCHIP_IOAPIC,
+                           "pin": pin})
+        for gsi, (address, data) in sorted(self._msi.items()):
+            routes.append({"gsi": gsi, "type": "msi", "address_lo": address & 0xFFFFFFFF,
+                           "address_hi": address >> 32, "data": data})
+        self.vm.set_gsi_routing(routes)

@@ -1,0 +1,9 @@
+/*
+ * file.h - file operations Python's os module lacks.
+ */
+#define FALLOC_FL_KEEP_SIZE ...
+#define FALLOC_FL_PUNCH_HOLE ...
+#define FALLOC_FL_ZERO_RANGE ...
+
+/* fallocate(2) with flags; 0 or -errno. */
+int pykvm_fallocate(int fd, int mode, int64_t offset, int64_t length);

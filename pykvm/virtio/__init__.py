@@ -1,0 +1,1 @@
+"""virtio: split virtqueues (queue), the device interface, devices and transports."""

@@ -1,0 +1,401 @@
+"""virtio-blk (virtio 1.x section 5.2): the life of an I/O request, in Python.
+
+The device's I/O thread sleeps on the queues' kick eventfds and the block
+backend's completion eventfd. Woken by a kick, it pops every available chain,
+parses it into a request (checking every guest value once, here), and submits
+``(op, offset, iovecs, token)`` to the BlockBackend; the iovecs are views of
+guest memory, so data never gets copied. Woken by a completion, it writes the
+status byte, adds the used element and interrupts the driver when the queue's
+notification rules say so. Requests complete in whatever order the backend
+finishes them.
+
+Bad requests (a short header, a sector range past the capacity, a data buffer
+the device may not write, an unknown type) complete with IOERR or UNSUPP; a
+broken ring (QueueError) or a request with no status byte stops the device
+with DEVICE_NEEDS_RESET. Either way: one log line, and the VMM carries on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import struct
+import threading
+
+from .device import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, ID_BLOCK, VirtioDevice
+from .queue import QueueError
+
+log = logging.getLogger("pykvm.virtio")
+
+# Feature bits (5.2.3)
+F_SIZE_MAX = 1 << 1
+F_SEG_MAX = 1 << 2
+F_RO = 1 << 5
+F_BLK_SIZE = 1 << 6
+F_FLUSH = 1 << 9
+F_TOPOLOGY = 1 << 10
+F_CONFIG_WCE = 1 << 11
+F_DISCARD = 1 << 13
+F_WRITE_ZEROES = 1 << 14
+
+# Request types and status (5.2.6)
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+WRITE_ZEROES_UNMAP = 1
+
+SECTOR = 512
+HEADER = struct.Struct("<IIQ")          # type, reserved, sector
+SEGMENT = struct.Struct("<QII")         # sector, num_sectors, flags (discard / write zeroes)
+ID_BYTES = 20
+SIZE_MAX = 4 << 20                      # largest single data segment we advertise
+MAX_REQUEST_BYTES = 256 << 20           # a request larger than this is refused
+MAX_DISCARD_SECTORS = (1 << 30) // SECTOR
+MAX_WRITE_ZEROES_SECTORS = (1 << 30) // SECTOR
+
+# Config space layout (struct virtio_blk_config)
+CONFIG = struct.Struct("<QII HBB I BBHI BBH III II B3x")
+CONFIG_WRITEBACK = 32
+
+
+class _Request:
+    __slots__ = ("queue", "head", "status_gpa", "used_len")
+
+    def __init__(self, queue, head: int, status_gpa: int, used_len: int):
+        self.queue = queue
+        self.head = head
+        self.status_gpa = status_gpa
+        self.used_len = used_len
+
+
+class _BadRequest(Exception):
+    """A request to complete with a status (IOERR/UNSUPP) instead of serving it."""
+
+    def __init__(self, status: int, why: str):
+        self.status = status
+        self.why = why
+
+
+class VirtioBlk(VirtioDevice):
+    device_id = ID_BLOCK
+
+    def __init__(self, backend, serial: str = "", queue_size: int = 256, name: str = "virtio-blk"):
+        self.backend = backend
+        self.serial = serial.encode()[:ID_BYTES]
+        self.queue_size = queue_size
+        self.name = name
+        self.threads: tuple = ()
+        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._thread: threading.Thread | None = None
+        self._inflight: dict[int, _Request] = {}
+        self._features = 0
+        self._warned = 0
+        self.stats = {"requests": 0, "bytes_read": 0, "bytes_written": 0, "errors": 0,
+                      "interrupts": 0, "interrupts_suppressed": 0}
+
+    # -- what the transport sees -------------------------------------------------
+
+    def features(self) -> int:
+        f = (F_VERSION_1 | F_INDIRECT_DESC | F_EVENT_IDX | F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE
+             | F_TOPOLOGY | F_FLUSH | F_CONFIG_WCE)
+        if self.backend.read_only:
+            f |= F_RO
+        else:
+            f |= F_DISCARD | F_WRITE_ZEROES
+        return f
+
+    def queue_sizes(self) -> list[int]:
+        return [self.queue_size]
+
+    @property
+    def block_size(self) -> int:
+        return max(SECTOR, self.backend.align)
+
+    def _config(self) -> bytes:
+        bs = self.block_size
+        return CONFIG.pack(
+            self.backend.size // SECTOR,          # capacity, in 512-byte sectors
+            SIZE_MAX, self.queue_size - 2,        # size_max, seg_max
+            0, 0, 0,                              # geometry
+            bs,                                   # blk_size
+            (bs // SECTOR).bit_length() - 1, 0,   # physical_block_exp, alignment_offset
+            1, 0,                                 # min_io_size, opt_io_size (in blocks)
+            int(self.backend.write_cache), 0,     # writeback, unused
+            1,                                    # num_queues
+            MAX_DISCARD_SECTORS, 1, bs // SECTOR,  # max_discard_sectors/_seg, alignment
+            MAX_WRITE_ZEROES_SECTORS, 1,          # max_write_zeroes_sectors/_seg
+            1,                                    # write_zeroes_may_unmap
+        )
+
+    def read_config(self, offset: int, size: int) -> int:
+        data = self._config()
+        if offset >= len(data):
+            return 0
+        return int.from_bytes(data[offset:offset + size].ljust(size, b"\0"), "little")
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        if offset == CONFIG_WRITEBACK and size == 1 and self._features & F_CONFIG_WCE:
+            self.backend.write_cache = bool(value & 1)
+            log.info("%s: guest turned its write cache %s", self.name,
+                     "on" if value & 1 else "off")
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def activate(self, mem, queues, features, kicks, interrupt, fail) -> None:
+        self._features = features
+        if not features & F_FLUSH:
+            # 5.2.5.1: without FLUSH the driver cannot flush, so the device
+            # must behave as writethrough.
+            self.backend.write_cache = False
+        self.mem = mem
+        self.queues = queues
+        self.kicks = kicks
+        self.interrupt = interrupt
+        self.fail = fail
+        _drain(self._stop_fd)
+        self._thread = threading.Thread(target=self._serve, name=f"{self.name}-io", daemon=True)
+        self.threads = (self._thread,)
+        self._thread.start()
+
+    def reset(self) -> None:
+        if self._thread is not None:
+            os.eventfd_write(self._stop_fd, 1)
+            self._thread.join()
+            self._thread = None
+            self.threads = ()
+        # In-flight I/O may still be writing into guest memory: wait for it,
+        # and drop the results (the queues are about to be reset).
+        self.backend.drain()
+        self._inflight.clear()
+        self.backend.write_cache = self.backend.cache.writeback
+
+    def close(self) -> None:
+        self.reset()
+        self.backend.close()
+        os.close(self._stop_fd)
+
+    # -- the I/O thread -------------------------------------------------------------
+
+    def _serve(self) -> None:
+        poller = select.poll()
+        poller.register(self._stop_fd, select.POLLIN)
+        poller.register(self.backend.notifier, select.POLLIN)
+        by_fd = {}
+        for q in self.queues:
+            if q.ready:
+                poller.register(self.kicks[q.index], select.POLLIN)
+                by_fd[self.kicks[q.index]] = q
+        notifier = self.backend.notifier
+        try:
+            for fd, q in list(by_fd.items()):
+                if not self._process(q):  # chains made available before DRIVER_OK
+                    poller.unregister(fd)
+                    del by_fd[fd]
+            while True:
+                for fd, _ in poller.poll():
+                    if fd == self._stop_fd:
+                        return
+                    if fd == notifier:
+                        self._complete(self.backend.reap())
+                        continue
+                    q = by_fd.get(fd)
+                    if q is None:
+                        continue
+                    _drain(fd)
+                    if not self._process(q):
+                        poller.unregister(fd)
+                        del by_fd[fd]
+        except Exception as e:  # a VMM bug: the device dies, not the VMM
+            log.exception("%s: I/O thread failed", self.name)
+            self.fail(f"internal error: {type(e).__name__}: {e}")
+
+    def _process(self, q) -> bool:
+        """Pop and submit everything available; False once the queue is broken."""
+        mem = self.mem
+        touched = False
+        try:
+            while True:
+                chain = q.pop(mem)
+                if chain is None:
+                    if q.set_notification(mem, True):
+                        continue  # more arrived while we were not listening
+                    break
+                touched |= self._submit(q, chain)
+        except QueueError as e:
+            self.fail(str(e))
+            return False
+        except _Fatal as e:
+            self.fail(str(e))
+            return False
+        if touched:
+            self._notify(q)
+        return True
+
+    def _notify(self, q) -> None:
+        if q.needs_notification(self.mem):
+            self.stats["interrupts"] += 1
+            self.interrupt.signal_queue(q.index)
+        else:
+            self.stats["interrupts_suppressed"] += 1
+
+    def _complete(self, done) -> None:
+        mem = self.mem
+        touched = set()
+        for token, result in done:
+            req = self._inflight.pop(token, None)
+            if req is None:
+                continue
+            if result < 0:
+                self.stats["errors"] += 1
+                self._warn(f"I/O error: {os.strerror(-result)}")
+            mem.write_u(req.status_gpa, 1, S_OK if result >= 0 else S_IOERR)
+            req.queue.add_used(mem, req.head, req.used_len)
+            touched.add(req.queue)
+        for q in touched:
+            self._notify(q)
+
+    def _warn(self, msg: str) -> None:
+        self._warned += 1
+        if self._warned <= 10:
+            log.warning("%s: %s%s", self.name, msg,
+                        " (further such messages suppressed)" if self._warned == 10 else "")
+
+    # -- parsing ------------------------------------------------------------------
+
+    def _submit(self, q, chain) -> bool:
+        """Parse and start one request. True if it completed at once (used ring touched)."""
+        mem = self.mem
+        self.stats["requests"] += 1
+        if not chain.writable:
+            raise _Fatal(f"queue {q.index}, chain {chain.head}: no writable status byte")
+        last_gpa, last_len = chain.writable[-1]
+        status_gpa = last_gpa + last_len - 1
+        win = chain.writable[:-1] + ([(last_gpa, last_len - 1)] if last_len > 1 else [])
+        try:
+            header, rout = _split(chain.readable, HEADER.size)
+            if header is None:
+                raise _BadRequest(S_IOERR, "request header shorter than 16 bytes")
+            rtype, _, sector = HEADER.unpack(mem.read(header[0][0], header[0][1])
+                                             if len(header) == 1 else
+                                             b"".join(mem.read(g, n) for g, n in header))
+            token = (q.index << 16) | chain.head
+            if rtype == T_IN or rtype == T_OUT:
+                return self._rw(q, chain.head, token, rtype, sector, rout, win, status_gpa)
+            if rout and rtype not in (T_DISCARD, T_WRITE_ZEROES) or \
+                    win and rtype not in (T_GET_ID,):
+                raise _BadRequest(S_IOERR, f"type {rtype} request with unexpected data buffers")
+            if rtype == T_FLUSH:
+                self._inflight[token] = _Request(q, chain.head, status_gpa, 1)
+                self.backend.flush(token)
+                return False
+            if rtype == T_GET_ID:
+                n = min(ID_BYTES, _total(win))
+                data = self.serial.ljust(ID_BYTES, b"\0")[:n]
+                pos = 0
+                for gpa, length in win:
+                    chunk = data[pos:pos + length]
+                    if chunk:
+                        mem.write(gpa, chunk)
+                    pos += len(chunk)
+                mem.write_u(status_gpa, 1, S_OK)
+                q.add_used(mem, chain.head, n + 1)
+                return True
+            if rtype in (T_DISCARD, T_WRITE_ZEROES):
+                return self._discard(q, chain.head, token, rtype, rout, status_gpa)
+            raise _BadRequest(S_UNSUPP, f"unsupported request type {rtype}")
+        except _BadRequest as bad:
+            self.stats["errors"] += 1
+            self._warn(f"queue {q.index}, chain {chain.head}: {bad.why}")
+            mem.write_u(status_gpa, 1, bad.status)
+            q.add_used(mem, chain.head, 1)
+            return True
+
+    def _check_range(self, sector: int, nbytes: int) -> int:
+        if nbytes % SECTOR:
+            raise _BadRequest(S_IOERR, f"data length {nbytes} is not a multiple of 512")
+        capacity = self.backend.size // SECTOR
+        if sector >= capacity and nbytes or sector + nbytes // SECTOR > capacity:
+            raise _BadRequest(S_IOERR, f"sectors [{sector}, +{nbytes // SECTOR}) beyond the "
+                              f"capacity of {capacity}")
+        return sector * SECTOR
+
+    def _rw(self, q, head, token, rtype, sector, rout, win, status_gpa) -> bool:
+        mem = self.mem
+        if rtype == T_IN:
+            if rout:
+                raise _BadRequest(S_IOERR, "read request with device-readable data buffers")
+            data = win
+        else:
+            if self.backend.read_only:
+                raise _BadRequest(S_IOERR, "write to a read-only disk")
+            if win:
+                raise _BadRequest(S_IOERR, "write request with device-writable data buffers")
+            data = rout
+        nbytes = _total(data)
+        if nbytes > MAX_REQUEST_BYTES:
+            raise _BadRequest(S_IOERR, f"request of {nbytes} bytes exceeds {MAX_REQUEST_BYTES}")
+        offset = self._check_range(sector, nbytes)
+        iov = [mem.view(gpa, n) for gpa, n in data if n]
+        if rtype == T_IN:
+            self._inflight[token] = _Request(q, head, status_gpa, nbytes + 1)
+            self.stats["bytes_read"] += nbytes
+            self.backend.readv(token, offset, iov)
+        else:
+            self._inflight[token] = _Request(q, head, status_gpa, 1)
+            self.stats["bytes_written"] += nbytes
+            self.backend.writev(token, offset, iov)
+        return False
+
+    def _discard(self, q, head, token, rtype, rout, status_gpa) -> bool:
+        mem = self.mem
+        if self.backend.read_only:
+            raise _BadRequest(S_IOERR, "discard or write-zeroes on a read-only disk")
+        feature = F_DISCARD if rtype == T_DISCARD else F_WRITE_ZEROES
+        if not self._features & feature:
+            raise _BadRequest(S_UNSUPP, f"type {rtype} without its feature negotiated")
+        raw = b"".join(mem.read(g, n) for g, n in rout)
+        if len(raw) != SEGMENT.size:
+            raise _BadRequest(S_IOERR if len(raw) % SEGMENT.size else S_UNSUPP,
+                              f"{len(raw)} bytes of range segments (exactly one is supported)")
+        sector, num, flags = SEGMENT.unpack(raw)
+        limit = MAX_DISCARD_SECTORS if rtype == T_DISCARD else MAX_WRITE_ZEROES_SECTORS
+        if flags & ~WRITE_ZEROES_UNMAP or (rtype == T_DISCARD and flags):
+            raise _BadRequest(S_UNSUPP, f"segment flags {flags:#x}")
+        if num > limit:
+            raise _BadRequest(S_IOERR, f"{num} sectors exceed the limit of {limit}")
+        offset = self._check_range(sector, num * SECTOR)
+        self._inflight[token] = _Request(q, head, status_gpa, 1)
+        if rtype == T_DISCARD:
+            self.backend.discard(token, offset, num * SECTOR)
+        else:
+            self.backend.write_zeroes(token, offset, num * SECTOR, bool(flags & WRITE_ZEROES_UNMAP))
+        return False
+
+
+class _Fatal(Exception):
+    """A request the device cannot even answer: DEVICE_NEEDS_RESET."""
+
+
+def _total(segments) -> int:
+    return sum(n for _, n in segments)
+
+
+def _split(segments, n: int):
+    """Split the first ``n`` bytes off a list of (gpa, len): (head or None, rest)."""
+    head, rest = [], list(segments)
+    while n and rest:
+        gpa, length = rest.pop(0)
+        if length > n:
+            head.append((gpa, n))
+            rest.insert(0, (gpa + n, length - n))
+            n = 0
+        else:
+            head.append((gpa, length))
+            n -= length
+    return (head if n == 0 else None), rest
+
+
+def _drain(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
