@@ -10,7 +10,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := gcc make libc6-dev qemu-system-x86
+APT_PACKAGES := gcc make libc6-dev qemu-system-x86 fio
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all setup deps guests run test test-unit test-integration bench bench-quick clean distclean
@@ -41,8 +41,12 @@ $(VENV)/.install-stamp: pyproject.toml setup.py $(wildcard native/*.c native/*.h
 guests: deps
 	$(MAKE) -C guest
 
+# The main job: a sparse 1 GiB disk in a temporary folder, and the workload
+# guest running 5 s of random reads and writes with verification on it.
 run: setup guests
-	$(VENV)/bin/pykvm run guest/build/hello.elf --cmdline "console=ttyS0 greeting=hello"
+	@dir=$$(mktemp -d) && truncate -s 1G $$dir/disk.img && \
+	$(VENV)/bin/pykvm fio --disk file=$$dir/disk.img --rw randrw --bs 4k --iodepth 32 \
+		--runtime 5 --verify crc32c; rc=$$?; rm -rf $$dir; exit $$rc
 
 test: setup guests
 	$(VENV)/bin/pytest -q tests

@@ -13,6 +13,11 @@ Workloads so far:
   pio-exits    PIO exits per second the Python run loop serves (the guest
                times N `out` instructions with the TSC), against QEMU serving
                the same guest
+  io           the workload guest on one raw image with cache=none, for each
+               workload below: fio on the host (direct=1, io_uring; the limit),
+               pykvm (each aio engine, MMIO and PCI) and QEMU (same guest, same
+               image, cache=none, aio=io_uring, iothread; microvm virtio-mmio
+               and pc virtio-blk-pci), alternated within each workload
 """
 from __future__ import annotations
 
@@ -158,6 +163,113 @@ def bench_pio(count: int, samples: int) -> list[dict]:
              "others_cpu_s": others[name]} for name, r in rates.items()]
 
 
+IO_WORKLOADS = {
+    # name: (rw, bs, iodepth)
+    "randread-4k-qd1": ("randread", 4096, 1),
+    "randread-4k-qd32": ("randread", 4096, 32),
+    "seqread-1m-qd8": ("read", 1 << 20, 8),
+}
+IMAGE_SIZE = 1 << 30
+
+
+def make_image(path: pathlib.Path) -> None:
+    """A fully written raw image: reads must reach the disk, not a hole."""
+    if path.exists() and path.stat().st_size == IMAGE_SIZE and \
+            path.stat().st_blocks * 512 >= IMAGE_SIZE:
+        return
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(IMAGE_SIZE >> 20):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def io_result(fields: dict, system: str, transport: str, workload: str, m: dict) -> dict:
+    from pykvm import fio
+    d = fio._direction(fields, "read" if fields.get("read_ios") else "write")
+    return {"system": system, "transport": transport, "workload": workload,
+            "iops": d["iops"], "bw_bytes": d["bw_bytes"],
+            "lat_ns_p50": d["lat_ns"]["percentile"]["50.000000"],
+            "lat_ns_p99": d["lat_ns"]["percentile"]["99.000000"],
+            "host_cpu_s": m["host_cpu_s"], "others_cpu_s": m["others_cpu_s"],
+            "ios": d["total_ios"]}
+
+
+def bench_io(runtime: float, engines: list[str], workloads: dict) -> list[dict]:
+    sys.path.insert(0, str(ROOT))
+    from pykvm import fio
+
+    img = RESULTS.parent / "bench.img"
+    make_image(img)
+    tsc = host_tsc_khz()
+    runs = []
+    for wname, (rw, bs, qd) in workloads.items():
+        guest_opts = f"rw={rw} bs={bs} iodepth={qd} runtime={runtime:g} tsc_khz={tsc}"
+        systems = {}
+        systems[("host", "-")] = (["fio", "--name=host", f"--filename={img}", f"--rw={rw}",
+                                   f"--bs={bs}", f"--iodepth={qd}", "--ioengine=io_uring",
+                                   "--direct=1", f"--runtime={runtime:g}", "--time_based",
+                                   "--output-format=json"], 0)
+        for engine in engines:
+            for transport in ("mmio", "pci"):
+                systems[(f"pykvm-{engine}", transport)] = (PYKVM + [
+                    "fio", "--disk", f"file={img},cache=none,aio={engine},transport={transport}",
+                    f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--runtime={runtime:g}",
+                    "--output-format=json"], 0)
+        drive = f"id=d0,file={img},format=raw,if=none,cache=none,aio=io_uring"
+        qemu_common = ["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "256M",
+                       "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
+                       "-device", "isa-debug-exit,iobase=0x501,iosize=1",
+                       "-object", "iothread,id=io0", "-drive", drive,
+                       "-kernel", str(GUESTS / "workload.elf")]
+        systems[("qemu", "mmio")] = ([QEMU, "-M", "microvm", *qemu_common,
+                                      "-global", "virtio-mmio.force-legacy=false",
+                                      "-device", "virtio-blk-device,drive=d0,iothread=io0",
+                                      "-append", "virtio_mmio.device=512@0xfeb02e00:47 "
+                                      + guest_opts], 1)
+        systems[("qemu", "pci")] = ([QEMU, "-M", "pc", "-vga", "none", "-nic", "none",
+                                     *qemu_common, "-device",
+                                     "virtio-blk-pci,drive=d0,disable-legacy=on,iothread=io0",
+                                     "-append", "transport=pci " + guest_opts], 1)
+        for (system, transport), (cmd, expect) in systems.items():
+            m = measure(cmd, expect)
+            if system == "qemu":
+                runs.append(io_result(fio.parse_result(m["stdout"]), system, transport, wname, m))
+            else:  # fio's JSON, from fio itself or from `pykvm fio`
+                job = json.loads(m["stdout"])["jobs"][0]
+                d = job["read"] if job["read"]["total_ios"] else job["write"]
+                runs.append({"system": system, "transport": transport, "workload": wname,
+                             "iops": d["iops"], "bw_bytes": d["bw_bytes"],
+                             "lat_ns_p50": d["clat_ns"]["percentile"]["50.000000"],
+                             "lat_ns_p99": d["clat_ns"]["percentile"]["99.000000"],
+                             "host_cpu_s": m["host_cpu_s"], "others_cpu_s": m["others_cpu_s"],
+                             "ios": d["total_ios"]})
+            print(f"  {wname:<18} {system:<14} {transport:<4} {runs[-1]['iops']:>10.0f} IOPS "
+                  f"{runs[-1]['bw_bytes'] / 1e6:>8.1f} MB/s", file=sys.stderr)
+    return runs
+
+
+def io_table(runs: list[dict]) -> str:
+    rows = [r for r in runs if "iops" in r]
+    if not rows:
+        return ""
+    lines = ["", "| workload | system | transport | IOPS | MB/s | p50 us | p99 us | "
+             "vs QEMU (same transport) | vs host | CPU us/IO |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        qemu = next((q for q in rows if q["system"] == "qemu" and q["workload"] == r["workload"]
+                     and q["transport"] == r["transport"]), None)
+        host = next((q for q in rows if q["system"] == "host" and q["workload"] == r["workload"]),
+                    None)
+        vs_q = f"{r['iops'] / qemu['iops']:.2f}x" if qemu and qemu["iops"] else "-"
+        vs_h = f"{r['iops'] / host['iops']:.2f}x" if host and host["iops"] else "-"
+        cpu = f"{r['host_cpu_s'] / r['ios'] * 1e6:.1f}" if r.get("ios") else "-"
+        lines.append(f"| {r['workload']} | {r['system']} | {r['transport']} | {r['iops']:,.0f} | "
+                     f"{r['bw_bytes'] / 1e6:,.1f} | {r['lat_ns_p50'] / 1e3:,.1f} | "
+                     f"{r['lat_ns_p99'] / 1e3:,.1f} | {vs_q} | {vs_h} | {cpu} |")
+    return "\n".join(lines) + "\n"
+
+
 def table(runs: list[dict]) -> str:
     lines = ["| workload | system | median | ratio vs baseline | host CPU | others' CPU |",
              "|---|---|---|---|---|---|"]
@@ -181,19 +293,28 @@ def table(runs: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples, for a smoke check")
+    ap.add_argument("--suite", action="append", choices=["boot", "pio", "io"],
+                    help="run only these suites (default: all)")
     args = ap.parse_args()
+    suites = args.suite or ["boot", "pio", "io"]
     samples = 3 if args.quick else 15
-    if not shutil.which(QEMU):
-        raise SystemExit(f"bench: {QEMU} not found (make bench installs it)")
-    runs = bench_boot(samples)
-    runs += bench_pio(20_000 if args.quick else 100_000, 3 if args.quick else 5)
+    for tool in (QEMU, "fio"):
+        if not shutil.which(tool):
+            raise SystemExit(f"bench: {tool} not found (make bench installs it)")
+    runs = []
+    if "boot" in suites:
+        runs += bench_boot(samples)
+    if "pio" in suites:
+        runs += bench_pio(20_000 if args.quick else 100_000, 3 if args.quick else 5)
+    if "io" in suites:
+        runs += bench_io(1.0 if args.quick else 5.0, ["python"], IO_WORKLOADS)
     result = {"machine": machine_info(), "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     text = json.dumps(result, indent=2) + "\n"
     (RESULTS / "latest.json").write_text(text)
     (RESULTS / f"{stamp}.json").write_text(text)
-    md = table(runs)
+    md = table(runs) + io_table(runs)
     (RESULTS / "latest.md").write_text(md)
     print(md, end="")
     print(f"results: {RESULTS / 'latest.json'}")

@@ -48,6 +48,7 @@ class GuestMemory:
                 pass  # THP disabled on the host: 4 KiB pages still work
         self._view = memoryview(self._map)
         self._cbuf = ffi.from_buffer(self._map)
+        self._u16 = ffi.cast("volatile uint16_t *", self._cbuf)
         self.hva = int(ffi.cast("uintptr_t", self._cbuf))
         low = min(size, HOLE_START)
         regions = [Region(0, low, 0)]
@@ -101,6 +102,24 @@ class GuestMemory:
     def write_u(self, gpa: int, size: int, value: int) -> None:
         self.view(gpa, size)[:] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
+    def load_u16(self, gpa: int) -> int:
+        """One aligned 16-bit load, never torn by a concurrent guest store.
+
+        struct and memoryview copy byte by byte; ring indices shared with a
+        running guest (avail->idx, used_event, ...) must use this instead.
+        """
+        off = self._offset(gpa, 2)
+        if off & 1:
+            raise GuestMemoryError(gpa, 2, "is not 2-byte aligned")
+        return self._u16[off >> 1]
+
+    def store_u16(self, gpa: int, value: int) -> None:
+        """One aligned 16-bit store, never seen half-done by the guest."""
+        off = self._offset(gpa, 2)
+        if off & 1:
+            raise GuestMemoryError(gpa, 2, "is not 2-byte aligned")
+        self._u16[off >> 1] = value & 0xFFFF
+
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         off = self._offset(gpa, length)
         chunk = bytes([byte]) * min(length, 1 << 20)
@@ -112,6 +131,7 @@ class GuestMemory:
 
     def close(self) -> None:
         self._cbuf = None
+        self._u16 = None
         self.table = None
         try:
             self._view.release()

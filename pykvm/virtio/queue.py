@@ -165,10 +165,11 @@ class SplitQueue:
 
     # -- driver -> device ----------------------------------------------------
 
-    def _avail_ahead(self, avail) -> int:
-        """Read avail->idx from the avail ring view; return how many entries it
-        is ahead of last_avail_idx. Checks: at most ``size`` ahead (16-bit)."""
-        idx, = _U16.unpack_from(avail, 2)
+    def _avail_ahead(self, mem) -> int:
+        """Read avail->idx (one 16-bit load: the driver may be storing it right
+        now); return how many entries it is ahead of last_avail_idx. Checks: at
+        most ``size`` ahead (16-bit)."""
+        idx = mem.load_u16(self._avail + 2)
         ahead = (idx - self.last_avail_idx) & 0xFFFF
         if ahead > self._size:
             raise QueueError(self.index, "avail-idx",
@@ -188,7 +189,7 @@ class SplitQueue:
             return None
         avail = mem.view(self._avail, 4 + 2 * self._size)
         if not self._pending:
-            self._pending = self._avail_ahead(avail)
+            self._pending = self._avail_ahead(mem)
             if not self._pending:
                 return None
             # Read barrier: the ring entry and the descriptors are loaded after
@@ -302,7 +303,7 @@ class SplitQueue:
         if not self._active:
             return False
         if not self._pending:
-            self._pending = self._avail_ahead(mem.view(self._avail, 4))
+            self._pending = self._avail_ahead(mem)
         return self._pending > 0
 
     # -- device -> driver ----------------------------------------------------
@@ -319,7 +320,7 @@ class SplitQueue:
         # (2.7.8.2: "The device MUST set len prior to updating the used idx").
         # x86 keeps store-store order, so no instruction is needed.
         idx = (idx + 1) & 0xFFFF
-        _U16.pack_into(used, 2, idx)
+        mem.store_u16(self._used + 2, idx)  # one store: the driver polls it
         self.used_idx = idx
         self.in_flight -= 1
 
@@ -341,9 +342,9 @@ class SplitQueue:
         # used_event (or flags) and re-reading used->idx (2.7.14, the note).
         lib.pykvm_smp_mb()
         if self.event_idx:
-            used_event, = _U16.unpack_from(mem.view(self._avail + 4 + 2 * self._size, 2))
+            used_event = mem.load_u16(self._avail + 4 + 2 * self._size)
             return vring_need_event(used_event, new, old)
-        flags, = _U16.unpack_from(mem.view(self._avail, 2))
+        flags = mem.load_u16(self._avail)
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def set_notification(self, mem, enable: bool) -> bool:
@@ -365,9 +366,9 @@ class SplitQueue:
         if self.event_idx:
             if not enable:
                 return False
-            _U16.pack_into(mem.view(self._used + 4 + 8 * self._size, 2), 0, self.last_avail_idx)
+            mem.store_u16(self._used + 4 + 8 * self._size, self.last_avail_idx)
         else:
-            _U16.pack_into(mem.view(self._used, 2), 0, 0 if enable else VIRTQ_USED_F_NO_NOTIFY)
+            mem.store_u16(self._used, 0 if enable else VIRTQ_USED_F_NO_NOTIFY)
             if not enable:
                 return False
         # Full barrier: avail_event (or used->flags) is stored before avail->idx

@@ -84,3 +84,13 @@ def test_region_table_translates_in_c(mem):
 def test_size_must_be_page_multiple():
     with pytest.raises(ValueError):
         GuestMemory(4097)
+
+
+def test_u16_accessors_are_single_aligned_accesses(mem):
+    mem.store_u16(0x2002, 0x1234)
+    assert mem.read(0x2002, 2) == b"\x34\x12"
+    assert mem.load_u16(0x2002) == 0x1234
+    with pytest.raises(GuestMemoryError):
+        mem.load_u16(0x2003)  # ring indices are 2-byte aligned; refuse anything else
+    with pytest.raises(GuestMemoryError):
+        mem.store_u16((16 << 20) - 1, 0)
