@@ -165,6 +165,55 @@ uint64_t tsc_khz(void);
 uint64_t now_ns(void);
 uint64_t tsc_to_ns(uint64_t tsc);
 
+/* ---- memory allocation (lib/alloc.c) -----------------------------------------
+ * A bump allocator over the e820 RAM above the image (__image_end), below
+ * 0xc0000000 (the cached part of the identity map), skipping the VMM's boot
+ * information (hvm_start_info, its memory map and the command line).  Nothing
+ * is ever freed.  align must be a power of two (0 means 16).  Returns NULL
+ * when no RAM entry has room.  The memory is *not* cleared (fresh guest RAM
+ * reads as zero under QEMU and pykvm); guest_zalloc() clears it. */
+void *guest_alloc(size_t size, size_t align);
+void *guest_zalloc(size_t size, size_t align);
+/* Bytes still free in the RAM entry the allocator is currently in, plus every
+ * later RAM entry below 0xc0000000 (an estimate for error messages). */
+uint64_t guest_alloc_avail(void);
+
+/* ---- pseudo-random numbers and checksums --------------------------------------
+ * splitmix64 (Steele, Lea, Flood 2014), exactly:
+ *   state += 0x9E3779B97F4A7C15; z = state;
+ *   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9; z = (z ^ (z >> 27)) * 0x94D049BB133111EB;
+ *   return z ^ (z >> 31); */
+#define SPLITMIX64_GAMMA 0x9E3779B97F4A7C15ull
+static inline uint64_t splitmix64(uint64_t *state)
+{
+    uint64_t z = (*state += SPLITMIX64_GAMMA);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* CRC-32C (Castagnoli; reflected polynomial 0x82F63B78, init ~0, final ~0;
+ * crc32c("123456789") == 0xE3069283), in software (lib/crc32c.c): the CPUID
+ * the VMM gives has no SSE4.2.  Tables (slicing-by-8, 8 KiB) are built on
+ * first use.  crc32c_update() continues a raw (not inverted) register:
+ * crc32c(p, n) == ~crc32c_update(~0u, p, n); crc32c_u64() feeds the 8
+ * little-endian bytes of one word. */
+uint32_t crc32c(const void *p, size_t n);
+uint32_t crc32c_update(uint32_t crc, const void *p, size_t n);
+extern uint32_t crc32c_table[8][256];
+void crc32c_init(void);
+static inline uint32_t crc32c_u64(uint32_t crc, uint64_t w)
+{
+    uint32_t x = crc ^ (uint32_t)w, h = (uint32_t)(w >> 32);
+    return crc32c_table[7][x & 0xff] ^ crc32c_table[6][(x >> 8) & 0xff] ^
+           crc32c_table[5][(x >> 16) & 0xff] ^ crc32c_table[4][x >> 24] ^
+           crc32c_table[3][h & 0xff] ^ crc32c_table[2][(h >> 8) & 0xff] ^
+           crc32c_table[1][(h >> 16) & 0xff] ^ crc32c_table[0][h >> 24];
+}
+
+/* A full barrier (store->load ordering); mfence works at CPL 3. */
+static inline void mb(void) { __asm__ volatile("mfence" ::: "memory"); }
+
 /* ---- CPU ------------------------------------------------------------------
  * CAUTION: on kvm_pvm, CPUID executed at CPL 3 is not intercepted: it returns
  * the host CPU's leaves, not the guest CPUID the VMM set.  Call cpuid() from

@@ -40,6 +40,7 @@ F_WRITE_ZEROES = 1 << 14
 
 # Request types and status (5.2.6)
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+KNOWN_TYPES = frozenset((T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES))
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 WRITE_ZEROES_UNMAP = 1
 
@@ -278,6 +279,8 @@ class VirtioBlk(VirtioDevice):
                                              if len(header) == 1 else
                                              b"".join(mem.read(g, n) for g, n in header))
             token = (q.index << 16) | chain.head
+            if rtype not in KNOWN_TYPES:
+                raise _BadRequest(S_UNSUPP, f"unsupported request type {rtype:#x}")
             if rtype == T_IN or rtype == T_OUT:
                 return self._rw(q, chain.head, token, rtype, sector, rout, win, status_gpa)
             if rout and rtype not in (T_DISCARD, T_WRITE_ZEROES) or \
@@ -299,9 +302,7 @@ class VirtioBlk(VirtioDevice):
                 mem.write_u(status_gpa, 1, S_OK)
                 q.add_used(mem, chain.head, n + 1)
                 return True
-            if rtype in (T_DISCARD, T_WRITE_ZEROES):
-                return self._discard(q, chain.head, token, rtype, rout, status_gpa)
-            raise _BadRequest(S_UNSUPP, f"unsupported request type {rtype}")
+            return self._discard(q, chain.head, token, rtype, rout, status_gpa)
         except _BadRequest as bad:
             self.stats["errors"] += 1
             self._warn(f"queue {q.index}, chain {chain.head}: {bad.why}")
