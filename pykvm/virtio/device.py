@@ -113,7 +113,11 @@ class VirtioCore:
         self.queues = [SplitQueue(i, n) for i, n in enumerate(device.queue_sizes())]
         self.kicks = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in self.queues]
         self.interrupt: Interrupt | None = None
+        # _lock serialises the driver's writes (vCPU threads) and may be held
+        # while the device's I/O thread is joined; the I/O thread itself only
+        # ever takes _status_lock, to add DEVICE_NEEDS_RESET.
         self._lock = threading.RLock()
+        self._status_lock = threading.Lock()
         self.status = 0
         self.driver_features = 0
         self.config_generation = 0
@@ -153,7 +157,7 @@ class VirtioCore:
                 return
             new_bits = value & ~old
             if new_bits & FAILED:
-                self.status |= FAILED
+                self._set_status(old | FAILED)
                 self._stop_device()
                 return
             if new_bits & FEATURES_OK:
@@ -168,10 +172,15 @@ class VirtioCore:
                     log.warning("%s: DRIVER_OK without FEATURES_OK; ignored", self.name)
                     value &= ~DRIVER_OK
                 else:
-                    self.status = value
+                    self._set_status(value)
                     self._activate()
                     return
-            self.status = (value & ~DEVICE_NEEDS_RESET) | (old & DEVICE_NEEDS_RESET)
+            self._set_status(value)
+
+    def _set_status(self, value: int) -> None:
+        """Store the driver's status value, keeping a NEEDS_RESET the device set."""
+        with self._status_lock:
+            self.status = (value & ~DEVICE_NEEDS_RESET) | (self.status & DEVICE_NEEDS_RESET)
 
     def _activate(self) -> None:
         features = self.driver_features
@@ -204,7 +213,8 @@ class VirtioCore:
                 q.reset()
             for fd in self.kicks:
                 _drain(fd)
-            self.status = 0
+            with self._status_lock:
+                self.status = 0
             self.driver_features = 0
 
     def fail(self, message: str) -> None:
@@ -214,11 +224,11 @@ class VirtioCore:
         stops serving the queues itself; the driver's reset then stops the
         device for good.
         """
-        with self._lock:
+        with self._status_lock:
             if self.status & DEVICE_NEEDS_RESET:
                 return
-            log.error("%s: %s; device needs reset", self.name, message)
             self.status |= DEVICE_NEEDS_RESET
+        log.error("%s: %s; device needs reset", self.name, message)
         self.config_generation = (self.config_generation + 1) & 0xFF
         if self.interrupt is not None:
             self.interrupt.signal_config()

@@ -1,7 +1,6 @@
 """virtio-blk end to end without KVM: a Python driver (tests/helpers) on the
 MMIO and PCI register maps, the device's I/O thread, the block backend and a
 real image file."""
-import errno
 import logging
 import os
 import struct
@@ -14,7 +13,7 @@ from pykvm.virtio import blk as B
 from pykvm.virtio.device import DEVICE_NEEDS_RESET, DRIVER_OK, VirtioCore
 from pykvm.virtio.transport.mmio import VirtioMmio
 from pykvm.virtio.transport.pci import VirtioPci
-from tests.helpers.virtio_driver import (T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT,
+from tests.helpers.virtio_driver import (T_DISCARD, T_FLUSH, T_IN, T_OUT,
                                          T_WRITE_ZEROES, BlkDriver, MmioDriver, PciDriver, wait_fd)
 
 DISK = 4 << 20

@@ -64,11 +64,7 @@ class MsixInterrupt(Interrupt):
         self.fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(nvectors)]
         self.vm = vm
         self.routing = routing
-        self.gsis: list[int] = []
-        if vm is not None:
-            for fd in self.fds:
-                gsi = routing.allocate()
-                self.gsis.append(gsi)
+        self.gsis = [routing.allocate() for _ in self.fds] if vm is not None else []
         self._irqfds_on = False
         self._lock = threading.Lock()
 
