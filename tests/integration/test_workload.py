@@ -2,6 +2,7 @@
 verification, the disk's contents checked from the host, the fio output formats, and
 the same guest under QEMU (which proves the guest's driver is a standard one)."""
 import json
+import re
 import subprocess
 import sys
 
@@ -122,3 +123,17 @@ def test_hostile_guest_gets_errors_and_recovers(pykvm, guest, image, transport):
         assert "needs_reset=1" in outcome[case], outcome[case]
     # every refused request or broken ring left one log line, none a crash
     assert err.count("pykvm: ") >= len(lines) // 2
+
+
+@pytest.mark.parametrize("transport", ["mmio", "pci"])
+def test_completions_by_interrupt(pykvm, guest, image, transport):
+    """irq=1: the guest sleeps on interrupts, delivered through an irqfd on the
+    window's IOAPIC line (MMIO) or an MSI-X route (PCI)."""
+    r = pykvm("run", guest("workload"), "--disk", f"file={image},transport={transport}",
+              "--cmdline", f"transport={transport} rw=randrw bs=4k iodepth=8 ios=1000 irq=1 "
+              "verify=crc32c", "--timeout", "120", timeout=180)
+    out = r.stdout.decode()
+    assert r.returncode == 0, out[-1500:] + r.stderr.decode()[-1500:]
+    taken = int(re.search(r"^workload: interrupts taken (\d+)", out, re.M).group(1))
+    assert taken > 0
+    assert re.search(r" io_errors=0 verify_errors=0 ", out)
