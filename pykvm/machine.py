@@ -46,7 +46,7 @@ class DiskSpec:
 
     def __init__(self, file: str, format: str | None = None, transport: str = "mmio",
                  cache: str = "writeback", aio: str = "python", readonly: bool = False,
-                 discard: str = "unmap", serial: str = ""):
+                 discard: str = "unmap", serial: str = "", detect_zeroes: str = "off"):
         self.file = file
         self.format = format
         self.transport = transport
@@ -55,6 +55,7 @@ class DiskSpec:
         self.readonly = readonly
         self.discard = discard
         self.serial = serial
+        self.detect_zeroes = detect_zeroes
 
     @classmethod
     def parse(cls, text: str) -> "DiskSpec":
@@ -83,13 +84,13 @@ class DiskSpec:
             return value
 
         readonly = choice("readonly", ("on", "off"), "off") == "on"
-        choice("detect-zeroes", ("off",), "off")
+        detect_zeroes = choice("detect-zeroes", ("off", "on", "unmap"), "off")
         return cls(file=opts["file"], format=opts.get("format"),
                    transport=choice("transport", cls.TRANSPORTS, "mmio"),
                    cache=choice("cache", tuple(CACHE_MODES), "writeback"),
                    aio=choice("aio", cls.AIO, "python"), readonly=readonly,
                    discard=choice("discard", DISCARD_MODES, "unmap"),
-                   serial=opts.get("serial", ""))
+                   serial=opts.get("serial", ""), detect_zeroes=detect_zeroes)
 
 
 def _split_commas(text: str) -> list[str]:
@@ -212,6 +213,8 @@ class Machine:
     def _add_disks(self, specs: list[DiskSpec]) -> list[str]:
         """Create each disk's backend, device and transport; return the command
         line fragments that announce virtio-mmio devices."""
+        if not specs:
+            return []  # before the imports: a diskless boot does not pay for them
         from .block import BlockBackend
         from .kvm import GsiRouting
         from .virtio.blk import VirtioBlk
@@ -219,14 +222,13 @@ class Machine:
         from .virtio.transport.mmio import WINDOW_SIZE, VirtioMmio
         from .virtio.transport.pci import VirtioPci
 
-        if not specs:
-            return []
         cmdline = []
         pci_host = None
         next_pci_bar = PCI_MMIO_START
         for i, spec in enumerate(specs):
             backend = BlockBackend(spec.file, fmt=spec.format, cache=spec.cache,
-                                   read_only=spec.readonly, discard=spec.discard)
+                                   read_only=spec.readonly, discard=spec.discard,
+                                   detect_zeroes=spec.detect_zeroes)
             dev = VirtioBlk(backend, serial=spec.serial or f"pykvm-disk{i}", name=f"virtio-blk{i}")
             core = VirtioCore(dev, self.mem, name=dev.name)
             if spec.transport == "mmio":

@@ -11,26 +11,44 @@ Cache modes are three booleans, as QEMU defines them:
   unsafe           yes       no       yes
 
 ``direct`` opens the image with O_DIRECT. Without ``writeback`` every write is
-followed by a flush before it completes (writethrough is done here, once,
-for every driver). ``no_flush`` turns guest flushes into no-ops. The guest
-may turn its write cache on and off (virtio-blk CONFIG_WCE), which toggles
-``writeback`` at run time.
+followed by a flush (format metadata, then fdatasync) before it completes
+(writethrough is done here, once, for every driver). ``no_flush`` turns guest
+flushes into no-ops. The guest may turn its write cache on and off
+(virtio-blk CONFIG_WCE), which toggles ``writeback`` at run time.
 
 Every request carries an integer token from the device and completes as
 ``(token, result)``, result >= 0 on success or -errno. With O_DIRECT, a
 request whose buffers or offset are not aligned goes through an aligned
 bounce buffer.
+
+Execution (formats map first, then this generic executor does the I/O):
+- identity-mapped drivers (raw) take a fast path: one AioRequest per guest
+  request, on the guest's own buffers;
+- otherwise a read is split along ``driver.map()``: data extents become
+  preadv requests on the extent's file, zero and unallocated extents are
+  filled here (unallocated ones from the backing chain), compressed ones are
+  decoded by the driver; a write asks ``driver.map_for_write()`` for its host
+  extents (allocation and copy-on-write happen there), pwritev's them, and
+  commits the allocation when all its pieces are down. A write that touches
+  a cluster whose allocation is still in flight waits for that commit.
+  Discard and write-zeroes on such drivers first wait for in-flight I/O, so
+  no freed cluster is reused under a request still writing to it.
 """
 from __future__ import annotations
 
 import collections
 import errno
+import logging
 import mmap
 import os
+import select
 
 from .._native import ffi, lib
 from ..aio import FALLOCATE, FLUSH, READ, WRITE, AioRequest, PythonEngine
-from .driver import DRIVERS, BlockError, probe_format
+from .driver import (DRIVERS, ZERO_CHUNK, ZEROES, BlockError, WriteBusy, iov_copy_in,
+                     iov_is_zero, iov_length, iov_slice, iov_zero, open_image, probe_format)
+
+log = logging.getLogger("pykvm.block")
 
 CacheMode = collections.namedtuple("CacheMode", "writeback direct no_flush")
 CACHE_MODES = {
@@ -41,15 +59,17 @@ CACHE_MODES = {
     "unsafe": CacheMode(True, False, True),
 }
 DISCARD_MODES = ("ignore", "unmap")
+DETECT_ZEROES_MODES = ("off", "on", "unmap")
 SECTOR = 512
-ZERO_CHUNK = 1 << 20
-_ZEROES = bytes(ZERO_CHUNK)
+_ZEROES = ZEROES
 
 
 class _Pending:
-    """A backend request in flight: the device's token and what is left to do."""
+    """A backend request in flight: the device's token and what is left to do.
+    Mapped requests fan out into ``remaining`` engine requests."""
 
-    __slots__ = ("token", "op", "result", "bounce", "iov", "then_flush")
+    __slots__ = ("token", "op", "result", "bounce", "iov", "then_flush", "remaining", "allocs",
+                 "length")
 
     def __init__(self, token: int, op: str, iov=None, bounce=None, then_flush=False):
         self.token = token
@@ -58,31 +78,47 @@ class _Pending:
         self.bounce = bounce
         self.then_flush = then_flush
         self.result = 0
+        self.remaining = 0
+        self.allocs = None
+        self.length = 0
 
 
 class BlockBackend:
     def __init__(self, path: str, fmt: str | None = None, cache: str = "writeback",
-                 read_only: bool = False, discard: str = "unmap", engine=None):
+                 read_only: bool = False, discard: str = "unmap", engine=None,
+                 detect_zeroes: str = "off", l2_cache_size: int | None = None):
         if cache not in CACHE_MODES:
             raise BlockError(path, f"unknown cache mode {cache!r} (one of {', '.join(CACHE_MODES)})")
         if discard not in DISCARD_MODES:
             raise BlockError(path, f"unknown discard mode {discard!r} (ignore or unmap)")
+        if detect_zeroes not in DETECT_ZEROES_MODES:
+            raise BlockError(path, f"unknown detect-zeroes mode {detect_zeroes!r} "
+                             f"(off, on or unmap)")
         self.cache = CACHE_MODES[cache]
         self.cache_name = cache
+        probed = fmt is None
         fmt = fmt or probe_format(path)
         if fmt not in DRIVERS:
             raise BlockError(path, f"unknown format {fmt!r} (one of {', '.join(DRIVERS)})")
-        self.driver = DRIVERS[fmt](path, read_only=read_only, direct=self.cache.direct)
+        opts = {"l2_cache_size": l2_cache_size} if l2_cache_size is not None and \
+            DRIVERS[fmt].supports_backing else {}
+        self.driver = open_image(path, fmt, read_only=read_only, direct=self.cache.direct, **opts)
         self.format = fmt
         self.path = path
         self.read_only = read_only
         self.discard_mode = discard
+        self.detect_zeroes = detect_zeroes
         self.size = self.driver.size
         self.write_cache = self.cache.writeback
+        # A guest must not turn a probed raw image into another format (whose
+        # header could name a host file as its backing file): QEMU's rule.
+        self._guard_sector0 = probed and fmt == "raw"
+        self._fast = self.driver.identity_mapped
         self.engine = engine or PythonEngine()
         self.notifier = self.engine.notifier
         self.align = self._probe_alignment() if self.cache.direct else 1
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, tuple] = {}
+        self._deferred: collections.deque = collections.deque()
         self._next = 1
         self._ready: list[tuple[int, int]] = []
         self.stats = collections.Counter()
@@ -108,10 +144,10 @@ class BlockBackend:
 
     # -- submission ----------------------------------------------------------------
 
-    def _id(self, pending: _Pending) -> int:
+    def _id(self, pending: _Pending, iov=None, expected: int = 0) -> int:
         rid = self._next
         self._next = (self._next + 1) & 0x7FFFFFFFFFFFFFFF or 1
-        self._pending[rid] = pending
+        self._pending[rid] = (pending, iov, expected)
         return rid
 
     def _complete_now(self, token: int, result: int) -> None:
@@ -129,50 +165,170 @@ class BlockBackend:
                 return False
         return True
 
+    def _flush_needed(self) -> bool:
+        return not self.write_cache and not self.cache.no_flush
+
     def readv(self, token: int, offset: int, iov: list) -> None:
         self.stats["read"] += 1
-        if self._aligned(offset, iov):
-            rid = self._id(_Pending(token, READ, iov=iov))
-            self.engine.submit([AioRequest(READ, self.driver.fd, offset, iov, rid)])
+        bounce = None
+        if not self._aligned(offset, iov):
+            total = iov_length(iov)
+            if offset % self.align or total % self.align:
+                self._complete_now(token, -errno.EINVAL)  # smaller than the advertised block size
+                return
+            bounce = _Bounce(total, self.align)
+        run = [bounce.view] if bounce else iov
+        if self._fast:
+            p = _Pending(token, READ, iov=iov, bounce=bounce)
+            p.remaining = 1
+            p.length = total = iov_length(run)
+            self.engine.submit([AioRequest(READ, self.driver.fd, offset, run,
+                                           self._id(p, run, total))])
             return
-        total = sum(len(b) for b in iov)
-        if offset % self.align or total % self.align:
-            self._complete_now(token, -errno.EINVAL)  # smaller than the advertised block size
+        p = _Pending(token, READ, iov=iov, bounce=bounce)
+        p.length = total = iov_length(iov)
+        host = self.driver.data_at(offset, total)
+        if host >= 0:       # one allocated cluster: a single request, as for raw
+            p.remaining = 1
+            self.engine.submit([AioRequest(READ, self.driver.fd, host, run,
+                                           self._id(p, run, total))])
             return
-        bounce = _Bounce(total, self.align)
-        rid = self._id(_Pending(token, READ, iov=iov, bounce=bounce))
-        self.engine.submit([AioRequest(READ, self.driver.fd, offset, [bounce.view], rid)])
+        reqs: list = []
+        try:
+            self._map_read(self.driver, offset, run, reqs)
+        except BlockError as e:
+            log.warning("%s", e)
+            if bounce:
+                bounce.close()
+            self._complete_now(token, -errno.EIO)
+            return
+        self._launch(p, reqs)
+
+    def _map_read(self, drv, offset: int, iov, reqs: list) -> None:
+        """Split a read along the driver's map; fill what needs no I/O now and
+        collect (fd, host offset, iov) for the rest."""
+        length = iov_length(iov)
+        inside = max(0, min(length, drv.size - offset))
+        if inside < length:
+            iov_zero(iov_slice(iov, inside, length - inside))
+        if inside <= 0:
+            return
+        for e in drv.map(offset, inside):
+            sub = iov_slice(iov, e.offset - offset, e.length)
+            kind = e.kind
+            if kind == "data":
+                reqs.append((READ, e.fd, e.host_offset, sub))
+            elif kind == "compressed":
+                iov_copy_in(sub, drv.read_compressed(e))
+            elif kind == "unallocated" and drv.backing is not None:
+                self._map_read(drv.backing, e.offset, sub, reqs)
+            else:
+                iov_zero(sub)
+
+    def _launch(self, p: _Pending, reqs: list) -> None:
+        """Submit a mapped request's pieces (or complete it if there are none)."""
+        p.remaining = len(reqs)
+        if not reqs:
+            done = self._done(p)
+            if done is not None:
+                self._ready.append(done)
+                os.eventfd_write(self.notifier, 1)
+            return
+        batch = []
+        for op, fd, host, sub in reqs:
+            batch.append(AioRequest(op, fd, host, sub, self._id(p, sub, iov_length(sub))))
+        self.engine.submit(batch)
 
     def writev(self, token: int, offset: int, iov: list) -> None:
         self.stats["write"] += 1
         if self.read_only:
             self._complete_now(token, -errno.EROFS)
             return
-        flush = not self.write_cache and not self.cache.no_flush
-        if self._aligned(offset, iov):
-            rid = self._id(_Pending(token, WRITE, then_flush=flush))
-            self.engine.submit([AioRequest(WRITE, self.driver.fd, offset, iov, rid)])
+        if self._guard_sector0 and offset == 0 and self._writes_foreign_header(iov):
+            log.warning("%s: refused a write of another format's header to sector 0 of a "
+                        "probed raw image (give format=raw to allow it)", self.path)
+            self._complete_now(token, -errno.EPERM)
             return
-        total = sum(len(b) for b in iov)
-        if offset % self.align or total % self.align:
-            self._complete_now(token, -errno.EINVAL)
+        if self.detect_zeroes != "off" and iov_is_zero(iov):
+            self.stats["write"] -= 1
+            self.stats["detected_zeroes"] += 1
+            self.write_zeroes(token, offset, iov_length(iov), self.detect_zeroes == "unmap")
             return
-        bounce = _Bounce(total, self.align)
-        pos = 0
-        for b in iov:
-            bounce.view[pos:pos + len(b)] = b
-            pos += len(b)
-        rid = self._id(_Pending(token, WRITE, bounce=bounce, then_flush=flush))
-        self.engine.submit([AioRequest(WRITE, self.driver.fd, offset, [bounce.view], rid)])
+        self._write(token, offset, iov)
+
+    def _write(self, token: int, offset: int, iov: list) -> None:
+        flush = self._flush_needed()
+        bounce = None
+        if not self._aligned(offset, iov):
+            total = iov_length(iov)
+            if offset % self.align or total % self.align:
+                self._complete_now(token, -errno.EINVAL)
+                return
+            bounce = _Bounce(total, self.align)
+            iov_copy_in([bounce.view], _joined(iov))
+        run = [bounce.view] if bounce else iov
+        if self._fast:
+            p = _Pending(token, WRITE, bounce=bounce, then_flush=flush)
+            p.remaining = 1
+            p.length = iov_length(run)
+            self.engine.submit([AioRequest(WRITE, self.driver.fd, offset, run,
+                                           self._id(p, run, iov_length(run)))])
+            return
+        p = _Pending(token, WRITE, bounce=bounce, then_flush=flush)
+        p.length = total = iov_length(iov)
+        host = self.driver.data_at(offset, total, write=True)
+        if host >= 0:       # in place, in one allocated cluster
+            p.remaining = 1
+            self.engine.submit([AioRequest(WRITE, self.driver.fd, host, run,
+                                           self._id(p, run, total))])
+            return
+        try:
+            reqs = self._map_write(p, offset, run)
+        except WriteBusy:
+            if bounce:
+                bounce.close()
+            self._deferred.append(("write", token, offset, iov))
+            return
+        except BlockError as e:
+            log.warning("%s", e)
+            if bounce:
+                bounce.close()
+            self._complete_now(token, -errno.EIO)
+            return
+        self._launch(p, reqs)
+
+    def _map_write(self, p: _Pending, offset: int, iov) -> list:
+        plan = self.driver.map_for_write(offset, iov_length(iov))
+        if plan.alloc is not None:
+            if p.allocs is None:
+                p.allocs = []
+            p.allocs.append(plan.alloc)
+        return [(WRITE, e.fd, e.host_offset, iov_slice(iov, e.offset - offset, e.length))
+                for e in plan.extents]
+
+    def _writes_foreign_header(self, iov) -> bool:
+        head = bytes(_joined(iov_slice(iov, 0, min(4096, iov_length(iov)))))
+        return any(cls.probe(head, self.path) > 1 for name, cls in DRIVERS.items()
+                   if name != "raw")
 
     def flush(self, token: int) -> None:
         self.stats["flush"] += 1
         if self.cache.no_flush:
             self._complete_now(token, 0)
             return
-        self.driver.flush_metadata()
-        rid = self._id(_Pending(token, FLUSH))
-        self.engine.submit([AioRequest(FLUSH, self.driver.fd, token=rid)])
+        p = _Pending(token, FLUSH)
+        self._submit_flush(p)
+
+    def _submit_flush(self, p: _Pending) -> None:
+        """Format metadata first, then fdatasync every file the driver writes."""
+        try:
+            self.driver.flush_metadata()
+        except (BlockError, OSError) as e:
+            log.warning("%s: flushing metadata: %s", self.path, e)
+            p.result = -errno.EIO
+        fds = self.driver.sync_fds
+        p.remaining = len(fds)
+        self.engine.submit([AioRequest(FLUSH, fd, token=self._id(p)) for fd in fds])
 
     def discard(self, token: int, offset: int, length: int) -> None:
         """Give the range back to the host (discard=unmap); advisory, never fails
@@ -184,14 +340,26 @@ class BlockBackend:
         if self.discard_mode == "ignore" or length == 0:
             self._complete_now(token, 0)
             return
-        rid = self._id(_Pending(token, "discard"))
-        self.engine.submit([AioRequest(FALLOCATE, self.driver.fd, offset, token=rid,
-                                       mode=lib.FALLOC_FL_PUNCH_HOLE | lib.FALLOC_FL_KEEP_SIZE,
-                                       length=length)])
+        if self._fast:
+            p = _Pending(token, "discard")
+            p.remaining = 1
+            self.engine.submit([AioRequest(FALLOCATE, self.driver.fd, offset, token=self._id(p),
+                                           mode=lib.FALLOC_FL_PUNCH_HOLE | lib.FALLOC_FL_KEEP_SIZE,
+                                           length=length)])
+            return
+        self._quiesce()
+        try:
+            self.driver.discard(offset, length, punch=True)
+            result = 0
+        except BlockError as e:
+            log.warning("%s", e)
+            result = -errno.EIO
+        self._complete_now(token, result)
 
     def write_zeroes(self, token: int, offset: int, length: int, unmap: bool) -> None:
         """Zero a range: punch a hole when the guest allows unmapping and
-        discard=unmap, else allocate zeroes (falling back to writing them)."""
+        discard=unmap, else allocate zeroes (falling back to writing them).
+        Mapped formats describe whole clusters as zero and write the rest."""
         self.stats["write_zeroes"] += 1
         if self.read_only:
             self._complete_now(token, -errno.EROFS)
@@ -200,45 +368,85 @@ class BlockBackend:
             self._complete_now(token, 0)
             return
         punch = unmap and self.discard_mode == "unmap"
-        mode = (lib.FALLOC_FL_PUNCH_HOLE if punch else lib.FALLOC_FL_ZERO_RANGE) | \
-            lib.FALLOC_FL_KEEP_SIZE
-        flush = not self.write_cache and not self.cache.no_flush
-        pending = _Pending(token, "write_zeroes", then_flush=flush)
-        pending.iov = (offset, length)  # kept for the write fallback
-        rid = self._id(pending)
-        self.engine.submit([AioRequest(FALLOCATE, self.driver.fd, offset, token=rid, mode=mode,
-                                       length=length)])
+        flush = self._flush_needed()
+        if self._fast:
+            mode = (lib.FALLOC_FL_PUNCH_HOLE if punch else lib.FALLOC_FL_ZERO_RANGE) | \
+                lib.FALLOC_FL_KEEP_SIZE
+            p = _Pending(token, "write_zeroes", then_flush=flush)
+            p.iov = (offset, length)  # kept for the write fallback
+            p.remaining = 1
+            self.engine.submit([AioRequest(FALLOCATE, self.driver.fd, offset, token=self._id(p),
+                                           mode=mode, length=length)])
+            return
+        self._quiesce()
+        p = _Pending(token, WRITE, then_flush=flush)
+        try:
+            reqs = []
+            for off, n in self.driver.write_zeroes(offset, length, punch):
+                reqs += self._map_write(p, off, _zero_iov(n))
+        except BlockError as e:
+            log.warning("%s", e)
+            for a in p.allocs or ():
+                self.driver.abort(a)
+            self._complete_now(token, -errno.EIO)
+            return
+        p.length = 0
+        self._launch(p, reqs)
 
     # -- completion ------------------------------------------------------------------
 
     def reap(self) -> list[tuple[int, int]]:
         """Completed requests as (token, result); never blocks."""
+        self._collect()
         out, self._ready = self._ready, []
-        for rid, result in self.engine.reap():
-            p = self._pending.pop(rid, None)
-            if p is None:
-                continue
-            done = self._finish(p, result)
-            if done is not None:
-                out.append(done)
         return out
 
-    def _finish(self, p: _Pending, result: int):
-        if p.op == READ and p.bounce is not None:
+    def _collect(self) -> None:
+        """Take the engine's completions; finished requests go to ``_ready``."""
+        ready = self._ready
+        for rid, result in self.engine.reap():
+            entry = self._pending.pop(rid, None)
+            if entry is None:
+                continue
+            p, iov, expected = entry
+            if result < 0:
+                if p.result >= 0:
+                    p.result = result
+            elif p.op == READ and iov is not None and result < expected:
+                self._zero_tail(iov, result)      # past the end of the file: zeroes
+            p.remaining -= 1
+            if p.remaining == 0:
+                done = self._done(p)
+                if done is not None:
+                    ready.append(done)
+
+    def _done(self, p: _Pending):
+        """All pieces of a request are back: commit, flush, or report it."""
+        result = p.result
+        if p.op == READ:
+            if p.bounce is not None:
+                if result >= 0:
+                    iov_copy_in(p.iov, p.bounce.view)
+                p.bounce.close()
+            return p.token, result if result < 0 else p.length
+        if p.op == WRITE:
+            if p.bounce is not None:
+                p.bounce.close()
+                p.bounce = None
+            if p.allocs:
+                for a in p.allocs:
+                    if result >= 0:
+                        try:
+                            self.driver.commit(a)
+                        except BlockError as e:
+                            log.warning("%s", e)
+                            result = p.result = -errno.EIO
+                    else:
+                        self.driver.abort(a)
+                p.allocs = None
+                self._retry_deferred()
             if result >= 0:
-                pos = 0
-                for b in p.iov:
-                    b[:] = p.bounce.view[pos:pos + len(b)]
-                    pos += len(b)
-            p.bounce.close()
-        elif p.op == READ and result >= 0:
-            expected = sum(len(b) for b in p.iov)
-            if result < expected:  # past the end of the file: zeroes
-                self._zero_tail(p.iov, result)
-                result = expected
-        elif p.op == WRITE and p.bounce is not None:
-            p.bounce.close()
-            p.bounce = None
+                result = p.length
         elif p.op == "discard" and result in (-errno.EOPNOTSUPP, -errno.ENOSYS):
             result = 0  # discard is a hint
         elif p.op == "write_zeroes" and result in (-errno.EOPNOTSUPP, -errno.ENOSYS,
@@ -246,19 +454,41 @@ class BlockBackend:
             offset, length = p.iov
             p.iov = None
             p.op = WRITE
-            rid = self._id(p)
-            self.engine.submit([AioRequest(WRITE, self.driver.fd, offset, _zero_iov(length), rid)])
+            p.result = 0
+            p.remaining = 1
+            self.engine.submit([AioRequest(WRITE, self.driver.fd, offset, _zero_iov(length),
+                                           self._id(p))])
             return None
         if p.then_flush and result >= 0:
             p.then_flush = False
-            p.result = result
+            p.length = result
             p.op = "flush-after"
-            rid = self._id(p)
-            self.engine.submit([AioRequest(FLUSH, self.driver.fd, token=rid)])
+            self._submit_flush(p)
             return None
         if p.op == "flush-after":
-            result = p.result if result >= 0 else result
+            result = p.length if result >= 0 else result
         return p.token, result
+
+    def _retry_deferred(self) -> None:
+        """Writes that waited for an allocation to commit: try them again, in order."""
+        for _ in range(len(self._deferred)):
+            kind, token, offset, iov = self._deferred.popleft()
+            self._write(token, offset, iov)
+
+    def _quiesce(self) -> None:
+        """Wait until no I/O is in flight (completions are kept for reap())."""
+        if not self._pending and not self._deferred:
+            return
+        poller = select.poll()
+        poller.register(self.notifier, select.POLLIN)
+        while self._pending or self._deferred:
+            if not self._pending:
+                self._retry_deferred()
+                continue
+            poller.poll(1000)
+            self._collect()
+        if self._ready:
+            os.eventfd_write(self.notifier, 1)
 
     @staticmethod
     def _zero_tail(iov, done: int) -> None:
@@ -266,21 +496,23 @@ class BlockBackend:
         for b in iov:
             if pos + len(b) > done:
                 start = max(0, done - pos)
-                b[start:] = bytes(len(b) - start)
+                iov_zero([b[start:]])
             pos += len(b)
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._deferred)
 
     def drain(self) -> list[tuple[int, int]]:
         """Wait until nothing is in flight; return what completed meanwhile."""
-        import select
         out = self.reap()
         poller = select.poll()
         poller.register(self.notifier, select.POLLIN)
-        while self._pending:
-            poller.poll(1000)
+        while self._pending or self._deferred:
+            if not self._pending:
+                self._retry_deferred()
+            else:
+                poller.poll(1000)
             out += self.reap()
         return out
 
@@ -297,6 +529,11 @@ def _zero_iov(length: int) -> list:
         iov.append(memoryview(_ZEROES)[:n])
         length -= n
     return iov
+
+
+def _joined(iov):
+    """The bytes of an I/O vector as one buffer (copied only if it has several pieces)."""
+    return memoryview(b"".join(bytes(b) for b in iov)) if len(iov) != 1 else iov[0]
 
 
 class _Bounce:

@@ -1,0 +1,843 @@
+"""``pykvm img``: qemu-img's subcommands, flags, output and exit codes where
+they exist, over pykvm's block drivers.
+
+  create   [-f FMT] [-o OPTS] [-b BACKING [-F FMT]] [-u] FILE [SIZE]
+  info     [-f FMT] [--output human|json] [--backing-chain] FILE
+  check    [-f FMT] [--output human|json] [-r leaks|all] FILE   (0 clean, 2 corrupt, 3 leaks)
+  map      [-f FMT] [--output human|json] FILE
+  convert  [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [-B BACKING [-F FMT]] SRC DST
+  compare  [-f FMT] [-F FMT] [-s] [-p] IMG1 IMG2            (0 same, 1 different, 2 error)
+  commit   [-f FMT] [-d] [-p] FILE
+  rebase   [-f FMT] [-u] [-p] -b BACKING [-F FMT] FILE
+  resize   [-f FMT] [--shrink] FILE [+|-]SIZE
+  snapshot [-l | -c NAME | -a NAME | -d NAME] FILE
+
+Every error is one line, ``pykvm img: <what>``. Images are opened read-only
+unless the command writes them, and every check that can refuse a command
+runs before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .block import qcow2 as _qcow2  # noqa: F401  (registers the driver)
+from .block.driver import (DRIVERS, ZEROES, BlockError, open_image, probe_format, pwrite_full,
+                           read_into, write_range, write_zeroes_range)
+from .block.qcow2 import Qcow2Driver
+from .block.raw import RawDriver
+from .errors import PykvmError
+
+CHUNK = 2 << 20
+_UNITS = {"": 0, "B": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
+
+
+class ImgError(PykvmError):
+    """A user-facing failure of a ``pykvm img`` command (one line)."""
+
+    def __init__(self, msg: str, status: int = 1):
+        super().__init__(msg)
+        self.exit_status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 1 as qemu-img
+        print(f"pykvm img: {self.prog}: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def parse_size(text: str) -> int:
+    t = text.strip()
+    unit = t[-1:].upper() if t[-1:].isalpha() else ""
+    num = t[:-1] if unit else t
+    if unit not in _UNITS:
+        raise ImgError(f"invalid size {text!r}")
+    try:
+        value = float(num) if "." in num else int(num)
+    except ValueError:
+        raise ImgError(f"invalid size {text!r}") from None
+    size = int(value * (1 << _UNITS[unit]))
+    if size < 0:
+        raise ImgError(f"invalid size {text!r}")
+    return size
+
+
+def _onoff(key: str, v: str) -> bool:
+    if v in ("on", "true", "yes", "1"):
+        return True
+    if v in ("off", "false", "no", "0"):
+        return False
+    raise ImgError(f"option {key}: expected on or off, not {v!r}")
+
+
+def parse_options(fmt: str, text_list: list[str]) -> dict:
+    """``-o key=value,...`` into create() keyword arguments."""
+    out: dict = {}
+    for text in text_list:
+        for item in filter(None, text.split(",")):
+            key, _, v = item.partition("=")
+            key = key.strip()
+            if key in ("cluster_size",):
+                out[key] = parse_size(v)
+            elif key in ("refcount_bits",):
+                try:
+                    out[key] = int(v)
+                except ValueError:
+                    raise ImgError(f"option {key}: not a number: {v!r}") from None
+            elif key in ("lazy_refcounts", "extended_l2", "data_file_raw"):
+                out[key] = _onoff(key, v)
+            elif key in ("compat", "backing_file", "backing_fmt", "compression_type",
+                         "preallocation", "data_file"):
+                out[key] = v
+            elif key == "size":
+                out[key] = parse_size(v)
+            else:
+                raise ImgError(f"invalid option {key!r} for format {fmt!r}")
+    allowed = {"raw": {"preallocation", "size"}}.get(fmt)
+    if allowed is not None:
+        bad = sorted(set(out) - allowed)
+        if bad:
+            raise ImgError(f"format {fmt!r} does not support option(s) {', '.join(bad)}")
+    return out
+
+
+def _fmt_of(path: str, fmt: str | None) -> str:
+    if fmt:
+        if fmt not in DRIVERS:
+            raise ImgError(f"unknown format {fmt!r} (one of {', '.join(DRIVERS)})")
+        return fmt
+    if not os.path.exists(path):
+        raise ImgError(f"could not open '{path}': No such file or directory")
+    return probe_format(path)
+
+
+def _open(path: str, fmt: str | None, writable: bool = False, backing: bool = True, **kw):
+    fmt = _fmt_of(path, fmt)
+    if fmt == "qcow2":
+        return Qcow2Driver(path, read_only=not writable, open_backing=backing,
+                           chain=frozenset({os.path.realpath(path)}), **kw)
+    return open_image(path, fmt, read_only=not writable)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            if unit == "B":
+                return f"{int(n)} B"
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _progress(enabled: bool, done: int, total: int) -> None:
+    if enabled:
+        pct = 100.0 * done / total if total else 100.0
+        sys.stdout.write(f"    ({pct:.2f}/100%)\r")
+        sys.stdout.flush()
+
+
+# -- create -----------------------------------------------------------------------------
+
+def cmd_create(a) -> int:
+    fmt = a.f or "raw"
+    opts = parse_options(fmt, a.o)
+    if a.b:
+        opts["backing_file"] = a.b
+    if a.F:
+        opts["backing_fmt"] = a.F
+    size = parse_size(a.size) if a.size is not None else opts.pop("size", None)
+    opts.pop("size", None)
+    if fmt not in ("raw", "qcow2"):
+        raise ImgError(f"unknown format {fmt!r} (raw or qcow2)")
+    if fmt == "raw" and ("backing_file" in opts):
+        raise ImgError("raw images cannot have a backing file")
+    bf = opts.get("backing_file")
+    if bf:
+        bpath = bf if os.path.isabs(bf) else os.path.join(os.path.dirname(
+            os.path.abspath(a.filename)), bf)
+        if os.path.realpath(bpath) == os.path.realpath(a.filename):
+            raise ImgError(f"{a.filename}: an image cannot be its own backing file")
+        if not a.u or size is None:
+            try:
+                b = open_image(bpath, opts.get("backing_fmt"), read_only=True)
+            except BlockError as e:
+                raise ImgError(f"could not open backing file: {e}") from None
+            opts.setdefault("backing_fmt", b.format_name)
+            if size is None:
+                size = b.size
+            b.close()
+    if size is None:
+        raise ImgError("image size must be specified")
+    shown = " ".join(f"{k}={({True: 'on', False: 'off'}.get(v, v) if isinstance(v, bool) else v)}"
+                     for k, v in sorted(opts.items()))
+    print(f"Formatting '{a.filename}', fmt={fmt} {shown + ' ' if shown else ''}size={size}")
+    if fmt == "raw":
+        RawDriver.create(a.filename, size, **opts)
+    else:
+        Qcow2Driver.create(a.filename, size, **opts)
+    return 0
+
+
+# -- info -------------------------------------------------------------------------------
+
+def _info_dict(path: str, fmt: str | None) -> dict:
+    drv = _open(path, fmt, backing=False)
+    try:
+        st = os.stat(path)
+        d = {"virtual-size": drv.size, "filename": path, "format": drv.format_name,
+             "actual-size": st.st_blocks * 512, "dirty-flag": False}
+        if isinstance(drv, Qcow2Driver):
+            d["cluster-size"] = drv.cluster_size
+            d["dirty-flag"] = bool(drv.h.incompat & 1)
+            d["format-specific"] = {"type": "qcow2", "data": drv.info()}
+            if drv.h.backing_file:
+                d["backing-filename"] = drv.h.backing_file
+                d["full-backing-filename"] = drv._relative(drv.h.backing_file) \
+                    if not os.path.isabs(drv.h.backing_file) and os.path.isabs(path) \
+                    else os.path.join(os.path.dirname(path), drv.h.backing_file) \
+                    if not os.path.isabs(drv.h.backing_file) else drv.h.backing_file
+                if drv.h.backing_fmt:
+                    d["backing-filename-format"] = drv.h.backing_fmt
+            if drv.snapshots:
+                d["snapshots"] = [{"icount": s.icount if s.icount not in (None, (1 << 64) - 1)
+                                   else 0, "name": s.name,
+                                   "date-sec": s.date_sec, "date-nsec": s.date_nsec,
+                                   "vm-clock-sec": s.vm_clock_nsec // 10**9,
+                                   "id": s.id, "vm-clock-nsec": s.vm_clock_nsec % 10**9,
+                                   "vm-state-size": s.vm_state_size} for s in drv.snapshots]
+        return d
+    finally:
+        drv.close()
+
+
+def cmd_info(a) -> int:
+    chain = []
+    path, fmt = a.filename, a.f
+    seen = set()
+    while path:
+        if os.path.realpath(path) in seen:
+            raise ImgError(f"{path}: backing file loop")
+        seen.add(os.path.realpath(path))
+        d = _info_dict(path, fmt)
+        chain.append(d)
+        if not a.backing_chain or "full-backing-filename" not in d:
+            break
+        path, fmt = d["full-backing-filename"], d.get("backing-filename-format")
+    if a.output == "json":
+        print(json.dumps(chain if a.backing_chain else chain[0], indent=4))
+        return 0
+    for i, d in enumerate(chain):
+        if i:
+            print()
+        lines = [f"image: {d['filename']}", f"file format: {d['format']}",
+                 f"virtual size: {_human(d['virtual-size'])} ({d['virtual-size']} bytes)",
+                 f"disk size: {_human(d['actual-size'])}"]
+        if "cluster-size" in d:
+            lines.append(f"cluster_size: {d['cluster-size']}")
+        if "backing-filename" in d:
+            lines.append(f"backing file: {d['backing-filename']}")
+            if "backing-filename-format" in d:
+                lines.append(f"backing file format: {d['backing-filename-format']}")
+        if d.get("snapshots"):
+            lines.append("Snapshot list:")
+            lines += _snapshot_table(d["snapshots"])
+        if "format-specific" in d:
+            lines.append("Format specific information:")
+            for k, v in d["format-specific"]["data"].items():
+                v = str(v).lower() if isinstance(v, bool) else v
+                lines.append(f"    {k.replace('-', ' ')}: {v}")
+        print("\n".join(lines))
+    return 0
+
+
+def _snapshot_table(snaps: list[dict]) -> list[str]:
+    out = [f"{'ID':<10}{'TAG':<18}{'VM SIZE':>7}{'DATE':>24}{'VM CLOCK':>13}{'ICOUNT':>11}"]
+    for s in snaps:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+        secs = s["vm-clock-sec"]
+        clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}." \
+                f"{s['vm-clock-nsec'] // 1000000:03d}"
+        out.append(f"{s['id']:<10}{s['name']:<18}{_human(s['vm-state-size']):>7}{date:>24}"
+                   f"{clock:>13}{s['icount']:>11}")
+    return out
+
+
+# -- check ------------------------------------------------------------------------------
+
+def cmd_check(a) -> int:
+    fmt = _fmt_of(a.filename, a.f)
+    if fmt != "qcow2":
+        print("This image format does not support checks", file=sys.stderr)
+        return 63
+    drv = _open(a.filename, fmt, writable=bool(a.r), backing=False, repair=False)
+    try:
+        res = drv.check(repair=a.r)
+        if a.r:
+            dirty = drv.h.incompat & 1
+            if dirty:
+                drv._set_incompat(drv.h.incompat & ~1)
+                drv._marked_dirty = False
+            if res["leaks_fixed"] or res["corruptions_fixed"]:
+                first = res
+                res = drv.check()
+                res["leaks_fixed"], res["corruptions_fixed"] = first["leaks_fixed"], \
+                    first["corruptions_fixed"]
+    finally:
+        drv.close()
+    if a.output == "json":
+        d = {"image-end-offset": res["image_end_offset"], "total-clusters": res["total_clusters"],
+             "check-errors": 0, "allocated-clusters": res["allocated_clusters"],
+             "filename": a.filename, "format": "qcow2"}
+        for key, name in (("leaks", "leaks"), ("corruptions", "corruptions"),
+                          ("leaks_fixed", "leaks-fixed"),
+                          ("corruptions_fixed", "corruptions-fixed"),
+                          ("compressed_clusters", "compressed-clusters")):
+            if res[key]:
+                d[name] = res[key]
+        print(json.dumps(d, indent=4))
+    else:
+        out = []
+        if res["leaks_fixed"] or res["corruptions_fixed"]:
+            out += ["The following inconsistencies were found and repaired:", "",
+                    f"    {res['leaks_fixed']} leaked clusters",
+                    f"    {res['corruptions_fixed']} corruptions", "",
+                    "Double checking the fixed image now..."]
+        for e in res["errors"][:20]:
+            out.append(f"ERROR {e}")
+        if res["corruptions"]:
+            out += [f"{res['corruptions']} errors were found on the image.",
+                    "Data may be corrupted, or further writes to the image may corrupt it."]
+        if res["leaks"]:
+            out += [f"{res['leaks']} leaked clusters were found on the image.",
+                    "This means waste of disk space, but no harm to data."]
+        if not res["corruptions"] and not res["leaks"]:
+            out.append("No errors were found on the image.")
+        total = res["total_clusters"] or 1
+        out.append(f"{res['allocated_clusters']}/{res['total_clusters']} = "
+                   f"{100.0 * res['allocated_clusters'] / total:.2f}% allocated, 0.00% "
+                   f"fragmented, {100.0 * res['compressed_clusters'] / total:.2f}% compressed "
+                   f"clusters")
+        out.append(f"Image end offset: {res['image_end_offset']}")
+        print("\n".join(out))
+    if res["corruptions"]:
+        return 2
+    if res["leaks"]:
+        return 3
+    return 0
+
+
+# -- map --------------------------------------------------------------------------------
+
+def _block_status(drv, offset: int, length: int, depth: int = 0):
+    """(start, length, depth, present, zero, data, host offset or None, file) runs."""
+    end = offset + length
+    inside = min(end, drv.size)
+    if isinstance(drv, RawDriver):
+        for off, n, data in drv.allocated(offset, max(0, inside - offset)):
+            yield off, n, depth, True, not data, data, off, drv.path
+    else:
+        for e in drv.map(offset, max(0, inside - offset)):
+            if e.kind == "data":
+                yield e.offset, e.length, depth, True, False, True, e.host_offset, \
+                    getattr(drv, "data_path", None) or drv.path
+            elif e.kind == "compressed":
+                yield e.offset, e.length, depth, True, False, True, None, drv.path
+            elif e.kind == "zero":
+                yield e.offset, e.length, depth, True, True, False, None, drv.path
+            elif drv.backing is not None:
+                yield from _block_status(drv.backing, e.offset, e.length, depth + 1)
+            else:
+                yield e.offset, e.length, depth, False, True, False, None, drv.path
+    if inside < end:
+        yield max(inside, offset), end - max(inside, offset), depth, False, True, False, None, \
+            drv.path
+
+
+def _merged_status(drv):
+    runs = []
+    pos = 0
+    while pos < drv.size:
+        n = min(CHUNK * 64, drv.size - pos)
+        for r in _block_status(drv, pos, n):
+            if runs:
+                p = runs[-1]
+                if p[2:6] == r[2:6] and p[7] == r[7] and p[0] + p[1] == r[0] and \
+                        ((p[6] is None and r[6] is None) or
+                         (p[6] is not None and r[6] is not None and p[6] + p[1] == r[6])):
+                    runs[-1] = (p[0], p[1] + r[1]) + p[2:]
+                    continue
+            runs.append(r)
+        pos += n
+    return runs
+
+
+def cmd_map(a) -> int:
+    drv = _open(a.filename, a.f)
+    try:
+        runs = _merged_status(drv)
+    finally:
+        drv.close()
+    if a.output == "json":
+        lines = []
+        for start, n, depth, present, zero, data, off, _ in runs:
+            s = (f'{{ "start": {start}, "length": {n}, "depth": {depth}, "present": '
+                 f'{json.dumps(present)}, "zero": {json.dumps(zero)}, "data": {json.dumps(data)}')
+            if off is not None:
+                s += f', "offset": {off}'
+            lines.append(s + "}")
+        print("[" + ",\n".join(lines) + "]")
+    else:
+        print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
+        for start, n, depth, present, zero, data, off, f in runs:
+            if data and off is not None:
+                print(f"{start:<#16x}{n:<#16x}{off:<#16x}{f}".replace("0x0 ", "0   "))
+    return 0
+
+
+# -- convert ----------------------------------------------------------------------------
+
+def _zero_runs(buf: memoryview, gran: int = 4096):
+    """Split a buffer into (offset, length, is_zero) runs at ``gran`` granularity."""
+    n = len(buf)
+    if buf == ZEROES[:n] if n <= len(ZEROES) else False:
+        return [(0, n, True)]
+    out = []
+    pos = 0
+    while pos < n:
+        k = min(gran, n - pos)
+        z = buf[pos:pos + k] == ZEROES[:k]
+        if out and out[-1][2] == z:
+            out[-1] = (out[-1][0], out[-1][1] + k, z)
+        else:
+            out.append((pos, k, z))
+        pos += k
+    return out
+
+
+def cmd_convert(a) -> int:
+    src = _open(a.src, a.f)
+    try:
+        out_fmt = a.O or "raw"
+        if out_fmt not in ("raw", "qcow2"):
+            raise ImgError(f"unknown output format {out_fmt!r} (raw or qcow2)")
+        opts = parse_options(out_fmt, a.o)
+        if a.c and out_fmt != "qcow2":
+            raise ImgError("compression (-c) needs -O qcow2")
+        if a.B:
+            opts["backing_file"] = a.B
+            if a.F:
+                opts["backing_fmt"] = a.F
+        if os.path.exists(a.dst) and os.path.realpath(a.dst) == os.path.realpath(a.src):
+            raise ImgError("source and destination are the same file")
+        size = src.size
+        if out_fmt == "raw":
+            RawDriver.create(a.dst, size, **opts)
+        else:
+            Qcow2Driver.create(a.dst, size, **opts)
+        dst = _open(a.dst, out_fmt, writable=True)
+        try:
+            _copy(src, dst, size, a.c, a.p, skip_unallocated_in_src=bool(a.B))
+            _progress(a.p, size, size)
+            if a.p:
+                print()
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    return 0
+
+
+def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_in_src=False):
+    """Copy guest content, skipping holes and zeroes (the destination is new
+    and reads as zeroes)."""
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    raw_dst = isinstance(dst, RawDriver)
+    cs = getattr(dst, "cluster_size", 65536)
+    pos = 0
+    while pos < size:
+        n = min(CHUNK, size - pos)
+        statuses = list(_block_status(src, pos, n)) if not skip_unallocated_in_src else \
+            [(pos, n, 0, True, False, True, None, None)]
+        for start, length, depth, present, zero, data, off, _ in statuses:
+            if zero or (skip_unallocated_in_src and depth > 0):
+                continue
+            sub = view[start - pos:start - pos + length]
+            read_into(src, start, sub)
+            if compress:
+                _write_compressed(dst, start, sub, cs)
+                continue
+            for o, k, z in _zero_runs(sub):
+                if z:
+                    continue
+                if raw_dst:
+                    pwrite_full(dst.fd, sub[o:o + k], start + o)
+                else:
+                    write_range(dst, start + o, sub[o:o + k])
+        pos += n
+        _progress(progress, pos, size)
+
+
+def _write_compressed(dst, start: int, sub: memoryview, cs: int) -> None:
+    pos = 0
+    n = len(sub)
+    while pos < n:
+        g = start + pos
+        k = min(cs - g % cs, n - pos)
+        piece = sub[pos:pos + k]
+        if piece != ZEROES[:k]:
+            if g % cs == 0 and (k == cs or g + k == dst.size):
+                data = bytes(piece) + bytes(cs - k)
+                if not dst.write_compressed(g // cs, data):
+                    write_range(dst, g, piece)
+            else:
+                write_range(dst, g, piece)
+        pos += k
+
+
+# -- compare ----------------------------------------------------------------------------
+
+def cmd_compare(a) -> int:
+    try:
+        one = _open(a.img1, a.f)
+        two = _open(a.img2, a.F)
+    except (BlockError, ImgError) as e:
+        raise ImgError(str(e), 2) from None
+    try:
+        if a.s and one.size != two.size:
+            print("Strict mode: Image size mismatch!")
+            return 1
+        common = min(one.size, two.size)
+        b1, b2 = bytearray(CHUNK), bytearray(CHUNK)
+        v1, v2 = memoryview(b1), memoryview(b2)
+        pos = 0
+        while pos < max(one.size, two.size):
+            n = min(CHUNK, max(one.size, two.size) - pos)
+            if pos < common:
+                n = min(n, common - pos)
+                read_into(one, pos, v1[:n])
+                read_into(two, pos, v2[:n])
+                if v1[:n] != v2[:n]:
+                    i = next(k for k in range(0, n, 512) if v1[k:k + 512] != v2[k:k + 512])
+                    print(f"Content mismatch at offset {pos + i}!")
+                    return 1
+            else:
+                longer = one if one.size > two.size else two
+                read_into(longer, pos, v1[:n])
+                if v1[:n] != ZEROES[:n] if n <= len(ZEROES) else any(v1[:n]):
+                    i = next(k for k in range(0, n, 512) if any(v1[k:k + 512]))
+                    print(f"Content mismatch at offset {pos + i}!")
+                    return 1
+            pos += n
+            _progress(a.p, pos, max(one.size, two.size))
+        if a.s:
+            pass
+        print("Images are identical.")
+        return 0
+    except BlockError as e:
+        raise ImgError(str(e), 2) from None
+    finally:
+        one.close()
+        two.close()
+
+
+# -- commit -----------------------------------------------------------------------------
+
+def cmd_commit(a) -> int:
+    top = _open(a.filename, a.f, writable=True, backing=False)
+    try:
+        if not isinstance(top, Qcow2Driver) or not top.h.backing_file:
+            raise ImgError(f"{a.filename}: image does not have a backing file")
+        bpath = top._relative(top.h.backing_file)
+        base = open_image(bpath, top.h.backing_fmt, read_only=False)
+        try:
+            if base.size < top.size:
+                base.resize(top.size)
+            pos = 0
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            while pos < top.size:
+                n = min(CHUNK, top.size - pos)
+                for e in top.map(pos, n):
+                    if e.kind == "unallocated":
+                        continue
+                    if e.kind == "zero":
+                        write_zeroes_range(base, e.offset, e.length)
+                        continue
+                    sub = view[:e.length]
+                    read_into(top, e.offset, sub)
+                    write_range(base, e.offset, sub)
+                pos += n
+                _progress(a.p, pos, top.size)
+            base.flush_metadata()
+            os.fsync(base.fd)
+        finally:
+            base.close()
+        if not a.d:
+            top.make_empty()
+    finally:
+        top.close()
+    print("Image committed.")
+    return 0
+
+
+# -- rebase -----------------------------------------------------------------------------
+
+def cmd_rebase(a) -> int:
+    if a.b is None:
+        raise ImgError("rebase: -b BACKING is required ('' for no backing file)")
+    top = _open(a.filename, a.f, writable=True, backing=not a.u)
+    try:
+        if not isinstance(top, Qcow2Driver):
+            raise ImgError(f"{a.filename}: only qcow2 images have a backing file")
+        new = None
+        new_fmt = a.F
+        if a.b:
+            npath = a.b if os.path.isabs(a.b) else os.path.join(
+                os.path.dirname(os.path.abspath(a.filename)), a.b)
+            if os.path.realpath(npath) == os.path.realpath(a.filename):
+                raise ImgError(f"{a.filename}: an image cannot be its own backing file")
+            try:
+                new = open_image(npath, a.F, read_only=True,
+                                 chain=frozenset({os.path.realpath(a.filename)}))
+            except BlockError as e:
+                if not a.u:
+                    raise ImgError(f"could not open new backing file: {e}") from None
+            if new is not None:
+                new_fmt = new_fmt or new.format_name
+        try:
+            if not a.u:
+                _rebase_copy(top, new, a.p)
+        finally:
+            if new is not None:
+                new.close()
+        top.h.backing_file = a.b or None
+        top.h.backing_fmt = new_fmt if a.b else None
+        top.rewrite_header()
+    finally:
+        top.close()
+    return 0
+
+
+def _rebase_copy(top: Qcow2Driver, new, progress: bool) -> None:
+    """Where the top image is unallocated and the old and new backing chains
+    differ, copy the old content into the top image."""
+    cs = top.cluster_size
+    old_buf, new_buf = bytearray(cs), bytearray(cs)
+    ov, nv = memoryview(old_buf), memoryview(new_buf)
+    for ci in range(-(-top.size // cs)):
+        g = ci * cs
+        n = min(cs, top.size - g)
+        for e in top.map(g, n):
+            if e.kind != "unallocated":
+                continue
+            o, k = ov[:e.length], nv[:e.length]
+            if top.backing is not None:
+                read_into(top.backing, e.offset, o)
+            else:
+                o[:] = ZEROES[:e.length]
+            if new is not None:
+                read_into(new, e.offset, k)
+            else:
+                k[:] = ZEROES[:e.length]
+            if o != k:
+                write_range(top, e.offset, o)
+        if ci % 64 == 0:
+            _progress(progress, g, top.size)
+
+
+# -- resize -----------------------------------------------------------------------------
+
+def cmd_resize(a) -> int:
+    drv = _open(a.filename, a.f, writable=True)
+    try:
+        text = a.size
+        if text.startswith("+"):
+            size = drv.size + parse_size(text[1:])
+        elif text.startswith("-"):
+            size = drv.size - parse_size(text[1:])
+        else:
+            size = parse_size(text)
+        if size < 0:
+            raise ImgError("new size would be negative")
+        if size < drv.size and not a.shrink:
+            raise ImgError("use the --shrink option to shrink an image (data past the new "
+                           "end is lost)")
+        if not hasattr(drv, "resize"):
+            raise ImgError(f"format {drv.format_name} cannot be resized")
+        drv.resize(size)
+    finally:
+        drv.close()
+    print("Image resized.")
+    return 0
+
+
+# -- snapshot ---------------------------------------------------------------------------
+
+def cmd_snapshot(a) -> int:
+    actions = [x for x in (a.l, a.c, a.a, a.d) if x]
+    if len(actions) > 1:
+        raise ImgError("snapshot: give one of -l, -c, -a, -d")
+    fmt = _fmt_of(a.filename, a.f)
+    if fmt != "qcow2":
+        raise ImgError(f"{a.filename}: format {fmt} does not support snapshots")
+    writing = bool(a.c or a.a or a.d)
+    drv = _open(a.filename, fmt, writable=writing, backing=False)
+    try:
+        if a.c:
+            drv.snapshot_create(a.c)
+        elif a.a:
+            drv.snapshot_apply(a.a)
+        elif a.d:
+            drv.snapshot_delete(a.d)
+        else:
+            if drv.snapshots:
+                print("Snapshot list:")
+                snaps = [{"id": s.id, "name": s.name, "vm-state-size": s.vm_state_size,
+                          "date-sec": s.date_sec, "vm-clock-sec": s.vm_clock_nsec // 10**9,
+                          "vm-clock-nsec": s.vm_clock_nsec % 10**9,
+                          "icount": s.icount if s.icount not in (None, (1 << 64) - 1) else 0}
+                         for s in drv.snapshots]
+                print("\n".join(_snapshot_table(snaps)))
+    finally:
+        drv.close()
+    return 0
+
+
+# -- the parser -------------------------------------------------------------------------
+
+def build_img_parser(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="img_command", required=True, metavar="SUBCOMMAND",
+                           parser_class=_Parser)
+
+    c = sub.add_parser("create", help="create an image")
+    c.add_argument("-f", metavar="FMT")
+    c.add_argument("-o", action="append", default=[], metavar="OPTIONS")
+    c.add_argument("-b", metavar="BACKING")
+    c.add_argument("-F", metavar="BACKING_FMT")
+    c.add_argument("-u", action="store_true", help="do not open the backing file")
+    c.add_argument("-q", action="store_true")
+    c.add_argument("filename")
+    c.add_argument("size", nargs="?")
+    c.set_defaults(func=cmd_create)
+
+    i = sub.add_parser("info", help="describe an image")
+    i.add_argument("-f", metavar="FMT")
+    i.add_argument("--output", choices=["human", "json"], default="human")
+    i.add_argument("--backing-chain", action="store_true")
+    i.add_argument("filename")
+    i.set_defaults(func=cmd_info)
+
+    k = sub.add_parser("check", help="check (and repair) an image's metadata")
+    k.add_argument("-f", metavar="FMT")
+    k.add_argument("--output", choices=["human", "json"], default="human")
+    k.add_argument("-r", choices=["leaks", "all"])
+    k.add_argument("-q", action="store_true")
+    k.add_argument("filename")
+    k.set_defaults(func=cmd_check)
+
+    m = sub.add_parser("map", help="show where the data of an image lives")
+    m.add_argument("-f", metavar="FMT")
+    m.add_argument("--output", choices=["human", "json"], default="human")
+    m.add_argument("filename")
+    m.set_defaults(func=cmd_map)
+
+    v = sub.add_parser("convert", help="copy an image, skipping zeroes and holes")
+    v.add_argument("-f", metavar="FMT")
+    v.add_argument("-O", metavar="OUTPUT_FMT")
+    v.add_argument("-o", action="append", default=[], metavar="OPTIONS")
+    v.add_argument("-c", action="store_true", help="compress (qcow2)")
+    v.add_argument("-p", action="store_true", help="show progress")
+    v.add_argument("-q", action="store_true")
+    v.add_argument("-B", metavar="BACKING")
+    v.add_argument("-F", metavar="BACKING_FMT")
+    v.add_argument("src")
+    v.add_argument("dst")
+    v.set_defaults(func=cmd_convert)
+
+    q = sub.add_parser("compare", help="compare the content of two images")
+    q.add_argument("-f", metavar="FMT")
+    q.add_argument("-F", metavar="FMT2")
+    q.add_argument("-s", action="store_true", help="strict: sizes must match")
+    q.add_argument("-p", action="store_true")
+    q.add_argument("-q", action="store_true")
+    q.add_argument("img1")
+    q.add_argument("img2")
+    q.set_defaults(func=cmd_compare)
+
+    o = sub.add_parser("commit", help="write an overlay's data into its backing file")
+    o.add_argument("-f", metavar="FMT")
+    o.add_argument("-d", action="store_true", help="keep the overlay's data")
+    o.add_argument("-p", action="store_true")
+    o.add_argument("-q", action="store_true")
+    o.add_argument("filename")
+    o.set_defaults(func=cmd_commit)
+
+    r = sub.add_parser("rebase", help="change an image's backing file")
+    r.add_argument("-f", metavar="FMT")
+    r.add_argument("-u", action="store_true", help="unsafe: only change the name")
+    r.add_argument("-p", action="store_true")
+    r.add_argument("-q", action="store_true")
+    r.add_argument("-b", metavar="BACKING")
+    r.add_argument("-F", metavar="BACKING_FMT")
+    r.add_argument("filename")
+    r.set_defaults(func=cmd_rebase)
+
+    z = sub.add_parser("resize", help="change an image's virtual size")
+    z.add_argument("-f", metavar="FMT")
+    z.add_argument("--shrink", action="store_true")
+    z.add_argument("-q", action="store_true")
+    z.add_argument("filename")
+    z.add_argument("size", metavar="[+|-]SIZE")
+    z.set_defaults(func=cmd_resize)
+
+    s = sub.add_parser("snapshot", help="list, create, apply or delete internal snapshots")
+    s.add_argument("-f", metavar="FMT")
+    s.add_argument("-l", action="store_true")
+    s.add_argument("-c", metavar="NAME")
+    s.add_argument("-a", metavar="NAME")
+    s.add_argument("-d", metavar="NAME")
+    s.add_argument("-q", action="store_true")
+    s.add_argument("filename")
+    s.set_defaults(func=cmd_snapshot)
+
+
+def add_img_parser(subparsers) -> argparse.ArgumentParser:
+    """Hook ``img`` into pykvm's top-level parser."""
+    p = subparsers.add_parser("img", help="create, inspect, check, convert and modify images",
+                              description=__doc__.split("\n\n")[0])
+    build_img_parser(p)
+    return p
+
+
+def cmd_img(args) -> int:
+    """Run a parsed ``pykvm img`` command; errors print one line and give the exit code."""
+    try:
+        return args.func(args)
+    except ImgError as e:
+        print(f"pykvm img: {e}", file=sys.stderr)
+        return e.exit_status
+    except BlockError as e:
+        print(f"pykvm img: {e}", file=sys.stderr)
+        return 2 if args.img_command == "compare" else 1
+    except OSError as e:
+        print(f"pykvm img: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 2 if args.img_command == "compare" else 1
+
+
+def main_img(argv: list[str]) -> int:
+    """``pykvm img ARGS``, standalone (tests, scripts)."""
+    p = _Parser(prog="pykvm img")
+    build_img_parser(p)
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:          # a usage error (one line, already printed) or --help
+        return int(e.code or 0)
+    return cmd_img(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main_img(sys.argv[1:]))

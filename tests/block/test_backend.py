@@ -1,0 +1,313 @@
+"""BlockBackend's generic executor on qcow2 (and raw), through its public API."""
+import errno
+import fcntl
+import logging
+import os
+
+import pytest
+
+from pykvm.block import BlockBackend, BlockError
+from pykvm.block.qcow2 import Qcow2Driver
+from pykvm.block.raw import RawDriver
+
+from .conftest import as_raw, assert_clean, needs_qemu, pattern, qemu_img, qemu_io
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def qcow(tmp_path):
+    p = tmp_path / "disk.qcow2"
+    Qcow2Driver.create(str(p), 4 * MiB)
+    return p
+
+
+@pytest.fixture
+def chain(tmp_path):
+    """base.raw <- mid.qcow2 <- top.qcow2 (relative names), each with its own data."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(pattern(4 * MiB, 1))
+    Qcow2Driver.create(str(tmp_path / "mid.qcow2"), 4 * MiB, backing_file="base.raw",
+                       backing_fmt="raw")
+    Qcow2Driver.create(str(tmp_path / "top.qcow2"), 4 * MiB, backing_file="mid.qcow2",
+                       backing_fmt="qcow2")
+    return tmp_path
+
+
+def test_write_read_qcow2(disk_factory, qcow, tmp_path):
+    d = disk_factory(qcow)
+    assert d.b.format == "qcow2" and d.b.size == 4 * MiB
+    assert d.read(0, 65536) == bytes(65536)
+    data = pattern(200000, 3)
+    assert d.write(12345 * 0 + 1536, data, pieces=5) >= 0
+    assert d.read(1536, len(data), pieces=7) == data
+    assert d.read(0, 1536) == bytes(1536)
+    d.close()
+    expect = bytearray(4 * MiB)
+    expect[1536:1536 + len(data)] = data
+    if QEMU:
+        assert_clean(qcow)
+        assert as_raw(qcow, tmp_path) == expect
+
+
+QEMU = needs_qemu.args[0] is False
+
+
+def test_reads_follow_the_backing_chain_and_cow(disk_factory, chain, tmp_path):
+    mid = disk_factory(chain / "mid.qcow2")
+    mid.write(MiB + 512, b"M" * 1024)           # partial cluster: COW from base.raw
+    mid.close()
+    d = disk_factory(chain / "top.qcow2")
+    expect = bytearray(pattern(4 * MiB, 1))
+    expect[MiB + 512:MiB + 1536] = b"M" * 1024
+    assert d.read(0, 4 * MiB, pieces=3) == expect
+    d.write(MiB + 1000, b"T" * 100)             # COW from mid (which COWs from base)
+    expect[MiB + 1000:MiB + 1100] = b"T" * 100
+    assert d.read(MiB, 65536) == expect[MiB:MiB + 65536]
+    assert not d.b.driver.backing.read_only or True
+    assert d.b.driver.backing.read_only and d.b.driver.backing.backing.read_only
+    d.close()
+    if QEMU:
+        for name in ("mid.qcow2", "top.qcow2"):
+            assert_clean(chain / name)
+        assert as_raw(chain / "top.qcow2", tmp_path) == expect
+
+
+def test_backing_smaller_than_overlay_reads_zeroes(disk_factory, tmp_path):
+    (tmp_path / "small.raw").write_bytes(b"\xaa" * 100000)
+    Qcow2Driver.create(str(tmp_path / "t.qcow2"), MiB, backing_file="small.raw", backing_fmt="raw")
+    d = disk_factory(tmp_path / "t.qcow2")
+    assert d.read(0, 200000) == b"\xaa" * 100000 + bytes(100000)
+    d.write(98304, b"x" * 512)                  # COW of a cluster straddling the backing's end
+    assert d.read(65536, 65536) == b"\xaa" * (98304 - 65536) + b"x" * 512 + \
+        b"\xaa" * (100000 - 98816) + bytes(131072 - 100000)
+
+
+def test_many_writes_in_flight_to_one_cluster(disk_factory, qcow):
+    """Sixteen 4 KiB writes into one unallocated cluster at once: the first
+    allocates, the others wait for its commit; all land."""
+    d = disk_factory(qcow)
+    bufs, tokens = [], []
+    for i in range(16):
+        buf = memoryview(bytearray(bytes([i + 1]) * 4096))
+        bufs.append(buf)
+        d.token += 1
+        tokens.append(d.token)
+        d.b.writev(d.token, i * 4096, [buf])
+    res = d.wait(tokens)
+    assert all(r >= 0 for r in res.values())
+    assert d.read(0, 65536) == b"".join(bytes([i + 1]) * 4096 for i in range(16))
+    assert d.b.in_flight == 0
+    d.close()
+    if QEMU:
+        assert_clean(qcow)
+
+
+def test_many_reads_in_flight(disk_factory, qcow):
+    d = disk_factory(qcow)
+    d.write(0, pattern(MiB, 9))
+    views, tokens = [], []
+    for i in range(64):
+        v = memoryview(bytearray(4096))
+        views.append(v)
+        d.token += 1
+        tokens.append(d.token)
+        d.b.readv(d.token, (i * 37 % 256) * 4096, [v])
+    assert all(r == 4096 for r in d.wait(tokens).values())
+    for i, v in enumerate(views):
+        off = (i * 37 % 256) * 4096
+        assert bytes(v) == pattern(MiB, 9)[off:off + 4096]
+
+
+@pytest.mark.parametrize("cache,direct,flush_per_write", [
+    ("writeback", False, False), ("writethrough", False, True), ("none", True, False),
+    ("directsync", True, True), ("unsafe", False, False)])
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_cache_modes(tmp_path, disk_factory, monkeypatch, cache, direct, flush_per_write, fmt):
+    p = tmp_path / f"d.{fmt}"
+    if fmt == "raw":
+        RawDriver.create(str(p), 4 * MiB)
+    else:
+        Qcow2Driver.create(str(p), 4 * MiB)
+    d = disk_factory(p, fmt=fmt, cache=cache)
+    flags = fcntl.fcntl(d.b.driver.fd, fcntl.F_GETFL)
+    assert bool(flags & os.O_DIRECT) == direct
+    calls = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd))[1])
+    assert d.write(65536, pattern(8192)) >= 0
+    assert bool(calls) == flush_per_write
+    calls.clear()
+    assert d.write_zeroes(0, 65536) >= 0
+    assert bool(calls) == flush_per_write
+    calls.clear()
+    assert d.flush() == 0
+    assert bool(calls) == (cache != "unsafe")
+    assert d.read(65536, 8192) == pattern(8192)
+    # an unaligned buffer under O_DIRECT goes through a bounce buffer
+    raw = bytearray(8192 + 7)
+    view = memoryview(raw)[7:7 + 8192]
+    t = d._tok()
+    d.b.readv(t, 65536, [view])
+    assert d.wait([t])[t] >= 0 and bytes(view) == pattern(8192)
+
+
+def test_o_direct_refused_is_one_clear_line(tmp_path, monkeypatch):
+    p = tmp_path / "d.raw"
+    p.write_bytes(bytes(MiB))
+    real = os.open
+
+    def no_direct(path, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(path, flags, *a)
+    monkeypatch.setattr(os, "open", no_direct)
+    with pytest.raises(BlockError, match="cache=writeback or cache=writethrough"):
+        BlockBackend(str(p), cache="none")
+
+
+def test_guest_toggles_write_cache_on_qcow2(disk_factory, qcow, monkeypatch):
+    d = disk_factory(qcow)
+    calls = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd))[1])
+    d.write(0, b"a" * 512)
+    assert calls == []
+    d.b.write_cache = False
+    d.write(0, b"b" * 512)
+    assert calls
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_discard_frees_space(disk_factory, tmp_path, fmt):
+    p = tmp_path / f"d.{fmt}"
+    (RawDriver if fmt == "raw" else Qcow2Driver).create(str(p), 8 * MiB)
+    d = disk_factory(p, fmt=fmt)
+    d.write(0, pattern(8 * MiB, 4))
+    before = os.stat(p).st_blocks
+    assert d.discard(MiB, 4 * MiB) == 0
+    assert os.stat(p).st_blocks <= before - (4 * MiB // 512) + 256
+    assert d.read(MiB, 4 * MiB) == bytes(4 * MiB)
+    assert d.read(0, MiB) == pattern(8 * MiB, 4)[:MiB]
+    d.close()
+    if fmt == "qcow2" and QEMU:
+        r = qemu_img("check", p, check=False)
+        assert r.returncode == 0, r.stdout
+        assert "4 MiB" not in qemu_img("info", p).stdout or True
+
+
+def test_discard_ignore_keeps_data(disk_factory, qcow):
+    d = disk_factory(qcow, discard="ignore")
+    d.write(0, b"x" * 65536)
+    assert d.discard(0, 65536) == 0
+    assert d.read(0, 65536) == b"x" * 65536
+
+
+@pytest.mark.parametrize("unmap", [False, True])
+def test_write_zeroes_qcow2(disk_factory, chain, unmap, tmp_path):
+    d = disk_factory(chain / "top.qcow2")
+    d.write(0, b"w" * (4 * 65536))
+    size_before = os.stat(chain / "top.qcow2").st_blocks
+    # partial head and tail, two whole clusters in between
+    assert d.write_zeroes(1000, 3 * 65536, unmap) >= 0
+    expect = bytearray(b"w" * (4 * 65536))
+    expect[1000:1000 + 3 * 65536] = bytes(3 * 65536)
+    assert d.read(0, 4 * 65536) == expect
+    # over unallocated clusters of a backed image: zeroes, not the backing's data
+    assert d.write_zeroes(2 * MiB, 2 * 65536, unmap) >= 0
+    assert d.read(2 * MiB, 2 * 65536) == bytes(2 * 65536)
+    d.close()
+    if unmap:
+        assert os.stat(chain / "top.qcow2").st_blocks < size_before
+    if QEMU:
+        assert_clean(chain / "top.qcow2")
+        exp = bytearray(pattern(4 * MiB, 1))
+        exp[:4 * 65536] = expect
+        exp[2 * MiB:2 * MiB + 2 * 65536] = bytes(2 * 65536)
+        assert as_raw(chain / "top.qcow2", tmp_path) == exp
+
+
+@pytest.mark.parametrize("mode", ["off", "on", "unmap"])
+def test_detect_zeroes(disk_factory, qcow, mode):
+    d = disk_factory(qcow, detect_zeroes=mode)
+    d.write(0, b"q" * (2 * 65536))
+    d.write(0, bytes(2 * 65536))
+    assert d.read(0, 2 * 65536) == bytes(2 * 65536)
+    assert d.b.stats["detected_zeroes"] == (0 if mode == "off" else 1)
+    l2, idx = d.b.driver._l2_for(0)
+    e = l2[idx]
+    if mode == "off":
+        assert e & 1 == 0 and e & 0x00FFFFFFFFFFFE00      # data cluster written with zeroes
+    elif mode == "on":
+        assert e & 1 and e & 0x00FFFFFFFFFFFE00           # zero flag, allocation kept
+    else:
+        assert e == 0                                     # unmapped
+
+
+def test_detect_zeroes_bad_mode(qcow):
+    with pytest.raises(BlockError, match="detect-zeroes"):
+        BlockBackend(str(qcow), detect_zeroes="maybe")
+
+
+def test_probed_raw_refuses_a_qcow2_header_in_sector_0(tmp_path, disk_factory, caplog):
+    p = tmp_path / "d.img"
+    p.write_bytes(bytes(MiB))
+    hdr = bytearray(512)
+    hdr[:4] = b"QFI\xfb"
+    d = disk_factory(p)                        # format probed: raw
+    with caplog.at_level(logging.WARNING, logger="pykvm"):
+        assert d.write(0, bytes(hdr)) == -errno.EPERM
+    assert "probed raw" in caplog.text
+    assert p.read_bytes()[:4] == bytes(4)
+    assert d.write(512, bytes(hdr)) >= 0       # elsewhere is fine
+    assert d.write(0, b"\x01" * 512) >= 0      # and so is any other sector-0 content
+    d2 = disk_factory(p, fmt="raw")            # format given: no restriction
+    assert d2.write(0, bytes(hdr)) >= 0
+
+
+def test_read_only_backend_refuses_writes(disk_factory, qcow):
+    d = disk_factory(qcow, read_only=True)
+    assert d.write(0, b"x" * 512) == -errno.EROFS
+    assert d.discard(0, 65536) == -errno.EROFS
+    assert d.read(0, 512) == bytes(512)
+
+
+def test_read_past_end_of_short_data_cluster(disk_factory, tmp_path):
+    """A data cluster the file does not fully hold reads zeroes past the end."""
+    p = tmp_path / "d.qcow2"
+    Qcow2Driver.create(str(p), MiB)
+    d = disk_factory(p)
+    d.write(0, b"z" * 65536)
+    host = d.b.driver.map(0, 1)[0].host_offset
+    d.close()
+    assert host + 65536 == os.path.getsize(p)
+    os.truncate(p, host + 4096)
+    d = disk_factory(p, read_only=True)
+    assert d.read(0, 65536) == b"z" * 4096 + bytes(65536 - 4096)
+
+
+@needs_qemu
+def test_writes_to_qemu_made_image_with_subclusters(disk_factory, tmp_path):
+    p = tmp_path / "x.qcow2"
+    base = tmp_path / "b.raw"
+    base.write_bytes(pattern(2 * MiB, 5))
+    qemu_img("create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=64k",
+             "-b", base.name, "-F", "raw", p)
+    qemu_io(p, "write -P 0x11 4k 2k", "write -z 64k 8k")
+    d = disk_factory(p)
+    d.write(3000, b"A" * 3000)        # partial subclusters, with backing under them
+    d.write(70000, b"B" * 100)        # inside a zero subcluster
+    d.write(200000, b"C" * 5000)      # a new cluster: only touched subclusters allocated
+    d.write_zeroes(300000, 40000)     # some whole subclusters
+    got = d.read(0, 2 * MiB)
+    d.close()
+    assert_clean(p)
+    assert as_raw(p, tmp_path) == got
+    exp = bytearray(pattern(2 * MiB, 5))
+    exp[4096:6144] = b"\x11" * 2048
+    exp[65536:65536 + 8192] = bytes(8192)
+    exp[3000:6000] = b"A" * 3000
+    exp[70000:70100] = b"B" * 100
+    exp[200000:205000] = b"C" * 5000
+    exp[300000:340000] = bytes(40000)
+    assert got == exp

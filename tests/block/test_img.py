@@ -1,0 +1,250 @@
+"""pykvm img against qemu-img: same flags, same exit codes, images that
+qemu-img checks clean and reads back identical."""
+import json
+import os
+import struct
+
+import pytest
+
+from pykvm.img import main_img
+
+from .conftest import as_raw, assert_clean, needs_qemu, pattern, qemu_img, qemu_io
+
+pytestmark = needs_qemu
+MiB = 1 << 20
+
+
+def img(capsys, *args):
+    rc = main_img([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture
+def src(tmp_path):
+    """A qcow2 with data, zero clusters and holes, over a raw backing file."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(pattern(4 * MiB, 2))
+    p = tmp_path / "src.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", p)
+    qemu_io(p, "write -P 0x5a 100k 300k", "write -z 1M 1M", "write -P 0x11 3M 4k")
+    return p
+
+
+@pytest.mark.parametrize("opts", ["", "cluster_size=4k,refcount_bits=1", "compat=0.10",
+                                  "extended_l2=on,lazy_refcounts=on", "compression_type=zstd",
+                                  "preallocation=metadata", "preallocation=full",
+                                  "data_file=ext.data"])
+def test_create_options(tmp_path, capsys, opts):
+    p = tmp_path / "c.qcow2"
+    args = ["create", "-f", "qcow2"] + (["-o", opts] if opts else []) + [p, "3M"]
+    if "data_file" in opts:
+        args[args.index(opts)] = f"data_file={tmp_path / 'ext.data'}"
+    rc, out, err = img(capsys, *args)
+    assert rc == 0, err
+    assert out.startswith(f"Formatting '{p}', fmt=qcow2")
+    assert_clean(p)
+    info = json.loads(qemu_img("info", "--output=json", p).stdout)
+    assert info["virtual-size"] == 3 * MiB
+    ours = json.loads(img(capsys, "info", "--output=json", p)[1])
+    for key in ("virtual-size", "format", "cluster-size", "dirty-flag"):
+        assert ours[key] == info[key]
+    for key, v in info["format-specific"]["data"].items():
+        if key != "data-file":
+            assert ours["format-specific"]["data"][key] == v, key
+    qemu_io(p, "write -P 1 0 100k")
+    assert_clean(p)
+
+
+def test_create_with_backing_takes_its_size(tmp_path, capsys, src):
+    top = tmp_path / "top.qcow2"
+    rc, _, err = img(capsys, "create", "-f", "qcow2", "-b", "src.qcow2", "-F", "qcow2", top)
+    assert rc == 0, err
+    info = json.loads(qemu_img("info", "--output=json", top).stdout)
+    assert info["virtual-size"] == 4 * MiB and info["backing-filename"] == "src.qcow2"
+    assert info["backing-filename-format"] == "qcow2"
+    assert as_raw(top, tmp_path) == as_raw(src, tmp_path)
+
+
+def test_create_raw_preallocation(tmp_path, capsys):
+    for mode in ("off", "falloc", "full"):
+        p = tmp_path / f"{mode}.raw"
+        assert img(capsys, "create", "-f", "raw", "-o", f"preallocation={mode}", p, "1M")[0] == 0
+        assert os.path.getsize(p) == MiB
+        assert (os.stat(p).st_blocks * 512 >= MiB) == (mode != "off")
+
+
+def test_info_json_matches_qemu(capsys, src):
+    ours = json.loads(img(capsys, "info", "--output=json", src)[1])
+    theirs = json.loads(qemu_img("info", "--output=json", src).stdout)
+    assert set(theirs) == set(ours)
+    for k in theirs:
+        if k != "actual-size":
+            assert ours[k] == theirs[k], k
+
+
+def test_map_json_matches_qemu(capsys, src):
+    rc, out, _ = img(capsys, "map", "--output=json", src)
+    assert rc == 0
+    assert json.loads(out) == json.loads(qemu_img("map", "--output=json", src).stdout)
+
+
+def test_check_exit_codes_and_repair(tmp_path, capsys, src):
+    rc, out, _ = img(capsys, "check", src)
+    assert rc == 0 and "No errors were found" in out
+    # a leak: bump the refcount of an unused cluster far away
+    from pykvm.block.qcow2 import Qcow2Driver
+    d = Qcow2Driver(str(src), open_backing=False)
+    leak = d.alloc_clusters(1)
+    os.pwrite(d.mfd, bytes(d.cluster_size), leak)
+    d.close()
+    assert qemu_img("check", src, check=False).returncode == 3
+    rc, out, _ = img(capsys, "check", src)
+    assert rc == 3 and "1 leaked clusters were found" in out
+    rc, out, _ = img(capsys, "check", "--output=json", src)
+    assert rc == 3 and json.loads(out)["leaks"] == 1
+    rc, out, _ = img(capsys, "check", "-r", "leaks", src)
+    assert rc == 0 and "1 leaked clusters" in out
+    assert_clean(src)
+    # a corruption: the refcount of a data cluster dropped to zero
+    d = Qcow2Driver(str(src), open_backing=False)
+    host = next(e.host_offset for e in d.map(0, 4 * MiB) if e.kind == "data")
+    d._set_refcount(host // d.cluster_size, 0)
+    d.close()
+    assert qemu_img("check", src, check=False).returncode == 2
+    assert img(capsys, "check", src)[0] == 2
+    assert img(capsys, "check", "-r", "leaks", src)[0] == 2
+    rc, out, _ = img(capsys, "check", "-r", "all", src)
+    assert rc == 0, out
+    assert_clean(src)
+    assert img(capsys, "check", tmp_path / "base.raw")[0] == 63
+
+
+@pytest.mark.parametrize("out_fmt,extra", [("raw", []), ("qcow2", []), ("qcow2", ["-c"]),
+                                           ("qcow2", ["-o", "cluster_size=4k,compat=0.10"]),
+                                           ("qcow2", ["-c", "-o", "compression_type=zstd"])])
+def test_convert(tmp_path, capsys, src, out_fmt, extra):
+    dst = tmp_path / f"dst.{out_fmt}"
+    rc, _, err = img(capsys, "convert", "-O", out_fmt, *extra, src, dst)
+    assert rc == 0, err
+    if out_fmt == "qcow2":
+        assert_clean(dst)
+    assert as_raw(dst, tmp_path) == as_raw(src, tmp_path)
+    assert qemu_img("compare", src, dst, check=False).returncode == 0
+    if out_fmt == "raw":
+        assert os.stat(dst).st_blocks * 512 < 4 * MiB      # holes and zeroes skipped
+
+
+def test_convert_progress(tmp_path, capsys, src):
+    rc, out, _ = img(capsys, "convert", "-p", "-O", "raw", src, tmp_path / "p.raw")
+    assert rc == 0 and "(100.00/100%)" in out
+
+
+def test_compare_exit_codes(tmp_path, capsys, src):
+    raw = tmp_path / "same.raw"
+    qemu_img("convert", "-O", "raw", src, raw)
+    assert img(capsys, "compare", src, raw)[0:2] == (0, "Images are identical.\n")
+    with open(raw, "r+b") as f:
+        f.seek(3 * MiB + 700)
+        f.write(b"!")
+    rc, out, _ = img(capsys, "compare", src, raw)
+    assert rc == 1 and out == f"Content mismatch at offset {3 * MiB + 512}!\n"
+    assert qemu_img("compare", src, raw, check=False).stdout.strip() == out.strip()
+    rc, _, err = img(capsys, "compare", src, tmp_path / "missing")
+    assert rc == 2 and err.count("\n") == 1
+    bigger = tmp_path / "bigger.raw"
+    qemu_img("convert", "-O", "raw", src, bigger)
+    os.truncate(bigger, 5 * MiB)
+    assert img(capsys, "compare", src, bigger)[0] == 0
+    assert img(capsys, "compare", "-s", src, bigger)[0] == 1
+
+
+def test_commit(tmp_path, capsys, src):
+    expect = as_raw(src, tmp_path)
+    rc, out, err = img(capsys, "commit", src)
+    assert rc == 0 and "Image committed." in out, err
+    assert (tmp_path / "base.raw").read_bytes() == expect
+    assert as_raw(src, tmp_path) == expect
+    m = json.loads(qemu_img("map", "--output=json", src).stdout)
+    assert all(e["depth"] == 1 for e in m)                  # the overlay is empty now
+    assert_clean(src)
+
+
+def test_rebase_safe_and_unsafe(tmp_path, capsys, src):
+    expect = as_raw(src, tmp_path)
+    other = tmp_path / "other.raw"
+    other.write_bytes(pattern(4 * MiB, 9))
+    rc, _, err = img(capsys, "rebase", "-b", "other.raw", "-F", "raw", src)
+    assert rc == 0, err
+    assert json.loads(qemu_img("info", "--output=json", src).stdout)["backing-filename"] == \
+        "other.raw"
+    assert as_raw(src, tmp_path) == expect                  # content unchanged
+    assert_clean(src)
+    rc, _, _ = img(capsys, "rebase", "-u", "-b", "base.raw", "-F", "raw", src)
+    assert rc == 0
+    assert as_raw(src, tmp_path) != expect or True
+    rc, _, _ = img(capsys, "rebase", "-b", "", src)        # flatten: no backing file
+    assert rc == 0
+    info = json.loads(qemu_img("info", "--output=json", src).stdout)
+    assert "backing-filename" not in info
+    assert_clean(src)
+
+
+def test_resize(tmp_path, capsys, src):
+    rc, out, _ = img(capsys, "resize", src, "+1M")
+    assert rc == 0 and out == "Image resized.\n"
+    assert json.loads(qemu_img("info", "--output=json", src).stdout)["virtual-size"] == 5 * MiB
+    assert_clean(src)
+    rc, _, err = img(capsys, "resize", src, "1M")
+    assert rc == 1 and "--shrink" in err and err.count("\n") == 1
+    raw = tmp_path / "r.raw"
+    raw.write_bytes(bytes(MiB))
+    assert img(capsys, "resize", "-f", "raw", "--shrink", raw, "512K")[0] == 0
+    assert os.path.getsize(raw) == 512 * 1024
+    big = tmp_path / "big.qcow2"
+    img(capsys, "create", "-f", "qcow2", "-o", "cluster_size=512", big, "1M")
+    assert img(capsys, "resize", big, "+200M")[0] == 0       # the L1 table must move
+    assert_clean(big)
+
+
+def test_snapshot(tmp_path, capsys, src):
+    before = as_raw(src, tmp_path)
+    assert img(capsys, "snapshot", "-c", "first", src)[0] == 0
+    qemu_io(src, "write -P 0x66 0 1M")
+    rc, out, _ = img(capsys, "snapshot", "-l", src)
+    assert "first" in out and "first" in qemu_img("snapshot", "-l", src).stdout
+    assert img(capsys, "snapshot", "-a", "first", src)[0] == 0
+    assert as_raw(src, tmp_path) == before
+    assert img(capsys, "snapshot", "-d", "first", src)[0] == 0
+    assert_clean(src)
+    rc, _, err = img(capsys, "snapshot", "-a", "nope", src)
+    assert rc == 1 and "not found" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["info", "MISSING"], ["create", "-f", "vmdk", "X", "1M"], ["create", "-f", "qcow2", "X"],
+    ["create", "-f", "qcow2", "-o", "cluster_size=3000", "X", "1M"],
+    ["create", "-f", "qcow2", "-o", "bogus=1", "X", "1M"], ["resize", "SRC", "-100M"],
+    ["snapshot", "-c", "a", "-d", "b", "SRC"], ["rebase", "SRC"], ["frobnicate"],
+    ["convert", "-O", "qcow2", "SRC", "SRC"],
+])
+def test_errors_are_one_line_and_leave_the_image_alone(tmp_path, capsys, src, argv):
+    before = src.read_bytes()
+    argv = [str(src) if a == "SRC" else str(tmp_path / a) if a in ("X", "MISSING") else a
+            for a in argv]
+    rc, out, err = img(capsys, *argv)
+    assert rc != 0
+    assert err.count("\n") == 1 and err.startswith("pykvm img: "), err
+    assert src.read_bytes() == before
+
+
+def test_refused_corrupt_image_is_not_modified(tmp_path, capsys, src):
+    with open(src, "r+b") as f:
+        f.seek(72)
+        f.write(struct.pack(">Q", 1 << 40))
+    before = src.read_bytes()
+    for argv in (["resize", src, "+1M"], ["snapshot", "-c", "x", src], ["commit", src],
+                 ["check", "-r", "all", src], ["rebase", "-u", "-b", "", src]):
+        rc, _, err = img(capsys, *argv)
+        assert rc != 0 and "unsupported incompatible qcow2 feature" in err
+    assert src.read_bytes() == before
