@@ -137,3 +137,31 @@ def test_completions_by_interrupt(pykvm, guest, image, transport):
     taken = int(re.search(r"^workload: interrupts taken (\d+)", out, re.M).group(1))
     assert taken > 0
     assert re.search(r" io_errors=0 verify_errors=0 ", out)
+
+
+@pytest.mark.parametrize("transport", ["mmio", "pci"])
+def test_verify_on_qcow2_with_a_backing_file(pykvm, tmp_path, transport):
+    """A raw base written by one run, a qcow2 overlay on it: writes go to the
+    overlay (copy-on-write of partial clusters), reads see both, all verified;
+    qemu-img then finds the overlay clean and the base untouched."""
+    base = tmp_path / "base.img"
+    with open(base, "wb") as f:
+        f.truncate(16 << 20)
+    fio(pykvm, base, transport, "--rw", "write", "--bs", "4k", "--size", str(SIZE),
+        "--ios", str(SIZE // 4096), "--iodepth", "16", "--seed", "11")
+    base_bytes = base.read_bytes()
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw",
+                    str(overlay)], check=True)
+    fio(pykvm, overlay, transport, "--rw", "randwrite", "--bs", "4k", "--size", str(SIZE),
+        "--iodepth", "16", "--ios", "1500", "--seed", "12")
+    job = fio(pykvm, overlay, transport, "--rw", "randread", "--bs", "4k", "--size", str(SIZE),
+              "--iodepth", "16", "--ios", "3000", "--seed", "13", "--verify", "crc32c")
+    assert job["read"]["total_ios"] == 3000
+    assert subprocess.run(["qemu-img", "check", "-q", str(overlay)]).returncode == 0
+    assert base.read_bytes() == base_bytes
+    # what the guest wrote through the overlay is what the host computes
+    flat = tmp_path / "flat.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(overlay), str(flat)], check=True)
+    check_disk(flat, "--rw", "randwrite", "--bs", 4096, "--size", SIZE, "--seed", 12,
+               "--ios", 1500)
