@@ -13,6 +13,10 @@ Workloads so far:
   pio-exits    PIO exits per second the Python run loop serves (the guest
                times N `out` instructions with the TSC), against QEMU serving
                the same guest
+  qcow2        qcow2 against raw (allocated-cluster 4k random reads, same
+               engine and content), allocating 1M sequential writes against
+               QEMU's qcow2, and `pykvm img convert` against `qemu-img convert`
+               of a 1 GiB image with holes
   io           the workload guest on one raw image with cache=none, for each
                workload below: fio on the host (direct=1, io_uring; the limit),
                pykvm (each aio engine, MMIO and PCI) and QEMU (same guest, same
@@ -250,6 +254,118 @@ def bench_io(runtime: float, engines: list[str], workloads: dict) -> list[dict]:
     return runs
 
 
+def fresh_qcow2(path: pathlib.Path, size: int = IMAGE_SIZE) -> None:
+    path.unlink(missing_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], check=True)
+
+
+def bench_qcow2(runtime: float, samples: int) -> list[dict]:
+    """qcow2 against raw on the same engine and content (allocated-cluster
+    random reads), allocating sequential writes against QEMU's qcow2, and
+    `pykvm img convert` against `qemu-img convert`."""
+    sys.path.insert(0, str(ROOT))
+    from pykvm import fio
+
+    img = RESULTS.parent / "bench.img"
+    make_image(img)
+    qimg = RESULTS.parent / "bench.qcow2"
+    if not qimg.exists() or qimg.stat().st_mtime < img.stat().st_mtime:
+        subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(img), str(qimg)], check=True)
+    tsc = host_tsc_khz()
+    runs = []
+
+    def pykvm_fio(disk: str, rw: str, bs: int, qd: int) -> list[str]:
+        return PYKVM + ["fio", "--disk", disk, f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}",
+                        f"--runtime={runtime:g}", "--output-format=json"]
+
+    def row(system, workload, m, job=None, fields=None):
+        if job is None:
+            d = fio._direction(fields, "read" if fields.get("read_ios") else "write")
+        else:
+            d = job["read"] if job["read"]["total_ios"] else job["write"]
+        return {"system": system, "transport": "mmio", "workload": workload, "iops": d["iops"],
+                "bw_bytes": d["bw_bytes"], "lat_ns_p50": d["clat_ns"]["percentile"]["50.000000"],
+                "lat_ns_p99": d["clat_ns"]["percentile"]["99.000000"],
+                "host_cpu_s": m["host_cpu_s"], "others_cpu_s": m["others_cpu_s"],
+                "ios": d["total_ios"]}
+
+    # allocated clusters: same content, raw vs qcow2, pykvm's Python path
+    for system, disk in (("pykvm-python-raw", f"file={img},cache=none"),
+                         ("pykvm-python-qcow2", f"file={qimg},format=qcow2,cache=none")):
+        m = measure(pykvm_fio(disk, "randread", 4096, 32), 0)
+        runs.append(row(system, "qcow2-randread-4k-qd32", m, job=json.loads(m["stdout"])["jobs"][0]))
+    # allocating sequential writes into an empty qcow2: pykvm vs QEMU
+    target = RESULTS.parent / "bench-alloc.qcow2"
+    fresh_qcow2(target)
+    m = measure(pykvm_fio(f"file={target},format=qcow2,cache=none", "write", 1 << 20, 8), 0)
+    runs.append(row("pykvm-python", "qcow2-alloc-seqwrite-1m-qd8", m,
+                    job=json.loads(m["stdout"])["jobs"][0]))
+    fresh_qcow2(target)
+    cmd = [QEMU, "-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "256M",
+           "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
+           "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-object", "iothread,id=io0",
+           "-drive", f"id=d0,file={target},format=qcow2,if=none,cache=none,aio=io_uring",
+           "-global", "virtio-mmio.force-legacy=false",
+           "-device", "virtio-blk-device,drive=d0,iothread=io0",
+           "-kernel", str(GUESTS / "workload.elf"),
+           "-append", f"virtio_mmio.device=512@0xfeb02e00:47 rw=write bs={1 << 20} iodepth=8 "
+                      f"runtime={runtime:g} tsc_khz={tsc}"]
+    m = measure(cmd, 1)
+    runs.append(row("qemu", "qcow2-alloc-seqwrite-1m-qd8", m, fields=fio.parse_result(m["stdout"])))
+    target.unlink(missing_ok=True)
+    # image conversion of a 1 GiB image with holes (a quarter data), alternated
+    src = RESULTS.parent / "bench-holes.raw"
+    if not src.exists():
+        with open(src, "wb") as f:
+            f.truncate(IMAGE_SIZE)
+            chunk = os.urandom(1 << 20)
+            for mib in range(0, IMAGE_SIZE >> 20, 4):
+                f.seek(mib << 20)
+                f.write(chunk)
+    out = RESULTS.parent / "bench-convert.out"
+    for out_fmt in ("qcow2", "raw"):
+        walls: dict[str, list[float]] = {"pykvm": [], "qemu-img": []}
+        for _ in range(samples):
+            for name, tool in (("pykvm", PYKVM + ["img"]), ("qemu-img", ["qemu-img"])):
+                out.unlink(missing_ok=True)
+                subprocess.run(["sync"])
+                walls[name].append(measure(tool + ["convert", "-O", out_fmt, str(src),
+                                                   str(out)], 0)["wall_s"])
+        for name, w in walls.items():
+            runs.append({"system": name, "workload": f"convert-1g-holes-to-{out_fmt}",
+                         "samples": len(w), "wall_s_median": statistics.median(w),
+                         "wall_s_min": min(w)})
+    out.unlink(missing_ok=True)
+    return runs
+
+
+def qcow2_table(runs: list[dict]) -> str:
+    lines = []
+    get = {(r["system"], r["workload"]): r for r in runs}
+    raw = get.get(("pykvm-python-raw", "qcow2-randread-4k-qd32"))
+    q = get.get(("pykvm-python-qcow2", "qcow2-randread-4k-qd32"))
+    if raw and q:
+        lines.append(f"| qcow2 allocated randread-4k-qd32 | {q['iops']:,.0f} IOPS vs raw "
+                     f"{raw['iops']:,.0f} | {q['iops'] / raw['iops']:.2f}x raw (target >= 0.95x) |")
+    p, qe = get.get(("pykvm-python", "qcow2-alloc-seqwrite-1m-qd8")), \
+        get.get(("qemu", "qcow2-alloc-seqwrite-1m-qd8"))
+    if p and qe:
+        lines.append(f"| qcow2 allocating seqwrite-1m-qd8 | {p['bw_bytes'] / 1e6:,.0f} MB/s vs QEMU "
+                     f"{qe['bw_bytes'] / 1e6:,.0f} | {p['bw_bytes'] / qe['bw_bytes']:.2f}x QEMU "
+                     "(target >= 1.0x) |")
+    for fmt in ("qcow2", "raw"):
+        a, b = get.get(("pykvm", f"convert-1g-holes-to-{fmt}")), \
+            get.get(("qemu-img", f"convert-1g-holes-to-{fmt}"))
+        if a and b:
+            lines.append(f"| img convert 1 GiB with holes -> {fmt} | {a['wall_s_median']:.2f} s vs "
+                         f"qemu-img {b['wall_s_median']:.2f} s | "
+                         f"{b['wall_s_median'] / a['wall_s_median']:.2f}x qemu-img's speed "
+                         "(target >= 1.0x) |")
+    if not lines:
+        return ""
+    return "\n| block layer | measured | ratio |\n|---|---|---|\n" + "\n".join(lines) + "\n"
+
+
 def io_table(runs: list[dict]) -> str:
     rows = [r for r in runs if "iops" in r]
     if not rows:
@@ -293,12 +409,12 @@ def table(runs: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples, for a smoke check")
-    ap.add_argument("--suite", action="append", choices=["boot", "pio", "io"],
+    ap.add_argument("--suite", action="append", choices=["boot", "pio", "io", "qcow2"],
                     help="run only these suites (default: all)")
     args = ap.parse_args()
-    suites = args.suite or ["boot", "pio", "io"]
+    suites = args.suite or ["boot", "pio", "io", "qcow2"]
     samples = 3 if args.quick else 15
-    for tool in (QEMU, "fio"):
+    for tool in (QEMU, "fio", "qemu-img"):
         if not shutil.which(tool):
             raise SystemExit(f"bench: {tool} not found (make bench installs it)")
     runs = []
@@ -308,13 +424,15 @@ def main() -> int:
         runs += bench_pio(20_000 if args.quick else 100_000, 3 if args.quick else 5)
     if "io" in suites:
         runs += bench_io(1.0 if args.quick else 5.0, ["python"], IO_WORKLOADS)
+    if "qcow2" in suites:
+        runs += bench_qcow2(1.0 if args.quick else 5.0, 2 if args.quick else 5)
     result = {"machine": machine_info(), "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     text = json.dumps(result, indent=2) + "\n"
     (RESULTS / "latest.json").write_text(text)
     (RESULTS / f"{stamp}.json").write_text(text)
-    md = table(runs) + io_table(runs)
+    md = table(runs) + io_table(runs) + qcow2_table(runs)
     (RESULTS / "latest.md").write_text(md)
     print(md, end="")
     print(f"results: {RESULTS / 'latest.json'}")
