@@ -74,3 +74,19 @@ def test_missing_dev_kvm_message():
     from pykvm.kvm import Kvm
     with pytest.raises(KvmUnavailable, match="does not exist: KVM is not available"):
         Kvm("/nonexistent/kvm")
+
+
+def test_missing_capability_is_named(monkeypatch):
+    from pykvm.errors import MissingCapability
+    from pykvm.kvm import Kvm, lib
+    kvm = Kvm()
+    try:
+        real = kvm.check_extension
+        monkeypatch.setattr(kvm, "check_extension",
+                            lambda cap: 0 if cap == lib.KVM_CAP_IRQFD else real(cap))
+        kvm.require("KVM_CAP_USER_MEMORY", why="running a guest")
+        with pytest.raises(MissingCapability, match="KVM lacks capability KVM_CAP_IRQFD, needed "
+                                                    "for device notifications"):
+            kvm.require("KVM_CAP_USER_MEMORY", "KVM_CAP_IRQFD", why="device notifications")
+    finally:
+        kvm.close()
