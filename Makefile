@@ -10,10 +10,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := gcc make libc6-dev qemu-system-x86 qemu-utils fio
+APT_PACKAGES := gcc make libc6-dev qemu-system-x86 qemu-utils fio acpica-tools lz4
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup deps guests run test test-unit test-integration bench bench-quick clean distclean
+.PHONY: all setup deps guests linux-kernel run test test-unit test-integration bench bench-quick clean distclean
 
 all: setup guests
 
@@ -48,13 +48,18 @@ run: setup guests
 	$(VENV)/bin/pykvm fio --disk file=$$dir/disk.img --rw randrw --bs 4k --iodepth 32 \
 		--runtime 5 --verify crc32c; rc=$$?; rm -rf $$dir; exit $$rc
 
-test: setup guests
+# Debian's cloud kernel, taken out of its .deb (nothing is installed), for the
+# Linux boot tests; cached under build/linux/.
+linux-kernel: setup
+	$(PY) -m tests.helpers.linux_kernel --vmlinux
+
+test: setup guests linux-kernel
 	$(VENV)/bin/pytest -q tests
 
-test-unit: setup
+test-unit: setup guests linux-kernel
 	$(VENV)/bin/pytest -q tests/unit
 
-test-integration: setup guests
+test-integration: setup guests linux-kernel
 	$(VENV)/bin/pytest -q tests/integration
 
 bench: setup guests

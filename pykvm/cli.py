@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pykvm", description="A KVM hypervisor harness.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="boot a kernel (PVH ELF) and run it until it exits")
-    run.add_argument("kernel", metavar="KERNEL", help="PVH ELF image")
+    run = sub.add_parser("run", help="boot a kernel (PVH ELF or Linux bzImage) and run it "
+                                     "until it exits")
+    run.add_argument("kernel", metavar="KERNEL", help="PVH ELF image or Linux bzImage")
+    run.add_argument("--initrd", metavar="FILE", help="initial ramdisk for the kernel")
     run.add_argument("--cmdline", default="", help="kernel command line")
     run.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
     run.add_argument("--disk", type=_disk, action="append", default=[], metavar="SPEC",
@@ -103,14 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_machine(args, kernel: str, cmdline: str, disks, serial_out=None):
+def _run_machine(args, kernel: str, cmdline: str, disks, serial_out=None, initrd=None):
     from .machine import Machine, MachineConfig
     from .vcpu import print_exit_counts
 
     trace = sys.stderr if "exits" in args.trace else None
     cfg = MachineConfig(kernel=kernel, cmdline=cmdline, mem_size=args.mem,
                         cpus=getattr(args, "cpus", 1), trace=trace, disks=disks,
-                        serial_out=serial_out)
+                        serial_out=serial_out, initrd=initrd)
     with Machine(cfg) as machine:
         try:
             result = machine.run(timeout=args.timeout)
@@ -122,7 +124,7 @@ def _run_machine(args, kernel: str, cmdline: str, disks, serial_out=None):
 
 
 def cmd_run(args) -> int:
-    result, _ = _run_machine(args, args.kernel, args.cmdline, args.disk)
+    result, _ = _run_machine(args, args.kernel, args.cmdline, args.disk, initrd=args.initrd)
     return result.status if result.status is not None else 1
 
 

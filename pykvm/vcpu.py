@@ -29,7 +29,14 @@ HYPERVISOR_TIMING = 0x40000010
 APIC_BUS_KHZ = 1_000_000  # KVM's local APIC timer runs at 1 GHz
 
 CR0_PE = 1 << 0
+CR0_MP = 1 << 1
 CR0_ET = 1 << 4
+CR0_NE = 1 << 5
+CR0_WP = 1 << 16
+CR0_PG = 1 << 31
+CR4_PAE = 1 << 5
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
 RFLAGS_RESERVED = 1 << 1
 
 
@@ -150,6 +157,52 @@ class Vcpu:
         regs.rflags = RFLAGS_RESERVED
         regs.rip = entry
         regs.rbx = start_info
+        self.fd.set_regs(regs)
+
+    def setup_linux64(self, entry: int, boot_params: int, gdt: tuple[int, int], cr3: int,
+                      stack: int) -> None:
+        """The Linux 64-bit boot protocol's entry state: long mode, paging on (CR3 =
+        the VMM's identity map), flat __BOOT_CS (0x10) and __BOOT_DS (0x18) from the
+        GDT at ``gdt`` = (base, limit), interrupts off, RSI = the zero page."""
+        sregs = self.fd.get_sregs()
+
+        def flat(seg, selector, type_, long_mode):
+            seg.base = 0
+            seg.limit = 0xFFFFFFFF
+            seg.selector = selector
+            seg.type = type_
+            seg.present = 1
+            seg.dpl = 0
+            seg.db = 0 if long_mode else 1
+            seg.s = 1
+            seg.l = 1 if long_mode else 0
+            seg.g = 1
+            seg.avl = 0
+
+        flat(sregs.cs, 0x10, 0xB, True)   # execute/read, accessed, 64-bit
+        for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+            flat(seg, 0x18, 0x3, False)   # read/write, accessed
+        sregs.tr.base = 0
+        sregs.tr.limit = 0x67
+        sregs.tr.selector = 0x20
+        sregs.tr.type = 0xB               # busy 64-bit TSS
+        sregs.tr.present = 1
+        sregs.tr.s = 0
+        sregs.tr.g = 0
+        sregs.tr.l = 0
+        sregs.tr.db = 0
+        sregs.gdt.base, sregs.gdt.limit = gdt
+        sregs.idt.base, sregs.idt.limit = 0, 0
+        sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
+        sregs.cr3 = cr3
+        sregs.cr4 = CR4_PAE
+        sregs.efer = EFER_LME | EFER_LMA
+        self.fd.set_sregs(sregs)
+        regs = ffi.new("struct kvm_regs *")
+        regs.rflags = RFLAGS_RESERVED     # IF clear: interrupts off
+        regs.rip = entry
+        regs.rsi = boot_params
+        regs.rsp = stack
         self.fd.set_regs(regs)
 
     # -- stopping ----------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Low RAM leaves out the legacy hole (EBDA, VGA, BIOS area) that Linux and
 firmware-era software expect to be reserved; the rest of RAM follows the
-regions of GuestMemory (below the device hole, then from 4 GiB).
+regions of GuestMemory (below the device hole, then from 4 GiB). The BIOS
+area, 0xE0000-0xFFFFF, is reserved: the VMM's ACPI tables live there (see
+acpi.py), where the legacy RSDP scan looks.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ E820_ACPI = 3
 
 EBDA_START = 0x9FC00
 LEGACY_END = 0x100000
-BIOS_START = 0xF0000
+BIOS_START = 0xE0000
 
 
 E820Entry = collections.namedtuple("E820Entry", "addr size type")

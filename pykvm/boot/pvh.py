@@ -4,9 +4,9 @@ The entry point is the 32-bit physical address in the ELF note named "Xen" of
 type 18 (XEN_ELFNOTE_PHYS32_ENTRY); ``e_entry`` is not used. PT_LOAD segments
 go to their physical addresses (p_paddr), each checked to lie inside guest RAM
 and inside the file. The VMM then builds ``struct hvm_start_info`` (version 1)
-with the command line and the e820 map, at an address no segment covers
-(including .bss), and starts the vCPU in 32-bit flat protected mode with
-paging off and EBX pointing at it.
+with the command line, the e820 map, the ACPI RSDP and any modules (an
+initrd), at an address no segment covers (including .bss), and starts the
+vCPU in 32-bit flat protected mode with paging off and EBX pointing at it.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ XEN_ELFNOTE_PHYS32_ENTRY = 18
 HVM_START_MAGIC = 0x336EC578
 HVM_START_INFO = struct.Struct("<IIII QQQQ II")   # version 1: 56 bytes
 HVM_MEMMAP_ENTRY = struct.Struct("<QQII")         # 24 bytes
+HVM_MODLIST_ENTRY = struct.Struct("<QQQQ")        # paddr, size, cmdline_paddr, reserved
 MAX_CMDLINE = 64 * 1024
 BOOT_INFO_SEARCH_START = 0x1000
 
@@ -99,18 +100,26 @@ def _free_spot(used: list[tuple[int, int]], size: int, e820: list[E820Entry]) ->
 
 
 def write_start_info(mem: GuestMemory, image: LoadedImage, cmdline: str,
-                     e820: list[E820Entry]) -> int:
-    """Build hvm_start_info v1 + memmap + command line; return its gpa."""
+                     e820: list[E820Entry], rsdp: int = 0,
+                     modules: list[tuple[int, int]] = ()) -> int:
+    """Build hvm_start_info v1 + memmap + module list + command line; return its gpa.
+
+    ``rsdp``: the ACPI RSDP's gpa (0: none). ``modules``: (gpa, size) of
+    modules already in guest RAM; Linux takes the first as its initrd.
+    """
     cmd = cmdline.encode() + b"\0"
     if len(cmd) > MAX_CMDLINE:
         raise BootError(image.path, f"command line of {len(cmd)} bytes exceeds {MAX_CMDLINE}")
     memmap_off = HVM_START_INFO.size
-    cmd_off = memmap_off + HVM_MEMMAP_ENTRY.size * len(e820)
+    modlist_off = memmap_off + HVM_MEMMAP_ENTRY.size * len(e820)
+    cmd_off = modlist_off + HVM_MODLIST_ENTRY.size * len(modules)
     total = cmd_off + len(cmd)
-    base = _free_spot(image.segments, total, e820)
-    info = HVM_START_INFO.pack(HVM_START_MAGIC, 1, 0, 0, 0, base + cmd_off, 0,
+    base = _free_spot(image.segments + list(modules), total, e820)
+    info = HVM_START_INFO.pack(HVM_START_MAGIC, 1, 0, len(modules),
+                               base + modlist_off if modules else 0, base + cmd_off, rsdp,
                                base + memmap_off, len(e820), 0)
     memmap = b"".join(HVM_MEMMAP_ENTRY.pack(e.addr, e.size, e.type, 0) for e in e820)
-    mem.write(base, info + memmap + cmd)
+    modlist = b"".join(HVM_MODLIST_ENTRY.pack(gpa, size, 0, 0) for gpa, size in modules)
+    mem.write(base, info + memmap + modlist + cmd)
     image.boot_info = base
     return base

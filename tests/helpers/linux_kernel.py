@@ -1,0 +1,188 @@
+"""Debian's cloud kernel, taken out of its .deb and cached under build/linux/.
+
+    python -m tests.helpers.linux_kernel     # fetch if needed; print the bzImage's path
+
+The metapackage linux-image-cloud-amd64 names the real package
+(linux-image-<abi>-cloud-amd64); we `apt-get download` that one (apt checks it
+against the signed archive index), extract it with `dpkg-deb -x` and keep
+boot/vmlinuz-* and boot/config-*. Nothing is installed on the host.
+
+``extract_vmlinux`` takes the uncompressed kernel (an ELF with a PVH note)
+out of the bzImage's payload (boot.rst: payload_offset/payload_length; the
+build appends the uncompressed size as 4 bytes) and caches it beside it.
+Debian's kernels use LZ4, which needs the lz4 tool (Debian package lz4).
+
+The cache is build/linux/<package>_<version>/ and build/linux/current names
+the one in use. Once something is cached it is used as it is, with no network
+access, so a test run does not change kernels under our feet; `--refresh`
+resolves the metapackage again and fetches a newer kernel if there is one.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CACHE = ROOT / "build" / "linux"
+METAPACKAGE = "linux-image-cloud-amd64"
+
+
+class FetchError(Exception):
+    pass
+
+
+def cached_kernel() -> pathlib.Path | None:
+    """The cached bzImage, or None."""
+    current = CACHE / "current"
+    try:
+        name = current.read_text().strip()
+    except OSError:
+        return None
+    found = sorted((CACHE / name / "boot").glob("vmlinuz-*"))
+    return found[0] if found else None
+
+
+def _run(*cmd: str, cwd=None) -> str:
+    try:
+        r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    except FileNotFoundError:
+        raise FetchError(f"{cmd[0]} not found: this needs a Debian host (apt, dpkg-deb)") from None
+    if r.returncode != 0:
+        raise FetchError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+    return r.stdout
+
+
+def _real_package() -> str:
+    """linux-image-cloud-amd64 -> linux-image-6.1.0-NN-cloud-amd64 (what it depends on)."""
+    for attempt in range(2):
+        try:
+            out = _run("apt-cache", "depends", METAPACKAGE)
+        except FetchError:
+            out = ""
+        m = re.search(r"Depends: (linux-image-[0-9][^\s]*-cloud-amd64)\s*$", out, re.M)
+        if m:
+            return m.group(1)
+        if attempt == 0:  # no package lists yet: fetch them once
+            _run("apt-get", "update", "-q")
+    raise FetchError(f"apt-cache does not know {METAPACKAGE} (is this Debian with main?)")
+
+
+def fetch_kernel(refresh: bool = False) -> pathlib.Path:
+    """The bzImage path; downloads and extracts it on the first call (or with refresh)."""
+    if not refresh:
+        cached = cached_kernel()
+        if cached is not None:
+            return cached
+    package = _real_package()
+    version = re.search(r"^Version: (\S+)$", _run("apt-cache", "show", "--no-all-versions",
+                                                  package), re.M)
+    if not version:
+        raise FetchError(f"apt-cache show {package}: no Version")
+    name = f"{package}_{version.group(1)}"
+    dest = CACHE / name
+    if not sorted((dest / "boot").glob("vmlinuz-*")):
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+            os.chmod(tmp, 0o755)  # apt's _apt user may download into it
+            _run("apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", package, cwd=tmp)
+            debs = list(pathlib.Path(tmp).glob("*.deb"))
+            if len(debs) != 1:
+                raise FetchError(f"apt-get download {package} left {len(debs)} .deb files")
+            tree = pathlib.Path(tmp) / "tree"
+            _run("dpkg-deb", "-x", str(debs[0]), str(tree))
+            staged = pathlib.Path(tmp) / "out" / "boot"
+            staged.mkdir(parents=True)
+            kept = [f for f in (tree / "boot").glob("*") if f.name.startswith(("vmlinuz-",
+                                                                               "config-"))]
+            if not any(f.name.startswith("vmlinuz-") for f in kept):
+                raise FetchError(f"{debs[0].name} has no boot/vmlinuz-*")
+            for f in kept:
+                shutil.copy2(f, staged / f.name)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(pathlib.Path(tmp) / "out", dest)
+    tmp_current = CACHE / "current.tmp"
+    tmp_current.write_text(name + "\n")
+    os.replace(tmp_current, CACHE / "current")
+    found = cached_kernel()
+    assert found is not None
+    return found
+
+
+def _decompress(payload: bytes, size: int) -> bytes:
+    """The payload by its magic (boot.rst lists them); ``size``: the appended length."""
+    import bz2
+    import gzip
+    import lzma
+    body = payload[:-4]
+    magic = payload[:2]
+    if magic == b"\x02\x21":                       # LZ4 legacy frame
+        try:
+            r = subprocess.run(["lz4", "-dc"], input=body, capture_output=True, timeout=300)
+        except FileNotFoundError:
+            raise FetchError("the kernel is LZ4-compressed: install Debian's lz4") from None
+        if r.returncode != 0:
+            raise FetchError(f"lz4 -dc failed: {r.stderr.decode(errors='replace').strip()}")
+        return r.stdout
+    if magic in (b"\x1f\x8b", b"\x1f\x9e"):
+        return gzip.decompress(body)
+    if magic == b"\xfd\x37":
+        return lzma.decompress(body, format=lzma.FORMAT_XZ)
+    if magic == b"\x5d\x00":
+        return lzma.decompress(body, format=lzma.FORMAT_ALONE)
+    if magic == b"\x42\x5a":
+        return bz2.decompress(body)
+    if magic == b"\x28\xb5":
+        import zstandard
+        return zstandard.ZstdDecompressor().decompress(body, max_output_size=size)
+    raise FetchError(f"unknown payload compression (magic {magic.hex()})")
+
+
+def extract_vmlinux(bzimage: pathlib.Path) -> pathlib.Path:
+    """The uncompressed ELF kernel inside ``bzimage``, cached as vmlinux beside it."""
+    import struct
+    out = bzimage.with_name("vmlinux")
+    if out.exists():
+        return out
+    data = bzimage.read_bytes()
+    pm_offset = ((data[0x1F1] or 4) + 1) * 512
+    offset, length = struct.unpack_from("<II", data, 0x248)
+    payload = data[pm_offset + offset:pm_offset + offset + length]
+    if len(payload) != length or length < 8:
+        raise FetchError(f"{bzimage}: payload [{offset:#x}, +{length:#x}) is outside the file")
+    size = struct.unpack("<I", payload[-4:])[0]
+    elf = _decompress(payload, size)
+    if elf[:4] != b"\x7fELF" or len(elf) != size:
+        raise FetchError(f"{bzimage}: payload decompressed to {len(elf)} bytes "
+                         f"(expected an ELF of {size})")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(elf)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--refresh", action="store_true",
+                   help="resolve the metapackage again and fetch a newer kernel if there is one")
+    p.add_argument("--vmlinux", action="store_true",
+                   help="also extract the uncompressed ELF kernel; print both paths")
+    args = p.parse_args(argv)
+    try:
+        kernel = fetch_kernel(refresh=args.refresh)
+        print(kernel)
+        if args.vmlinux:
+            print(extract_vmlinux(kernel))
+    except FetchError as e:
+        print(f"fetch-kernel: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
