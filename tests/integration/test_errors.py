@@ -21,7 +21,7 @@ def one_line(r) -> str:
 
 
 @pytest.mark.parametrize("content,message", [
-    (os.urandom(4096), "neither an ELF"),
+    (os.urandom(4096), "not an ELF file nor a Linux bzImage"),
     (make_elf([(0x100000, b"\xf4", 1)], None), "no PVH entry note"),
     (code_elf(b"\xf4", base=0x20000000), "lies outside guest RAM"),
 ])
