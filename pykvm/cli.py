@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
     run.add_argument("--disk", type=_disk, action="append", default=[], metavar="SPEC",
                      help="a virtio-blk disk: file=PATH[,format=raw][,transport=mmio|pci]"
-                          "[,cache=...][,aio=python][,readonly=on][,discard=ignore|unmap]"
+                          "[,cache=...][,aio=python|threads|native|io_uring][,readonly=on]"
+                          "[,discard=ignore|unmap]"
                           "[,detect-zeroes=off|on|unmap][,serial=S] (repeatable)")
     _common_vm_args(run)
 
@@ -119,7 +120,7 @@ def _run_machine(args, kernel: str, cmdline: str, disks, serial_out=None, initrd
         finally:
             if trace:
                 print_exit_counts(machine.exit_counts(), trace)
-        stats = [dict(getattr(d.core.device, "stats", {})) for d in machine.disks]
+        stats = [d.core.device.counters() for d in machine.disks]
     return result, stats
 
 
@@ -162,8 +163,8 @@ def cmd_fio(args) -> int:
         print(fio.to_normal(r))
         if stats:
             s = stats[0]
-            print(f"  device: requests={s.get('requests', 0)}, interrupts={s.get('interrupts', 0)}, "
-                  f"suppressed={s.get('interrupts_suppressed', 0)}, errors={s.get('errors', 0)}")
+            shown = ("requests", "batches", "interrupts", "interrupts_suppressed", "punts", "errors")
+            print("  device: " + ", ".join(f"{k}={s[k]}" for k in shown if k in s))
     return result.status if result.status is not None else 1
 
 

@@ -43,12 +43,12 @@ class DiskSpec:
     """One --disk, in QEMU's -drive syntax (DESIGN.md, "Command line")."""
 
     TRANSPORTS = ("mmio", "pci")
-    AIO = ("python",)
+    AIO = ("python", "threads", "native", "io_uring")
     KEYS = ("file", "format", "transport", "cache", "aio", "readonly", "discard", "detect-zeroes",
             "serial")
 
     def __init__(self, file: str, format: str | None = None, transport: str = "mmio",
-                 cache: str = "writeback", aio: str = "python", readonly: bool = False,
+                 cache: str = "writeback", aio: str | None = None, readonly: bool = False,
                  discard: str = "unmap", serial: str = "", detect_zeroes: str = "off"):
         self.file = file
         self.format = format
@@ -87,11 +87,18 @@ class DiskSpec:
             return value
 
         readonly = choice("readonly", ("on", "off"), "off") == "on"
+        cache = choice("cache", tuple(CACHE_MODES), "writeback")
+        aio = choice("aio", cls.AIO, None) if "aio" in opts else None
+        if aio not in (None, "python"):
+            from .aio.native import EngineUnavailable, check_engine
+            try:
+                check_engine(aio, CACHE_MODES[cache].direct)
+            except EngineUnavailable as e:
+                raise ConfigError(f"--disk {text}: {e}") from None
         detect_zeroes = choice("detect-zeroes", ("off", "on", "unmap"), "off")
         return cls(file=opts["file"], format=opts.get("format"),
                    transport=choice("transport", cls.TRANSPORTS, "mmio"),
-                   cache=choice("cache", tuple(CACHE_MODES), "writeback"),
-                   aio=choice("aio", cls.AIO, "python"), readonly=readonly,
+                   cache=cache, aio=aio, readonly=readonly,
                    discard=choice("discard", DISCARD_MODES, "unmap"),
                    serial=opts.get("serial", ""), detect_zeroes=detect_zeroes)
 
@@ -244,7 +251,8 @@ class Machine:
         line fragments that announce virtio-mmio devices."""
         if not specs:
             return []  # before the imports: a diskless boot does not pay for them
-        from .block import BlockBackend
+        from .aio.native import default_engine, open_engine
+        from .block import CACHE_MODES, BlockBackend
         from .kvm import GsiRouting
         from .virtio.blk import VirtioBlk
         from .virtio.device import VirtioCore
@@ -255,9 +263,13 @@ class Machine:
         pci_host = None
         next_pci_bar = PCI_MMIO_START
         for i, spec in enumerate(specs):
+            direct = CACHE_MODES[spec.cache].direct
+            # no aio= given: the fastest engine that works here (one log line
+            # when that is not the first choice)
+            engine = open_engine(spec.aio or default_engine(direct), direct)
             backend = BlockBackend(spec.file, fmt=spec.format, cache=spec.cache,
                                    read_only=spec.readonly, discard=spec.discard,
-                                   detect_zeroes=spec.detect_zeroes)
+                                   detect_zeroes=spec.detect_zeroes, engine=engine)
             dev = VirtioBlk(backend, serial=spec.serial or f"pykvm-disk{i}", name=f"virtio-blk{i}")
             core = VirtioCore(dev, self.mem, name=dev.name)
             if spec.transport == "mmio":

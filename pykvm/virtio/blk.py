@@ -22,6 +22,7 @@ import select
 import struct
 import threading
 
+from . import fastpath
 from .device import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, ID_BLOCK, VirtioDevice
 from .queue import QueueError
 
@@ -92,6 +93,9 @@ class VirtioBlk(VirtioDevice):
         self._warned = 0
         self.stats = {"requests": 0, "bytes_read": 0, "bytes_written": 0, "errors": 0,
                       "interrupts": 0, "interrupts_suppressed": 0}
+        self._fast = None                 # the C fast path, while it serves (fastpath.py)
+        self._fast_done: dict = {}        # its counters from earlier activations
+        self._punted = 0                  # requests it handed over (counted by both sides)
 
     # -- what the transport sees -------------------------------------------------
 
@@ -136,6 +140,8 @@ class VirtioBlk(VirtioDevice):
     def write_config(self, offset: int, size: int, value: int) -> None:
         if offset == CONFIG_WRITEBACK and size == 1 and self._features & F_CONFIG_WCE:
             self.backend.write_cache = bool(value & 1)
+            if self._fast is not None:
+                self._fast.set_write_cache(bool(value & 1))
             log.info("%s: guest turned its write cache %s", self.name,
                      "on" if value & 1 else "off")
 
@@ -152,12 +158,25 @@ class VirtioBlk(VirtioDevice):
         self.kicks = kicks
         self.interrupt = interrupt
         self.fail = fail
+        if fastpath.wanted(self.backend):
+            try:
+                self._fast = fastpath.start(self, mem, queues, features, kicks, interrupt, fail)
+                self.threads = self._fast.threads
+                return
+            except fastpath.FastPathError as e:
+                log.warning("%s; serving it with the Python path", e)
         _drain(self._stop_fd)
         self._thread = threading.Thread(target=self._serve, name=f"{self.name}-io", daemon=True)
         self.threads = (self._thread,)
         self._thread.start()
 
     def reset(self) -> None:
+        if self._fast is not None:
+            self._fast.stop()
+            for k, v in self._fast.counters().items():
+                self._fast_done[k] = self._fast_done.get(k, 0) + v
+            self._fast = None
+            self.threads = ()
         if self._thread is not None:
             os.eventfd_write(self._stop_fd, 1)
             self._thread.join()
@@ -238,7 +257,7 @@ class VirtioBlk(VirtioDevice):
         else:
             self.stats["interrupts_suppressed"] += 1
 
-    def _complete(self, done) -> None:
+    def _complete(self, done, notify: bool = True) -> None:
         mem = self.mem
         touched = set()
         for token, result in done:
@@ -251,8 +270,49 @@ class VirtioBlk(VirtioDevice):
             mem.write_u(req.status_gpa, 1, S_OK if result >= 0 else S_IOERR)
             req.queue.add_used(mem, req.head, req.used_len)
             touched.add(req.queue)
-        for q in touched:
-            self._notify(q)
+        if notify:
+            for q in touched:
+                self._notify(q)
+
+    # -- the C fast path's hook: requests it hands over (pykvm/virtio/fastpath.py) --
+
+    def serve_punted(self, q, chain) -> None:
+        """Serve a chain the C I/O thread popped and handed over, with the
+        request code below. ``q`` stands for the queue C owns: its add_used
+        gives the element back to C, which also decides on the interrupt."""
+        self._punted += 1
+        try:
+            self._submit(q, chain)
+        except _Fatal as e:
+            self.fail(str(e))
+
+    def complete_punted(self) -> None:
+        """Finish the handed-over requests the backend has completed."""
+        self._complete(self.backend.reap(), notify=False)
+
+    def counters(self) -> dict:
+        """The device's counters: the Python path's ``stats`` plus, when the C
+        path ran, its counters (requests, bytes, batches, interrupts sent and
+        suppressed, punts, ...), summed over activations."""
+        out = dict(self.stats)
+        fast = dict(self._fast_done)
+        if self._fast is not None:
+            for k, v in self._fast.counters().items():
+                fast[k] = fast.get(k, 0) + v
+        for k, v in fast.items():
+            out[k] = out.get(k, 0) + v
+        out["requests"] -= self._punted  # a punted request was counted on both sides
+        return out
+
+    def warn(self, msg: str) -> None:
+        """One warning line, the first 10 times (bad requests, I/O errors)."""
+        self._warn(msg)
+
+    def interrupts_changed(self) -> None:
+        """The transport's interrupts changed (an MSI-X vector masked, unmasked
+        or moved): the C path re-reads which queues it may signal directly."""
+        if self._fast is not None:
+            fastpath.refresh_interrupts(self._fast, self.interrupt, len(self.queues))
 
     def _warn(self, msg: str) -> None:
         self._warned += 1
@@ -266,8 +326,11 @@ class VirtioBlk(VirtioDevice):
         """Parse and start one request. True if it completed at once (used ring touched)."""
         mem = self.mem
         self.stats["requests"] += 1
-        if not chain.writable:
+        if not chain.writable or not chain.writable[-1][1]:
             raise _Fatal(f"queue {q.index}, chain {chain.head}: no writable status byte")
+        if (q.index << 16) | chain.head in self._inflight:
+            raise _Fatal(f"queue {q.index}, chain {chain.head}: the driver made it available "
+                         f"again while the device still owns it")
         last_gpa, last_len = chain.writable[-1]
         status_gpa = last_gpa + last_len - 1
         win = chain.writable[:-1] + ([(last_gpa, last_len - 1)] if last_len > 1 else [])

@@ -91,6 +91,11 @@ class VirtioDevice(abc.ABC):
         """Stop serving queues; in-flight requests complete or are dropped
         before this returns (no guest memory is touched afterwards)."""
 
+    def interrupts_changed(self) -> None:
+        """The transport's interrupt routing changed (an MSI-X vector masked,
+        unmasked or re-assigned): code that signals by eventfd on its own (the
+        C fast path) must look again at ``Interrupt.call_fd``."""
+
     def close(self) -> None:
         """Release host resources (files, threads) for good."""
         self.reset()

@@ -216,6 +216,7 @@ class VirtioPci(PciFunction):
     def after_config_write(self, offset: int, size: int) -> None:
         if offset <= self.msix_cap + 3 < offset + size:
             self.msix.set_control(struct.unpack_from("<H", self.config, self.msix_cap + 2)[0])
+            self.core.device.interrupts_changed()
         data = self.pci_cfg_cap + 16
         if offset < data + 4 and offset + size > data:
             self._pci_cfg_access(write=True)
@@ -278,6 +279,7 @@ class VirtioPci(PciFunction):
             os.eventfd_write(self.core.kicks[q], 1)
         elif MSIX_TABLE <= offset < MSIX_PBA:
             self.msix.table_write(offset - MSIX_TABLE, size, value)
+            self.core.device.interrupts_changed()
 
     def _queue(self):
         qs = self.core.queues
@@ -328,6 +330,7 @@ class VirtioPci(PciFunction):
             self._warn_once("qsel", "queue %d does not exist", self.qselect)
         elif offset == C_QMSIX and size == 2:
             self.msix.queue_vectors[self.qselect] = value if value < self.msix.n else NO_VECTOR
+            self.core.device.interrupts_changed()
         elif offset == C_QENABLE and size == 2:
             if value == 1:
                 q.ready = True

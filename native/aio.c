@@ -1,0 +1,262 @@
+/*
+ * aio.c - the engine interface of aio.h and what every engine shares: the
+ * notifier eventfd, the in-flight count, requests finished on the spot.
+ * The engines themselves: aio_threads.c, aio_linux.c, aio_uring.c.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/eventfd.h>
+#include <sys/uio.h>
+
+enum pykvm_aio_op {
+    PYKVM_AIO_READ = 0,
+    PYKVM_AIO_WRITE = 1,
+    PYKVM_AIO_FLUSH = 2,
+    PYKVM_AIO_FALLOCATE = 3
+};
+
+struct pykvm_aio_req {
+    uint64_t token;
+    int32_t op;
+    int32_t fd;
+    uint64_t offset;
+    const struct iovec *iov;
+    uint32_t iovcnt;
+    int32_t mode;
+    uint64_t length;
+};
+
+struct pykvm_aio_done {
+    uint64_t token;
+    int64_t result;
+};
+
+struct pykvm_aio;
+
+struct aio_ops {
+    const char *name;
+    int (*init)(struct pykvm_aio *aio, char *err, size_t errlen);
+    int (*submit)(struct pykvm_aio *aio, const struct pykvm_aio_req *reqs, uint32_t n);
+    int (*reap)(struct pykvm_aio *aio, struct pykvm_aio_done *out, uint32_t max);
+    uint32_t (*ready)(struct pykvm_aio *aio);
+    void (*fini)(struct pykvm_aio *aio);
+};
+
+struct pykvm_aio {
+    const struct aio_ops *ops;
+    int notifier;
+    uint32_t depth;
+    uint32_t in_flight;         /* submitted, not yet reaped (submitter's thread only) */
+    /* requests finished at submission (an op the engine lacks, done in place) */
+    struct pykvm_aio_done *now;
+    uint32_t nnow;
+    void *priv;
+};
+
+/* Do one request synchronously, as pykvm.aio.execute does: short reads and
+ * writes are continued until done (a read stops at the end of the file).
+ * Returns bytes done or -errno. */
+static int64_t aio_execute(const struct pykvm_aio_req *r)
+{
+    if (r->op == PYKVM_AIO_READ || r->op == PYKVM_AIO_WRITE) {
+        struct iovec local[64];
+        struct iovec *iov = r->iovcnt <= 64 ? local : malloc(sizeof(*iov) * r->iovcnt);
+        int cnt = (int)r->iovcnt;
+        struct iovec *cur = iov;
+        int64_t total = 0;
+        off_t offset = (off_t)r->offset;
+
+        if (!iov)
+            return -ENOMEM;
+        memcpy(iov, r->iov, sizeof(*iov) * r->iovcnt);
+        while (cnt > 0) {
+            ssize_t n = r->op == PYKVM_AIO_READ
+                ? preadv(r->fd, cur, cnt > IOV_MAX ? IOV_MAX : cnt, offset)
+                : pwritev(r->fd, cur, cnt > IOV_MAX ? IOV_MAX : cnt, offset);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                total = -errno;
+                break;
+            }
+            if (n == 0) {
+                if (r->op == PYKVM_AIO_WRITE)
+                    total = -EIO;
+                break;  /* a read at the end of the file */
+            }
+            total += n;
+            offset += n;
+            while (cnt > 0 && (size_t)n >= cur->iov_len) {
+                n -= cur->iov_len;
+                cur++;
+                cnt--;
+            }
+            if (cnt > 0 && n) {
+                cur->iov_base = (char *)cur->iov_base + n;
+                cur->iov_len -= n;
+            }
+        }
+        if (iov != local)
+            free(iov);
+        return total;
+    }
+    if (r->op == PYKVM_AIO_FLUSH)
+        return fdatasync(r->fd) < 0 ? -errno : 0;
+    if (r->op == PYKVM_AIO_FALLOCATE)
+        return fallocate(r->fd, r->mode, (off_t)r->offset, (off_t)r->length) < 0 ? -errno : 0;
+    return -EINVAL;
+}
+
+/* A request finished during submission: reaped with the next batch. */
+static void aio_complete_now(struct pykvm_aio *aio, uint64_t token, int64_t result)
+{
+    aio->now[aio->nnow].token = token;
+    aio->now[aio->nnow].result = result;
+    aio->nnow++;
+    aio->in_flight++;
+    eventfd_write(aio->notifier, 1);
+}
+
+static int aio_reap_now(struct pykvm_aio *aio, struct pykvm_aio_done *out, uint32_t max)
+{
+    uint32_t n = aio->nnow < max ? aio->nnow : max;
+
+    memcpy(out, aio->now, sizeof(*out) * n);
+    memmove(aio->now, aio->now + n, sizeof(*out) * (aio->nnow - n));
+    aio->nnow -= n;
+    aio->in_flight -= n;
+    if (aio->nnow)
+        eventfd_write(aio->notifier, 1);  /* more to reap: stay readable */
+    return (int)n;
+}
+
+static void aio_clear_notifier(struct pykvm_aio *aio)
+{
+    eventfd_t v;
+
+    (void)eventfd_read(aio->notifier, &v);  /* non-blocking: EAGAIN when clear */
+}
+
+#include "aio_threads.c"
+#include "aio_linux.c"
+#include "aio_uring.c"
+
+static const struct aio_ops *const aio_engines[] = {
+    &aio_threads_ops,
+    &aio_linux_ops,
+    &aio_uring_ops,
+};
+
+static struct pykvm_aio *pykvm_aio_open(const char *engine, uint32_t depth, char *err,
+                                        size_t errlen)
+{
+    const struct aio_ops *ops = NULL;
+    struct pykvm_aio *aio;
+
+    for (size_t i = 0; i < sizeof(aio_engines) / sizeof(aio_engines[0]); i++)
+        if (!strcmp(aio_engines[i]->name, engine))
+            ops = aio_engines[i];
+    if (!ops) {
+        snprintf(err, errlen, "unknown AIO engine '%s' (threads, native or io_uring)", engine);
+        return NULL;
+    }
+    if (!depth || depth > 65536) {
+        snprintf(err, errlen, "AIO depth %u is not in [1, 65536]", depth);
+        return NULL;
+    }
+    aio = calloc(1, sizeof(*aio));
+    if (!aio) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    aio->ops = ops;
+    aio->depth = depth;
+    aio->now = calloc(depth, sizeof(*aio->now));
+    aio->notifier = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (!aio->now || aio->notifier < 0) {
+        snprintf(err, errlen, "aio=%s: %s", engine, strerror(aio->now ? errno : ENOMEM));
+        goto fail;
+    }
+    if (ops->init(aio, err, errlen) < 0)
+        goto fail;
+    return aio;
+fail:
+    if (aio->notifier >= 0)
+        close(aio->notifier);
+    free(aio->now);
+    free(aio);
+    return NULL;
+}
+
+static const char *pykvm_aio_name(const struct pykvm_aio *aio)
+{
+    return aio->ops->name;
+}
+
+static int pykvm_aio_notifier(const struct pykvm_aio *aio)
+{
+    return aio->notifier;
+}
+
+static int pykvm_aio_submit(struct pykvm_aio *aio, const struct pykvm_aio_req *reqs, uint32_t n)
+{
+    uint32_t room = aio->depth - aio->in_flight;
+
+    if (n > room)
+        n = room;
+    if (!n)
+        return 0;
+    return aio->ops->submit(aio, reqs, n);
+}
+
+static int pykvm_aio_reap(struct pykvm_aio *aio, struct pykvm_aio_done *out, uint32_t max)
+{
+    int n;
+
+    aio_clear_notifier(aio);
+    n = aio_reap_now(aio, out, max);
+    if ((uint32_t)n < max) {
+        int m = aio->ops->reap(aio, out + n, max - n);
+
+        if (m < 0)
+            return n ? n : m;
+        n += m;
+    }
+    return n;
+}
+
+static uint32_t pykvm_aio_ready(struct pykvm_aio *aio)
+{
+    return aio->nnow + aio->ops->ready(aio);
+}
+
+static uint32_t pykvm_aio_in_flight(const struct pykvm_aio *aio)
+{
+    return aio->in_flight;
+}
+
+static void pykvm_aio_close(struct pykvm_aio *aio)
+{
+    struct pykvm_aio_done done[64];
+
+    if (!aio)
+        return;
+    while (aio->in_flight) {
+        struct pollfd pfd = {.fd = aio->notifier, .events = POLLIN};
+
+        if (pykvm_aio_reap(aio, done, 64) == 0)
+            poll(&pfd, 1, 100);
+    }
+    aio->ops->fini(aio);
+    close(aio->notifier);
+    free(aio->now);
+    free(aio);
+}

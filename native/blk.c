@@ -1,0 +1,1239 @@
+/*
+ * blk.c - the C I/O thread of one virtio-blk device: steps 1-4 of DESIGN.md's
+ * "Request flow" without the GIL.
+ *
+ * One loop: take what Python handed back, pop every available chain of
+ * every queue and parse it (exactly as pykvm/virtio/blk.py does: same checks,
+ * same statuses), submit the I/O as one batch, reap completions, write the
+ * status bytes and used elements, and interrupt where event idx says so.
+ * While work keeps coming it polls (kicks suppressed: VIRTQ_USED_F_NO_NOTIFY
+ * or a stale avail_event); after an adaptive while without work it re-enables
+ * kicks and sleeps in epoll on the kick eventfds, the engine's notifier and
+ * a wake eventfd (Python: stop, punted requests finished).
+ *
+ * Tokens are (queue << 16) | head; each queue keeps a table of requests in
+ * flight indexed by head, holding the status byte's host address, the used
+ * length and the I/O vector the engine works on.
+ */
+#include <endian.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/uio.h>
+
+#define PYKVM_BLK_EXTENT_WRITABLE 1
+#define PYKVM_BLK_PUNT_SERVE 1
+#define PYKVM_BLK_PUNT_LOG 2
+#define PYKVM_BLK_PUNT_FATAL 3
+
+struct pykvm_blk_extent {
+    uint64_t offset;
+    uint64_t length;
+    uint64_t host_offset;
+    int32_t fd;
+    uint32_t flags;
+};
+
+struct pykvm_blk_queue {
+    struct pykvm_vq *vq;
+    int32_t kick_fd;
+    int32_t call_fd;
+    uint32_t *isr;
+    uint32_t isr_bit;
+};
+
+struct pykvm_blk_config {
+    const struct pykvm_mem_region *regions;
+    uint32_t nregions;
+    struct pykvm_blk_queue *queues;
+    uint32_t nqueues;
+    const char *engine;
+    uint64_t capacity;
+    uint64_t features;
+    uint32_t align;
+    int32_t flush_fd;
+    uint8_t read_only;
+    uint8_t write_cache;
+    uint8_t no_flush;
+    uint8_t serial[20];
+    uint32_t poll_max_ns;
+    const struct pykvm_blk_extent *map;
+    uint32_t nmap;
+};
+
+struct pykvm_blk_counters {
+    uint64_t requests;
+    uint64_t bytes_read;
+    uint64_t bytes_written;
+    uint64_t errors;
+    uint64_t submitted;
+    uint64_t flushes;
+    uint64_t batches;
+    uint64_t completions;
+    uint64_t completion_batches;
+    uint64_t interrupts;
+    uint64_t interrupts_suppressed;
+    uint64_t punts;
+    uint64_t poll_hits;
+    uint64_t sleeps;
+};
+
+struct pykvm_blk_punt {
+    int32_t kind;
+    uint32_t queue;
+    uint16_t head;
+    uint32_t used_len;
+    uint32_t nreadable;
+    uint32_t nsegs;
+    struct pykvm_vq_seg *segs;
+    char message[256];
+};
+
+/* virtio-blk (5.2.6), the values of pykvm/virtio/blk.py */
+#define BLK_T_IN 0
+#define BLK_T_OUT 1
+#define BLK_T_FLUSH 4
+#define BLK_T_GET_ID 8
+#define BLK_T_DISCARD 11
+#define BLK_T_WRITE_ZEROES 13
+#define BLK_S_OK 0
+#define BLK_S_IOERR 1
+#define BLK_S_UNSUPP 2
+#define BLK_SECTOR 512
+#define BLK_HEADER 16
+#define BLK_ID_BYTES 20
+#define BLK_MAX_REQUEST_BYTES (256ull << 20)
+
+#define REQ_FREE 0
+#define REQ_IO 1        /* with the engine */
+#define REQ_PYTHON 2    /* with Python (punted, or waiting for its log line) */
+#define OP_FLUSH_AFTER 0xFF  /* writethrough: the flush after a write */
+
+#define REQ_INLINE_IOV 8
+#define TAG_ENGINE 0xFFFF0001u
+#define TAG_WAKE 0xFFFF0002u
+#define POLL_GROW_START_NS 4000
+
+struct blk_req {
+    uint8_t state;
+    uint8_t op;
+    uint8_t then_flush;
+    uint8_t *status;
+    uint32_t used_len;
+    uint32_t nbytes;
+    int32_t fd;                 /* the data's host fd (the flush after a write goes there) */
+    int64_t result;             /* of the write, while its flush runs */
+    uint32_t niov;
+    struct iovec *iov;
+    struct iovec small[REQ_INLINE_IOV];
+};
+
+struct blk_queue {
+    struct pykvm_vq *vq;
+    int kick_fd;
+    int call_fd;                /* read and written atomically: Python may change it */
+    uint32_t *isr;
+    uint32_t isr_bit;
+    uint32_t index;
+    struct pykvm_vq_chain chain;
+    struct blk_req *reqs;       /* by head */
+    uint32_t nreqs;
+    uint8_t broken;             /* fatal error: no more pops */
+    uint8_t kicks_on;           /* available buffer notifications enabled */
+};
+
+struct blk_return {
+    uint32_t queue;
+    uint16_t head;
+    uint32_t used_len;
+};
+
+struct pykvm_blk {
+    pthread_t thread;
+    int started;
+    struct pykvm_mem_region *regions;
+    struct pykvm_vq_mem mem;
+    struct blk_queue *queues;
+    uint32_t nqueues;
+    struct pykvm_aio *aio;
+    int epfd, wake_fd, punt_fd, forward_fd;
+    uint64_t capacity, features;
+    uint32_t align;
+    int flush_fd;
+    uint8_t read_only, no_flush, write_cache;
+    uint8_t serial[BLK_ID_BYTES];
+    uint64_t poll_max_ns, poll_ns;
+    /* mapping table, and the one Python handed over next */
+    struct pykvm_blk_extent *map;
+    uint32_t nmap;
+    uint64_t map_gen;
+    struct pykvm_blk_extent *next_map;
+    uint32_t next_nmap;
+    uint64_t next_gen;
+    int map_changed;
+    /* submissions not yet taken by the engine, and a reap buffer */
+    struct pykvm_aio_req *sub;
+    uint32_t nsub, subcap;
+    struct pykvm_aio_done *done;
+    uint32_t donecap;
+    /* Python <-> C, under lock */
+    pthread_mutex_t lock;
+    struct pykvm_blk_punt *punts;
+    uint32_t punt_head, npunts, puntcap;
+    struct blk_return *returns;
+    uint32_t nreturns, returncap;
+    int have_returns;
+    uint64_t forwarded;
+    int stopping;
+    struct pykvm_blk_counters c;
+};
+
+/* Counters: written by the I/O thread only, read by Python at any time. */
+#define CNT_ADD(b, field, n) \
+    __atomic_store_n(&(b)->c.field, (b)->c.field + (n), __ATOMIC_RELAXED)
+
+static uint64_t blk_now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline void blk_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* -- the mapping table ---------------------------------------------------- */
+
+static int pykvm_blk_map_lookup(const struct pykvm_blk_extent *map, uint32_t n, uint64_t offset,
+                                uint64_t length, int write, int32_t *fd, uint64_t *host_offset)
+{
+    const struct pykvm_blk_extent *e, *end = map + n;
+    uint32_t lo = 0, hi = n;
+    uint64_t covered;
+
+    /* the last extent starting at or before offset (the table is sorted) */
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+
+        if (map[mid].offset <= offset)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (!lo)
+        return 0;
+    e = map + lo - 1;
+    if (offset - e->offset >= e->length || (write && !(e->flags & PYKVM_BLK_EXTENT_WRITABLE)))
+        return 0;
+    *fd = e->fd;
+    *host_offset = e->host_offset + (offset - e->offset);
+    /* the range may go on into following extents that continue this one in
+     * the same file (a raw image split only for its flags) */
+    covered = e->length - (offset - e->offset);
+    while (covered < length) {
+        const struct pykvm_blk_extent *next = e + 1;
+
+        if (next == end || next->offset != e->offset + e->length || next->fd != e->fd ||
+            next->host_offset != e->host_offset + e->length ||
+            (write && !(next->flags & PYKVM_BLK_EXTENT_WRITABLE)))
+            return 0;
+        e = next;
+        covered += e->length;
+    }
+    return 1;
+}
+
+static struct pykvm_blk_extent *blk_copy_map(const struct pykvm_blk_extent *map, uint32_t n)
+{
+    struct pykvm_blk_extent *copy = malloc(sizeof(*copy) * (n ? n : 1));
+
+    if (copy && n)
+        memcpy(copy, map, sizeof(*copy) * n);
+    return copy;
+}
+
+static uint64_t pykvm_blk_set_map(struct pykvm_blk *b, const struct pykvm_blk_extent *map,
+                                  uint32_t n)
+{
+    struct pykvm_blk_extent *copy = blk_copy_map(map, n);
+    uint64_t gen;
+
+    if (!copy)
+        return 0;
+    pthread_mutex_lock(&b->lock);
+    free(b->next_map);
+    b->next_map = copy;
+    b->next_nmap = n;
+    gen = ++b->next_gen;
+    __atomic_store_n(&b->map_changed, 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&b->lock);
+    eventfd_write(b->wake_fd, 1);
+    return gen;
+}
+
+static uint64_t pykvm_blk_map_generation(const struct pykvm_blk *b)
+{
+    return __atomic_load_n(&b->map_gen, __ATOMIC_ACQUIRE);
+}
+
+static void blk_apply_map(struct pykvm_blk *b)
+{
+    pthread_mutex_lock(&b->lock);
+    if (b->next_map) {
+        free(b->map);
+        b->map = b->next_map;
+        b->nmap = b->next_nmap;
+        b->next_map = NULL;
+        __atomic_store_n(&b->map_gen, b->next_gen, __ATOMIC_RELEASE);
+    }
+    __atomic_store_n(&b->map_changed, 0, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&b->lock);
+}
+
+/* -- to Python: punts, log lines, fatal errors, forwarded interrupts --------- */
+
+/* Queue a punt entry (the lock is taken here); 0, or -1 out of memory. */
+static int blk_punt_push(struct pykvm_blk *b, const struct pykvm_blk_punt *p)
+{
+    int rc = 0;
+
+    pthread_mutex_lock(&b->lock);
+    if (b->npunts == b->puntcap) {
+        uint32_t cap = b->puntcap ? 2 * b->puntcap : 16;
+        struct pykvm_blk_punt *grown = malloc(sizeof(*grown) * cap);
+
+        if (!grown) {
+            rc = -1;
+            goto out;
+        }
+        for (uint32_t i = 0; i < b->npunts; i++)
+            grown[i] = b->punts[(b->punt_head + i) % b->puntcap];
+        free(b->punts);
+        b->punts = grown;
+        b->puntcap = cap;
+        b->punt_head = 0;
+    }
+    b->punts[(b->punt_head + b->npunts) % b->puntcap] = *p;
+    b->npunts++;
+out:
+    pthread_mutex_unlock(&b->lock);
+    if (!rc)
+        eventfd_write(b->punt_fd, 1);
+    return rc;
+}
+
+static int pykvm_blk_next_punt(struct pykvm_blk *b, struct pykvm_blk_punt *out)
+{
+    int got = 0;
+
+    pthread_mutex_lock(&b->lock);
+    if (b->npunts) {
+        *out = b->punts[b->punt_head];
+        b->punt_head = (b->punt_head + 1) % b->puntcap;
+        b->npunts--;
+        got = 1;
+    }
+    pthread_mutex_unlock(&b->lock);
+    return got;
+}
+
+static void pykvm_blk_punt_release(struct pykvm_blk_punt *p)
+{
+    free(p->segs);
+    p->segs = NULL;
+    p->nsegs = 0;
+}
+
+static int pykvm_blk_punt_fd(const struct pykvm_blk *b)
+{
+    return b->punt_fd;
+}
+
+static int blk_fatal(struct pykvm_blk *b, struct blk_queue *q, const char *message)
+{
+    struct pykvm_blk_punt p = {.kind = PYKVM_BLK_PUNT_FATAL, .queue = q->index};
+
+    q->broken = 1;
+    snprintf(p.message, sizeof(p.message), "%s", message);
+    if (blk_punt_push(b, &p) < 0)
+        fprintf(stderr, "pykvm: virtio-blk fast path: %s (device stopped)\n", message);
+    return 0;
+}
+
+/* The request stays with Python until its log line is out: Python logs
+ * it, then hands the used element back (pykvm_blk_complete). */
+static void blk_log_then_complete(struct pykvm_blk *b, struct blk_queue *q, uint16_t head,
+                                  uint32_t used_len, const char *message)
+{
+    struct pykvm_blk_punt p = {.kind = PYKVM_BLK_PUNT_LOG, .queue = q->index, .head = head,
+                               .used_len = used_len};
+
+    snprintf(p.message, sizeof(p.message), "%s", message);
+    q->reqs[head].state = REQ_PYTHON;
+    if (blk_punt_push(b, &p) < 0) {
+        q->reqs[head].state = REQ_FREE;  /* no memory for the message: complete it silently */
+        pykvm_vq_add_used(q->vq, &b->mem, head, used_len);
+    }
+}
+
+static int pykvm_blk_forward_fd(const struct pykvm_blk *b)
+{
+    return b->forward_fd;
+}
+
+static uint64_t pykvm_blk_take_forwarded(struct pykvm_blk *b)
+{
+    return __atomic_exchange_n(&b->forwarded, 0, __ATOMIC_ACQ_REL);
+}
+
+static void pykvm_blk_set_call_fd(struct pykvm_blk *b, uint32_t queue, int32_t fd)
+{
+    if (queue < b->nqueues)
+        __atomic_store_n(&b->queues[queue].call_fd, fd, __ATOMIC_RELEASE);
+}
+
+static void pykvm_blk_set_write_cache(struct pykvm_blk *b, int on)
+{
+    __atomic_store_n(&b->write_cache, (uint8_t)!!on, __ATOMIC_RELAXED);
+}
+
+static void pykvm_blk_counters(const struct pykvm_blk *b, struct pykvm_blk_counters *out)
+{
+    const uint64_t *src = (const uint64_t *)&b->c;
+    uint64_t *dst = (uint64_t *)out;
+
+    for (size_t i = 0; i < sizeof(*out) / sizeof(uint64_t); i++)
+        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+}
+
+static void pykvm_isr_set(uint32_t *word, uint32_t bits)
+{
+    __atomic_fetch_or(word, bits, __ATOMIC_SEQ_CST);
+}
+
+static uint32_t pykvm_isr_ack(uint32_t *word, uint32_t bits)
+{
+    return __atomic_fetch_and(word, ~bits, __ATOMIC_SEQ_CST) & bits;
+}
+
+static uint32_t pykvm_isr_load(const uint32_t *word)
+{
+    return __atomic_load_n(word, __ATOMIC_SEQ_CST);
+}
+
+/* -- from Python: punted requests finished ------------------------------------ */
+
+static void pykvm_blk_complete(struct pykvm_blk *b, uint32_t queue, uint16_t head,
+                               uint32_t used_len)
+{
+    pthread_mutex_lock(&b->lock);
+    if (b->nreturns == b->returncap) {
+        uint32_t cap = b->returncap ? 2 * b->returncap : 16;
+        struct blk_return *grown = realloc(b->returns, sizeof(*grown) * cap);
+
+        if (!grown) {
+            pthread_mutex_unlock(&b->lock);
+            return;  /* the request stays in flight until reset */
+        }
+        b->returns = grown;
+        b->returncap = cap;
+    }
+    b->returns[b->nreturns++] = (struct blk_return){queue, head, used_len};
+    __atomic_store_n(&b->have_returns, 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&b->lock);
+    eventfd_write(b->wake_fd, 1);
+}
+
+static int blk_take_returns(struct pykvm_blk *b)
+{
+    struct blk_return local[64];
+    uint32_t n, total = 0;
+
+    if (!__atomic_load_n(&b->have_returns, __ATOMIC_ACQUIRE))
+        return 0;
+    do {
+        pthread_mutex_lock(&b->lock);
+        n = b->nreturns < 64 ? b->nreturns : 64;
+        memcpy(local, b->returns, sizeof(*local) * n);
+        memmove(b->returns, b->returns + n, sizeof(*local) * (b->nreturns - n));
+        b->nreturns -= n;
+        if (!b->nreturns)
+            __atomic_store_n(&b->have_returns, 0, __ATOMIC_RELAXED);
+        pthread_mutex_unlock(&b->lock);
+        for (uint32_t i = 0; i < n; i++) {
+            struct blk_queue *q;
+
+            if (local[i].queue >= b->nqueues)
+                continue;
+            q = &b->queues[local[i].queue];
+            if (local[i].head >= q->nreqs || q->reqs[local[i].head].state != REQ_PYTHON)
+                continue;
+            q->reqs[local[i].head].state = REQ_FREE;
+            pykvm_vq_add_used(q->vq, &b->mem, local[i].head, local[i].used_len);
+        }
+        total += n;
+    } while (n == 64);
+    return (int)total;
+}
+
+/* -- parsing: pykvm/virtio/blk.py, VirtioBlk._submit and its helpers ---------- */
+
+static void blk_req_free_iov(struct blk_req *req)
+{
+    if (req->iov && req->iov != req->small)
+        free(req->iov);
+    req->iov = NULL;
+    req->niov = 0;
+}
+
+/* A request the device answers with a status instead of serving it
+ * (_BadRequest): the status byte now, the used element after the log line. */
+static int blk_bad(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, uint8_t *status,
+                   uint8_t value, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+
+static int blk_bad(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, uint8_t *status,
+                    uint8_t value, const char *fmt, ...)
+{
+    char why[200], message[256];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof(why), fmt, ap);
+    va_end(ap);
+    snprintf(message, sizeof(message), "queue %u, chain %u: %s", q->index, head, why);
+    CNT_ADD(b, errors, 1);
+    *status = value;
+    blk_log_then_complete(b, q, head, 1, message);
+    return 0;
+}
+
+static int blk_punt(struct pykvm_blk *b, struct blk_queue *q)
+{
+    const struct pykvm_vq_chain *ch = &q->chain;
+    struct pykvm_blk_punt p = {.kind = PYKVM_BLK_PUNT_SERVE, .queue = q->index,
+                               .head = ch->head, .nreadable = ch->nreadable,
+                               .nsegs = ch->nsegs};
+
+    p.segs = malloc(sizeof(*p.segs) * (ch->nsegs ? ch->nsegs : 1));
+    if (!p.segs)
+        return blk_fatal(b, q, "internal error: out of memory handing a request to Python");
+    memcpy(p.segs, ch->segs, sizeof(*p.segs) * ch->nsegs);
+    q->reqs[ch->head].state = REQ_PYTHON;
+    if (blk_punt_push(b, &p) < 0) {
+        free(p.segs);
+        q->reqs[ch->head].state = REQ_FREE;
+        return blk_fatal(b, q, "internal error: out of memory handing a request to Python");
+    }
+    CNT_ADD(b, punts, 1);
+    return 0;
+}
+
+static int blk_complete_now(struct pykvm_blk *b, struct blk_queue *q, uint16_t head,
+                             uint8_t *status, uint32_t used_len)
+{
+    *status = BLK_S_OK;
+    pykvm_vq_add_used(q->vq, &b->mem, head, used_len);
+    return 0;
+}
+
+static int blk_queue_io(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, int32_t op,
+                        int32_t fd, uint64_t offset)
+{
+    struct blk_req *req = &q->reqs[head];
+    struct pykvm_aio_req *r;
+
+    if (b->nsub == b->subcap)
+        return -1;  /* cannot happen: subcap covers every head of every queue */
+    r = &b->sub[b->nsub++];
+    if (op == PYKVM_AIO_FLUSH)
+        CNT_ADD(b, flushes, 1);
+    r->token = ((uint64_t)q->index << 16) | head;
+    r->op = op;
+    r->fd = fd;
+    r->offset = offset;
+    r->iov = req->iov;
+    r->iovcnt = req->niov;
+    r->mode = 0;
+    r->length = 0;
+    req->state = REQ_IO;
+    return 0;
+}
+
+/* Is every piece of an O_DIRECT request aligned? (BlockBackend._aligned) */
+static int blk_aligned(const struct pykvm_blk *b, uint64_t offset, const struct iovec *iov,
+                       uint32_t niov)
+{
+    uint64_t a = b->align;
+
+    if (a <= 1)
+        return 1;
+    if (offset % a)
+        return 0;
+    for (uint32_t i = 0; i < niov; i++)
+        if (iov[i].iov_len % a || (uintptr_t)iov[i].iov_base % a)
+            return 0;
+    return 1;
+}
+
+static int blk_rw(struct pykvm_blk *b, struct blk_queue *q, uint32_t type, uint64_t sector,
+                   uint8_t *status, uint32_t rout_first, uint32_t rout_skip, uint32_t rout_count,
+                   uint32_t win_count)
+{
+    const struct pykvm_vq_chain *ch = &q->chain;
+    uint16_t head = ch->head;
+    struct blk_req *req = &q->reqs[head];
+    uint64_t nbytes, nsect, offset, host_offset;
+    uint32_t first, last, niov = 0;
+    int32_t fd;
+
+    if (type == BLK_T_IN) {
+        if (rout_count)
+            return blk_bad(b, q, head, status, BLK_S_IOERR,
+                           "read request with device-readable data buffers");
+        nbytes = ch->writable_len - 1;
+        first = ch->nreadable;
+        last = ch->nsegs;   /* the last one loses its status byte */
+    } else {
+        if (b->read_only)
+            return blk_bad(b, q, head, status, BLK_S_IOERR, "write to a read-only disk");
+        if (win_count)
+            return blk_bad(b, q, head, status, BLK_S_IOERR,
+                           "write request with device-writable data buffers");
+        nbytes = ch->readable_len - BLK_HEADER;
+        first = rout_first;
+        last = ch->nreadable;
+    }
+    if (nbytes > BLK_MAX_REQUEST_BYTES)
+        return blk_bad(b, q, head, status, BLK_S_IOERR, "request of %" PRIu64
+                       " bytes exceeds %llu", nbytes, BLK_MAX_REQUEST_BYTES);
+    /* _check_range */
+    if (nbytes % BLK_SECTOR)
+        return blk_bad(b, q, head, status, BLK_S_IOERR,
+                       "data length %" PRIu64 " is not a multiple of 512", nbytes);
+    nsect = nbytes / BLK_SECTOR;
+    if ((sector >= b->capacity && nbytes) || nsect > b->capacity || sector > b->capacity - nsect)
+        return blk_bad(b, q, head, status, BLK_S_IOERR, "sectors [%" PRIu64 ", +%" PRIu64
+                       ") beyond the capacity of %" PRIu64, sector, nsect, b->capacity);
+    offset = sector * BLK_SECTOR;
+
+    /* the I/O vector: the data buffers that are not empty */
+    req->iov = last - first <= REQ_INLINE_IOV ? req->small
+                                              : malloc(sizeof(struct iovec) * (last - first));
+    if (!req->iov)
+        return blk_fatal(b, q, "internal error: out of memory for an I/O vector");
+    for (uint32_t i = first; i < last; i++) {
+        const struct pykvm_vq_seg *s = &ch->segs[i];
+        uint64_t hva = s->hva;
+        uint64_t len = s->len;
+
+        if (i == first && type == BLK_T_OUT) {
+            hva += rout_skip;
+            len -= rout_skip;
+        }
+        if (i == ch->nsegs - 1)
+            len -= 1;  /* the status byte */
+        if (!len)
+            continue;
+        req->iov[niov].iov_base = (void *)(uintptr_t)hva;
+        req->iov[niov].iov_len = len;
+        niov++;
+    }
+    req->niov = niov;
+    if (!pykvm_blk_map_lookup(b->map, b->nmap, offset, nbytes, type == BLK_T_OUT, &fd,
+                              &host_offset) ||
+        !blk_aligned(b, host_offset, req->iov, niov)) {
+        blk_req_free_iov(req);
+        return blk_punt(b, q);
+    }
+    req->op = (uint8_t)type;
+    req->status = status;
+    req->nbytes = (uint32_t)nbytes;
+    req->fd = fd;
+    if (type == BLK_T_IN) {
+        req->used_len = (uint32_t)nbytes + 1;
+        req->then_flush = 0;
+        CNT_ADD(b, bytes_read, nbytes);
+    } else {
+        req->used_len = 1;
+        req->then_flush = !__atomic_load_n(&b->write_cache, __ATOMIC_RELAXED) && !b->no_flush;
+        CNT_ADD(b, bytes_written, nbytes);
+    }
+    if (blk_queue_io(b, q, head, type == BLK_T_IN ? PYKVM_AIO_READ : PYKVM_AIO_WRITE, fd,
+                     host_offset) < 0) {
+        blk_req_free_iov(req);
+        return blk_fatal(b, q, "internal error: submission queue full");
+    }
+    return 0;
+}
+
+static int blk_get_id(struct pykvm_blk *b, struct blk_queue *q, uint8_t *status)
+{
+    const struct pykvm_vq_chain *ch = &q->chain;
+    uint64_t n = ch->writable_len - 1 < BLK_ID_BYTES ? ch->writable_len - 1 : BLK_ID_BYTES;
+    uint64_t pos = 0;
+
+    for (uint32_t i = ch->nreadable; i < ch->nsegs && pos < n; i++) {
+        uint64_t len = ch->segs[i].len - (i == ch->nsegs - 1 ? 1 : 0);
+        uint64_t chunk = n - pos < len ? n - pos : len;
+
+        memcpy((void *)(uintptr_t)ch->segs[i].hva, b->serial + pos, chunk);
+        pos += chunk;
+    }
+    return blk_complete_now(b, q, ch->head, status, (uint32_t)n + 1);
+}
+
+static int blk_submit_chain(struct pykvm_blk *b, struct blk_queue *q)
+{
+    const struct pykvm_vq_chain *ch = &q->chain;
+    uint16_t head = ch->head;
+    const struct pykvm_vq_seg *last;
+    uint8_t *status, hdr[BLK_HEADER];
+    uint32_t nwritable = ch->nsegs - ch->nreadable, need = BLK_HEADER, k = 0, skip = 0;
+    uint32_t rout_count, win_count, type;
+    uint64_t sector;
+    char message[200];
+
+    CNT_ADD(b, requests, 1);
+    if (q->reqs[head].state != REQ_FREE) {
+        snprintf(message, sizeof(message), "queue %u, chain %u: the driver made it available "
+                 "again while the device still owns it", q->index, head);
+        return blk_fatal(b, q, message);
+    }
+    if (!nwritable || !ch->segs[ch->nsegs - 1].len) {
+        snprintf(message, sizeof(message), "queue %u, chain %u: no writable status byte",
+                 q->index, head);
+        return blk_fatal(b, q, message);
+    }
+    last = &ch->segs[ch->nsegs - 1];
+    status = (uint8_t *)(uintptr_t)(last->hva + last->len - 1);
+    win_count = nwritable - 1 + (last->len > 1);
+    /* _split(readable, 16): the header, then what follows it */
+    while (need && k < ch->nreadable) {
+        uint32_t len = ch->segs[k].len;
+
+        if (len > need) {
+            memcpy(hdr + BLK_HEADER - need, (const void *)(uintptr_t)ch->segs[k].hva, need);
+            skip = need;
+            need = 0;
+            break;
+        }
+        memcpy(hdr + BLK_HEADER - need, (const void *)(uintptr_t)ch->segs[k].hva, len);
+        need -= len;
+        k++;
+    }
+    if (need)
+        return blk_bad(b, q, head, status, BLK_S_IOERR, "request header shorter than 16 bytes");
+    rout_count = ch->nreadable - k;
+    memcpy(&type, hdr, 4);
+    type = le32toh(type);
+    memcpy(&sector, hdr + 8, 8);
+    sector = le64toh(sector);
+    if (type != BLK_T_IN && type != BLK_T_OUT && type != BLK_T_FLUSH && type != BLK_T_GET_ID &&
+        type != BLK_T_DISCARD && type != BLK_T_WRITE_ZEROES)
+        return blk_bad(b, q, head, status, BLK_S_UNSUPP, "unsupported request type 0x%x", type);
+    if (type == BLK_T_IN || type == BLK_T_OUT)
+        return blk_rw(b, q, type, sector, status, k, skip, rout_count, win_count);
+    if ((rout_count && type != BLK_T_DISCARD && type != BLK_T_WRITE_ZEROES) ||
+        (win_count && type != BLK_T_GET_ID))
+        return blk_bad(b, q, head, status, BLK_S_IOERR,
+                       "type %u request with unexpected data buffers", type);
+    if (type == BLK_T_FLUSH) {
+        struct blk_req *req = &q->reqs[head];
+
+        if (b->flush_fd < 0)
+            return blk_punt(b, q);
+        if (b->no_flush)
+            return blk_complete_now(b, q, head, status, 1);
+        req->op = BLK_T_FLUSH;
+        req->status = status;
+        req->used_len = 1;
+        req->nbytes = 0;
+        req->then_flush = 0;
+        req->niov = 0;
+        req->iov = NULL;
+        req->fd = b->flush_fd;
+        if (blk_queue_io(b, q, head, PYKVM_AIO_FLUSH, b->flush_fd, 0) < 0)
+            return blk_fatal(b, q, "internal error: submission queue full");
+        return 0;
+    }
+    if (type == BLK_T_GET_ID)
+        return blk_get_id(b, q, status);
+    return blk_punt(b, q);  /* discard, write zeroes: BlockBackend (holes, fallbacks) */
+}
+
+/* Pop and parse everything available on q; the number of chains. */
+static int blk_pop_all(struct pykvm_blk *b, struct blk_queue *q)
+{
+    struct pykvm_vq_error err;
+    int n = 0;
+
+    while (!q->broken) {
+        int rc = pykvm_vq_pop(q->vq, &b->mem, &q->chain, &err);
+
+        if (rc < 0) {
+            blk_fatal(b, q, err.message);
+            break;
+        }
+        if (!rc)
+            break;
+        blk_submit_chain(b, q);
+        n++;
+    }
+    return n;
+}
+
+/* -- the engine -------------------------------------------------------------- */
+
+static void blk_flush_submissions(struct pykvm_blk *b)
+{
+    while (b->nsub) {
+        int n = pykvm_aio_submit(b->aio, b->sub, b->nsub);
+
+        if (n < 0) {
+            /* the engine itself failed: these requests complete with the error */
+            for (uint32_t i = 0; i < b->nsub; i++) {
+                struct pykvm_aio_req *r = &b->sub[i];
+                struct blk_queue *q = &b->queues[r->token >> 16];
+                struct blk_req *req = &q->reqs[r->token & 0xFFFF];
+                char message[200];
+
+                snprintf(message, sizeof(message), "I/O error: %s", strerror(-n));
+                blk_req_free_iov(req);
+                CNT_ADD(b, errors, 1);
+                *req->status = BLK_S_IOERR;
+                blk_log_then_complete(b, q, (uint16_t)(r->token & 0xFFFF), req->used_len,
+                                      message);
+            }
+            b->nsub = 0;
+            return;
+        }
+        if (!n)
+            return;  /* full: retried after the next reap */
+        CNT_ADD(b, batches, 1);
+        CNT_ADD(b, submitted, (uint64_t)n);
+        memmove(b->sub, b->sub + n, sizeof(*b->sub) * (b->nsub - n));
+        b->nsub -= (uint32_t)n;
+    }
+}
+
+/* Zero what a short read did not fill (the end of the file: zeroes). */
+static void blk_zero_tail(struct blk_req *req, uint64_t done)
+{
+    uint64_t pos = 0;
+
+    for (uint32_t i = 0; i < req->niov; i++) {
+        uint64_t len = req->iov[i].iov_len;
+
+        if (pos + len > done) {
+            uint64_t start = done > pos ? done - pos : 0;
+
+            memset((char *)req->iov[i].iov_base + start, 0, len - start);
+        }
+        pos += len;
+    }
+}
+
+static void blk_finish(struct pykvm_blk *b, uint64_t token, int64_t result)
+{
+    uint32_t qi = (uint32_t)(token >> 16);
+    uint16_t head = (uint16_t)(token & 0xFFFF);
+    struct blk_queue *q;
+    struct blk_req *req;
+
+    if (qi >= b->nqueues)
+        return;
+    q = &b->queues[qi];
+    if (head >= q->nreqs || q->reqs[head].state != REQ_IO)
+        return;
+    req = &q->reqs[head];
+    if (__atomic_load_n(&b->stopping, __ATOMIC_ACQUIRE)) {
+        blk_req_free_iov(req);
+        req->state = REQ_FREE;  /* being reset: the result is dropped */
+        return;
+    }
+    if (req->op == BLK_T_OUT && req->then_flush && result >= 0) {
+        /* writethrough: the write completes once it is flushed */
+        req->op = OP_FLUSH_AFTER;
+        req->result = result;
+        blk_req_free_iov(req);
+        if (blk_queue_io(b, q, head, PYKVM_AIO_FLUSH, req->fd, 0) < 0)
+            blk_fatal(b, q, "internal error: submission queue full");
+        return;
+    }
+    if (req->op == OP_FLUSH_AFTER && result >= 0)
+        result = req->result;
+    if (req->op == BLK_T_IN && result >= 0 && (uint64_t)result < req->nbytes) {
+        blk_zero_tail(req, (uint64_t)result);
+        result = req->nbytes;
+    }
+    blk_req_free_iov(req);
+    if (result < 0) {
+        char message[200];
+
+        snprintf(message, sizeof(message), "I/O error: %s", strerror((int)-result));
+        CNT_ADD(b, errors, 1);
+        *req->status = BLK_S_IOERR;
+        blk_log_then_complete(b, q, head, req->used_len, message);
+        return;
+    }
+    *req->status = BLK_S_OK;
+    req->state = REQ_FREE;
+    pykvm_vq_add_used(q->vq, &b->mem, head, req->used_len);
+}
+
+static int blk_reap(struct pykvm_blk *b)
+{
+    int total = 0;
+
+    for (;;) {
+        int n = pykvm_aio_reap(b->aio, b->done, b->donecap);
+
+        if (n <= 0)
+            break;
+        CNT_ADD(b, completion_batches, 1);
+        CNT_ADD(b, completions, (uint64_t)n);
+        for (int i = 0; i < n; i++)
+            blk_finish(b, b->done[i].token, b->done[i].result);
+        total += n;
+        if ((uint32_t)n < b->donecap)
+            break;
+    }
+    return total;
+}
+
+/* -- notifications -------------------------------------------------------------- */
+
+static void blk_signal(struct pykvm_blk *b, struct blk_queue *q)
+{
+    int fd = __atomic_load_n(&q->call_fd, __ATOMIC_ACQUIRE);
+
+    if (fd < 0) {
+        __atomic_fetch_or(&b->forwarded, 1ull << (q->index & 63), __ATOMIC_ACQ_REL);
+        eventfd_write(b->forward_fd, 1);
+        return;
+    }
+    if (q->isr)
+        __atomic_fetch_or(q->isr, q->isr_bit, __ATOMIC_SEQ_CST);
+    eventfd_write(fd, 1);
+}
+
+static void blk_notify(struct pykvm_blk *b)
+{
+    for (uint32_t i = 0; i < b->nqueues; i++) {
+        struct blk_queue *q = &b->queues[i];
+
+        if (q->vq->used_idx == q->vq->signalled_used)
+            continue;  /* nothing added since the last decision */
+        if (pykvm_vq_needs_notification(q->vq, &b->mem)) {
+            CNT_ADD(b, interrupts, 1);
+            blk_signal(b, q);
+        } else {
+            CNT_ADD(b, interrupts_suppressed, 1);
+        }
+    }
+}
+
+/* Suppress kicks while polling. */
+static void blk_kicks_off(struct pykvm_blk *b)
+{
+    for (uint32_t i = 0; i < b->nqueues; i++) {
+        struct blk_queue *q = &b->queues[i];
+
+        if (q->kicks_on && !q->broken) {
+            pykvm_vq_set_notification(q->vq, &b->mem, 0, NULL);
+            q->kicks_on = 0;
+        }
+    }
+}
+
+/* Before sleeping: ask for kicks again. 1 when chains arrived meanwhile. */
+static int blk_kicks_on(struct pykvm_blk *b)
+{
+    int pending = 0;
+
+    for (uint32_t i = 0; i < b->nqueues; i++) {
+        struct blk_queue *q = &b->queues[i];
+        struct pykvm_vq_error err;
+        int rc;
+
+        if (q->broken)
+            continue;
+        rc = pykvm_vq_set_notification(q->vq, &b->mem, 1, &err);
+        q->kicks_on = 1;
+        if (rc < 0)
+            blk_fatal(b, q, err.message);
+        else if (rc > 0)
+            pending = 1;
+    }
+    return pending;
+}
+
+/* -- the thread --------------------------------------------------------------------- */
+
+/* One round of work: the number of things done. */
+static int blk_round(struct pykvm_blk *b, int engine_fired)
+{
+    int work = 0;
+
+    if (__atomic_load_n(&b->map_changed, __ATOMIC_ACQUIRE))
+        blk_apply_map(b);
+    work += blk_take_returns(b);
+    for (uint32_t i = 0; i < b->nqueues; i++)
+        work += blk_pop_all(b, &b->queues[i]);
+    blk_flush_submissions(b);
+    if (engine_fired || pykvm_aio_ready(b->aio)) {
+        work += blk_reap(b);
+        blk_flush_submissions(b);  /* flushes after writes, and what did not fit */
+    }
+    blk_notify(b);
+    return work;
+}
+
+static void blk_adapt_poll(struct pykvm_blk *b, uint64_t block_ns)
+{
+    /* QEMU's rule (util/aio-posix.c): grow while polling a bit longer would
+     * have caught the event, shrink when the wait was longer than the limit. */
+    if (block_ns <= b->poll_ns)
+        return;
+    if (block_ns > b->poll_max_ns) {
+        b->poll_ns /= 2;
+    } else if (b->poll_ns < b->poll_max_ns) {
+        b->poll_ns = b->poll_ns ? b->poll_ns * 2 : POLL_GROW_START_NS;
+        if (b->poll_ns > b->poll_max_ns)
+            b->poll_ns = b->poll_max_ns;
+    }
+}
+
+static void *blk_thread(void *arg)
+{
+    struct pykvm_blk *b = arg;
+    struct epoll_event events[16];
+    uint64_t idle_since = blk_now_ns();
+    int engine_fired = 1;  /* chains and completions may predate the thread */
+
+    while (!__atomic_load_n(&b->stopping, __ATOMIC_ACQUIRE)) {
+        uint64_t now;
+        int n;
+
+        if (blk_round(b, engine_fired)) {
+            engine_fired = 0;
+            if (b->poll_max_ns)
+                blk_kicks_off(b);
+            CNT_ADD(b, poll_hits, 1);
+            idle_since = blk_now_ns();
+            continue;
+        }
+        engine_fired = 0;
+        now = blk_now_ns();
+        if (now - idle_since < b->poll_ns) {
+            blk_cpu_relax();
+            continue;
+        }
+        /* about to sleep: kicks back on, and a last look */
+        if (blk_kicks_on(b) || pykvm_aio_ready(b->aio) || b->nsub)
+            continue;
+        CNT_ADD(b, sleeps, 1);
+        n = epoll_wait(b->epfd, events, 16, b->nsub ? 1 : -1);
+        if (b->poll_max_ns)
+            blk_adapt_poll(b, blk_now_ns() - idle_since);
+        for (int i = 0; i < n; i++) {
+            uint32_t tag = events[i].data.u32;
+            eventfd_t v;
+
+            if (tag == TAG_ENGINE)
+                engine_fired = 1;  /* reap reads it */
+            else if (tag == TAG_WAKE)
+                (void)eventfd_read(b->wake_fd, &v);
+            else if (tag < b->nqueues)
+                (void)eventfd_read(b->queues[tag].kick_fd, &v);
+        }
+        if (b->poll_max_ns && b->poll_ns)
+            blk_kicks_off(b);
+        idle_since = blk_now_ns();
+    }
+    /* stopping: let the engine finish what it has (results dropped) */
+    while (pykvm_aio_in_flight(b->aio)) {
+        struct pollfd pfd = {.fd = pykvm_aio_notifier(b->aio), .events = POLLIN};
+
+        if (!blk_reap(b))
+            poll(&pfd, 1, 100);
+    }
+    return NULL;
+}
+
+/* -- start and stop ------------------------------------------------------------------- */
+
+static void blk_free(struct pykvm_blk *b)
+{
+    if (b->aio)
+        pykvm_aio_close(b->aio);
+    for (uint32_t i = 0; b->queues && i < b->nqueues; i++) {
+        struct blk_queue *q = &b->queues[i];
+
+        for (uint32_t h = 0; q->reqs && h < q->nreqs; h++)
+            blk_req_free_iov(&q->reqs[h]);
+        free(q->reqs);
+        free(q->chain.segs);
+    }
+    while (b->npunts) {
+        struct pykvm_blk_punt p;
+
+        pykvm_blk_next_punt(b, &p);
+        pykvm_blk_punt_release(&p);
+    }
+    free(b->punts);
+    free(b->returns);
+    free(b->queues);
+    free(b->regions);
+    free(b->map);
+    free(b->next_map);
+    free(b->sub);
+    free(b->done);
+    if (b->epfd >= 0)
+        close(b->epfd);
+    if (b->wake_fd >= 0)
+        close(b->wake_fd);
+    if (b->punt_fd >= 0)
+        close(b->punt_fd);
+    if (b->forward_fd >= 0)
+        close(b->forward_fd);
+    pthread_mutex_destroy(&b->lock);
+    free(b);
+}
+
+static struct pykvm_blk *pykvm_blk_start(const struct pykvm_blk_config *cfg, char *err,
+                                         size_t errlen)
+{
+    struct pykvm_blk *b = calloc(1, sizeof(*b));
+    uint32_t depth = 0;
+    struct epoll_event ev;
+    sigset_t all, old;
+
+    if (!b) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    b->epfd = b->wake_fd = b->punt_fd = b->forward_fd = -1;
+    pthread_mutex_init(&b->lock, NULL);
+    if (!cfg->nqueues || cfg->nqueues > 64) {
+        snprintf(err, errlen, "%u queues (1 to 64 are supported)", cfg->nqueues);
+        goto fail;
+    }
+    b->regions = malloc(sizeof(*b->regions) * (cfg->nregions ? cfg->nregions : 1));
+    b->queues = calloc(cfg->nqueues, sizeof(*b->queues));
+    b->map = blk_copy_map(cfg->map, cfg->nmap);
+    if (!b->regions || !b->queues || !b->map)
+        goto nomem;
+    memcpy(b->regions, cfg->regions, sizeof(*b->regions) * cfg->nregions);
+    b->mem.regions = b->regions;
+    b->mem.nregions = cfg->nregions;
+    b->nmap = cfg->nmap;
+    b->nqueues = cfg->nqueues;
+    for (uint32_t i = 0; i < cfg->nqueues; i++) {
+        struct blk_queue *q = &b->queues[i];
+        const struct pykvm_blk_queue *c = &cfg->queues[i];
+
+        q->vq = c->vq;
+        q->index = i;
+        q->kick_fd = c->kick_fd;
+        q->call_fd = c->call_fd;
+        q->isr = c->isr;
+        q->isr_bit = c->isr_bit;
+        q->kicks_on = 1;
+        q->broken = !c->vq->active;  /* not set up by the driver: never served */
+        q->nreqs = c->vq->active ? c->vq->size : 0;
+        q->chain.cap = pykvm_vq_chain_capacity(c->vq);
+        q->chain.segs = calloc(q->chain.cap, sizeof(*q->chain.segs));
+        q->reqs = calloc(q->nreqs ? q->nreqs : 1, sizeof(*q->reqs));
+        if (!q->chain.segs || !q->reqs)
+            goto nomem;
+        depth += q->nreqs;
+    }
+    b->capacity = cfg->capacity;
+    b->features = cfg->features;
+    b->align = cfg->align ? cfg->align : 1;
+    b->flush_fd = cfg->flush_fd;
+    b->read_only = cfg->read_only;
+    b->write_cache = cfg->write_cache;
+    b->no_flush = cfg->no_flush;
+    memcpy(b->serial, cfg->serial, sizeof(b->serial));
+    b->poll_max_ns = cfg->poll_max_ns;
+    b->poll_ns = 0;
+    depth = depth ? depth : 1;
+    b->subcap = b->donecap = depth;
+    b->sub = calloc(depth, sizeof(*b->sub));
+    b->done = calloc(depth, sizeof(*b->done));
+    if (!b->sub || !b->done)
+        goto nomem;
+    b->aio = pykvm_aio_open(cfg->engine, depth, err, errlen);
+    if (!b->aio)
+        goto fail;
+    b->epfd = epoll_create1(EPOLL_CLOEXEC);
+    b->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    b->punt_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    b->forward_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (b->epfd < 0 || b->wake_fd < 0 || b->punt_fd < 0 || b->forward_fd < 0) {
+        snprintf(err, errlen, "eventfd/epoll: %s", strerror(errno));
+        goto fail;
+    }
+    ev.events = EPOLLIN;
+    ev.data.u32 = TAG_ENGINE;
+    if (epoll_ctl(b->epfd, EPOLL_CTL_ADD, pykvm_aio_notifier(b->aio), &ev) < 0)
+        goto epoll_fail;
+    ev.data.u32 = TAG_WAKE;
+    if (epoll_ctl(b->epfd, EPOLL_CTL_ADD, b->wake_fd, &ev) < 0)
+        goto epoll_fail;
+    for (uint32_t i = 0; i < b->nqueues; i++) {
+        if (b->queues[i].broken)
+            continue;
+        ev.data.u32 = i;
+        if (epoll_ctl(b->epfd, EPOLL_CTL_ADD, b->queues[i].kick_fd, &ev) < 0)
+            goto epoll_fail;
+    }
+    /* the thread takes no signals: Python's handlers run in the main thread */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    errno = pthread_create(&b->thread, NULL, blk_thread, b);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (errno) {
+        snprintf(err, errlen, "cannot start the I/O thread: %s", strerror(errno));
+        goto fail;
+    }
+    b->started = 1;
+    return b;
+epoll_fail:
+    snprintf(err, errlen, "epoll_ctl: %s", strerror(errno));
+    goto fail;
+nomem:
+    snprintf(err, errlen, "out of memory");
+fail:
+    blk_free(b);
+    return NULL;
+}
+
+static void pykvm_blk_stop(struct pykvm_blk *b)
+{
+    if (!b)
+        return;
+    __atomic_store_n(&b->stopping, 1, __ATOMIC_RELEASE);
+    eventfd_write(b->wake_fd, 1);
+    if (b->started)
+        pthread_join(b->thread, NULL);
+    blk_free(b);
+}

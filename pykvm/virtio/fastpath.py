@@ -1,0 +1,474 @@
+"""The C fast path of virtio-blk (native/blk.c): its control plane in Python.
+
+At DRIVER_OK, a VirtioBlk whose disk uses a C engine (aio=threads, native or
+io_uring) starts a ``FastPath`` instead of its Python I/O thread. The C
+thread gets what DESIGN.md's contract names: the guest memory table, the
+activated queues, their kick eventfds, the call eventfds, a mapping table
+(virtual disk range -> host fd and offset) and an engine name. It pops,
+parses, submits, completes and interrupts without the GIL.
+
+Python keeps one helper thread per device for what C hands back through the
+punt queue:
+
+- requests C does not serve (discard, write zeroes, unmapped or misaligned
+  ranges, flushes of formats with metadata): served by VirtioBlk's own
+  request code against the BlockBackend, then given back to C, which adds
+  the used element and decides on the interrupt;
+- the log line of a bad request or an I/O error (C wrote the status; the
+  used element follows the log line);
+- fatal errors (a broken ring, a chain without a status byte): ``fail()``,
+  i.e. DEVICE_NEEDS_RESET with one log line;
+- interrupts for queues without a direct call eventfd (a masked MSI-X vector,
+  or virtio-MMIO, whose InterruptStatus bit Python must set): forwarded to
+  ``Interrupt.signal_queue``.
+
+``stop()`` stops popping, waits for the engine's requests in flight (their
+results are dropped: the queues are being reset) and joins both threads.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+
+from .._native import ffi, lib
+from ..errors import PykvmError
+from .queue import Chain, QueueError
+
+log = logging.getLogger("pykvm.virtio")
+
+C_ENGINES = ("threads", "native", "io_uring")
+# QEMU's default poll-max-ns for an iothread
+POLL_MAX_NS = int(os.environ.get("PYKVM_POLL_MAX_NS", "32768"))
+COUNTERS = ("requests", "bytes_read", "bytes_written", "errors", "submitted", "flushes",
+            "batches", "completions", "completion_batches", "interrupts", "interrupts_suppressed",
+            "punts", "poll_hits", "sleeps")
+EXTENT_WRITABLE = lib.PYKVM_BLK_EXTENT_WRITABLE
+
+
+class FastPathError(PykvmError):
+    """The C I/O thread could not start (one line why)."""
+
+
+class Extent:
+    """Virtual disk bytes [offset, offset+length) at ``host_offset`` in ``fd``."""
+
+    __slots__ = ("fd", "host_offset", "length", "offset", "writable")
+
+    def __init__(self, offset: int, length: int, fd: int, host_offset: int, writable: bool):
+        self.offset = offset
+        self.length = length
+        self.fd = fd
+        self.host_offset = host_offset
+        self.writable = writable
+
+
+def _extent_table(extents):
+    table = ffi.new("struct pykvm_blk_extent[]", max(1, len(extents)))
+    for c, e in zip(table, sorted(extents, key=lambda e: e.offset)):
+        c.offset, c.length, c.fd, c.host_offset = e.offset, e.length, e.fd, e.host_offset
+        c.flags = EXTENT_WRITABLE if e.writable else 0
+    return table
+
+
+def c_queue(mem, q):
+    """A C queue (struct pykvm_vq) configured and activated like SplitQueue ``q``;
+    raises ValueError with the QueueError text if the C checks refuse it."""
+    vq = ffi.new("struct pykvm_vq *")
+    if lib.pykvm_vq_init(vq, q.index, q.max_size) < 0:
+        raise ValueError(f"virtqueue {q.index}: bad max_size {q.max_size}")
+    vq.size = q.size
+    vq.desc_table, vq.avail_ring, vq.used_ring = q.desc_table, q.avail_ring, q.used_ring
+    vq.ready, vq.event_idx, vq.indirect = q.ready, q.event_idx, q.indirect
+    if q.ready:
+        cmem = c_mem(mem)
+        err = ffi.new("struct pykvm_vq_error *")
+        if lib.pykvm_vq_activate(vq, cmem, q.last_avail_idx, q.used_idx, err) < 0:
+            raise ValueError(ffi.string(err.message).decode())
+    return vq
+
+
+def c_mem(mem):
+    """GuestMemory as a C queue operation takes it (keeps mem.table alive)."""
+    cmem = ffi.new("struct pykvm_vq_mem *")
+    cmem.regions = mem.table
+    cmem.nregions = len(mem.regions)
+    return cmem
+
+
+class CQueue:
+    """native/vq.c behind SplitQueue's interface: the C twin, for the parity
+    tests (and any Python code that wants the C walker). Same attributes,
+    same methods, same QueueError (check name and message)."""
+
+    _CONFIG = ("size", "desc_table", "avail_ring", "used_ring", "ready", "event_idx", "indirect")
+
+    def __init__(self, index: int, max_size: int):
+        vq = ffi.new("struct pykvm_vq *")
+        if lib.pykvm_vq_init(vq, index, max_size) < 0:
+            raise ValueError(f"virtqueue {index}: max_size {max_size} is not a power of 2 "
+                             f"in [1, {lib.PYKVM_VQ_MAX_SIZE}]")
+        self.vq = vq
+        self._err = ffi.new("struct pykvm_vq_error *")
+        self._chain = ffi.new("struct pykvm_vq_chain *")
+        self._segs = None
+        self._mem_pair = (None, None)  # (GuestMemory, its C view), the last one used
+
+    index = property(lambda self: self.vq.index)
+    max_size = property(lambda self: self.vq.max_size)
+    last_avail_idx = property(lambda self: self.vq.last_avail_idx)
+    used_idx = property(lambda self: self.vq.used_idx)
+    in_flight = property(lambda self: self.vq.in_flight)
+
+    def __getattr__(self, name):
+        if name in CQueue._CONFIG:
+            value = getattr(self.vq, name)
+            return bool(value) if name in ("ready", "event_idx", "indirect") else value
+        raise AttributeError(name)
+
+    def __setattr__(self, name, value):
+        if name in CQueue._CONFIG:
+            setattr(self.vq, name, int(value))
+        else:
+            super().__setattr__(name, value)
+
+    def _mem(self, mem):
+        if self._mem_pair[0] is not mem:
+            self._mem_pair = (mem, c_mem(mem))
+        return self._mem_pair[1]
+
+    def _raise(self):
+        msg = ffi.string(self._err.message).decode()
+        check = ffi.string(lib.pykvm_vq_check_name(self._err.check)).decode()
+        prefix = f"virtqueue {self.index}: {check}: "
+        raise QueueError(self.index, check, msg.removeprefix(prefix))
+
+    def reset(self) -> None:
+        lib.pykvm_vq_reset(self.vq)
+
+    def activate(self, mem, *, last_avail_idx: int = 0, used_idx: int = 0) -> None:
+        if lib.pykvm_vq_activate(self.vq, self._mem(mem), last_avail_idx & 0xFFFF,
+                                 used_idx & 0xFFFF, self._err) < 0:
+            self._raise()
+        cap = lib.pykvm_vq_chain_capacity(self.vq)
+        self._segs = ffi.new("struct pykvm_vq_seg[]", cap)
+        self._chain.segs = self._segs
+        self._chain.cap = cap
+
+    def pop(self, mem) -> Chain | None:
+        if self._segs is None:
+            return None  # never activated
+        rc = lib.pykvm_vq_pop(self.vq, self._mem(mem), self._chain, self._err)
+        if rc < 0:
+            self._raise()
+        if not rc:
+            return None
+        c, segs = self._chain, self._segs
+        return Chain(c.head, [(segs[i].gpa, segs[i].len) for i in range(c.nreadable)],
+                     [(segs[i].gpa, segs[i].len) for i in range(c.nreadable, c.nsegs)])
+
+    def has_pending(self, mem) -> bool:
+        rc = lib.pykvm_vq_has_pending(self.vq, self._mem(mem), self._err)
+        if rc < 0:
+            self._raise()
+        return bool(rc)
+
+    def add_used(self, mem, head: int, length: int) -> None:
+        lib.pykvm_vq_add_used(self.vq, self._mem(mem), head, length)
+
+    def needs_notification(self, mem) -> bool:
+        return bool(lib.pykvm_vq_needs_notification(self.vq, self._mem(mem)))
+
+    def set_notification(self, mem, enable: bool) -> bool:
+        rc = lib.pykvm_vq_set_notification(self.vq, self._mem(mem), int(enable), self._err)
+        if rc < 0:
+            self._raise()
+        return bool(rc)
+
+
+class _QueueOwnedByC:
+    """A queue the C thread owns, as VirtioBlk's request code sees it for a
+    punted chain: add_used hands the element back to C, which adds it and
+    decides on the interrupt."""
+
+    def __init__(self, fast: FastPath, index: int):
+        self._fast = fast
+        self.index = index
+
+    def add_used(self, mem, head: int, length: int) -> None:
+        self._fast._give_back(self.index, head, length)
+
+    def needs_notification(self, mem) -> bool:
+        return False  # the C thread decides, when it adds the element
+
+
+class FastPath:
+    """The C I/O thread of one device and its Python helper thread.
+
+    ``punt`` serves what C hands over: ``punt.serve(queue, chain)`` starts a
+    request with the Python code (``queue.add_used`` gives it back),
+    ``punt.notifier`` is readable when ``punt.collect()`` has completions to
+    finish, ``punt.warn(message)`` logs a bad request's line. ``fail(message)``
+    is DEVICE_NEEDS_RESET; ``forward(index)`` interrupts for queue ``index``
+    from Python (for ``call_fds[index]`` None).
+    """
+
+    def __init__(self, mem, queues, kicks, call_fds, backend_fd: int, engine_name: str, *,
+                 capacity: int, features: int, punt, fail, forward, read_only: bool = False,
+                 write_cache: bool = True, no_flush: bool = False, align: int = 1,
+                 serial: bytes = b"", flush_fd: int | None = None, extents=None,
+                 poll_max_ns: int = POLL_MAX_NS, isr=None, isr_bit: int = 1,
+                 name: str = "virtio-blk"):
+        if engine_name not in C_ENGINES:
+            raise FastPathError(f"aio={engine_name} is not a C engine")
+        self.name = name
+        self.mem = mem
+        self._punt = punt
+        self._fail = fail
+        self._forward = forward
+        self._queues = [_QueueOwnedByC(self, q.index) for q in queues]
+        try:
+            self._vqs = [c_queue(mem, q) for q in queues]
+        except ValueError as e:  # Python's checks passed: the twins disagree (a bug)
+            raise FastPathError(f"{name}: the C queue refused what Python accepted: {e}") from None
+        cqueues = ffi.new("struct pykvm_blk_queue[]", len(queues))
+        for cq, vq, q in zip(cqueues, self._vqs, queues):
+            cq.vq = vq
+            cq.kick_fd = kicks[q.index]
+            fd = call_fds[q.index]
+            cq.call_fd = -1 if fd is None else fd
+            cq.isr = isr if isr is not None else ffi.NULL
+            cq.isr_bit = isr_bit
+        if extents is None:
+            extents = [Extent(0, capacity * 512, backend_fd, 0, not read_only)]
+        self._map = _extent_table(extents)
+        self._engine = ffi.new("char[]", engine_name.encode())
+        cfg = ffi.new("struct pykvm_blk_config *")
+        cfg.regions = mem.table
+        cfg.nregions = len(mem.regions)
+        cfg.queues = cqueues
+        cfg.nqueues = len(queues)
+        cfg.engine = self._engine
+        cfg.capacity = capacity
+        cfg.features = features
+        cfg.align = align
+        cfg.flush_fd = backend_fd if flush_fd is None else flush_fd
+        cfg.read_only = read_only
+        cfg.write_cache = write_cache
+        cfg.no_flush = no_flush
+        ffi.memmove(cfg.serial, serial[:20].ljust(20, b"\0"), 20)
+        cfg.poll_max_ns = poll_max_ns
+        cfg.map = self._map
+        cfg.nmap = len(extents)
+        self._cqueues = cqueues  # the C thread reads the vqs until stop
+        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()
+        self._last = dict.fromkeys(COUNTERS, 0)
+        err = ffi.new("char[256]")
+        self._blk = lib.pykvm_blk_start(cfg, err, len(err))
+        if self._blk == ffi.NULL:
+            self._blk = None
+            os.close(self._stop_fd)
+            raise FastPathError(f"{name}: the C fast path cannot start: "
+                                f"{ffi.string(err).decode()}")
+        self._punt_fd = lib.pykvm_blk_punt_fd(self._blk)
+        self._forward_fd = lib.pykvm_blk_forward_fd(self._blk)
+        self._helper = threading.Thread(target=self._serve, name=f"{name}-fastpath", daemon=True)
+        self.threads = (self._helper,)
+        self._helper.start()
+
+    # -- control --------------------------------------------------------------
+
+    def set_write_cache(self, on: bool) -> None:
+        with self._lock:
+            if self._blk is not None:
+                lib.pykvm_blk_set_write_cache(self._blk, int(on))
+
+    def set_call_fd(self, index: int, fd: int | None) -> None:
+        """The interrupt of queue ``index`` changed (MSI-X vector masked,
+        unmasked or moved): write ``fd`` from now on, or forward if None."""
+        with self._lock:
+            if self._blk is not None:
+                lib.pykvm_blk_set_call_fd(self._blk, index, -1 if fd is None else fd)
+
+    def set_map(self, extents) -> int:
+        """Replace the mapping table; returns its generation (see map_generation)."""
+        table = _extent_table(extents)
+        with self._lock:
+            if self._blk is None:
+                return 0
+            return lib.pykvm_blk_set_map(self._blk, table, len(extents))
+
+    def map_generation(self) -> int:
+        with self._lock:
+            return 0 if self._blk is None else lib.pykvm_blk_map_generation(self._blk)
+
+    def counters(self) -> dict:
+        """requests, bytes_read, bytes_written, errors, submitted, flushes, batches,
+        completions, completion_batches, interrupts, interrupts_suppressed,
+        punts, poll_hits, sleeps: since start (final once stopped)."""
+        with self._lock:
+            if self._blk is None:
+                return dict(self._last)
+            c = ffi.new("struct pykvm_blk_counters *")
+            lib.pykvm_blk_counters(self._blk, c)
+            return {k: getattr(c, k) for k in COUNTERS}
+
+    def queue_state(self, index: int) -> tuple[int, int]:
+        """(last_avail_idx, used_idx) of queue ``index`` (exact once stopped)."""
+        vq = self._vqs[index]
+        return vq.last_avail_idx, vq.used_idx
+
+    def stop(self) -> None:
+        """Stop both threads; the engine's requests in flight are waited for
+        and dropped, punted ones stay with the backend (drain it next)."""
+        if self._blk is None:
+            return
+        os.eventfd_write(self._stop_fd, 1)
+        if threading.current_thread() is not self._helper:
+            self._helper.join()
+        last = self.counters()
+        with self._lock:
+            blk, self._blk = self._blk, None
+            self._last = last
+        lib.pykvm_blk_stop(blk)  # joins the C thread (the GIL is released meanwhile)
+        os.close(self._stop_fd)
+
+    # -- the helper thread -----------------------------------------------------
+
+    def _give_back(self, index: int, head: int, length: int) -> None:
+        # only the helper thread gets here, and stop() joins it before freeing
+        lib.pykvm_blk_complete(self._blk, index, head, length)
+
+    def _serve(self) -> None:
+        poller = select.poll()
+        for fd in (self._stop_fd, self._punt_fd, self._forward_fd, self._punt.notifier):
+            poller.register(fd, select.POLLIN)
+        entry = ffi.new("struct pykvm_blk_punt *")
+        try:
+            while True:
+                for fd, _ in poller.poll():
+                    if fd == self._stop_fd:
+                        return
+                    if fd == self._punt_fd:
+                        _drain(fd)
+                        while lib.pykvm_blk_next_punt(self._blk, entry):
+                            try:
+                                self._handle(entry)
+                            finally:
+                                lib.pykvm_blk_punt_release(entry)
+                    elif fd == self._forward_fd:
+                        _drain(fd)
+                        mask = lib.pykvm_blk_take_forwarded(self._blk)
+                        for i in range(64):
+                            if mask >> i & 1:
+                                self._forward(i)
+                    else:
+                        self._punt.collect()
+        except Exception as e:  # a VMM bug: the device dies, not the VMM
+            log.exception("%s: fast path helper failed", self.name)
+            self._fail(f"internal error: {type(e).__name__}: {e}")
+
+    def _handle(self, entry) -> None:
+        kind = entry.kind
+        if kind == lib.PYKVM_BLK_PUNT_FATAL:
+            self._fail(ffi.string(entry.message).decode(errors="replace"))
+        elif kind == lib.PYKVM_BLK_PUNT_LOG:
+            self._punt.warn(ffi.string(entry.message).decode(errors="replace"))
+            lib.pykvm_blk_complete(self._blk, entry.queue, entry.head, entry.used_len)
+        else:
+            segs = entry.segs
+            readable = [(segs[i].gpa, segs[i].len) for i in range(entry.nreadable)]
+            writable = [(segs[i].gpa, segs[i].len) for i in range(entry.nreadable, entry.nsegs)]
+            self._punt.serve(self._queues[entry.queue], Chain(entry.head, readable, writable))
+
+
+# -- VirtioBlk's fast path ------------------------------------------------------
+
+def wanted(backend) -> bool:
+    """Does this disk's engine ask for the C path (aio=threads|native|io_uring)?"""
+    return getattr(backend.engine, "name", "python") in C_ENGINES
+
+
+class _BlkPunts:
+    """What C hands over, served by VirtioBlk's hook (pykvm/virtio/blk.py)."""
+
+    def __init__(self, dev):
+        self._dev = dev
+        self.notifier = dev.backend.notifier
+
+    def serve(self, queue, chain) -> None:
+        self._dev.serve_punted(queue, chain)
+
+    def collect(self) -> None:
+        self._dev.complete_punted()
+
+    def warn(self, message: str) -> None:
+        self._dev.warn(message)
+
+
+def interrupt_plan(interrupt, count: int):
+    """(call_fds, isr_word): the eventfd C may write for each queue (None
+    where Python must signal), and the status word C must set first, if any.
+
+    MSI-X: each unmasked vector's irqfd. virtio-MMIO: its InterruptStatus
+    bit must be set with each interrupt; while that bit is Python state
+    (MmioInterrupt.status), Python signals; a transport that keeps it in a
+    C word (``isr_word``, a ``uint32_t *`` used with pykvm_isr_set/ack/load)
+    lets C set it and write the irqfd itself."""
+    if interrupt is None:
+        return [None] * count, None
+    isr = getattr(interrupt, "isr_word", None)
+    if isr is not None:
+        return [interrupt.call_fd(i) for i in range(count)], isr
+    from .transport.mmio import MmioInterrupt
+    if isinstance(interrupt, MmioInterrupt):
+        return [None] * count, None
+    return [interrupt.call_fd(i) for i in range(count)], None
+
+
+def refresh_interrupts(fast: FastPath, interrupt, count: int) -> None:
+    """After the transport changed its interrupts (an MSI-X vector masked,
+    unmasked or moved): tell the C thread which queues it may signal."""
+    for i, fd in enumerate(interrupt_plan(interrupt, count)[0]):
+        fast.set_call_fd(i, fd)
+
+
+def disk_extents(backend) -> tuple[list, int]:
+    """The mapping table and flush fd of a disk: a raw image is one extent of
+    its file (sector 0 not writable in C: writes there go to Python, which
+    guards a probed raw image's header; detect-zeroes writes go to Python
+    too); other formats start with an empty table (everything punts) until
+    their driver fills it; a flush is done in C only for a raw file."""
+    drv = backend.driver
+    if not drv.identity_mapped:
+        return [], -1
+    size = backend.size // 512 * 512
+    writable = not backend.read_only and getattr(backend, "detect_zeroes", "off") == "off"
+    extents = [Extent(0, min(512, size), drv.fd, 0, False)]
+    if size > 512:
+        extents.append(Extent(512, size - 512, drv.fd, 512, writable))
+    flush_fd = drv.fd if list(getattr(drv, "sync_fds", [drv.fd])) == [drv.fd] else -1
+    return extents, flush_fd
+
+
+def start(dev, mem, queues, features: int, kicks, interrupt, fail) -> FastPath:
+    """Start the C path for VirtioBlk ``dev`` at DRIVER_OK (raises FastPathError)."""
+    backend = dev.backend
+    extents, flush_fd = disk_extents(backend)
+    call_fds, isr = interrupt_plan(interrupt, len(queues))
+    return FastPath(
+        mem, queues, kicks, call_fds, backend.driver.fd,
+        backend.engine.name, capacity=backend.size // 512, features=features,
+        punt=_BlkPunts(dev), fail=fail, forward=interrupt.signal_queue,
+        read_only=backend.read_only, write_cache=backend.write_cache,
+        no_flush=backend.cache.no_flush, align=backend.align, serial=dev.serial,
+        flush_fd=flush_fd, extents=extents, isr=isr, name=dev.name)
+
+
+def _drain(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass

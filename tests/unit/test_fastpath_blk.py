@@ -1,0 +1,431 @@
+"""virtio-blk over the C fast path (native/blk.c), on every C engine.
+
+Every scenario of tests/unit/test_virtio_blk.py runs again here with the
+disk on aio=threads, native and io_uring, so the C I/O thread serves it
+(aio=native with O_DIRECT: cache=none for writeback, directsync for
+writethrough). Then tests of what only the C path has: its counters,
+batching, the punt queue, forwarded interrupts, the mapping table, and a
+differential run of the same requests through the Python and the C path.
+"""
+import errno
+import logging
+import os
+import struct
+
+import pytest
+
+from pykvm._native import ffi, lib
+from pykvm.aio.native import NativeEngine
+from pykvm.block import BlockBackend
+from pykvm.virtio import blk as B
+from pykvm.virtio import fastpath
+from tests.helpers.virtio_driver import (T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT,
+                                         T_WRITE_ZEROES, wait_fd)
+from tests.unit import test_virtio_blk
+from tests.unit.test_virtio_blk import *  # the device tests, run on C here
+from tests.unit.test_virtio_blk import DISK, Rig, pattern
+
+ENGINES = ("threads", "native", "io_uring")
+DIRECT = {"writeback": "none", "writethrough": "directsync", "none": "none",
+          "directsync": "directsync"}
+# these observe the Python path's own calls (os.fdatasync, VirtioBlk.stats);
+# their C-path versions are below
+PYTHON_ONLY = {"test_flush_reaches_fdatasync", "test_guest_toggles_the_write_cache",
+               "test_event_idx_suppresses_interrupts"}
+
+
+def aligned_write(d, sector, data):
+    """A write whose data buffer is page-aligned (O_DIRECT needs no bounce)."""
+    buf = (d.vq.arena.alloc(len(data), data, align=4096), len(data), False)
+    return d.request([d.header(T_OUT, sector), buf, d.vq.arena.writable(1)])[0]
+
+
+def aligned_read(d, sector, n):
+    gpa = d.vq.arena.alloc(n, bytes(n), align=4096)
+    status, _ = d.request([d.header(T_IN, sector), (gpa, n, True), d.vq.arena.writable(1)])
+    return status, d.mem.read(gpa, n)
+
+
+def c_backend(engine):
+    def make(path, cache="writeback", **kw):
+        if engine == "native":
+            cache = DIRECT[cache]
+        return BlockBackend(path, cache=cache, engine=NativeEngine(engine, 256), **kw)
+    return make
+
+
+def not_applicable(item) -> bool:
+    """Deselected here (tests/unit/conftest.py): the Python-only observers, and
+    cache=unsafe on aio=native, which needs O_DIRECT."""
+    name = getattr(item, "originalname", item.name)
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return name in PYTHON_ONLY or (name == "test_unsafe_cache_ignores_flushes"
+                                   and params.get("engine") == "native")
+
+
+@pytest.fixture(params=ENGINES, autouse=True)
+def engine(request, monkeypatch):
+    monkeypatch.setattr(test_virtio_blk, "BlockBackend", c_backend(request.param))
+    return request.param
+
+
+def test_the_shared_tests_do_run_on_c(rig):
+    assert rig.dev._fast is not None
+    assert rig.drv.read(0, 512)[0] == B.S_OK
+    assert rig.dev.counters()["requests"] == 1
+
+
+# -- counters -------------------------------------------------------------------------
+
+def test_flush_is_counted(rig):
+    assert rig.drv.flush() == B.S_OK
+    assert rig.dev.counters()["flushes"] == 1
+
+
+def test_writethrough_flushes_each_write(image, transport):
+    r = Rig(image, transport)
+    try:
+        assert aligned_write(r.drv, 8, bytes(512)) == B.S_OK
+        assert r.dev.counters()["flushes"] == 0      # writeback: no flush per write
+        r.drv.t.write_config(32, 1, 0)               # guest turns the cache off
+        assert aligned_write(r.drv, 8, pattern(512, 3)) == B.S_OK
+        assert r.dev.counters()["flushes"] == 1      # writethrough: each write flushed
+        assert r.dev.counters()["punts"] == 0
+        assert image.read_bytes()[8 * 512:9 * 512] == pattern(512, 3)
+    finally:
+        r.close()
+
+
+def test_unsafe_cache_ignores_flushes(image, transport, engine):
+    mem_rig = Rig(image, transport, cache="unsafe")
+    try:
+        assert mem_rig.drv.flush() == B.S_OK
+        assert mem_rig.dev.counters()["flushes"] == 0
+    finally:
+        mem_rig.close()
+
+
+def test_event_idx_suppresses_interrupts_in_c(image, transport):
+    r = Rig(image, transport)
+    try:
+        d = r.drv
+        d.vq.set_used_event(5)
+        for i in range(3):
+            d.submit([d.header(T_FLUSH), d.vq.arena.writable(1)])
+        assert not wait_fd(d.t.interrupt_fd(0), 0.5)
+        assert len(d.vq.reap()) == 3
+        c = r.dev.counters()
+        assert c["interrupts"] == 0 and c["interrupts_suppressed"] >= 1
+    finally:
+        r.close()
+
+
+def test_batches_many_requests_per_submission(rig, image):
+    d = rig.drv
+    bufs = []
+    for i in range(20):
+        data = (d.vq.arena.alloc(4096, align=4096), 4096, True)
+        bufs.append((i, data))
+        d.submit([d.header(T_IN, i * 8), data, d.vq.arena.writable(1)], notify=False)
+    d.t.notify(0)
+    assert len(d.wait_used(20)) == 20
+    c = rig.dev.counters()
+    assert c["requests"] == 20 and c["bytes_read"] == 20 * 4096 and c["punts"] == 0
+    assert c["batches"] < c["submitted"] == 20
+    content = image.read_bytes()
+    for i, (gpa, n, _) in bufs:
+        assert rig.mem.read(gpa, n) == content[i * 4096:(i + 1) * 4096]
+
+
+# -- the punt queue ----------------------------------------------------------------------
+
+def test_discard_and_write_zeroes_go_through_python(rig, image):
+    assert rig.drv.ranged(T_DISCARD, 0, 8) == B.S_OK
+    assert rig.drv.ranged(T_WRITE_ZEROES, 16, 8) == B.S_OK
+    assert rig.dev.counters()["punts"] == 2
+    assert image.read_bytes()[:4096] == bytes(4096)
+    assert image.read_bytes()[16 * 512:24 * 512] == bytes(4096)
+
+
+def test_sector_zero_writes_go_through_python(rig, image):
+    """The C path leaves sector 0 to Python, which guards a probed raw image's header."""
+    qcow2_magic = b"QFI\xfb" + bytes(508)
+    assert rig.drv.write(0, qcow2_magic) == B.S_IOERR   # refused by the backend's guard
+    assert rig.drv.write(0, pattern(1024, 4)) == B.S_OK
+    assert image.read_bytes()[:1024] == pattern(1024, 4)
+    assert rig.dev.counters()["punts"] == 2
+    status, data = aligned_read(rig.drv, 0, 4096)          # a read across it stays in C
+    assert (status, data) == (B.S_OK, image.read_bytes()[:4096])
+    assert rig.dev.counters()["punts"] == 2
+
+
+def test_bad_request_status_is_decided_in_c(rig, caplog):
+    with caplog.at_level(logging.WARNING, logger="pykvm"):
+        status, used = rig.drv.request([rig.drv.header(T_IN, 1), rig.drv.vq.arena.writable(100),
+                                        rig.drv.vq.arena.writable(1)])
+    assert (status, used) == (B.S_IOERR, 1)
+    assert rig.dev.counters()["punts"] == 0 and rig.dev.counters()["errors"] == 1
+    assert [r.getMessage() for r in caplog.records] == \
+        ["virtio-blk: queue 0, chain 0: data length 100 is not a multiple of 512"]
+
+
+# -- hostile guests --------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["empty_status", "head_twice"])
+def test_more_broken_chains_need_reset(rig, case, caplog):
+    d = rig.drv
+    with caplog.at_level(logging.ERROR, logger="pykvm"):
+        if case == "empty_status":
+            d.vq.add_chain([d.header(T_FLUSH), d.vq.arena.writable(8), (0x8000, 0, True)])
+        else:
+            # the same head twice in one batch: the first is still in flight
+            # (with the engine) when the second is popped
+            head = d.vq.add_chain([d.header(T_IN), d.vq.arena.writable(512),
+                                   d.vq.arena.writable(1)])
+            d.vq.write_avail_entry(d.vq.next_avail, head)
+            d.vq.next_avail += 1
+        d.vq.publish()
+        d.t.notify(0)
+        assert wait_fd(d.t.config_fd(), 5)
+    assert d.needs_reset
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert ("no writable status byte" if case == "empty_status" else "still owns it") in errors[0]
+
+
+# -- interrupts ---------------------------------------------------------------------------
+
+def test_pci_unmasked_vector_is_written_directly(image):
+    r = Rig(image, "pci")
+    try:
+        assert r.dev._fast is not None
+        assert r.t.msix.call_fd(0) is not None
+        status, _, _ = r.drv.read(0, 512)
+        assert status == B.S_OK
+        assert r.dev.counters()["interrupts"] >= 1
+    finally:
+        r.close()
+
+
+def test_pci_masked_vector_is_forwarded_and_left_pending(image):
+    r = Rig(image, "pci")
+    try:
+        d = r.drv
+        fn = r.t
+        from pykvm.virtio.transport import pci as P
+        d.t.set_status(0)
+        fn.bar_write(P.MSIX_TABLE + 16 * 1 + 12, 4, 1)    # mask the queue's vector
+        d.init()
+        assert fn.msix.call_fd(0) is None
+        head = d.submit([d.header(T_IN, 0), d.vq.arena.writable(512), d.vq.arena.writable(1)])
+        for _ in range(500):
+            if fn.msix.pending & 2:
+                break
+            import time
+            time.sleep(0.01)
+        assert fn.msix.pending & 2                       # Python saw it, the vector is masked
+        assert d.vq.reap() == [(head, 513)]
+        fn.bar_write(P.MSIX_TABLE + 16 * 1 + 12, 4, 0)    # unmask: delivered now
+        assert wait_fd(d.t.interrupt_fd(0), 5)
+    finally:
+        r.close()
+
+
+def test_vector_masked_later_is_forwarded_once_the_device_is_told(image):
+    r = Rig(image, "pci")
+    try:
+        d, fn = r.drv, r.t
+        from pykvm.virtio.transport import pci as P
+        fn.bar_write(P.MSIX_TABLE + 16 * 1 + 12, 4, 1)    # the guest masks the vector
+        r.dev.interrupts_changed()                        # (the transport's hook)
+        d.vq.set_used_event(d.vq.last_used)
+        d.submit([d.header(T_IN, 0), d.vq.arena.writable(512), d.vq.arena.writable(1)])
+        import time
+        for _ in range(500):
+            if fn.msix.pending & 2:
+                break
+            time.sleep(0.01)
+        assert fn.msix.pending & 2 and not wait_fd(d.t.interrupt_fd(0), 0.1)
+        fn.bar_write(P.MSIX_TABLE + 16 * 1 + 12, 4, 0)
+        r.dev.interrupts_changed()
+        assert wait_fd(d.t.interrupt_fd(0), 5)            # the pending one, on unmask
+        d.vq.reap()
+        d.vq.set_used_event(d.vq.last_used)
+        d.submit([d.header(T_IN, 0), d.vq.arena.writable(512), d.vq.arena.writable(1)])
+        assert wait_fd(d.t.interrupt_fd(0), 5)            # direct again
+    finally:
+        r.close()
+
+
+def test_mmio_interrupts_set_interrupt_status(image):
+    r = Rig(image, "mmio")
+    try:
+        d = r.drv
+        d.vq.set_used_event(0)
+        d.submit([d.header(T_IN, 0), d.vq.arena.writable(512), d.vq.arena.writable(1)])
+        assert wait_fd(r.t.interrupt.fd, 5)              # forwarded through Python,
+        assert r.t.interrupt.status & 1                  # which set INT_USED_BUFFER first
+    finally:
+        r.close()
+
+
+# -- the same requests through both paths -------------------------------------------------
+
+def shapes():
+    """Request chains, good and bad: (name, builder(driver) -> bufs)."""
+    def hdr(d, t, sector=0):
+        return d.header(t, sector)
+    w, rd = (lambda d, n: d.vq.arena.writable(n)), (lambda d, b: d.vq.arena.readable(b))
+    seg = struct.Struct("<QII").pack
+    return {
+        "read": lambda d: [hdr(d, T_IN, 3), w(d, 4096), w(d, 1)],
+        "read-split": lambda d: [hdr(d, T_IN, 5), w(d, 512), w(d, 1024), w(d, 513)],
+        "read-header-split": lambda d: [rd(d, bytes(4)), rd(d, struct.pack("<IQ", 0, 2)),
+                                        w(d, 512), w(d, 1)],
+        "read-header+data-in-one": lambda d: [rd(d, struct.pack("<IIQ", T_IN, 0, 0) + b"x"),
+                                              w(d, 512), w(d, 1)],
+        "write": lambda d: [hdr(d, T_OUT, 9), rd(d, pattern(1024, 1)), w(d, 1)],
+        "write-header+data": lambda d: [rd(d, struct.pack("<IIQ", T_OUT, 0, 12)
+                                           + pattern(512, 2)), w(d, 1)],
+        "write-empty": lambda d: [hdr(d, T_OUT, 9), w(d, 1)],
+        "read-empty": lambda d: [hdr(d, T_IN, 9), w(d, 1)],
+        "read-at-capacity-empty": lambda d: [hdr(d, T_IN, DISK // 512), w(d, 1)],
+        "read-last-sector": lambda d: [hdr(d, T_IN, DISK // 512 - 1), w(d, 513)],
+        "read-past-end": lambda d: [hdr(d, T_IN, DISK // 512 - 1), w(d, 1024), w(d, 1)],
+        "read-sector-overflow": lambda d: [hdr(d, T_IN, (1 << 64) - 1), w(d, 512), w(d, 1)],
+        "read-odd-length": lambda d: [hdr(d, T_IN, 0), w(d, 100), w(d, 1)],
+        "read-readable-data": lambda d: [hdr(d, T_IN, 0), rd(d, bytes(512)), w(d, 1)],
+        "read-zero-length-readable": lambda d: [hdr(d, T_IN, 0), (0x9000, 0, False), w(d, 513)],
+        "write-writable-data": lambda d: [hdr(d, T_OUT, 0), w(d, 512), w(d, 1)],
+        "short-header": lambda d: [rd(d, bytes(15)), w(d, 1)],
+        "no-header": lambda d: [w(d, 1)],
+        "flush": lambda d: [hdr(d, T_FLUSH), w(d, 1)],
+        "flush-with-data": lambda d: [hdr(d, T_FLUSH), w(d, 512), w(d, 1)],
+        "flush-with-empty-readable": lambda d: [hdr(d, T_FLUSH), (0x9000, 0, False), w(d, 1)],
+        "get-id": lambda d: [hdr(d, T_GET_ID), w(d, 20), w(d, 1)],
+        "get-id-short": lambda d: [hdr(d, T_GET_ID), w(d, 7), w(d, 1)],
+        "get-id-split": lambda d: [hdr(d, T_GET_ID), w(d, 3), w(d, 30)],
+        "get-id-readable": lambda d: [hdr(d, T_GET_ID), rd(d, b"x"), w(d, 21)],
+        "unknown-type": lambda d: [hdr(d, 99), w(d, 1)],
+        "unknown-type-with-data": lambda d: [hdr(d, 99), w(d, 4), w(d, 1)],
+        "discard": lambda d: [hdr(d, T_DISCARD), rd(d, seg(8, 8, 0)), w(d, 1)],
+        "discard-flags": lambda d: [hdr(d, T_DISCARD), rd(d, seg(0, 1, 1)), w(d, 1)],
+        "discard-two-segments": lambda d: [hdr(d, T_DISCARD), rd(d, seg(0, 1, 0) * 2), w(d, 1)],
+        "discard-odd": lambda d: [hdr(d, T_DISCARD), rd(d, bytes(17)), w(d, 1)],
+        "write-zeroes": lambda d: [hdr(d, T_WRITE_ZEROES), rd(d, seg(32, 4, 1)), w(d, 1)],
+        "write-zeroes-past-end": lambda d: [hdr(d, T_WRITE_ZEROES),
+                                            rd(d, seg(DISK // 512 - 1, 2, 0)), w(d, 1)],
+    }
+
+
+@pytest.mark.parametrize("name", sorted(shapes()))
+def test_same_answers_as_the_python_path(tmp_path, name, engine, transport, monkeypatch):
+    """The same chain, on twin images: the same status byte, used length,
+    buffer contents and image contents from the Python path and the C path."""
+    results = []
+    for path_kind in ("python", engine):
+        img = tmp_path / f"{path_kind}.img"
+        img.write_bytes(pattern(DISK))
+        if path_kind == "python":
+            monkeypatch.setattr(test_virtio_blk, "BlockBackend",
+                                lambda p, cache="writeback", **kw: BlockBackend(
+                                    p, cache=DIRECT[cache] if engine == "native" else cache,
+                                    **kw))
+        else:
+            monkeypatch.setattr(test_virtio_blk, "BlockBackend", c_backend(engine))
+        r = Rig(img, transport)
+        try:
+            assert (r.dev._fast is not None) == (path_kind != "python")
+            d = r.drv
+            bufs = shapes()[name](d)
+            head = d.submit(bufs)
+            used = d.wait_used()
+            assert used[0][0] == head
+            status = r.mem.read_u(bufs[-1][0] + bufs[-1][1] - 1, 1)
+            contents = [r.mem.read(g, n) for g, n, wr in bufs if wr]
+            results.append((status, used[0][1], contents, d.needs_reset))
+        finally:
+            r.close()
+        results[-1] += (img.read_bytes(),)
+    assert results[0] == results[1]
+
+
+# -- the mapping table ----------------------------------------------------------------------
+
+def extents(*rows):
+    t = ffi.new("struct pykvm_blk_extent[]", len(rows))
+    for c, (off, n, fd, host, flags) in zip(t, rows):
+        c.offset, c.length, c.fd, c.host_offset, c.flags = off, n, fd, host, flags
+    return t
+
+
+@pytest.mark.parametrize("offset,length,write,expect", [
+    (0, 512, False, (5, 100)),
+    (0, 512, True, None),                 # extent 0 is not writable
+    (512, 3584, True, (5, 612)),
+    (0, 4096, False, (5, 100)),           # continues into the next extent, same file
+    (0, 4096, True, None),
+    (8192, 512, False, None),             # a hole: unmapped
+    (4096, 1024, False, None),            # runs into the hole
+    (12288, 4096, True, (7, 0)),
+    (8192 + 2048, 4096, False, None),     # crosses into another file
+    (16384, 1, False, None),              # past the end
+])
+def test_map_lookup(engine, offset, length, write, expect):
+    t = extents((0, 512, 5, 100, 0), (512, 4096 - 512, 5, 612, 1), (12288, 4096, 7, 0, 1))
+    fd = ffi.new("int32_t *")
+    host = ffi.new("uint64_t *")
+    got = lib.pykvm_blk_map_lookup(t, 3, offset, length, write, fd, host)
+    assert (got, (fd[0], host[0]) if got else None) == (expect is not None, expect)
+
+
+def test_set_map_punts_unmapped_ranges(rig, image):
+    fast = rig.dev._fast
+    fd = rig.backend.driver.fd
+    gen = fast.set_map([fastpath.Extent(0, 8192, fd, 0, False)])
+    assert gen == 1
+    status, data = aligned_read(rig.drv, 8, 4096)          # mapped: C
+    assert fast.map_generation() == 1
+    assert rig.dev.counters()["punts"] == 0
+    assert aligned_read(rig.drv, 32, 4096)[1] == image.read_bytes()[32 * 512:32 * 512 + 4096]
+    assert rig.dev.counters()["punts"] == 1               # unmapped: Python
+    assert aligned_write(rig.drv, 4, pattern(512, 8)) == B.S_OK  # read-only extent: Python
+    assert rig.dev.counters()["punts"] == 2
+    assert (status, data) == (B.S_OK, image.read_bytes()[4096:8192])
+
+
+def test_io_error_is_logged_and_reported(image, transport, engine, caplog):
+    r = Rig(image, transport)
+    try:
+        fast = r.dev._fast
+        bad = os.open("/dev/null", os.O_RDONLY)
+        try:   # data "lives" in a file we may not write: EBADF from the engine
+            fast.set_map([fastpath.Extent(0, DISK, bad, 0, True)])
+            aligned_read(r.drv, 0, 512)  # let the thread take the new map
+            with caplog.at_level(logging.WARNING, logger="pykvm"):
+                assert aligned_write(r.drv, 8, bytes(512)) == B.S_IOERR
+            assert [m.getMessage() for m in caplog.records] == \
+                [f"virtio-blk: I/O error: {os.strerror(errno.EBADF)}"]
+            assert not r.drv.needs_reset
+        finally:
+            r.close()
+            os.close(bad)
+    finally:
+        pass
+
+
+def test_c_path_that_cannot_start_falls_back_to_python(image, transport, monkeypatch, caplog):
+    def refuse(*args, **kw):
+        raise fastpath.FastPathError("virtio-blk: the C fast path cannot start: no threads left")
+    monkeypatch.setattr(fastpath, "FastPath", refuse)
+    with caplog.at_level(logging.WARNING, logger="pykvm"):
+        r = Rig(image, transport)
+    try:
+        assert r.dev._fast is None and r.dev.threads
+        assert [m.getMessage() for m in caplog.records] == [
+            "virtio-blk: the C fast path cannot start: no threads left; serving it with the "
+            "Python path"]
+        status, data, _ = r.drv.read(8, 4096)
+        assert (status, data) == (B.S_OK, image.read_bytes()[4096:8192])
+    finally:
+        r.close()
