@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := gcc make libc6-dev liburing-dev qemu-system-x86 qemu-utils fio acpica-tools lz4
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup deps guests linux-kernel run test test-unit test-integration bench bench-quick clean distclean
+.PHONY: all setup deps guests linux-kernel run test test-unit test-integration bench bench-deps bench-quick clean distclean
 
 all: setup guests
 
@@ -62,10 +62,14 @@ test-unit: setup guests linux-kernel
 test-integration: setup guests linux-kernel
 	$(VENV)/bin/pytest -q tests/integration
 
-bench: setup guests
+bench-deps: setup
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[test,bench]' \
+		--config-settings editable_mode=compat
+
+bench: setup guests bench-deps
 	$(PY) bench/run.py
 
-bench-quick: setup guests
+bench-quick: setup guests bench-deps
 	$(PY) bench/run.py --quick
 
 clean:

@@ -168,11 +168,16 @@ def bench_pio(count: int, samples: int) -> list[dict]:
 
 
 IO_WORKLOADS = {
-    # name: (rw, bs, iodepth)
+    # name: (rw, bs, iodepth): the talk's performance slides, plus small blocks
+    "seqread-1m-qd8": ("read", 1 << 20, 8),
+    "seqwrite-1m-qd8": ("write", 1 << 20, 8),
+    "randread-256k-qd8": ("randread", 256 << 10, 8),
+    "randread-16k-qd32": ("randread", 16 << 10, 32),
     "randread-4k-qd1": ("randread", 4096, 1),
     "randread-4k-qd32": ("randread", 4096, 32),
-    "seqread-1m-qd8": ("read", 1 << 20, 8),
+    "randwrite-4k-qd32": ("randwrite", 4096, 32),
 }
+ENGINES = ["python", "threads", "native", "io_uring"]
 IMAGE_SIZE = 1 << 30
 
 
@@ -221,24 +226,27 @@ def bench_io(runtime: float, engines: list[str], workloads: dict) -> list[dict]:
                     "fio", "--disk", f"file={img},cache=none,aio={engine},transport={transport}",
                     f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--runtime={runtime:g}",
                     "--output-format=json"], 0)
-        drive = f"id=d0,file={img},format=raw,if=none,cache=none,aio=io_uring"
-        qemu_common = ["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "256M",
-                       "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
-                       "-device", "isa-debug-exit,iobase=0x501,iosize=1",
-                       "-object", "iothread,id=io0", "-drive", drive,
-                       "-kernel", str(GUESTS / "workload.elf")]
-        systems[("qemu", "mmio")] = ([QEMU, "-M", "microvm", *qemu_common,
-                                      "-global", "virtio-mmio.force-legacy=false",
-                                      "-device", "virtio-blk-device,drive=d0,iothread=io0",
-                                      "-append", "virtio_mmio.device=512@0xfeb02e00:47 "
-                                      + guest_opts], 1)
-        systems[("qemu", "pci")] = ([QEMU, "-M", "pc", "-vga", "none", "-nic", "none",
-                                     *qemu_common, "-device",
-                                     "virtio-blk-pci,drive=d0,disable-legacy=on,iothread=io0",
-                                     "-append", "transport=pci " + guest_opts], 1)
+        for qaio in ("io_uring", "native"):
+            drive = f"id=d0,file={img},format=raw,if=none,cache=none,aio={qaio}"
+            qemu_common = ["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "256M",
+                           "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
+                           "-device", "isa-debug-exit,iobase=0x501,iosize=1",
+                           "-object", "iothread,id=io0", "-drive", drive,
+                           "-kernel", str(GUESTS / "workload.elf")]
+            systems[(f"qemu-{qaio}", "mmio")] = ([QEMU, "-M", "microvm", *qemu_common,
+                                                  "-global", "virtio-mmio.force-legacy=false",
+                                                  "-device",
+                                                  "virtio-blk-device,drive=d0,iothread=io0",
+                                                  "-append", "virtio_mmio.device=512@0xfeb02e00:47 "
+                                                  + guest_opts], 1)
+            systems[(f"qemu-{qaio}", "pci")] = ([QEMU, "-M", "pc", "-vga", "none", "-nic", "none",
+                                                 *qemu_common, "-device",
+                                                 "virtio-blk-pci,drive=d0,disable-legacy=on,"
+                                                 "iothread=io0",
+                                                 "-append", "transport=pci " + guest_opts], 1)
         for (system, transport), (cmd, expect) in systems.items():
             m = measure(cmd, expect)
-            if system == "qemu":
+            if system.startswith("qemu"):
                 runs.append(io_result(fio.parse_result(m["stdout"]), system, transport, wname, m))
             else:  # fio's JSON, from fio itself or from `pykvm fio`
                 job = json.loads(m["stdout"])["jobs"][0]
@@ -371,10 +379,11 @@ def io_table(runs: list[dict]) -> str:
     if not rows:
         return ""
     lines = ["", "| workload | system | transport | IOPS | MB/s | p50 us | p99 us | "
-             "vs QEMU (same transport) | vs host | CPU us/IO |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "vs best QEMU (same transport) | vs host | CPU us/IO |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        qemu = next((q for q in rows if q["system"] == "qemu" and q["workload"] == r["workload"]
-                     and q["transport"] == r["transport"]), None)
+        qemu = max((q for q in rows if q["system"].startswith("qemu")
+                    and q["workload"] == r["workload"] and q["transport"] == r["transport"]),
+                   key=lambda q: q["iops"], default=None)
         host = next((q for q in rows if q["system"] == "host" and q["workload"] == r["workload"]),
                     None)
         vs_q = f"{r['iops'] / qemu['iops']:.2f}x" if qemu and qemu["iops"] else "-"
@@ -384,6 +393,35 @@ def io_table(runs: list[dict]) -> str:
                      f"{r['bw_bytes'] / 1e6:,.1f} | {r['lat_ns_p50'] / 1e3:,.1f} | "
                      f"{r['lat_ns_p99'] / 1e3:,.1f} | {vs_q} | {vs_h} | {cpu} |")
     return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict], path: pathlib.Path) -> None:
+    """IOPS relative to fio on the host, per workload and system (MMIO and PCI)."""
+    rows = [r for r in runs if "iops" in r and r["system"] != "host"]
+    host = {r["workload"]: r["iops"] for r in runs if r.get("system") == "host"}
+    if not rows or not host:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    workloads = [w for w in IO_WORKLOADS if w in host]
+    series = sorted({(r["system"], r["transport"]) for r in rows if r["workload"] in host})
+    fig, ax = plt.subplots(figsize=(14, 6))
+    width = 0.8 / max(1, len(series))
+    for k, (system, transport) in enumerate(series):
+        ys = [next((r["iops"] / host[w] for r in rows if r["workload"] == w
+                    and (r["system"], r["transport"]) == (system, transport)), 0)
+              for w in workloads]
+        ax.bar([i + k * width for i in range(len(workloads))], ys, width,
+               label=f"{system} {transport}")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(workloads))], workloads, rotation=15)
+    ax.set_ylabel("IOPS / host fio (same run)")
+    ax.set_title("pykvm and QEMU against fio on the host, same image, cache=none")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def table(runs: list[dict]) -> str:
@@ -423,7 +461,7 @@ def main() -> int:
     if "pio" in suites:
         runs += bench_pio(20_000 if args.quick else 100_000, 3 if args.quick else 5)
     if "io" in suites:
-        runs += bench_io(1.0 if args.quick else 5.0, ["python"], IO_WORKLOADS)
+        runs += bench_io(1.0 if args.quick else 5.0, ENGINES, IO_WORKLOADS)
     if "qcow2" in suites:
         runs += bench_qcow2(1.0 if args.quick else 5.0, 2 if args.quick else 5)
     result = {"machine": machine_info(), "runs": runs}
@@ -433,6 +471,7 @@ def main() -> int:
     (RESULTS / "latest.json").write_text(text)
     (RESULTS / f"{stamp}.json").write_text(text)
     md = table(runs) + io_table(runs) + qcow2_table(runs)
+    plot(runs, RESULTS / "latest.png")
     (RESULTS / "latest.md").write_text(md)
     print(md, end="")
     print(f"results: {RESULTS / 'latest.json'}")
