@@ -61,7 +61,9 @@ CACHE_MODES = {
 DISCARD_MODES = ("ignore", "unmap")
 DETECT_ZEROES_MODES = ("off", "on", "unmap")
 SECTOR = 512
-_ZEROES = ZEROES
+# Zeroes written as data go through O_DIRECT too: a page-aligned buffer
+# (an anonymous mapping) rather than a bytes object, which is not aligned.
+_ZEROES = mmap.mmap(-1, ZERO_CHUNK, prot=mmap.PROT_READ)
 
 
 class _Pending:

@@ -303,6 +303,7 @@ class Qcow2Driver(BlockDriver):
         self.backing = None
         self.data_fd = -1
         self.fd = -1
+        self.bfd = -1
         self.mfd = open_file(path, read_only, False)    # metadata: buffered
         try:
             self._open(direct, chain, l2_cache_size, open_backing, repair)
@@ -385,11 +386,17 @@ class Qcow2Driver(BlockDriver):
             self.data_fd = open_file(dpath, read_only, direct)
             self.data_path = dpath
             self.fd = self.data_fd
+            self.bfd = open_file(dpath, read_only, False) if direct else self.data_fd
         else:
             if h.data_file:
                 raise BlockError(path, "data file named without the external data file feature")
             self.data_path = None
             self.fd = open_file(path, read_only, direct) if direct else os.dup(self.mfd)
+            self.bfd = self.mfd
+        # self.fd (O_DIRECT with cache=none/directsync) carries the guest's own
+        # I/O on aligned buffers; the driver's synchronous data copies
+        # (copy-on-write, zero padding) use self.bfd, a buffered descriptor of
+        # the same file, since their buffers are ordinary Python objects.
         self.data_raw = bool(h.autoclear & AUTOCLEAR_DATA_RAW) and self.data_fd >= 0
         # backing
         if h.backing_file and open_backing:
@@ -998,8 +1005,8 @@ class Qcow2Driver(BlockDriver):
                 if bitmap & 0xFFFFFFFF:
                     # shared with a snapshot: copy every allocated subcluster over
                     data = bytearray(cs)
-                    pread_full(self.fd, memoryview(data), old_host)
-                    pwrite_full(self.fd, data, host)
+                    pread_full(self.bfd, memoryview(data), old_host)
+                    pwrite_full(self.bfd, data, host)
                 alloc.release.append(e)
             for s in (s0, s1) if s0 != s1 else (s0,):
                 if bitmap >> s & 1:
@@ -1023,7 +1030,7 @@ class Qcow2Driver(BlockDriver):
                 old = None
             elif e & OFFSET_MASK or (e & COPIED and self.data_fd >= 0):
                 old = bytearray(cs)
-                pread_full(self.fd, memoryview(old), e & OFFSET_MASK)
+                pread_full(self.bfd, memoryview(old), e & OFFSET_MASK)
             elif self.backing is not None:
                 old = bytearray(cs)
                 read_into(self.backing, gstart, memoryview(old))
@@ -1034,9 +1041,9 @@ class Qcow2Driver(BlockDriver):
                     continue
                 if old is None:
                     if not fresh:
-                        pwrite_full(self.fd, bytes(hi - lo), host + lo)
+                        pwrite_full(self.bfd, bytes(hi - lo), host + lo)
                 elif not fresh or any(memoryview(old)[lo:hi]):
-                    pwrite_full(self.fd, memoryview(old)[lo:hi], host + lo)
+                    pwrite_full(self.bfd, memoryview(old)[lo:hi], host + lo)
         if not reuse and e and (e & COMPRESSED or e & OFFSET_MASK) and self.data_fd < 0:
             alloc.release.append(e)
         alloc.updates.append((ci, host | COPIED, 0xFFFFFFFF if self.extl2 else 0))
@@ -1051,7 +1058,7 @@ class Qcow2Driver(BlockDriver):
             read_into(self.backing, gstart + lo, memoryview(old))
         for a, b in ((lo, min(hi, in_c)), (max(lo, in_c + n), hi)):
             if b > a and (not fresh or any(old[a - lo:b - lo])):
-                pwrite_full(self.fd, memoryview(old)[a - lo:b - lo], host + a)
+                pwrite_full(self.bfd, memoryview(old)[a - lo:b - lo], host + a)
 
     def commit(self, alloc) -> None:
         if alloc is None:
@@ -1704,7 +1711,7 @@ class Qcow2Driver(BlockDriver):
             self.backing.close()
             self.backing = None
         closed = set()
-        for name in ("fd", "data_fd", "mfd"):
+        for name in ("fd", "data_fd", "bfd", "mfd"):
             fd = getattr(self, name, -1)
             if fd >= 0 and fd not in closed:
                 closed.add(fd)

@@ -311,3 +311,42 @@ def test_writes_to_qemu_made_image_with_subclusters(disk_factory, tmp_path):
     exp[200000:205000] = b"C" * 5000
     exp[300000:340000] = bytes(40000)
     assert got == exp
+
+
+@pytest.mark.parametrize("cache", ["none", "directsync"])
+def test_o_direct_copy_on_write_and_partial_zeroing(tmp_path, cache, qemu_tools):
+    """With O_DIRECT the guest's I/O is aligned, but the driver's own copies
+    (copy-on-write from the backing file, zero padding) are not: they must not
+    go through the O_DIRECT descriptor (they used to fail with EINVAL)."""
+    import mmap
+    import select
+    base = tmp_path / "base.raw"
+    base.write_bytes(os.urandom(1 << 20))
+    overlay = tmp_path / "overlay.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", overlay)
+    b = BlockBackend(str(overlay), fmt="qcow2", cache=cache)
+    poller = select.poll()
+    poller.register(b.notifier, select.POLLIN)
+
+    def wait():
+        out = []
+        while not out:
+            poller.poll(1000)
+            out = b.reap()
+        return out
+
+    buf = mmap.mmap(-1, 65536)
+    buf[:4096] = b"\xab" * 4096
+    b.writev(1, 3 * 4096, [memoryview(buf)[:4096]])
+    assert wait() == [(1, 4096)]
+    b.write_zeroes(2, 65536 + 512, 1024, False)
+    assert wait() == [(2, 0)]
+    b.readv(3, 0, [memoryview(buf)])
+    assert wait() == [(3, 65536)]
+    orig = base.read_bytes()
+    assert bytes(buf) == orig[:3 * 4096] + b"\xab" * 4096 + orig[4 * 4096:65536]
+    b.close()
+    assert_clean(overlay)
+    raw = as_raw(overlay, tmp_path)
+    assert raw[65536 + 512:65536 + 1536] == bytes(1024)
+    assert raw[65536:65536 + 512] == orig[65536:65536 + 512]
