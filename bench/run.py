@@ -297,15 +297,18 @@ def bench_qcow2(runtime: float, samples: int) -> list[dict]:
                 "host_cpu_s": m["host_cpu_s"], "others_cpu_s": m["others_cpu_s"],
                 "ios": d["total_ios"]}
 
-    # allocated clusters: same content, raw vs qcow2, pykvm's Python path
-    for system, disk in (("pykvm-python-raw", f"file={img},cache=none"),
-                         ("pykvm-python-qcow2", f"file={qimg},format=qcow2,cache=none")):
-        m = measure(pykvm_fio(disk, "randread", 4096, 32), 0)
-        runs.append(row(system, "qcow2-randread-4k-qd32", m, job=json.loads(m["stdout"])["jobs"][0]))
+    # allocated clusters: same content and engine, raw vs qcow2 (Python path and C path)
+    for engine in ("python", "io_uring"):
+        for fmt, path in (("raw", img), ("qcow2", qimg)):
+            disk = f"file={path},format={fmt},cache=none,aio={engine}"
+            m = measure(pykvm_fio(disk, "randread", 4096, 32), 0)
+            runs.append(row(f"pykvm-{engine}-{fmt}", "qcow2-randread-4k-qd32", m,
+                            job=json.loads(m["stdout"])["jobs"][0]))
     # allocating sequential writes into an empty qcow2: pykvm vs QEMU
     target = RESULTS.parent / "bench-alloc.qcow2"
     fresh_qcow2(target)
-    m = measure(pykvm_fio(f"file={target},format=qcow2,cache=none", "write", 1 << 20, 8), 0)
+    m = measure(pykvm_fio(f"file={target},format=qcow2,cache=none,aio=python", "write",
+                          1 << 20, 8), 0)
     runs.append(row("pykvm-python", "qcow2-alloc-seqwrite-1m-qd8", m,
                     job=json.loads(m["stdout"])["jobs"][0]))
     fresh_qcow2(target)
@@ -350,11 +353,13 @@ def bench_qcow2(runtime: float, samples: int) -> list[dict]:
 def qcow2_table(runs: list[dict]) -> str:
     lines = []
     get = {(r["system"], r["workload"]): r for r in runs}
-    raw = get.get(("pykvm-python-raw", "qcow2-randread-4k-qd32"))
-    q = get.get(("pykvm-python-qcow2", "qcow2-randread-4k-qd32"))
-    if raw and q:
-        lines.append(f"| qcow2 allocated randread-4k-qd32 | {q['iops']:,.0f} IOPS vs raw "
-                     f"{raw['iops']:,.0f} | {q['iops'] / raw['iops']:.2f}x raw (target >= 0.95x) |")
+    for engine in ("python", "io_uring"):
+        raw = get.get((f"pykvm-{engine}-raw", "qcow2-randread-4k-qd32"))
+        q = get.get((f"pykvm-{engine}-qcow2", "qcow2-randread-4k-qd32"))
+        if raw and q:
+            lines.append(f"| qcow2 allocated randread-4k-qd32, aio={engine} | {q['iops']:,.0f} IOPS "
+                         f"vs raw {raw['iops']:,.0f} | {q['iops'] / raw['iops']:.2f}x raw "
+                         "(target >= 0.95x) |")
     p, qe = get.get(("pykvm-python", "qcow2-alloc-seqwrite-1m-qd8")), \
         get.get(("qemu", "qcow2-alloc-seqwrite-1m-qd8"))
     if p and qe:

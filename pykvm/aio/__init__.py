@@ -97,7 +97,7 @@ class PythonEngine(AioEngine):
 
     name = "python"
 
-    def __init__(self, workers: int = 4):
+    def __init__(self, workers: int = 8):
         self.notifier = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._done: collections.deque = collections.deque()
