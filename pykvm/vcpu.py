@@ -90,6 +90,34 @@ def build_cpuid(supported: list[dict], index: int, tsc_khz: int,
     return out
 
 
+def _flat_segment(seg, selector: int, type_: int, long_mode: bool = False) -> None:
+    """A present, DPL-0, 4 GiB flat code/data segment (64-bit code if ``long_mode``)."""
+    seg.base = 0
+    seg.limit = 0xFFFFFFFF
+    seg.selector = selector
+    seg.type = type_
+    seg.present = 1
+    seg.dpl = 0
+    seg.db = 0 if long_mode else 1
+    seg.s = 1
+    seg.l = 1 if long_mode else 0
+    seg.g = 1
+    seg.avl = 0
+
+
+def _busy_tss(tr, selector: int) -> None:
+    """A minimal busy TSS in TR (VM entry wants a usable one; guests load their own)."""
+    tr.base = 0
+    tr.limit = 0x67
+    tr.selector = selector
+    tr.type = 0xB
+    tr.present = 1
+    tr.s = 0
+    tr.g = 0
+    tr.l = 0
+    tr.db = 0
+
+
 _kick_installed = False
 _kick_lock = threading.Lock()
 
@@ -124,30 +152,10 @@ class Vcpu:
     def setup_pvh(self, entry: int, start_info: int) -> None:
         """32-bit flat protected mode, paging off, EBX = hvm_start_info (PVH ABI)."""
         sregs = self.fd.get_sregs()
-
-        def flat(seg, selector, type_):
-            seg.base = 0
-            seg.limit = 0xFFFFFFFF
-            seg.selector = selector
-            seg.type = type_
-            seg.present = 1
-            seg.dpl = 0
-            seg.db = 1
-            seg.s = 1
-            seg.l = 0
-            seg.g = 1
-            seg.avl = 0
-
-        flat(sregs.cs, 0x08, 0xB)  # execute/read, accessed
+        _flat_segment(sregs.cs, 0x08, 0xB)  # execute/read, accessed
         for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-            flat(seg, 0x10, 0x3)  # read/write, accessed
-        sregs.tr.base = 0
-        sregs.tr.limit = 0x67
-        sregs.tr.selector = 0x18
-        sregs.tr.type = 0xB  # busy 32-bit TSS
-        sregs.tr.present = 1
-        sregs.tr.s = 0
-        sregs.tr.g = 0
+            _flat_segment(seg, 0x10, 0x3)  # read/write, accessed
+        _busy_tss(sregs.tr, 0x18)
         sregs.cr0 = CR0_PE | CR0_ET
         sregs.cr3 = 0
         sregs.cr4 = 0
@@ -165,32 +173,10 @@ class Vcpu:
         the VMM's identity map), flat __BOOT_CS (0x10) and __BOOT_DS (0x18) from the
         GDT at ``gdt`` = (base, limit), interrupts off, RSI = the zero page."""
         sregs = self.fd.get_sregs()
-
-        def flat(seg, selector, type_, long_mode):
-            seg.base = 0
-            seg.limit = 0xFFFFFFFF
-            seg.selector = selector
-            seg.type = type_
-            seg.present = 1
-            seg.dpl = 0
-            seg.db = 0 if long_mode else 1
-            seg.s = 1
-            seg.l = 1 if long_mode else 0
-            seg.g = 1
-            seg.avl = 0
-
-        flat(sregs.cs, 0x10, 0xB, True)   # execute/read, accessed, 64-bit
+        _flat_segment(sregs.cs, 0x10, 0xB, long_mode=True)  # execute/read, accessed, 64-bit
         for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-            flat(seg, 0x18, 0x3, False)   # read/write, accessed
-        sregs.tr.base = 0
-        sregs.tr.limit = 0x67
-        sregs.tr.selector = 0x20
-        sregs.tr.type = 0xB               # busy 64-bit TSS
-        sregs.tr.present = 1
-        sregs.tr.s = 0
-        sregs.tr.g = 0
-        sregs.tr.l = 0
-        sregs.tr.db = 0
+            _flat_segment(seg, 0x18, 0x3)                  # read/write, accessed
+        _busy_tss(sregs.tr, 0x20)
         sregs.gdt.base, sregs.gdt.limit = gdt
         sregs.idt.base, sregs.idt.limit = 0, 0
         sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
