@@ -32,14 +32,6 @@ def bucket_bounds(idx: int) -> tuple[int, int]:
     return lo, lo + width - 1
 
 
-def bucket_of(value: int) -> int:
-    """The guest's encoding, for tests: the bucket a latency of ``value`` ns falls in."""
-    if value < 16:
-        return value
-    msb = value.bit_length() - 1
-    return (msb - 3) * 16 + ((value >> (msb - 4)) & 15)
-
-
 def parse_hist(text: str) -> dict[int, int]:
     if text in ("", "-"):
         return {}

@@ -805,14 +805,6 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     s.set_defaults(func=cmd_snapshot)
 
 
-def add_img_parser(subparsers) -> argparse.ArgumentParser:
-    """Hook ``img`` into pykvm's top-level parser."""
-    p = subparsers.add_parser("img", help="create, inspect, check, convert and modify images",
-                              description=__doc__.split("\n\n")[0])
-    build_img_parser(p)
-    return p
-
-
 def cmd_img(args) -> int:
     """Run a parsed ``pykvm img`` command; errors print one line and give the exit code."""
     try:

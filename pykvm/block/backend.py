@@ -45,7 +45,7 @@ import select
 
 from .._native import ffi, lib
 from ..aio import FALLOCATE, FLUSH, READ, WRITE, AioRequest, PythonEngine
-from .driver import (DRIVERS, ZERO_CHUNK, ZEROES, BlockError, WriteBusy, iov_copy_in,
+from .driver import (DRIVERS, ZERO_CHUNK, BlockError, WriteBusy, iov_copy_in,
                      iov_is_zero, iov_length, iov_slice, iov_zero, open_image, probe_format)
 
 log = logging.getLogger("pykvm.block")

@@ -29,7 +29,7 @@ import time
 import zlib
 
 from .driver import (BlockDriver, BlockError, Extent, WriteBusy, WritePlan, open_image,
-                     pread_full, pwrite_full, read_header, read_into, register)
+                     pread_full, pwrite_full, read_into, register)
 from .raw import PUNCH, fallocate, open_file, preallocate
 
 
@@ -1254,7 +1254,7 @@ class Qcow2Driver(BlockDriver):
 
     # -- snapshots ---------------------------------------------------------------------
 
-    def _tree_refs(self, l1: list[int], delta: int, fix_copied: bool = False) -> None:
+    def _tree_refs(self, l1: list[int], delta: int) -> None:
         """Add ``delta`` to the refcount of every L2 table and data cluster of an L1."""
         cs, cb = self.cluster_size, self.cluster_bits
         for i, l1e in enumerate(l1):
@@ -1732,6 +1732,3 @@ def _append(out: list, kind: str, offset: int, n: int, fd: int, host: int) -> No
             return
     out.append(Extent(kind, offset, n, fd, host))
 
-
-def qcow2_header_size_ok(path: str) -> bool:
-    return read_header(path, 4)[:4] == MAGIC
