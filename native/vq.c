@@ -88,6 +88,8 @@ struct pykvm_vq {
     uint16_t last_avail_idx;
     uint16_t used_idx;
     int32_t in_flight;
+    uint64_t inflight;
+    uint64_t inflight_counter;
     /* private: the validated configuration (activate) and notification state */
     uint16_t pending;           /* entries known available past last_avail_idx */
     uint16_t signalled_used;    /* used_idx when needs_notification last ran */
@@ -97,6 +99,25 @@ struct pykvm_vq {
     uint64_t desc;
     uint64_t avail;
     uint64_t used;
+};
+
+/* vhost-user's inflight region of a split queue (vhost-user.rst, "Inflight
+ * I/O tracking"): shared with the front-end, which keeps it across our
+ * restarts so that requests in flight at a crash can be served again. */
+struct vq_inflight_desc {
+    uint8_t inflight;           /* popped and not yet returned (head only) */
+    uint8_t padding[5];
+    uint16_t next;              /* the last used batch, as a list */
+    uint64_t counter;           /* fetch order */
+};
+
+struct vq_inflight {
+    uint64_t features;
+    uint16_t version;
+    uint16_t desc_num;
+    uint16_t last_batch_head;
+    uint16_t used_idx;          /* used->idx as of the last finished add_used */
+    struct vq_inflight_desc desc[];
 };
 
 /* A descriptor as the guest lays it out (little-endian). */
@@ -235,6 +256,7 @@ static void pykvm_vq_reset(struct pykvm_vq *vq)
     vq->desc_table = vq->avail_ring = vq->used_ring = 0;
     vq->ready = vq->event_idx = vq->indirect = 0;
     vq->active = 0;
+    vq->inflight = vq->inflight_counter = 0;
     vq_start(vq, 0, 0);
 }
 
@@ -492,10 +514,34 @@ static int pykvm_vq_pop(struct pykvm_vq *vq, const struct pykvm_vq_mem *mem,
                        "%" PRIu32, (uint32_t)(last & vq->mask), head, vq->qsize);
     if (vq_walk(vq, mem, head, chain, err) < 0)
         return -1;
+    if (vq->inflight) {
+        struct vq_inflight *r = (struct vq_inflight *)(uintptr_t)vq->inflight;
+
+        r->desc[head].counter = vq->inflight_counter++;
+        /* Write barrier: the counter is stored before the flag that makes the
+         * entry count; pairs with the reader at reconnect (a new process). */
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        r->desc[head].inflight = 1;
+    }
     vq->pending--;
     vq->last_avail_idx = (uint16_t)(last + 1);
     vq->in_flight++;
     return 1;
+}
+
+static int pykvm_vq_resubmit(struct pykvm_vq *vq, const struct pykvm_vq_mem *mem, uint16_t head,
+                             struct pykvm_vq_chain *chain, struct pykvm_vq_error *err)
+{
+    if (!vq->active)
+        return vq_fail(err, vq->index, PYKVM_VQ_QUEUE_SIZE, "resubmit on an inactive queue");
+    if (head >= vq->qsize)
+        return vq_fail(err, vq->index, PYKVM_VQ_HEAD_INDEX,
+                       "inflight entry holds head %u, not below the queue size %" PRIu32,
+                       head, vq->qsize);
+    if (vq_walk(vq, mem, head, chain, err) < 0)
+        return -1;
+    vq->in_flight++;
+    return 0;
 }
 
 static int pykvm_vq_has_pending(struct pykvm_vq *vq, const struct pykvm_vq_mem *mem,
@@ -524,6 +570,12 @@ static void pykvm_vq_add_used(struct pykvm_vq *vq, const struct pykvm_vq_mem *me
 
     if (!used)
         return;  /* validated at activate: only a changed region table gets here */
+    if (vq->inflight) {  /* head is in the last batch, until used_idx says done */
+        struct vq_inflight *r = (struct vq_inflight *)(uintptr_t)vq->inflight;
+
+        r->desc[head].next = r->last_batch_head;
+        r->last_batch_head = head;
+    }
     elem = (uint32_t *)(uintptr_t)(used + 4 + 8 * (uint64_t)(idx & vq->mask));
     elem[0] = htole32(head);
     elem[1] = htole32(len);
@@ -536,6 +588,16 @@ static void pykvm_vq_add_used(struct pykvm_vq *vq, const struct pykvm_vq_mem *me
     vq_store_u16(used + 2, idx);  /* one store: the driver polls it */
     vq->used_idx = idx;
     vq->in_flight--;
+    if (vq->inflight) {
+        struct vq_inflight *r = (struct vq_inflight *)(uintptr_t)vq->inflight;
+
+        r->desc[head].inflight = 0;
+        /* Write barrier: the flag is cleared before used_idx records the
+         * batch as finished; a reader that finds used_idx behind used->idx
+         * clears the last batch's flags itself. */
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        r->used_idx = idx;
+    }
 }
 
 static int pykvm_vring_need_event(uint16_t event, uint16_t new_idx, uint16_t old)

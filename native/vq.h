@@ -83,6 +83,11 @@ struct pykvm_vq {
     uint16_t last_avail_idx;    /* next avail ring entry to pop (16-bit) */
     uint16_t used_idx;          /* the device's shadow of used->idx (16-bit) */
     int32_t in_flight;          /* popped, not yet add_used (informational) */
+    /* vhost-user inflight tracking: the host address of this queue's
+     * QueueRegionSplit (0: none), checked by the caller to hold at least
+     * size descriptor states, and the next fetch counter to record */
+    uint64_t inflight;
+    uint64_t inflight_counter;
     ...;
 };
 
@@ -96,6 +101,10 @@ uint32_t pykvm_vq_chain_capacity(const struct pykvm_vq *vq);
 /* 1: a chain was popped into *chain; 0: the ring is empty; -1: *err. */
 int pykvm_vq_pop(struct pykvm_vq *vq, const struct pykvm_vq_mem *mem,
                  struct pykvm_vq_chain *chain, struct pykvm_vq_error *err);
+/* 0: the chain at head (recorded as in flight by an earlier back-end
+ * process) is in *chain, last_avail_idx untouched; -1: *err. */
+int pykvm_vq_resubmit(struct pykvm_vq *vq, const struct pykvm_vq_mem *mem, uint16_t head,
+                      struct pykvm_vq_chain *chain, struct pykvm_vq_error *err);
 /* 1 / 0 / -1, as SplitQueue.has_pending (same avail-idx check). */
 int pykvm_vq_has_pending(struct pykvm_vq *vq, const struct pykvm_vq_mem *mem,
                          struct pykvm_vq_error *err);

@@ -1,4 +1,4 @@
-"""pykvm's command line: ``pykvm run`` and ``pykvm fio``.
+"""pykvm's command line: ``pykvm run``, ``fio``, ``serve`` and ``img``.
 
 Usage errors exit 2 (argparse). Every other failure a user can hit prints one
 line on stderr, ``pykvm: <what went wrong>``, and exits non-zero; a guest
@@ -97,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     fio.add_argument("--kernel", help="workload guest ELF (default: the built-in one)")
     _common_vm_args(fio)
 
+    serve = sub.add_parser("serve", help="export a disk to a vhost-user front-end (QEMU's "
+                                         "vhost-user-blk-pci, for one) until SIGTERM")
+    serve.add_argument("--vhost-user-blk", required=True, metavar="SOCKET",
+                       help="Unix socket to listen on (replaced if a stale one is there)")
+    serve.add_argument("--disk", type=_disk, required=True, metavar="SPEC",
+                       help="as for run (transport= does not apply)")
+    serve.add_argument("--verbose", "-v", action="store_true",
+                       help="log connections and ring restarts")
+
     # `pykvm img ...` is dispatched in main() before this parser runs, so that
     # `pykvm run` does not pay for importing the image-format code; this entry
     # only lists it in --help.
@@ -168,6 +177,36 @@ def cmd_fio(args) -> int:
     return result.status if result.status is not None else 1
 
 
+def cmd_serve(args) -> int:
+    import signal
+
+    from .machine import open_disk
+    from .virtio.blk import VirtioBlk
+    from .virtio.transport.vhost_user import VhostUserServer
+
+    if args.verbose:
+        logging.getLogger("pykvm").setLevel(logging.INFO)
+    backend = open_disk(args.disk)
+    dev = VirtioBlk(backend, serial=args.disk.serial or "pykvm-vhost0", name="vhost-user-blk")
+    try:
+        server = VhostUserServer(dev, args.vhost_user_blk, name="vhost-user-blk")
+    except BaseException:
+        dev.close()
+        raise
+    old = {sig: signal.signal(sig, lambda *_: server.stop())
+           for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    print(f"pykvm: serving {args.disk.file} on {args.vhost_user_blk}", file=sys.stderr,
+          flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        server.close()
+        dev.close()
+    return 0
+
+
 class _Prefix(logging.Formatter):
     def format(self, record):
         return f"pykvm: {record.getMessage()}"
@@ -191,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "fio":
             return cmd_fio(args)
+        if args.command == "serve":
+            return cmd_serve(args)
     except GuestFault as e:
         print(e.report, file=sys.stderr)
         print(f"pykvm: {e}", file=sys.stderr)

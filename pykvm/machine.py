@@ -103,6 +103,24 @@ class DiskSpec:
                    serial=opts.get("serial", ""), detect_zeroes=detect_zeroes)
 
 
+def open_disk(spec: DiskSpec):
+    """The BlockBackend of a --disk: its image, cache mode and AIO engine (no
+    aio= given: the fastest engine that works here, with one log line when
+    that is not the first choice)."""
+    from .aio.native import default_engine, open_engine
+    from .block import CACHE_MODES, BlockBackend
+
+    direct = CACHE_MODES[spec.cache].direct
+    engine = open_engine(spec.aio or default_engine(direct), direct)
+    try:
+        return BlockBackend(spec.file, fmt=spec.format, cache=spec.cache,
+                            read_only=spec.readonly, discard=spec.discard,
+                            detect_zeroes=spec.detect_zeroes, engine=engine)
+    except BaseException:
+        engine.close()
+        raise
+
+
 def _split_commas(text: str) -> list[str]:
     """Split on commas, where ',,' stands for a literal comma (as in QEMU)."""
     items, cur, i = [], "", 0
@@ -194,7 +212,7 @@ class Machine:
         self.mem = GuestMemory(cfg.mem_size, hugepages=cfg.hugepages)
         self._closers.append(self.mem.close)
         for slot, r in enumerate(self.mem.regions):
-            self.vm.set_user_memory_region(slot, r.gpa, r.size, self.mem.hva + r.offset)
+            self.vm.set_user_memory_region(slot, r.gpa, r.size, r.hva)
 
         self.pio = Bus("pio", 0x10000)
         self.mmio = Bus("mmio", 1 << 52)
@@ -251,8 +269,6 @@ class Machine:
         line fragments that announce virtio-mmio devices."""
         if not specs:
             return []  # before the imports: a diskless boot does not pay for them
-        from .aio.native import default_engine, open_engine
-        from .block import CACHE_MODES, BlockBackend
         from .kvm import GsiRouting
         from .virtio.blk import VirtioBlk
         from .virtio.device import VirtioCore
@@ -263,13 +279,7 @@ class Machine:
         pci_host = None
         next_pci_bar = PCI_MMIO_START
         for i, spec in enumerate(specs):
-            direct = CACHE_MODES[spec.cache].direct
-            # no aio= given: the fastest engine that works here (one log line
-            # when that is not the first choice)
-            engine = open_engine(spec.aio or default_engine(direct), direct)
-            backend = BlockBackend(spec.file, fmt=spec.format, cache=spec.cache,
-                                   read_only=spec.readonly, discard=spec.discard,
-                                   detect_zeroes=spec.detect_zeroes, engine=engine)
+            backend = open_disk(spec)
             dev = VirtioBlk(backend, serial=spec.serial or f"pykvm-disk{i}", name=f"virtio-blk{i}")
             core = VirtioCore(dev, self.mem, name=dev.name)
             if spec.transport == "mmio":

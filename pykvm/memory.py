@@ -1,6 +1,6 @@
-"""Guest RAM: an anonymous mapping on transparent huge pages, and its regions.
+"""Guest RAM: its regions, bounds-checked access, and the table C translates with.
 
-RAM starts at guest-physical 0. Below 4 GiB it stops at ``HOLE_START`` (the
+``GuestMemory`` is the RAM of a VM of ours. RAM starts at guest-physical 0. Below 4 GiB it stops at ``HOLE_START`` (the
 device hole: virtio-MMIO windows, PCI BARs, IOAPIC, LAPIC); anything above goes
 to 4 GiB and up. One host mapping backs all of it (MADV_HUGEPAGE, as QEMU
 does: on this host THP is available for anonymous memory only, so no memfd).
@@ -8,11 +8,16 @@ does: on this host THP is available for anonymous memory only, so no memfd).
 Every access is bounds-checked against the region table: a range must lie
 wholly inside one region, or GuestMemoryError is raised. The same table, as an
 array of ``struct pykvm_mem_region``, is what the C fast path translates with.
+
+``FdMemory`` is RAM a vhost-user front-end shares by file descriptor: the same
+accessors over regions mapped from its fds.
 """
 from __future__ import annotations
 
 import collections
+import fcntl
 import mmap
+import os
 
 from ._native import ffi
 from .errors import GuestMemoryError
@@ -22,8 +27,8 @@ HIGH_START = 0x1_0000_0000
 PAGE_SIZE = 4096
 
 
-class Region(collections.namedtuple("Region", "gpa size offset")):
-    """RAM at [gpa, gpa+size), at ``offset`` inside the host mapping."""
+class Region(collections.namedtuple("Region", "gpa size hva")):
+    """RAM at [gpa, gpa+size), mapped in this process at ``hva``."""
 
     __slots__ = ()
 
@@ -32,63 +37,78 @@ class Region(collections.namedtuple("Region", "gpa size offset")):
         return self.gpa + self.size
 
 
-class GuestMemory:
-    """All guest RAM. ``regions`` is sorted by gpa and never overlaps."""
+class _Mapped(collections.namedtuple("_Mapped", "gpa end hva view u16")):
+    """One region as the accessors use it: its bytes and a uint16_t pointer."""
 
-    def __init__(self, size: int, hugepages: bool = True):
-        if size <= 0 or size % PAGE_SIZE:
-            raise ValueError(f"guest memory size {size:#x} is not a positive multiple of 4 KiB")
-        self.size = size
-        self._map = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                              mmap.PROT_READ | mmap.PROT_WRITE)
-        if hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
-                self._map.madvise(mmap.MADV_HUGEPAGE)
-            except OSError:
-                pass  # THP disabled on the host: 4 KiB pages still work
-        self._view = memoryview(self._map)
-        self._cbuf = ffi.from_buffer(self._map)
-        self._u16 = ffi.cast("volatile uint16_t *", self._cbuf)
-        self.hva = int(ffi.cast("uintptr_t", self._cbuf))
-        low = min(size, HOLE_START)
-        regions = [Region(0, low, 0)]
-        if size > low:
-            regions.append(Region(HIGH_START, size - low, low))
+    __slots__ = ()
+
+
+class MappedMemory:
+    """Guest RAM as a set of regions, each mapped in this process.
+
+    ``regions`` is sorted by gpa and never overlaps; ``table`` is the same as
+    the C fast path's ``struct pykvm_mem_region`` array. Subclasses say where
+    the bytes come from (an anonymous mapping for a VM of ours, the front-end's
+    file descriptors for vhost-user).
+    """
+
+    def _set_regions(self, parts) -> None:
+        """``parts``: (gpa, buffer) per region; each buffer stays alive here."""
+        parts = sorted(parts, key=lambda p: p[0])
+        end = 0
+        for gpa, buf in parts:  # checked before anything is exported from the buffers
+            if gpa < end:
+                raise ValueError(f"memory regions overlap at {gpa:#x}")
+            end = gpa + memoryview(buf).nbytes
+        regions, mapped = [], []
+        for gpa, buf in parts:
+            view = memoryview(buf).cast("B")
+            if view.nbytes == 0:
+                continue
+            cbuf = ffi.from_buffer(view)
+            hva = int(ffi.cast("uintptr_t", cbuf))
+            regions.append(Region(gpa, view.nbytes, hva))
+            mapped.append(_Mapped(gpa, gpa + view.nbytes, hva, view,
+                                  ffi.cast("volatile uint16_t *", cbuf)))
         self.regions = regions
-        self.table = ffi.new("struct pykvm_mem_region[]", len(regions))
+        self._mapped = mapped
+        self.size = sum(r.size for r in regions)
+        self.table = ffi.new("struct pykvm_mem_region[]", max(len(regions), 1))
         for i, r in enumerate(regions):
             self.table[i].gpa = r.gpa
             self.table[i].size = r.size
-            self.table[i].hva = self.hva + r.offset
+            self.table[i].hva = r.hva
 
     # -- translation -------------------------------------------------------
 
-    def _offset(self, gpa: int, length: int) -> int:
-        """Host-mapping offset of [gpa, gpa+length); raise unless inside one region."""
+    def _locate(self, gpa: int, length: int) -> tuple[_Mapped, int]:
+        """The region holding [gpa, gpa+length) and the offset in it; raise
+        unless the range lies wholly inside one region."""
         if length < 0 or gpa < 0:
             raise GuestMemoryError(gpa, max(length, 0), "has a negative address or length")
-        for r in self.regions:
-            if r.gpa <= gpa < r.end or (length == 0 and gpa == r.end):
-                if length > r.end - gpa:
+        for m in self._mapped:
+            if m.gpa <= gpa < m.end or (length == 0 and gpa == m.end):
+                if length > m.end - gpa:
                     raise GuestMemoryError(gpa, length, "crosses the end of guest RAM")
-                return r.offset + (gpa - r.gpa)
+                return m, gpa - m.gpa
         raise GuestMemoryError(gpa, length)
 
     def contains(self, gpa: int, length: int) -> bool:
         try:
-            self._offset(gpa, length)
+            self._locate(gpa, length)
             return True
         except GuestMemoryError:
             return False
 
     def hva_of(self, gpa: int, length: int = 1) -> int:
         """Host virtual address of a checked guest range (for iovecs and C)."""
-        return self.hva + self._offset(gpa, length)
+        m, off = self._locate(gpa, length)
+        return m.hva + off
 
     def view(self, gpa: int, length: int) -> memoryview:
         """A zero-copy view of a checked range."""
-        off = self._offset(gpa, length)
-        return self._view[off:off + length]
+        m, off = self._locate(gpa, length)
+        return m.view[off:off + length]
 
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
@@ -108,33 +128,108 @@ class GuestMemory:
         struct and memoryview copy byte by byte; ring indices shared with a
         running guest (avail->idx, used_event, ...) must use this instead.
         """
-        off = self._offset(gpa, 2)
-        if off & 1:
+        m, off = self._locate(gpa, 2)
+        if gpa & 1:
             raise GuestMemoryError(gpa, 2, "is not 2-byte aligned")
-        return self._u16[off >> 1]
+        return m.u16[off >> 1]
 
     def store_u16(self, gpa: int, value: int) -> None:
         """One aligned 16-bit store, never seen half-done by the guest."""
-        off = self._offset(gpa, 2)
-        if off & 1:
+        m, off = self._locate(gpa, 2)
+        if gpa & 1:
             raise GuestMemoryError(gpa, 2, "is not 2-byte aligned")
-        self._u16[off >> 1] = value & 0xFFFF
+        m.u16[off >> 1] = value & 0xFFFF
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
-        off = self._offset(gpa, length)
+        m, off = self._locate(gpa, length)
         chunk = bytes([byte]) * min(length, 1 << 20)
         while length:
             n = min(length, len(chunk))
-            self._view[off:off + n] = chunk[:n]
+            m.view[off:off + n] = chunk[:n]
             off += n
             length -= n
 
     def close(self) -> None:
-        self._cbuf = None
-        self._u16 = None
         self.table = None
+        for m in self._mapped:
+            try:
+                m.view.release()
+            except BufferError:
+                pass
+        self._mapped = []
+        for mp in self._maps:
+            try:
+                mp.close()
+            except BufferError:
+                pass  # a view is still alive somewhere; the mapping goes with the process
+        self._maps = []
+
+
+class GuestMemory(MappedMemory):
+    """All RAM of a VM of ours: one anonymous mapping on transparent huge pages."""
+
+    def __init__(self, size: int, hugepages: bool = True):
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"guest memory size {size:#x} is not a positive multiple of 4 KiB")
+        mp = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                       mmap.PROT_READ | mmap.PROT_WRITE)
+        if hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                mp.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:
+                pass  # THP disabled on the host: 4 KiB pages still work
+        self._maps = [mp]
+        whole = memoryview(mp)
+        low = min(size, HOLE_START)
+        parts = [(0, whole[:low])]
+        if size > low:
+            parts.append((HIGH_START, whole[low:]))
+        self._set_regions(parts)
+        self.hva = self.regions[0].hva
+        whole.release()
+
+
+class FdMemory(MappedMemory):
+    """RAM another process shares with us by file descriptor (a vhost-user
+    front-end's SET_MEM_TABLE): ``(gpa, size, fd, fd_offset)`` per region.
+
+    The fds are mapped shared and may be closed afterwards. A region that
+    cannot be mapped raises OSError (a bad fd) or ValueError (a size past
+    the end of its file, overlapping regions), and nothing stays mapped.
+    """
+
+    def __init__(self, regions):
+        self._maps = []
+        parts = []
         try:
-            self._view.release()
-            self._map.close()
-        except BufferError:
-            pass  # a view is still alive somewhere; the mapping goes with the process
+            for gpa, size, fd, fd_offset in regions:
+                if size <= 0 or gpa < 0 or fd_offset < 0 or fd_offset % 8 or \
+                        gpa % 8 or gpa + size > 1 << 64:
+                    raise ValueError(f"memory region at {gpa:#x} has size {size:#x} "
+                                     f"and offset {fd_offset:#x}")
+                # a mapping past the end of its file would fault (SIGBUS) on
+                # access: refuse one, and seal a memfd against shrinking where
+                # the front-end allows it (QEMU seals its memfds itself)
+                try:
+                    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+                except OSError:
+                    pass
+                if os.fstat(fd).st_size < fd_offset + size:
+                    raise ValueError(f"memory region at {gpa:#x}: {size:#x} bytes at offset "
+                                     f"{fd_offset:#x} run past the end of its file")
+                # map from the file's start: mmap offsets must be page aligned,
+                # the front-end's need not be
+                mp = mmap.mmap(fd, fd_offset + size, mmap.MAP_SHARED,
+                               mmap.PROT_READ | mmap.PROT_WRITE)
+                self._maps.append(mp)
+                parts.append((gpa, memoryview(mp)[fd_offset:]))
+            self._set_regions(parts)
+        except BaseException:
+            for _, v in parts:
+                v.release()
+            for mp in self._maps:
+                try:
+                    mp.close()
+                except BufferError:
+                    pass  # still exported somewhere: unmapped when collected
+            raise

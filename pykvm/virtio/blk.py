@@ -171,8 +171,14 @@ class VirtioBlk(VirtioDevice):
         self._thread.start()
 
     def reset(self) -> None:
+        """Stop serving. The queues keep their final indices (a vhost-user
+        front-end asks for them); requests still in flight are waited for and
+        dropped, not returned."""
         if self._fast is not None:
             self._fast.stop()
+            for i, q in enumerate(self.queues):
+                if q.ready:
+                    q.last_avail_idx, q.used_idx = self._fast.queue_state(i)
             for k, v in self._fast.counters().items():
                 self._fast_done[k] = self._fast_done.get(k, 0) + v
             self._fast = None
@@ -192,6 +198,24 @@ class VirtioBlk(VirtioDevice):
         self.reset()
         self.backend.close()
         os.close(self._stop_fd)
+
+    def resubmit(self, mem, queue, chains, interrupt) -> str | None:
+        """Before ``activate``: serve ``chains`` of ``queue``, which an earlier
+        back-end process took and never returned (vhost-user inflight
+        tracking), with the Python path, and wait until they are back in the
+        used ring. Returns None, or the one-line reason the device cannot go
+        on (a chain with no status byte): the caller fails the device."""
+        self.mem = mem
+        self.interrupt = interrupt
+        try:
+            for chain in chains:
+                self._submit(queue, chain)
+        except _Fatal as e:
+            return str(e)
+        finally:
+            self._complete(self.backend.drain(), notify=False)
+            self._notify(queue)
+        return None
 
     # -- the I/O thread -------------------------------------------------------------
 

@@ -86,6 +86,9 @@ def c_queue(mem, q):
         err = ffi.new("struct pykvm_vq_error *")
         if lib.pykvm_vq_activate(vq, cmem, q.last_avail_idx, q.used_idx, err) < 0:
             raise ValueError(ffi.string(err.message).decode())
+    if q.inflight is not None:  # the owner (vhost-user) keeps the region mapped
+        vq.inflight = int(ffi.cast("uintptr_t", ffi.from_buffer(q.inflight)))
+        vq.inflight_counter = q.inflight_counter
     return vq
 
 
@@ -114,6 +117,7 @@ class CQueue:
         self._chain = ffi.new("struct pykvm_vq_chain *")
         self._segs = None
         self._mem_pair = (None, None)  # (GuestMemory, its C view), the last one used
+        self._inflight = None
 
     index = property(lambda self: self.vq.index)
     max_size = property(lambda self: self.vq.max_size)
@@ -144,8 +148,22 @@ class CQueue:
         prefix = f"virtqueue {self.index}: {check}: "
         raise QueueError(self.index, check, msg.removeprefix(prefix))
 
+    @property
+    def inflight(self):
+        return self._inflight
+
+    @inflight.setter
+    def inflight(self, view) -> None:
+        self._inflight = view
+        self.vq.inflight = 0 if view is None else \
+            int(ffi.cast("uintptr_t", ffi.from_buffer(view, require_writable=True)))
+
+    inflight_counter = property(lambda self: self.vq.inflight_counter,
+                                lambda self, v: setattr(self.vq, "inflight_counter", v))
+
     def reset(self) -> None:
         lib.pykvm_vq_reset(self.vq)
+        self._inflight = None
 
     def activate(self, mem, *, last_avail_idx: int = 0, used_idx: int = 0) -> None:
         if lib.pykvm_vq_activate(self.vq, self._mem(mem), last_avail_idx & 0xFFFF,
@@ -164,6 +182,15 @@ class CQueue:
             self._raise()
         if not rc:
             return None
+        c, segs = self._chain, self._segs
+        return Chain(c.head, [(segs[i].gpa, segs[i].len) for i in range(c.nreadable)],
+                     [(segs[i].gpa, segs[i].len) for i in range(c.nreadable, c.nsegs)])
+
+    def resubmit(self, mem, head: int) -> Chain:
+        if self._segs is None:
+            raise QueueError(self.index, "queue-size", "resubmit on an inactive queue")
+        if lib.pykvm_vq_resubmit(self.vq, self._mem(mem), head, self._chain, self._err) < 0:
+            self._raise()
         c, segs = self._chain, self._segs
         return Chain(c.head, [(segs[i].gpa, segs[i].len) for i in range(c.nreadable)],
                      [(segs[i].gpa, segs[i].len) for i in range(c.nreadable, c.nsegs)])

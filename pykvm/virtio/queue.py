@@ -43,6 +43,14 @@ INDIRECT_MIN_ENTRIES = 1024
 # how much was written.
 MAX_CHAIN_BYTES = (1 << 32) - 1
 
+# vhost-user's inflight region of a split queue (vhost-user.rst, "Inflight I/O
+# tracking"): a header {le64 features, le16 version, le16 desc_num, le16
+# last_batch_head, le16 used_idx}, then per descriptor {u8 inflight, u8 pad[5],
+# le16 next, le64 counter}.
+INFLIGHT_HEADER = 16
+INFLIGHT_DESC = 16
+_INFLIGHT_COUNTER = struct.Struct("<Q")
+
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
@@ -122,6 +130,11 @@ class SplitQueue:
         self.event_idx = False
         self.indirect = False
         self._active = False
+        # vhost-user inflight tracking: this queue's region (a writable
+        # memoryview of at least INFLIGHT_HEADER + INFLIGHT_DESC * size bytes,
+        # checked by whoever sets it) and the next fetch counter, or None
+        self.inflight = None
+        self.inflight_counter = 0
         self._start(0, 0)
 
     def _start(self, last_avail_idx: int, used_idx: int) -> None:
@@ -203,8 +216,31 @@ class SplitQueue:
                              f"avail ring entry {last & self._mask} holds head {head}, "
                              f"not below the queue size {self._size}")
         chain = self._walk(mem, head)
+        if self.inflight is not None:
+            d = INFLIGHT_HEADER + INFLIGHT_DESC * head
+            _INFLIGHT_COUNTER.pack_into(self.inflight, d + 8, self.inflight_counter)
+            self.inflight_counter += 1
+            # Write barrier: the counter is stored before the flag that makes
+            # the entry count; pairs with the reader at reconnect (a new
+            # process). x86 keeps store-store order.
+            self.inflight[d] = 1
         self._pending -= 1
         self.last_avail_idx = (last + 1) & 0xFFFF
+        self.in_flight += 1
+        return chain
+
+    def resubmit(self, mem, head: int) -> Chain:
+        """The chain at ``head``, which the inflight region records as taken
+        and not returned by an earlier back-end process (vhost-user reconnect).
+        Checked as ``pop`` checks a chain; ``last_avail_idx`` is not moved
+        (the caller sets it past every resubmitted chain)."""
+        if not self._active:
+            raise QueueError(self.index, "queue-size", "resubmit on an inactive queue")
+        if head >= self._size:
+            raise QueueError(self.index, "head-index",
+                             f"inflight entry holds head {head}, not below the queue size "
+                             f"{self._size}")
+        chain = self._walk(mem, head)
         self.in_flight += 1
         return chain
 
@@ -314,6 +350,11 @@ class SplitQueue:
         value."""
         used = mem.view(self._used, 4 + 8 * self._size)
         idx = self.used_idx
+        inflight = self.inflight
+        if inflight is not None:  # head is in the last batch, until used_idx says done
+            _U16.pack_into(inflight, INFLIGHT_HEADER + INFLIGHT_DESC * head + 6,
+                           _U16.unpack_from(inflight, 12)[0])
+            _U16.pack_into(inflight, 12, head)
         _USED_ELEM.pack_into(used, 4 + 8 * (idx & self._mask), head, length)
         # Write barrier: the used element is stored before used->idx. Pairs with
         # the driver's read barrier between loading used->idx and the element
@@ -323,6 +364,11 @@ class SplitQueue:
         mem.store_u16(self._used + 2, idx)  # one store: the driver polls it
         self.used_idx = idx
         self.in_flight -= 1
+        if inflight is not None:
+            inflight[INFLIGHT_HEADER + INFLIGHT_DESC * head] = 0
+            # Write barrier: the flag is cleared before used_idx records the
+            # batch as finished (x86 keeps store-store order).
+            _U16.pack_into(inflight, 14, idx)
 
     def needs_notification(self, mem) -> bool:
         """After add_used(s): should the device send a used buffer notification now?
