@@ -248,8 +248,7 @@ MALFORMED = {
     "mem-table-zero-regions": lambda fe: fe.send(V.SET_MEM_TABLE, struct.pack("=II", 0, 0)),
     "ring-outside-memory": lambda fe: (
         fe.send_mem_table(wait=False),
-        fe.send(V.SET_VRING_ADDR, V.ADDR.pack(0, 0, 1 << 50, 1 << 50, 1 << 50, 0)),
-        fe.send(V.SET_VRING_KICK, V.U64.pack(0), [fe.kick])),
+        fe.send(V.SET_VRING_ADDR, V.ADDR.pack(0, 0, 1 << 50, 1 << 50, 1 << 50, 0))),
     "inflight-too-small": lambda fe: fe.send(
         V.SET_INFLIGHT_FD, V.INFLIGHT.pack(64, 0, 1, 64), [fe.memfd]),
     "inflight-queues": lambda fe: fe.send(V.GET_INFLIGHT_FD, V.INFLIGHT.pack(0, 0, 9, 64)),
@@ -261,7 +260,10 @@ MALFORMED = {
 def test_malformed_message_closes_the_connection_only(server, case, caplog):
     fe = server.connect()
     try:
-        MALFORMED[case](fe)
+        try:
+            MALFORMED[case](fe)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed while we were still sending: what we check below
         assert fe.closed_by_backend(), f"{case}: connection still open"
     finally:
         fe.close()

@@ -543,6 +543,7 @@ class VhostUserSession:
         ring = self._ring(index)
         was_active = self.active
         self._stop()
+        self.failed = False  # a stopped ring may start afresh
         q = self.queues[index]
         base = q.last_avail_idx if q.ready else ring.base
         ring.base = base
