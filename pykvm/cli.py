@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Unix socket to listen on (replaced if a stale one is there)")
     serve.add_argument("--disk", type=_disk, required=True, metavar="SPEC",
                        help="as for run (transport= does not apply)")
-    serve.add_argument("--verbose", "-v", action="store_true",
-                       help="log connections and ring restarts")
+    serve.add_argument("--verbose", "-v", action="count", default=0,
+                       help="log connections and restarts (-vv: every message)")
 
     # `pykvm img ...` is dispatched in main() before this parser runs, so that
     # `pykvm run` does not pay for importing the image-format code; this entry
@@ -185,7 +185,7 @@ def cmd_serve(args) -> int:
     from .virtio.transport.vhost_user import VhostUserServer
 
     if args.verbose:
-        logging.getLogger("pykvm").setLevel(logging.INFO)
+        logging.getLogger("pykvm").setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
     backend = open_disk(args.disk)
     dev = VirtioBlk(backend, serial=args.disk.serial or "pykvm-vhost0", name="vhost-user-blk")
     try:

@@ -268,6 +268,9 @@ class VhostUserSession:
     def handle(self, msg: _Message) -> None:
         """Act on one message and send its reply, if it has one."""
         handler = _HANDLERS.get(msg.request)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: %s (%d bytes, %d fds)", self.name, msg.name, len(msg.payload),
+                      len(msg.fds))
         if handler is None:
             raise ProtocolError("not supported")
         reply = handler(self, msg)
