@@ -133,3 +133,44 @@ def test_command_line_limit_is_enforced(kit):
     noise = os.urandom(3000).hex()   # does not compress
     with pytest.raises(linux_kit.KitError, match="command line is .* bytes"):
         linux_kit.qemu_command(kit, f"echo {noise}")
+
+
+@pytest.fixture
+def vhost_user_export(disk, tmp_path):
+    """QEMU's storage daemon exporting ``disk`` as vhost-user-blk on a unix socket."""
+    import shutil
+    import subprocess
+    import time
+    qsd = shutil.which("qemu-storage-daemon")
+    assert qsd, "qemu-storage-daemon is missing: the Makefile installs qemu-system-x86"
+    sock = tmp_path / "vu.sock"
+    proc = subprocess.Popen(
+        [qsd, "--blockdev", f"driver=file,node-name=f,filename={disk}",
+         "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},"
+                     "writable=on"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while not sock.exists():
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline, "qemu-storage-daemon did not create its socket"
+        time.sleep(0.05)
+    yield sock
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_vhost_user_blk_front_end_with_shared_memory(kit, disk, vhost_user_export):
+    """The set-up a vhost-user back-end gets: guest RAM in a shared memfd, QEMU's
+    vhost-user-blk-pci on a socket (here served by qemu-storage-daemon)."""
+    script = ("cat /sys/block/vda/size\n"
+              "fio --name=kit --filename=/dev/vda --direct=1 --ioengine=io_uring --rw=randwrite "
+              "--bs=4k --iodepth=32 --size=8m --verify=crc32c --verify_fatal=1 "
+              "--output-format=json")
+    r = linux_kit.run_tcg(kit, script, shared_mem=True, timeout=240, qemu_args=[
+        "-chardev", f"socket,id=vu,path={vhost_user_export},reconnect=1",
+        "-device", "vhost-user-blk-pci,chardev=vu"])
+    assert r.rc == 0, r.console[-3000:]
+    assert int(r.output.split("\n")[0]) * 512 == 64 * MiB
+    job = fio_json(r.output)["jobs"][0]
+    assert job["error"] == 0 and job["read"]["io_bytes"] == 8 * MiB
+    data = disk.read_bytes()[:8 * MiB]
+    assert sum(data[o:o + 2] == b"\xca\xac" for o in range(0, len(data), 4096)) == 2048
