@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := gcc make libc6-dev liburing-dev qemu-system-x86 qemu-utils fio acpica-tools lz4
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup deps guests linux-kernel run test test-unit test-integration bench bench-deps bench-quick clean distclean
+.PHONY: all setup deps guests linux-kernel linux-kit run test test-unit test-integration bench bench-deps bench-quick clean distclean
 
 all: setup guests
 
@@ -53,7 +53,13 @@ run: setup guests
 linux-kernel: setup
 	$(PY) -m tests.helpers.linux_kernel --vmlinux
 
-test: setup guests linux-kernel
+# The Linux test kit: that kernel and an initramfs (busybox, e2fsprogs, fio, the
+# virtio modules, an /init that runs a script given on the command line), built
+# from Debian packages into build/linux-kit/ (tests/helpers/linux_kit.py).
+linux-kit: setup linux-kernel
+	$(PY) -m tests.helpers.linux_kit
+
+test: setup guests linux-kernel linux-kit
 	$(VENV)/bin/pytest -q tests
 
 test-unit: setup guests linux-kernel

@@ -5,7 +5,8 @@
 The metapackage linux-image-cloud-amd64 names the real package
 (linux-image-<abi>-cloud-amd64); we `apt-get download` that one (apt checks it
 against the signed archive index), extract it with `dpkg-deb -x` and keep
-boot/vmlinuz-* and boot/config-*. Nothing is installed on the host.
+boot/vmlinuz-* and boot/config-* (and lib/modules/<version>/ as modules/, for
+the Linux test kit; ``fetch_modules``). Nothing is installed on the host.
 
 ``extract_vmlinux`` takes the uncompressed kernel (an ELF with a PVH note)
 out of the bzImage's payload (boot.rst: payload_offset/payload_length; the
@@ -73,6 +74,74 @@ def _real_package() -> str:
     raise FetchError(f"apt-cache does not know {METAPACKAGE} (is this Debian with main?)")
 
 
+def current_package() -> tuple[str, str]:
+    """(package, version) of the cached kernel named by build/linux/current."""
+    try:
+        name = (CACHE / "current").read_text().strip()
+    except OSError:
+        raise FetchError(f"{CACHE / 'current'} is missing: fetch the kernel first") from None
+    package, _, version = name.partition("_")
+    if not package or not version:
+        raise FetchError(f"{CACHE / 'current'} names {name!r}, not <package>_<version>")
+    return package, version
+
+
+def _download_deb(package: str, version: str, tmp: pathlib.Path) -> pathlib.Path:
+    """`apt-get download package=version` into ``tmp``; the .deb's path."""
+    os.chmod(tmp, 0o755)  # apt's _apt user may download into it
+    _run("apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
+         f"{package}={version}", cwd=tmp)
+    debs = list(tmp.glob("*.deb"))
+    if len(debs) != 1:
+        raise FetchError(f"apt-get download {package}={version} left {len(debs)} .deb files")
+    return debs[0]
+
+
+def _keep_modules(tree: pathlib.Path, out: pathlib.Path, deb: pathlib.Path) -> None:
+    """Move the extracted lib/modules/<version>/ into out/modules/<version>/."""
+    found = sorted((tree / "lib" / "modules").glob("*/modules.builtin"))
+    if len(found) != 1:
+        raise FetchError(f"{deb.name}: expected one lib/modules/<version>/ with modules.builtin")
+    (out / "modules").mkdir(parents=True)
+    shutil.move(str(found[0].parent), str(out / "modules" / found[0].parent.name))
+
+
+def cached_modules() -> pathlib.Path | None:
+    """The cached lib/modules/<version>/ of the current kernel, or None."""
+    try:
+        package, version = current_package()
+    except FetchError:
+        return None
+    found = sorted((CACHE / f"{package}_{version}" / "modules").glob("*/modules.builtin"))
+    return found[0].parent if found else None
+
+
+def fetch_modules() -> pathlib.Path:
+    """lib/modules/<version>/ of the current kernel, from the same .deb.
+
+    A kernel cached before modules were kept gets them now: the exact
+    package=version named by `current` is downloaded again and only its
+    modules are added to the cache directory.
+    """
+    fetch_kernel()
+    found = cached_modules()
+    if found is not None:
+        return found
+    package, version = current_package()
+    dest = CACHE / f"{package}_{version}"
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        tmp = pathlib.Path(tmp)
+        deb = _download_deb(package, version, tmp)
+        tree = tmp / "tree"
+        _run("dpkg-deb", "-x", str(deb), str(tree))
+        _keep_modules(tree, tmp / "out", deb)
+        shutil.rmtree(dest / "modules", ignore_errors=True)
+        os.replace(tmp / "out" / "modules", dest / "modules")
+    found = cached_modules()
+    assert found is not None
+    return found
+
+
 def fetch_kernel(refresh: bool = False) -> pathlib.Path:
     """The bzImage path; downloads and extracts it on the first call (or with refresh)."""
     if not refresh:
@@ -89,21 +158,18 @@ def fetch_kernel(refresh: bool = False) -> pathlib.Path:
     if not sorted((dest / "boot").glob("vmlinuz-*")):
         CACHE.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-            os.chmod(tmp, 0o755)  # apt's _apt user may download into it
-            _run("apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", package, cwd=tmp)
-            debs = list(pathlib.Path(tmp).glob("*.deb"))
-            if len(debs) != 1:
-                raise FetchError(f"apt-get download {package} left {len(debs)} .deb files")
+            deb = _download_deb(package, version.group(1), pathlib.Path(tmp))
             tree = pathlib.Path(tmp) / "tree"
-            _run("dpkg-deb", "-x", str(debs[0]), str(tree))
+            _run("dpkg-deb", "-x", str(deb), str(tree))
             staged = pathlib.Path(tmp) / "out" / "boot"
             staged.mkdir(parents=True)
             kept = [f for f in (tree / "boot").glob("*") if f.name.startswith(("vmlinuz-",
                                                                                "config-"))]
             if not any(f.name.startswith("vmlinuz-") for f in kept):
-                raise FetchError(f"{debs[0].name} has no boot/vmlinuz-*")
+                raise FetchError(f"{deb.name} has no boot/vmlinuz-*")
             for f in kept:
                 shutil.copy2(f, staged / f.name)
+            _keep_modules(tree, pathlib.Path(tmp) / "out", deb)
             shutil.rmtree(dest, ignore_errors=True)
             os.replace(pathlib.Path(tmp) / "out", dest)
     tmp_current = CACHE / "current.tmp"
