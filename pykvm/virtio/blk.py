@@ -172,7 +172,7 @@ class VirtioBlk(VirtioDevice):
 
     def reset(self) -> None:
         if self._fast is not None:
-            self._fast.stop()
+            fastpath.stop(self, self._fast)
             for k, v in self._fast.counters().items():
                 self._fast_done[k] = self._fast_done.get(k, 0) + v
             self._fast = None
