@@ -133,6 +133,7 @@ struct blk_req {
     uint32_t used_len;
     uint32_t nbytes;
     int32_t fd;                 /* the data's host fd (the flush after a write goes there) */
+    uint64_t map_gen;           /* the mapping table it was mapped with */
     int64_t result;             /* of the write, while its flush runs */
     uint32_t niov;
     struct iovec *iov;
@@ -182,6 +183,12 @@ struct pykvm_blk {
     uint32_t next_nmap;
     uint64_t next_gen;
     int map_changed;
+    /* requests with the engine that were mapped with a table older than
+     * map_gen; when none is left, drained_gen = map_gen (under lock, with
+     * drained_cond broadcast) */
+    uint32_t old_in_flight;
+    uint64_t drained_gen;
+    pthread_cond_t drained_cond;
     /* submissions not yet taken by the engine, and a reap buffer */
     struct pykvm_aio_req *sub;
     uint32_t nsub, subcap;
@@ -289,7 +296,35 @@ static uint64_t pykvm_blk_set_map(struct pykvm_blk *b, const struct pykvm_blk_ex
 
 static uint64_t pykvm_blk_map_generation(const struct pykvm_blk *b)
 {
-    return __atomic_load_n(&b->map_gen, __ATOMIC_ACQUIRE);
+    return __atomic_load_n(&b->drained_gen, __ATOMIC_ACQUIRE);
+}
+
+static int pykvm_blk_wait_map(struct pykvm_blk *b, uint64_t gen, uint32_t timeout_ms)
+{
+    struct timespec until;
+    int done;
+
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += timeout_ms / 1000;
+    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&b->lock);
+    while (b->drained_gen < gen && !b->stopping)
+        if (pthread_cond_timedwait(&b->drained_cond, &b->lock, &until) == ETIMEDOUT)
+            break;
+    done = b->drained_gen >= gen;
+    pthread_mutex_unlock(&b->lock);
+    return done;
+}
+
+/* Called with the lock held. */
+static void blk_publish_drained(struct pykvm_blk *b)
+{
+    __atomic_store_n(&b->drained_gen, b->map_gen, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&b->drained_cond);
 }
 
 static void blk_apply_map(struct pykvm_blk *b)
@@ -301,9 +336,32 @@ static void blk_apply_map(struct pykvm_blk *b)
         b->nmap = b->next_nmap;
         b->next_map = NULL;
         __atomic_store_n(&b->map_gen, b->next_gen, __ATOMIC_RELEASE);
+        /* every request with the engine now was mapped with an older table */
+        b->old_in_flight = 0;
+        for (uint32_t i = 0; i < b->nqueues; i++) {
+            const struct blk_queue *q = &b->queues[i];
+
+            for (uint32_t h = 0; h < q->nreqs; h++)
+                if (q->reqs[h].state == REQ_IO && q->reqs[h].map_gen < b->map_gen)
+                    b->old_in_flight++;
+        }
+        if (!b->old_in_flight)
+            blk_publish_drained(b);
     }
     __atomic_store_n(&b->map_changed, 0, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&b->lock);
+}
+
+/* A request leaves the engine for good (completed, failed or dropped). */
+static void blk_io_done(struct pykvm_blk *b, struct blk_req *req)
+{
+    if (req->map_gen < b->map_gen && b->old_in_flight) {
+        req->map_gen = b->map_gen;
+        pthread_mutex_lock(&b->lock);
+        if (!--b->old_in_flight)
+            blk_publish_drained(b);
+        pthread_mutex_unlock(&b->lock);
+    }
 }
 
 /* -- to Python: punts, log lines, fatal errors, forwarded interrupts --------- */
@@ -571,6 +629,8 @@ static int blk_queue_io(struct pykvm_blk *b, struct blk_queue *q, uint16_t head,
     r->iovcnt = req->niov;
     r->mode = 0;
     r->length = 0;
+    if (req->state != REQ_IO)
+        req->map_gen = b->map_gen;  /* (the flush after a write keeps the write's) */
     req->state = REQ_IO;
     return 0;
 }
@@ -814,6 +874,7 @@ static void blk_flush_submissions(struct pykvm_blk *b)
                 char message[200];
 
                 snprintf(message, sizeof(message), "I/O error: %s", strerror(-n));
+                blk_io_done(b, req);
                 blk_req_free_iov(req);
                 CNT_ADD(b, errors, 1);
                 *req->status = BLK_S_IOERR;
@@ -863,6 +924,7 @@ static void blk_finish(struct pykvm_blk *b, uint64_t token, int64_t result)
         return;
     req = &q->reqs[head];
     if (__atomic_load_n(&b->stopping, __ATOMIC_ACQUIRE)) {
+        blk_io_done(b, req);
         blk_req_free_iov(req);
         req->state = REQ_FREE;  /* being reset: the result is dropped */
         return;
@@ -876,6 +938,7 @@ static void blk_finish(struct pykvm_blk *b, uint64_t token, int64_t result)
             blk_fatal(b, q, "internal error: submission queue full");
         return;
     }
+    blk_io_done(b, req);
     if (req->op == OP_FLUSH_AFTER && result >= 0)
         result = req->result;
     if (req->op == BLK_T_IN && result >= 0 && (uint64_t)result < req->nbytes) {
@@ -1113,6 +1176,7 @@ static void blk_free(struct pykvm_blk *b)
         close(b->punt_fd);
     if (b->forward_fd >= 0)
         close(b->forward_fd);
+    pthread_cond_destroy(&b->drained_cond);
     pthread_mutex_destroy(&b->lock);
     free(b);
 }
@@ -1131,6 +1195,7 @@ static struct pykvm_blk *pykvm_blk_start(const struct pykvm_blk_config *cfg, cha
     }
     b->epfd = b->wake_fd = b->punt_fd = b->forward_fd = -1;
     pthread_mutex_init(&b->lock, NULL);
+    pthread_cond_init(&b->drained_cond, NULL);
     if (!cfg->nqueues || cfg->nqueues > 64) {
         snprintf(err, errlen, "%u queues (1 to 64 are supported)", cfg->nqueues);
         goto fail;
@@ -1231,7 +1296,10 @@ static void pykvm_blk_stop(struct pykvm_blk *b)
 {
     if (!b)
         return;
+    pthread_mutex_lock(&b->lock);
     __atomic_store_n(&b->stopping, 1, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&b->drained_cond);
+    pthread_mutex_unlock(&b->lock);
     eventfd_write(b->wake_fd, 1);
     if (b->started)
         pthread_join(b->thread, NULL);

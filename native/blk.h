@@ -109,11 +109,17 @@ uint64_t pykvm_blk_take_forwarded(struct pykvm_blk *blk);
 void pykvm_blk_set_call_fd(struct pykvm_blk *blk, uint32_t queue, int32_t fd);
 
 void pykvm_blk_set_write_cache(struct pykvm_blk *blk, int on);
-/* Replace the mapping table (copied); returns its generation, which
- * pykvm_blk_map_generation reports once the thread uses it. */
+/* Replace the mapping table (copied); returns its generation G (1, 2, ...).
+ * pykvm_blk_map_generation reports G once the thread maps new requests
+ * with table G (or a newer one) *and* every request it mapped with an older
+ * table has left the engine: from then on nothing reads or writes a host
+ * range that only an older table allowed, so Python may free or reuse it.
+ * pykvm_blk_wait_map blocks (without the GIL) until that is so: 1, or 0
+ * after timeout_ms or when the device stops. */
 uint64_t pykvm_blk_set_map(struct pykvm_blk *blk, const struct pykvm_blk_extent *map,
                            uint32_t n);
 uint64_t pykvm_blk_map_generation(const struct pykvm_blk *blk);
+int pykvm_blk_wait_map(struct pykvm_blk *blk, uint64_t gen, uint32_t timeout_ms);
 /* 1 when [offset, offset+length) lies inside one extent (writable, for a
  * write): *fd and *host_offset say where; 0: punt it. */
 int pykvm_blk_map_lookup(const struct pykvm_blk_extent *map, uint32_t n, uint64_t offset,

@@ -36,12 +36,14 @@ Execution (formats map first, then this generic executor does the I/O):
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import errno
 import logging
 import mmap
 import os
 import select
+import time
 
 from .._native import ffi, lib
 from ..aio import FALLOCATE, FLUSH, READ, WRITE, AioRequest, PythonEngine
@@ -124,6 +126,12 @@ class BlockBackend:
         self._next = 1
         self._ready: list[tuple[int, int]] = []
         self.stats = collections.Counter()
+        # the direct map a device's own I/O thread uses (set_map_listener)
+        self._map_listener = None
+        self._published: list = []
+        self._pub_starts: list[int] = []
+        self._pub_version = 0
+        self._pub_next = 0.0           # no rebuild before this time.monotonic()
 
     # -- set-up ------------------------------------------------------------------
 
@@ -143,6 +151,90 @@ class BlockBackend:
         finally:
             view.release()
             buf.close()
+
+    # -- the direct map ------------------------------------------------------------
+
+    # A rebuild after allocations costs Python time on the thread that serves
+    # the punted requests: at least this far apart, and at most 1/20 of the time.
+    MAP_REFRESH_MIN = 0.05
+    MAP_REFRESH_SHARE = 20
+
+    def direct_extents(self) -> list:
+        """The driver's direct extents (driver.DirectExtent) under this backend's
+        rules: none writable on a read-only disk or with detect-zeroes (such
+        writes need the backend)."""
+        ext = self.driver.direct_extents()
+        if self.read_only or self.detect_zeroes != "off":
+            ext = [e._replace(writable=False) if e.writable else e for e in ext]
+        return ext
+
+    def set_map_listener(self, listener, published=()) -> None:
+        """A device's own I/O thread serves what ``published`` (direct_extents())
+        maps. ``listener(extents, wait)`` installs a new table; it returns once
+        that thread uses it and nothing it mapped with an older table is still
+        in flight. From now on, before the driver changes any range it maps
+        (discard, write-zeroes, copy-on-write, snapshots), the range leaves the
+        table that way; ranges the driver allocates are added after, at most
+        every MAP_REFRESH_MIN seconds. None: no listener (the thread stopped)."""
+        self._map_listener = listener
+        self._published = list(published) if listener else []
+        self._pub_starts = [e.offset for e in self._published]
+        self._pub_version = self.driver.map_version
+        self._pub_next = 0.0
+        self.driver.on_unmap = self._unmapping if listener else None
+
+    def _publish(self, extents: list) -> None:
+        self._published = extents
+        self._pub_starts = [e.offset for e in extents]
+        self._map_listener(extents, True)
+
+    def _unmapping(self, offset: int, length: int, writes_only: bool) -> None:
+        """The driver's on_unmap: take [offset, offset+length) out of the table
+        (``writes_only``: make it read-only there) unless no extent touches it."""
+        pub = self._published
+        end = offset + length
+        i = max(bisect.bisect_right(self._pub_starts, offset) - 1, 0)
+        k = i
+        hit = False
+        while k < len(pub) and pub[k].offset < end:
+            e = pub[k]
+            if e.offset + e.length > offset and (e.writable or not writes_only):
+                hit = True
+            k += 1
+        if not hit:
+            return
+        new = pub[:i]
+        for e in pub[i:k]:
+            e_end = e.offset + e.length
+            if e_end <= offset or e.offset >= end:
+                new.append(e)
+                continue
+            if e.offset < offset:
+                new.append(e._replace(length=offset - e.offset))
+            if writes_only:
+                lo, hi = max(e.offset, offset), min(e_end, end)
+                new.append(e._replace(offset=lo, length=hi - lo,
+                                      host_offset=e.host_offset + lo - e.offset, writable=False))
+            if e_end > end:
+                new.append(e._replace(offset=end, length=e_end - end,
+                                      host_offset=e.host_offset + end - e.offset))
+        new.extend(pub[k:])
+        self._publish(new)
+
+    def refresh_map(self, force: bool = False) -> bool:
+        """Give the listener a table with what the driver allocated since the
+        last one (rate-limited unless ``force``); True if it published."""
+        if self._map_listener is None or self.driver.map_version == self._pub_version:
+            return False
+        now = time.monotonic()
+        if not force and now < self._pub_next:
+            return False
+        version = self.driver.map_version
+        self._publish(self.direct_extents())
+        self._pub_version = version
+        done = time.monotonic()
+        self._pub_next = done + max(self.MAP_REFRESH_MIN, (done - now) * self.MAP_REFRESH_SHARE)
+        return True
 
     # -- submission ----------------------------------------------------------------
 
@@ -398,9 +490,12 @@ class BlockBackend:
     # -- completion ------------------------------------------------------------------
 
     def reap(self) -> list[tuple[int, int]]:
-        """Completed requests as (token, result); never blocks."""
+        """Completed requests as (token, result); never blocks (beyond handing a
+        device's I/O thread a new direct map, see set_map_listener)."""
         self._collect()
         out, self._ready = self._ready, []
+        if self._map_listener is not None:
+            self.refresh_map()
         return out
 
     def _collect(self) -> None:

@@ -14,6 +14,7 @@ through any driver (used for copy-on-write and by ``pykvm img``).
 """
 from __future__ import annotations
 
+import collections
 import os
 
 from ..errors import PykvmError
@@ -62,6 +63,15 @@ class Extent:
             (other.kind, other.offset, other.length, other.fd, other.host_offset)
 
 
+class DirectExtent(collections.namedtuple("DirectExtent",
+                                          "offset length fd host_offset writable")):
+    """Guest bytes [offset, offset+length) that a device's own I/O thread (the
+    C fast path) may read at ``host_offset`` in ``fd`` without asking the
+    driver, and write there in place when ``writable`` (no metadata change)."""
+
+    __slots__ = ()
+
+
 class WritePlan:
     """What ``map_for_write`` returns: data extents covering the range exactly,
     and an allocation (or None) to pass to ``commit`` after the data is down,
@@ -81,6 +91,12 @@ class BlockDriver:
     supports_backing = False
     supports_discard = False
     identity_mapped = False    # guest byte N is host byte N of ``fd``: the backend's fast path
+    # direct_extents() says where plain data lives, so that a device's own I/O
+    # thread can serve it; the driver then calls on_unmap (set by the
+    # backend) *before* it changes the meaning of any such range
+    direct_map = False
+    on_unmap = None            # callable(offset, length, writes_only) or None
+    map_version = 0            # grows whenever what direct_extents() returns may have changed
 
     fd: int
     size: int          # virtual disk size in bytes
@@ -106,6 +122,17 @@ class BlockDriver:
         plain data (writable in place when ``write``), or -1 to go through
         map()/map_for_write(). Never allocates, never does I/O."""
         return -1
+
+    def direct_extents(self) -> list[DirectExtent]:
+        """Every range of plain allocated data, sorted, merged where contiguous
+        in both guest and host with the same writability (direct_map drivers)."""
+        return []
+
+    def _unmapping(self, offset: int, length: int, writes_only: bool = False) -> None:
+        """About to change [offset, offset+length): returns once nothing reads or
+        writes (``writes_only``: writes) it through an older direct map."""
+        if self.on_unmap is not None:
+            self.on_unmap(offset, length, writes_only)
 
     def map_for_write(self, offset: int, length: int) -> WritePlan:
         """Data extents to write [offset, offset+length) to, allocating as needed."""

@@ -28,8 +28,8 @@ import struct
 import time
 import zlib
 
-from .driver import (BlockDriver, BlockError, Extent, WriteBusy, WritePlan, open_image,
-                     pread_full, pwrite_full, read_into, register)
+from .driver import (BlockDriver, BlockError, DirectExtent, Extent, WriteBusy, WritePlan,
+                     open_image, pread_full, pwrite_full, read_into, register)
 from .raw import PUNCH, fallocate, open_file, preallocate
 
 
@@ -290,6 +290,7 @@ class Qcow2Driver(BlockDriver):
     format_name = "qcow2"
     supports_backing = True
     supports_discard = True
+    direct_map = True
 
     @classmethod
     def probe(cls, header: bytes, path: str) -> int:
@@ -376,6 +377,8 @@ class Qcow2Driver(BlockDriver):
         self._prealloc: dict[int, int] = {}
         self._free_hint = 1
         self._zc = None                                # last decompressed cluster
+        self._dx: dict[int, list] = {}                 # direct extents per L2 table span
+        self.map_version = 0
         self.lazy = bool(h.compat & COMPAT_LAZY) and h.version >= 3
         self._marked_dirty = bool(h.incompat & INCOMPAT_DIRTY)
         # data file
@@ -592,6 +595,91 @@ class Qcow2Driver(BlockDriver):
                                  f"{host:#x}, not at its guest offset (external data file)")
         elif host >= self.eof or host < self.cluster_size:
             raise BlockError(self.path, f"data cluster at {host:#x} is outside the file")
+
+    # -- the direct map (a device's own I/O thread serves plain data itself) -----------
+
+    def _dx_changed(self, l1i: int | None = None) -> None:
+        """The L2 entries under L1 index l1i (None: any) may have changed."""
+        if l1i is None:
+            self._dx.clear()
+        else:
+            self._dx.pop(l1i, None)
+        self.map_version += 1
+
+    def direct_extents(self) -> list[DirectExtent]:
+        """The allocated data of the active image: normal clusters (not
+        compressed, not zero, not unallocated) and, with extended L2 entries,
+        allocated subclusters. Writable where an in-place write needs no
+        metadata change: COPIED (refcount 1) in a writable image. Anything
+        that does not look sound (a host cluster outside the file) is left
+        out: the driver's own path reports it. One L2 table's span is
+        computed once and kept until an entry in it changes."""
+        out: list[DirectExtent] = []
+        for l1i in range(min(len(self.l1), -(-self.size >> self.cluster_bits + self.l2_bits)
+                         or 1)):
+            span = self._dx.get(l1i)
+            if span is None:
+                span = self._dx[l1i] = self._dx_span(l1i)
+            if not span:
+                continue
+            if out:
+                p, e = out[-1], span[0]
+                if p.offset + p.length == e.offset and p.fd == e.fd and \
+                        p.host_offset + p.length == e.host_offset and p.writable == e.writable:
+                    out[-1] = p._replace(length=p.length + e.length)
+                    out.extend(span[1:])
+                    continue
+            out.extend(span)
+        return out
+
+    def _dx_span(self, l1i: int) -> list[DirectExtent]:
+        off = self.l1[l1i] & OFFSET_MASK
+        cs, cb = self.cluster_size, self.cluster_bits
+        if not off or off % cs or off + cs > self.eof:
+            return []
+        table = self._l2.get(off)
+        if table is None:   # read it without evicting the cache's tables
+            table = struct.unpack(f">{self.l2_entries * self.entry_words}Q",
+                                  self._read_meta(off, cs))
+        w = self.entry_words
+        first = l1i << self.l2_bits
+        n = min(self.l2_entries, -(-self.size >> cb) - first)
+        fd, size, eof, extl2 = self.fd, self.size, self.eof, self.extl2
+        external = self.data_fd >= 0
+        may_write = not self.read_only
+        sc = self.sc_size
+        runs: list[list] = []       # [offset, length, host, writable]
+        for j in range(n):
+            e = table[j * w]
+            if not e or e & COMPRESSED or (not extl2 and e & ZERO):
+                continue
+            ci = first + j
+            g = ci << cb
+            host = e & OFFSET_MASK
+            if external:
+                if host != g or not (host or e & COPIED):
+                    continue
+            elif host < cs or host >= eof:      # as map() (_check_data)
+                continue
+            writable = may_write and bool(e & COPIED)
+            if extl2:
+                bm = table[j * w + 1] & 0xFFFFFFFF
+                if not bm:
+                    continue
+                pieces = [(0, cs)] if bm == 0xFFFFFFFF else _bit_runs(bm, sc)
+            else:
+                pieces = ((0, cs),)
+            for lo, length in pieces:
+                length = min(length, size - g - lo)
+                if length <= 0:
+                    continue
+                if runs:
+                    r = runs[-1]
+                    if r[0] + r[1] == g + lo and r[2] + r[1] == host + lo and r[3] == writable:
+                        r[1] += length
+                        continue
+                runs.append([g + lo, length, host + lo, writable])
+        return [DirectExtent(o, n_, fd, h, wr) for o, n_, h, wr in runs]
 
     def read_compressed(self, extent: Extent) -> bytes:
         e, gstart = extent.aux
@@ -869,12 +957,14 @@ class Qcow2Driver(BlockDriver):
         return table, (ci & (self.l2_entries - 1)) * self.entry_words
 
     def _set_l1(self, i: int, value: int) -> None:
+        self._dx_changed(i)
         self.l1[i] = value
         os.pwrite(self.mfd, struct.pack(">Q", value), self.h.l1_offset + i * 8)
 
     def _set_l2(self, ci: int, entry: int, bitmap: int | None = None) -> None:
         l2, idx = self._l2_writable(ci)
         l1e = self.l1[ci >> self.l2_bits] & OFFSET_MASK
+        self._dx_changed(ci >> self.l2_bits)
         l2[idx] = entry
         if self.extl2:
             if bitmap is None:
@@ -894,6 +984,7 @@ class Qcow2Driver(BlockDriver):
         runs: list = []
         for ci, entry, bitmap in sorted(updates):
             l2, idx = self._l2_writable(ci)
+            self._dx_changed(ci >> self.l2_bits)
             l2[idx] = entry
             if w == 2:
                 l2[idx + 1] = bitmap if bitmap is not None else l2[idx + 1]
@@ -1064,6 +1155,13 @@ class Qcow2Driver(BlockDriver):
         if alloc is None:
             return
         try:
+            cb = self.cluster_bits
+            for ci, entry, _ in alloc.updates:
+                l2, idx = self._l2_for(ci)
+                old = l2[idx] if l2 is not None else 0
+                if old & OFFSET_MASK and (old & OFFSET_MASK) != (entry & OFFSET_MASK):
+                    # copy-on-write away from a cluster a direct map may show
+                    self._unmapping(ci << cb, 1 << cb)
             self._set_l2_many(alloc.updates)
             for e in alloc.release:
                 self._release_entry(e)
@@ -1131,6 +1229,9 @@ class Qcow2Driver(BlockDriver):
         for ci in range(lo, hi):
             if ci in self._busy:
                 raise WriteBusy(ci)
+        if hi > lo:
+            cb = self.cluster_bits
+            self._unmapping(lo << cb, (hi - lo) << cb)
         self._mark_dirty()
         v3 = self.h.version >= 3
         need_zero = self.backing is not None
@@ -1182,10 +1283,11 @@ class Qcow2Driver(BlockDriver):
         if end > b:
             rest.append((b, end - b))
         lo, hi = self._whole_clusters(a, b - a)
-        self._mark_dirty()
         for ci in range(a // cs, -(-b // cs)):
             if ci in self._busy:
                 raise WriteBusy(ci)
+        self._unmapping(a, b - a)
+        self._mark_dirty()
         if lo < hi:
             self._zero_clusters(lo, hi, unmap=unmap, punch=unmap)
         for ci in range(a // cs, -(-b // cs)):
@@ -1208,6 +1310,7 @@ class Qcow2Driver(BlockDriver):
 
     def make_empty(self) -> None:
         """Drop every cluster of the active image (after a commit into the backing file)."""
+        self._unmapping(0, self.size)
         self._mark_dirty()
         for l1i, l1e in enumerate(self.l1):
             off = l1e & OFFSET_MASK
@@ -1236,6 +1339,7 @@ class Qcow2Driver(BlockDriver):
             self._replace_l1(self.l1 + [0] * (need - len(self.l1)))
         self._write_header_field(24, ">Q", size)
         self.h.size = self.size = size
+        self._dx_changed()
 
     def _replace_l1(self, entries: list[int]) -> None:
         cs = self.cluster_size
@@ -1248,6 +1352,7 @@ class Qcow2Driver(BlockDriver):
         self._write_header_field(36, ">IQ", len(entries), new)
         self.h.l1_offset, self.h.l1_size = new, len(entries)
         self.l1 = list(entries)
+        self._dx_changed()
         if old_off:
             for k in range(old_n):
                 self._unref(old_off // cs + k)
@@ -1276,6 +1381,7 @@ class Qcow2Driver(BlockDriver):
     def _fix_copied(self) -> None:
         """Recompute the COPIED flags of the active tree from the refcounts."""
         cs, cb = self.cluster_size, self.cluster_bits
+        self._dx_changed()
         for i, l1e in enumerate(self.l1):
             off = l1e & OFFSET_MASK
             if not off:
@@ -1333,6 +1439,8 @@ class Qcow2Driver(BlockDriver):
         if any(s.name == name for s in self.snapshots):
             raise BlockError(self.path, f"a snapshot named {name!r} already exists")
         cs = self.cluster_size
+        # every cluster becomes shared: no in-place write may land in one from now on
+        self._unmapping(0, self.size, writes_only=True)
         self._tree_refs(self.l1, +1)
         self._fix_copied()
         n = -(-len(self.l1) * 8 // cs) or 1
@@ -1359,12 +1467,14 @@ class Qcow2Driver(BlockDriver):
     def snapshot_apply(self, name: str) -> None:
         s = self.find_snapshot(name)
         l1 = self._read_l1(s)
+        self._unmapping(0, max(self.size, s.disk_size))
         self._tree_refs(l1, +1)
         old = list(self.l1)
         if len(l1) != len(self.l1):
             self._replace_l1(l1)
         else:
             self.l1 = list(l1)
+            self._dx_changed()
             pwrite_full(self.mfd, struct.pack(f">{len(l1)}Q", *l1), self.h.l1_offset)
         if s.disk_size != self.size:
             self._write_header_field(24, ">Q", s.disk_size)
@@ -1685,6 +1795,7 @@ class Qcow2Driver(BlockDriver):
         entry = COMPRESSED | (nsect << x) | cur
         l2, idx = self._l2_writable(ci)
         old = l2[idx]
+        self._unmapping(ci << cb, cs)
         self._set_l2(ci, entry, 0)
         if old:
             self._release_entry(old)
@@ -1720,6 +1831,22 @@ class Qcow2Driver(BlockDriver):
                 except OSError:
                     pass
             setattr(self, name, -1)
+
+
+def _bit_runs(bitmap: int, unit: int) -> list[tuple[int, int]]:
+    """(offset, length) of each run of set bits of a 32-bit subcluster bitmap."""
+    out = []
+    s = 0
+    while s < 32:
+        if bitmap >> s & 1:
+            t = s
+            while t < 32 and bitmap >> t & 1:
+                t += 1
+            out.append((s * unit, (t - s) * unit))
+            s = t
+        else:
+            s += 1
+    return out
 
 
 def _append(out: list, kind: str, offset: int, n: int, fd: int, host: int) -> None:

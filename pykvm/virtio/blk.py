@@ -175,7 +175,7 @@ class VirtioBlk(VirtioDevice):
         front-end asks for them); requests still in flight are waited for and
         dropped, not returned."""
         if self._fast is not None:
-            self._fast.stop()
+            fastpath.stop(self, self._fast)
             for i, q in enumerate(self.queues):
                 if q.ready:
                     q.last_avail_idx, q.used_idx = self._fast.queue_state(i)

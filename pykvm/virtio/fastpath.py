@@ -328,8 +328,32 @@ class FastPath:
             return lib.pykvm_blk_set_map(self._blk, table, len(extents))
 
     def map_generation(self) -> int:
+        """The newest generation the C thread maps with and for which no request
+        mapped with an older table is still with the engine (blk.h)."""
         with self._lock:
             return 0 if self._blk is None else lib.pykvm_blk_map_generation(self._blk)
+
+    def wait_map(self, gen: int, timeout: float = 60.0) -> bool:
+        """Block until map_generation() >= gen: the C thread uses table ``gen``
+        and every request mapped with an older one is done. False on timeout
+        (or if the path stopped meanwhile)."""
+        with self._lock:  # stop() frees the C side under this lock
+            if self._blk is None:
+                return True  # nothing left that could use any table
+            return bool(lib.pykvm_blk_wait_map(self._blk, gen, int(timeout * 1000)))
+
+    def publish_map(self, extents, wait: bool) -> None:
+        """The block layer's map listener (BlockBackend.set_map_listener):
+        install ``extents`` (block.driver.DirectExtent tuples); with ``wait``,
+        return only once nothing can still use an older table."""
+        gen = self.set_map(extents)
+        if not gen:
+            if self._blk is None:
+                return  # stopped: nothing uses any table any more
+            raise FastPathError(f"{self.name}: out of memory replacing the mapping table")
+        if wait and not self.wait_map(gen):
+            raise FastPathError(f"{self.name}: the C thread did not take mapping table "
+                                f"{gen} in time")
 
     def counters(self) -> dict:
         """requests, bytes_read, bytes_written, errors, submitted, flushes, batches,
@@ -466,11 +490,13 @@ def disk_extents(backend) -> tuple[list, int]:
     """The mapping table and flush fd of a disk: a raw image is one extent of
     its file (sector 0 not writable in C: writes there go to Python, which
     guards a probed raw image's header; detect-zeroes writes go to Python
-    too); other formats start with an empty table (everything punts) until
-    their driver fills it; a flush is done in C only for a raw file."""
+    too); a format with a direct map (qcow2) gives its allocated data
+    clusters (BlockBackend.direct_extents), kept up to date through the
+    backend's map listener (see start); other formats get an empty table
+    (everything punts); a flush is done in C only for a raw file."""
     drv = backend.driver
     if not drv.identity_mapped:
-        return [], -1
+        return (backend.direct_extents() if drv.direct_map else []), -1
     size = backend.size // 512 * 512
     writable = not backend.read_only and getattr(backend, "detect_zeroes", "off") == "off"
     extents = [Extent(0, min(512, size), drv.fd, 0, False)]
@@ -485,13 +511,24 @@ def start(dev, mem, queues, features: int, kicks, interrupt, fail) -> FastPath:
     backend = dev.backend
     extents, flush_fd = disk_extents(backend)
     call_fds, isr = interrupt_plan(interrupt, len(queues))
-    return FastPath(
+    fast = FastPath(
         mem, queues, kicks, call_fds, backend.driver.fd,
         backend.engine.name, capacity=backend.size // 512, features=features,
         punt=_BlkPunts(dev), fail=fail, forward=interrupt.signal_queue,
         read_only=backend.read_only, write_cache=backend.write_cache,
         no_flush=backend.cache.no_flush, align=backend.align, serial=dev.serial,
         flush_fd=flush_fd, extents=extents, isr=isr, name=dev.name)
+    if backend.driver.direct_map and not backend.driver.identity_mapped:
+        # from now on the backend replaces the table (and waits for the C
+        # thread to let go of the old one) before a cluster C may use changes
+        backend.set_map_listener(fast.publish_map, extents)
+    return fast
+
+
+def stop(dev, fast: FastPath) -> None:
+    """Stop the C path of VirtioBlk ``dev``; the backend keeps no listener."""
+    fast.stop()
+    dev.backend.set_map_listener(None)
 
 
 def _drain(fd: int) -> None:
