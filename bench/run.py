@@ -22,6 +22,10 @@ Workloads so far:
                pykvm (each aio engine, MMIO and PCI) and QEMU (same guest, same
                image, cache=none, aio=io_uring, iothread; microvm virtio-mmio
                and pc virtio-blk-pci), alternated within each workload
+  vhost        the Linux kit in QEMU (TCG) running fio on a vhost-user-blk
+               disk served by `pykvm serve` and by qemu-storage-daemon, and on
+               QEMU's own virtio-blk-pci (target: pykvm >= 1.0x the daemon, at
+               less CPU per request); the kit's boot-to-init time
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -350,6 +355,172 @@ def bench_qcow2(runtime: float, samples: int) -> list[dict]:
     return runs
 
 
+# -- vhost-user: Linux (QEMU TCG) driving pykvm serve, qemu-storage-daemon, QEMU itself --
+
+VHOST_JOBS = {
+    # name: fio options inside the Linux guest (/dev/vda, direct, time based)
+    "randread-4k-qd32": "--rw=randread --bs=4k --iodepth=32 --ioengine=io_uring",
+    "randwrite-4k-qd32": "--rw=randwrite --bs=4k --iodepth=32 --ioengine=io_uring",
+    "seqread-1m-qd8": "--rw=read --bs=1m --iodepth=8 --ioengine=io_uring",
+}
+VHOST_IMAGE = 256 << 20
+
+
+def _task_cpu_s(pid: int, thread_name: str | None = None) -> float:
+    """CPU seconds of process ``pid`` (or only of its threads named ``thread_name``)."""
+    total = 0
+    tasks = [f"/proc/{pid}"] if thread_name is None else \
+        [f"/proc/{pid}/task/{t}" for t in os.listdir(f"/proc/{pid}/task")]
+    for t in tasks:
+        try:
+            if thread_name is not None:
+                with open(f"{t}/comm") as f:
+                    if f.read().strip() != thread_name:
+                        continue
+            with open(f"{t}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total / CLK_TCK
+
+
+def _wait_socket(path: pathlib.Path, proc) -> None:
+    deadline = time.monotonic() + 20
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"bench: the vhost-user back-end did not start ({proc.args[0]})")
+        time.sleep(0.02)
+
+
+def bench_vhost(runtime: float, samples: int) -> list[dict]:
+    """The Linux kit in QEMU (TCG) running fio on a vhost-user-blk disk served
+    by `pykvm serve` and by qemu-storage-daemon, and on QEMU's own
+    virtio-blk-pci (aio=io_uring, iothread); alternated, one boot per sample
+    running every job. CPU per request: the back-end process (or QEMU's
+    iothread) over the requests fio completed."""
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers import linux_kit
+
+    kit = linux_kit.kit()
+    image = ROOT / "bench" / "bench-vhost.img"
+    if not image.exists() or image.stat().st_size != VHOST_IMAGE:
+        with open(image, "wb") as f:
+            chunk = os.urandom(1 << 20)
+            for _ in range(VHOST_IMAGE >> 20):
+                f.write(chunk)
+    sock = ROOT / "bench" / "bench-vhost.sock"
+    script = "".join(
+        f"fio --name={name} --filename=/dev/vda --direct=1 {opts} --time_based "
+        f"--runtime={runtime:g} --size={VHOST_IMAGE} --output-format=json || exit 1\n"
+        for name, opts in VHOST_JOBS.items())
+    vu_args = ["-chardev", f"socket,id=vu,path={sock}",
+               "-device", "vhost-user-blk-pci,chardev=vu,num-queues=1"]
+    systems = {
+        "pykvm-serve": ([*PYKVM, "serve", "--vhost-user-blk", str(sock),
+                         "--disk", f"file={image},cache=none"], vu_args),
+        "qemu-storage-daemon": (["qemu-storage-daemon", "--blockdev",
+                                 f"driver=file,node-name=f,filename={image},cache.direct=on,"
+                                 "aio=io_uring",
+                                 "--export", f"type=vhost-user-blk,id=e,node-name=f,"
+                                 f"addr.type=unix,addr.path={sock},writable=on"], vu_args),
+        "qemu-virtio-blk": (None, ["-name", "debug-threads=on",  # names the thread "IO io0"
+                                   "-object", "iothread,id=io0", "-drive",
+                                   f"if=none,id=d0,file={image},format=raw,cache=none,"
+                                   "aio=io_uring", "-device",
+                                   "virtio-blk-pci,drive=d0,iothread=io0,num-queues=1"]),
+    }
+    got: dict[str, list[dict]] = {k: [] for k in systems}
+    for _ in range(samples):
+        for name, (backend_cmd, qemu_args) in systems.items():
+            wait_quiet()
+            backend = None
+            if backend_cmd:
+                sock.unlink(missing_ok=True)
+                backend = subprocess.Popen(backend_cmd, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL)
+                _wait_socket(sock, backend)
+            cmd = linux_kit.qemu_command(kit, script, qemu_args=qemu_args, shared_mem=True)
+            busy0, t0 = cpu_busy_s(), time.monotonic()
+            # the console goes to files: nobody reads a pipe while we sample
+            with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
+                qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out_f,
+                                        stderr=err_f)
+                cpu = 0.0
+                watched = backend.pid if backend else qemu.pid
+                thread = None if backend else "IO io0"
+                while qemu.poll() is None:  # sample the iothread's CPU while it exists
+                    cpu = max(cpu, _task_cpu_s(watched, thread))
+                    if time.monotonic() - t0 > 600:
+                        qemu.kill()
+                    time.sleep(0.1)
+                out_f.seek(0)
+                err_f.seek(0)
+                out, err = out_f.read(), err_f.read()
+            wall = time.monotonic() - t0
+            if backend:
+                cpu = _task_cpu_s(backend.pid)
+                backend.terminate()
+                backend.wait(10)
+            busy = cpu_busy_s() - busy0
+            r = linux_kit.parse_console(out, err, qemu.returncode, wall)
+            if r.rc:
+                raise SystemExit(f"bench: {name}: the guest's fio failed:\n{r.output[-1500:]}")
+            jobs = {}
+            text = r.output
+            while "{" in text:  # one JSON document per job
+                start = text.index("{")
+                doc, end = json.JSONDecoder().raw_decode(text[start:])
+                for j in doc["jobs"]:
+                    jobs[j["jobname"]] = j
+                text = text[start + end:]
+            ios = sum(j[d]["total_ios"] for j in jobs.values() for d in ("read", "write"))
+            got[name].append({"jobs": jobs, "cpu_s": cpu, "ios": ios, "wall_s": wall,
+                              "boot_to_init_s": r.boot_to_init_s,
+                              "others_cpu_s": max(0.0, busy - cpu)})
+    sock.unlink(missing_ok=True)
+    runs = []
+    for name, samples_ in got.items():
+        for job in VHOST_JOBS:
+            iops = [s["jobs"][job]["read"]["iops"] + s["jobs"][job]["write"]["iops"]
+                    for s in samples_]
+            bw = [s["jobs"][job]["read"]["bw_bytes"] + s["jobs"][job]["write"]["bw_bytes"]
+                  for s in samples_]
+            runs.append({"system": name, "workload": f"vhost-{job}", "samples": len(iops),
+                         "iops_median": statistics.median(iops),
+                         "bw_bytes_median": statistics.median(bw)})
+        runs.append({"system": name, "workload": "vhost-cpu",
+                     "cpu_us_per_io": statistics.median(s["cpu_s"] / s["ios"] * 1e6
+                                                        for s in samples_ if s["ios"]),
+                     "boot_to_init_s": statistics.median(s["boot_to_init_s"] for s in samples_
+                                                         if s["boot_to_init_s"]),
+                     "others_cpu_s": max(s["others_cpu_s"] for s in samples_)})
+    return runs
+
+
+def vhost_table(runs: list[dict]) -> str:
+    get = {(r["system"], r["workload"]): r for r in runs}
+    if ("pykvm-serve", "vhost-cpu") not in get:
+        return ""
+    lines = ["", "| vhost-user (Linux in QEMU TCG) | pykvm serve | qemu-storage-daemon | "
+             "QEMU virtio-blk | pykvm / qsd |", "|---|---|---|---|---|"]
+    names = ("pykvm-serve", "qemu-storage-daemon", "qemu-virtio-blk")
+    for job in VHOST_JOBS:
+        row = [get.get((n, f"vhost-{job}")) for n in names]
+        cells = [f"{r['iops_median']:,.0f} IOPS" if r else "-" for r in row]
+        ratio = f"{row[0]['iops_median'] / row[1]['iops_median']:.2f}x (target >= 1.0x)" \
+            if row[0] and row[1] and row[1]["iops_median"] else "-"
+        lines.append(f"| {job} | " + " | ".join(cells) + f" | {ratio} |")
+    cpu = [get.get((n, "vhost-cpu")) for n in names]
+    lines.append("| back-end CPU per request | " + " | ".join(
+        f"{c['cpu_us_per_io']:.1f} us" if c else "-" for c in cpu) + " | " +
+        (f"{cpu[0]['cpu_us_per_io'] / cpu[1]['cpu_us_per_io']:.2f}x" if cpu[0] and cpu[1]
+         else "-") + " |")
+    lines.append("| kit boot to init | " + " | ".join(
+        f"{c['boot_to_init_s']:.2f} s" if c else "-" for c in cpu) + " | - |")
+    return "\n".join(lines) + "\n"
+
+
 def qcow2_table(runs: list[dict]) -> str:
     lines = []
     get = {(r["system"], r["workload"]): r for r in runs}
@@ -449,33 +620,54 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def suite_of(workload: str) -> str:
+    """The suite a result belongs to (for results written before runs named it)."""
+    if workload == "boot-hello":
+        return "boot"
+    if workload == "pio-exits":
+        return "pio"
+    if workload.startswith(("qcow2-", "convert-")):
+        return "qcow2"
+    if workload.startswith("vhost-"):
+        return "vhost"
+    return "io"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples, for a smoke check")
-    ap.add_argument("--suite", action="append", choices=["boot", "pio", "io", "qcow2"],
+    ap.add_argument("--suite", action="append", choices=["boot", "pio", "io", "qcow2", "vhost"],
                     help="run only these suites (default: all)")
     args = ap.parse_args()
-    suites = args.suite or ["boot", "pio", "io", "qcow2"]
+    suites = args.suite or ["boot", "pio", "io", "qcow2", "vhost"]
     samples = 3 if args.quick else 15
     for tool in (QEMU, "fio", "qemu-img"):
         if not shutil.which(tool):
             raise SystemExit(f"bench: {tool} not found (make bench installs it)")
     runs = []
-    if "boot" in suites:
-        runs += bench_boot(samples)
-    if "pio" in suites:
-        runs += bench_pio(20_000 if args.quick else 100_000, 3 if args.quick else 5)
-    if "io" in suites:
-        runs += bench_io(1.0 if args.quick else 5.0, ENGINES, IO_WORKLOADS)
-    if "qcow2" in suites:
-        runs += bench_qcow2(1.0 if args.quick else 5.0, 2 if args.quick else 5)
+    suite_runs = {
+        "boot": lambda: bench_boot(samples),
+        "pio": lambda: bench_pio(20_000 if args.quick else 100_000, 3 if args.quick else 5),
+        "io": lambda: bench_io(1.0 if args.quick else 5.0, ENGINES, IO_WORKLOADS),
+        "qcow2": lambda: bench_qcow2(1.0 if args.quick else 5.0, 2 if args.quick else 5),
+        "vhost": lambda: bench_vhost(1.0 if args.quick else 3.0, 1 if args.quick else 3),
+    }
+    for suite in suites:
+        runs += [dict(r, suite=suite) for r in suite_runs[suite]()]
+    if args.suite and (RESULTS / "latest.json").exists():
+        # some suites only: the others' latest results stay, marked as older
+        old = json.loads((RESULTS / "latest.json").read_text())
+        kept = [dict(r, suite=r.get("suite") or suite_of(r["workload"]),
+                     measured=r.get("measured") or old["machine"].get("date"))
+                for r in old.get("runs", [])]
+        runs = [r for r in kept if r["suite"] not in suites] + runs
     result = {"machine": machine_info(), "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     text = json.dumps(result, indent=2) + "\n"
     (RESULTS / "latest.json").write_text(text)
     (RESULTS / f"{stamp}.json").write_text(text)
-    md = table(runs) + io_table(runs) + qcow2_table(runs)
+    md = table(runs) + io_table(runs) + qcow2_table(runs) + vhost_table(runs)
     plot(runs, RESULTS / "latest.png")
     (RESULTS / "latest.md").write_text(md)
     print(md, end="")

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a virtio-blk disk: file=PATH[,format=raw][,transport=mmio|pci]"
                           "[,cache=...][,aio=python|threads|native|io_uring][,readonly=on]"
                           "[,discard=ignore|unmap]"
-                          "[,detect-zeroes=off|on|unmap][,serial=S] (repeatable)")
+                          "[,detect-zeroes=off|on|unmap][,serial=S][,poll-max-ns=N] (repeatable)")
     _common_vm_args(run)
 
     fio = sub.add_parser("fio", help="run the workload guest against a disk, print fio's output")
@@ -187,7 +187,8 @@ def cmd_serve(args) -> int:
     if args.verbose:
         logging.getLogger("pykvm").setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
     backend = open_disk(args.disk)
-    dev = VirtioBlk(backend, serial=args.disk.serial or "pykvm-vhost0", name="vhost-user-blk")
+    dev = VirtioBlk(backend, serial=args.disk.serial or "pykvm-vhost0", name="vhost-user-blk",
+                    poll_max_ns=args.disk.poll_max_ns)
     try:
         server = VhostUserServer(dev, args.vhost_user_blk, name="vhost-user-blk")
     except BaseException:

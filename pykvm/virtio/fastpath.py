@@ -517,7 +517,8 @@ def start(dev, mem, queues, features: int, kicks, interrupt, fail) -> FastPath:
         punt=_BlkPunts(dev), fail=fail, forward=interrupt.signal_queue,
         read_only=backend.read_only, write_cache=backend.write_cache,
         no_flush=backend.cache.no_flush, align=backend.align, serial=dev.serial,
-        flush_fd=flush_fd, extents=extents, isr=isr, name=dev.name)
+        flush_fd=flush_fd, extents=extents, isr=isr, name=dev.name,
+        poll_max_ns=POLL_MAX_NS if dev.poll_max_ns is None else dev.poll_max_ns)
     if backend.driver.direct_map and not backend.driver.identity_mapped:
         # from now on the backend replaces the table (and waits for the C
         # thread to let go of the old one) before a cluster C may use changes

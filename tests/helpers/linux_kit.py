@@ -593,11 +593,16 @@ def run_tcg(k: Kit, script: str, *, qemu_args=(), mem: str = "512M", shared_mem:
         raise KitError(f"QEMU timed out after {timeout:g} s; console tail:\n{_tail(console)}",
                        console) from None
     wall = time.monotonic() - start
+    return parse_console(out, err, proc.returncode, wall)
+
+
+def parse_console(out: bytes, err: bytes, status: int, wall: float) -> Result:
+    """The Result of a finished QEMU run from its stdout (the console) and stderr."""
     console = out.decode(errors="replace").replace("\r\n", "\n")
     exits = list(re.finditer(r"KIT-EXIT (\d+)$", console, re.M))
     m = exits[-1] if exits else None
     if m is None:
-        raise KitError(f"no KIT-EXIT line (QEMU status {proc.returncode}"
+        raise KitError(f"no KIT-EXIT line (QEMU status {status}"
                        f"{': ' + err.decode(errors='replace').strip() if err.strip() else ''}); "
                        f"console tail:\n{_tail(console)}", console)
     up = re.search(r"KIT-INIT uptime=([0-9.]+)$", console, re.M)

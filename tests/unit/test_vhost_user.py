@@ -155,7 +155,7 @@ def _set_region_used(fe, used_idx: int, last_batch_head: int) -> None:
 
 def test_requests_in_flight_at_a_crash_are_served_again(server):
     """A, B, C were taken by a back-end that returned only B and died. The new
-    one serves A and C (oldest first), and nothing is taken twice."""
+    one serves A and C again, and nothing is taken twice."""
     fe = server.connect()
     try:
         fe.send(V.GET_INFLIGHT_FD, V.INFLIGHT.pack(0, 0, 1, fe.queue_size))
@@ -176,8 +176,9 @@ def test_requests_in_flight_at_a_crash_are_served_again(server):
         deadline = time.monotonic() + 10
         while len(fe.vq.used()) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
-        done = fe.vq.used()
-        assert [h for h, _ in done] == [b[0], a[0], c[0]]
+        done = [h for h, _ in fe.vq.used()]
+        # submitted oldest first; they may complete in any order
+        assert done[0] == b[0] and sorted(done[1:]) == sorted([a[0], c[0]])
         assert fe.mem.read(a[2], 1) == b"\0" and fe.mem.read(c[2], 1) == b"\0"
         assert fe.get_vring_base() == 3        # past all three: none is taken again
     finally:
@@ -345,19 +346,21 @@ def test_serve_killed_and_restarted_loses_no_completed_write(tmp_path):
     the same front-end state (memory, ring, inflight region) reconnecting:
     every write completes, and each one the guest saw complete is on disk."""
     # writethrough: each write waits for its flush, so many are in flight
+    # and 128 KiB each, so that they take a while
     p, sock, img = _serve(tmp_path, ",cache=writethrough")
-    fe = Frontend.connect(sock)
+    fe = Frontend.connect(sock, mem_size=16 << 20)
+    bs = 128 << 10
     try:
         fe.handshake()
-        blocks = {i: os.urandom(4096) for i in range(48)}
+        blocks = {i: os.urandom(bs) for i in range(48)}
         heads = {}
         for i, data in blocks.items():
-            heads[fe.add_request(T_OUT, i * 8, data=data)[0]] = i
+            heads[fe.add_request(T_OUT, i * bs // 512, data=data)[0]] = i
         fe.vq.publish()
         os.eventfd_write(fe.kick, 1)
         deadline = time.monotonic() + 10
-        while len(fe.vq.used()) < 4 and time.monotonic() < deadline:
-            time.sleep(0.0005)
+        while not fe.vq.used() and time.monotonic() < deadline:
+            time.sleep(0.0002)
         p.kill()
         p.wait()
         completed_before = {h for h, _ in fe.vq.used()}
@@ -378,7 +381,7 @@ def test_serve_killed_and_restarted_loses_no_completed_write(tmp_path):
         assert sorted(used) == sorted(heads), "every request completes exactly once"
         assert completed_before <= set(used)
         for i, data in blocks.items():
-            assert fe.read(i * 8, 4096) == (0, data)
+            assert fe.read(i * bs // 512, bs) == (0, data)
         p.send_signal(signal.SIGTERM)
         assert p.wait(10) == 0
     finally:
