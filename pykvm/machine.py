@@ -35,12 +35,12 @@ MAX_CPUS = 64
 
 
 def host_is_pvm() -> bool:
-    """True when /dev/kvm is provided by kvm_pvm (CPL 0 emulated; see DESIGN.md)."""
+    """True when /dev/kvm is provided by kvm_pvm (CPL 0 emulated; see guest/README.md, "kvm_pvm findings")."""
     return os.path.isdir("/sys/module/kvm_pvm")
 
 
 class DiskSpec:
-    """One --disk, in QEMU's -drive syntax (DESIGN.md, "Command line")."""
+    """One --disk, in QEMU's -drive syntax (README.md, "Disks")."""
 
     TRANSPORTS = ("mmio", "pci")
     AIO = ("python", "threads", "native", "io_uring")
@@ -253,7 +253,7 @@ class Machine:
 
         supported = self.kvm.supported_cpuid()
         # On kvm_pvm, CPL-0 guest code runs in KVM's instruction emulator, which
-        # lacks cmpxchg16b and the xsave family: hide them (DESIGN.md). Measured:
+        # lacks cmpxchg16b and the xsave family: hide them. Measured:
         # kvm_pvm honours the CX16 and OSXSAVE clears, but reports the host's XSAVE
         # (and SSE3..AVX-512) whatever this table says, so a stock Linux needs
         # "noxsave" on its command line to keep off xrstor (pykvm/boot/README.md).

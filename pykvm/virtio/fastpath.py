@@ -2,7 +2,7 @@
 
 At DRIVER_OK, a VirtioBlk whose disk uses a C engine (aio=threads, native or
 io_uring) starts a ``FastPath`` instead of its Python I/O thread. The C
-thread gets what DESIGN.md's contract names: the guest memory table, the
+thread gets the whole contract of a virtio device: the guest memory table, the
 activated queues, their kick eventfds, the call eventfds, a mapping table
 (virtual disk range -> host fd and offset) and an engine name. It pops,
 parses, submits, completes and interrupts without the GIL.
