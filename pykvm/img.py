@@ -412,12 +412,15 @@ ZERO_BLOCK = bytes(1 << 21)       # one zero block of any granularity up to 2 Mi
 def _nonzero_runs(buf: bytearray, n: int, gran: int) -> list[tuple[int, int]]:
     """The (offset, length) runs of buf[:n] left when every all-zero block of
     ``gran`` bytes (aligned to the buffer's start) is taken out. bytearray.find
-    looks for a zero block in C; data without one costs a single scan."""
+    looks for a zero block in C; data without one costs a single scan. It looks
+    for 4 KiB of zeroes at most (every bigger zero block holds some): long
+    needles are slower to look for."""
     zb = ZERO_BLOCK[:gran]
+    needle = zb[:4096]
     out = []
     pos = scan = 0
     while True:
-        p = buf.find(zb, scan, n)
+        p = buf.find(needle, scan, n)
         if p < 0:
             break
         a = -(-p // gran) * gran           # the first aligned block it may cover
@@ -505,41 +508,106 @@ def cmd_convert(a) -> int:
     return 0
 
 
+COPY_PIECE = 1 << 20
+
+
 def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_in_src=False):
     """Copy guest content, skipping holes and zeroes (the destination is new
     and reads as zeroes). The source is mapped first; only its data ranges are
     read, in large pieces; all-zero blocks in them are not written (4 KiB for
-    raw, a cluster for qcow2, whose clusters stay unallocated)."""
+    raw, a cluster for qcow2, whose clusters stay unallocated). This thread
+    reads the source; a second one writes the destination, a piece behind."""
     raw_dst = isinstance(dst, RawDriver)
     cs = getattr(dst, "cluster_size", 65536)
     gran = 4096 if raw_dst else cs
     runs = [(0, size)] if skip_unallocated_in_src else _data_runs(src, size)
     if not raw_dst:
         runs = _align_runs(runs, cs, size)
-    piece = max(CHUNK // gran, 1) * gran
-    buf = bytearray(piece)
-    view = memoryview(buf)
-    raw_src = isinstance(src, RawDriver)
+    piece = max(COPY_PIECE // gran, 1) * gran
+    pieces = [(pos, min(piece, start + length - pos))
+              for start, length in runs for pos in range(start, start + length, piece)]
     qcow2_new = isinstance(dst, Qcow2Driver) and not compress
-    for start, length in runs:
-        pos, end = start, start + length
-        while pos < end:
-            n = min(piece, end - pos)
-            sub = view[:n]
-            if raw_src and pos + n <= src.size:
-                pread_full(src.fd, sub, pos)
+
+    def write(pos: int, n: int, buf: bytearray, nonzero) -> None:
+        sub = memoryview(buf)[:n]
+        if compress:
+            _write_compressed(dst, pos, sub, cs)
+            return
+        for o, k in nonzero:
+            if raw_dst:
+                pwrite_full(dst.fd, sub[o:o + k], pos + o)
+            elif not (qcow2_new and dst.write_new(pos + o, sub[o:o + k])):
+                write_range(dst, pos + o, sub[o:o + k])
+
+    with _Writer(write, piece, threaded=len(pieces) > 1) as w:
+        for pos, n in pieces:
+            buf = w.buffer()
+            view = memoryview(buf)[:n]
+            if isinstance(src, RawDriver) and pos + n <= src.size:
+                pread_full(src.fd, view, pos)
             else:
-                read_into(src, pos, sub)
-            if compress:
-                _write_compressed(dst, pos, sub, cs)
-            else:
-                for o, k in _nonzero_runs(buf, n, gran):
-                    if raw_dst:
-                        pwrite_full(dst.fd, sub[o:o + k], pos + o)
-                    elif not (qcow2_new and dst.write_new(pos + o, sub[o:o + k])):
-                        write_range(dst, pos + o, sub[o:o + k])
-            pos += n
-            _progress(progress, pos, size)
+                read_into(src, pos, view)
+            w.put(pos, n, buf, None if compress else _nonzero_runs(buf, n, gran))
+            _progress(progress, pos + n, size)
+
+
+class _Writer:
+    """Runs write(pos, n, buf, nonzero) for each piece put, in order, in its
+    own thread (the destination is touched by that thread only), with two
+    buffers: one being read, one being written. The writer's first error is
+    raised to the reading thread at its next buffer() or at the end."""
+
+    def __init__(self, write, piece: int, threaded: bool = True):
+        self.write = write
+        self.error: BaseException | None = None
+        self.threaded = threaded
+        if not threaded:
+            self.buf = bytearray(piece)
+            return
+        import queue
+        import threading
+        self.todo: queue.SimpleQueue = queue.SimpleQueue()
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(2):
+            self.free.put(bytearray(piece))
+        self.thread = threading.Thread(target=self._run, name="convert-write", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.todo.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.write(*item)
+                except BaseException as e:      # noqa: B036  (raised in the reader)
+                    self.error = e
+            self.free.put(item[2])
+
+    def buffer(self) -> bytearray:
+        if not self.threaded:
+            return self.buf
+        buf = self.free.get()
+        if self.error is not None:
+            raise self.error
+        return buf
+
+    def put(self, pos: int, n: int, buf: bytearray, nonzero) -> None:
+        if self.threaded:
+            self.todo.put((pos, n, buf, nonzero))
+        else:
+            self.write(pos, n, buf, nonzero)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.threaded:
+            self.todo.put(None)
+            self.thread.join()
+            if self.error is not None and exc[0] is None:
+                raise self.error
 
 
 def _write_compressed(dst, start: int, sub: memoryview, cs: int) -> None:
