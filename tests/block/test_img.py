@@ -412,3 +412,25 @@ def test_fast_convert_args_match_argparse(argv):
 def test_fast_convert_args_leave_the_rest_to_argparse(argv):
     from pykvm.img import _fast_convert_args
     assert _fast_convert_args(argv) is None
+
+
+@pytest.mark.parametrize("where", ["read", "write"])
+def test_convert_io_error_is_one_line(tmp_path, capsys, monkeypatch, where):
+    """An error in the reading thread or in the writing one ends the command
+    with one line and status 1 (no hang, no traceback)."""
+    import errno
+
+    import pykvm.img as m
+    src = _holey_raw(tmp_path / "e.raw", 8 * MiB, [(0, pattern(6 * MiB, 1))])
+    calls = []
+
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.EIO, "Input/output error")
+        return orig(*args, **kw)
+    orig = getattr(m, f"p{where}_full")
+    monkeypatch.setattr(m, f"p{where}_full", failing)
+    rc, _, err = img(capsys, "convert", "-f", "raw", "-O", "raw", src, tmp_path / "e.out")
+    assert rc == 1
+    assert err.count("\n") == 1 and "Input/output error" in err
