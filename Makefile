@@ -31,7 +31,10 @@ $(VENV)/.deps-stamp: Makefile
 	@mkdir -p $(VENV) && touch $@
 
 # The virtualenv, with pykvm editable; rebuilt when the native code changes.
+# Byte-compiled once here: with PYTHONDONTWRITEBYTECODE set, every run would
+# otherwise compile what it imports (tens of ms for each pykvm img command).
 setup: deps $(VENV)/.install-stamp
+	@$(PY) -m compileall -q pykvm >/dev/null
 $(VENV)/.install-stamp: pyproject.toml setup.py $(wildcard native/*.c native/*.h native/*.py)
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -329,6 +329,12 @@ def bench_qcow2(runtime: float, samples: int) -> list[dict]:
     m = measure(cmd, 1)
     runs.append(row("qemu", "qcow2-alloc-seqwrite-1m-qd8", m, fields=fio.parse_result(m["stdout"])))
     target.unlink(missing_ok=True)
+    return runs + bench_convert(samples)
+
+
+def bench_convert(samples: int) -> list[dict]:
+    """`pykvm img convert` against `qemu-img convert` (part of the qcow2 suite)."""
+    runs = []
     # image conversion of a 1 GiB image with holes (a quarter data), alternated
     src = RESULTS.parent / "bench-holes.raw"
     if not src.exists():
@@ -638,7 +644,15 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer samples, for a smoke check")
     ap.add_argument("--suite", action="append", choices=["boot", "pio", "io", "qcow2", "vhost"],
                     help="run only these suites (default: all)")
+    ap.add_argument("--convert-only", action="store_true",
+                    help="time only the qcow2 suite's image conversions and print them "
+                         "(no result files are written)")
     args = ap.parse_args()
+    if args.convert_only:
+        for r in bench_convert(5 if args.quick else 15):
+            print(f"{r['workload']:<28} {r['system']:<9} median {r['wall_s_median'] * 1000:7.1f} ms"
+                  f"  min {r['wall_s_min'] * 1000:7.1f} ms  ({r['samples']} samples)")
+        return 0
     suites = args.suite or ["boot", "pio", "io", "qcow2", "vhost"]
     samples = 3 if args.quick else 15
     for tool in (QEMU, "fio", "qemu-img"):

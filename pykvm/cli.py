@@ -8,23 +8,24 @@ on stderr with the same prefix.
 """
 from __future__ import annotations
 
-import argparse
 import io
-import logging
 import os
-import re
 import sys
 
 from .errors import ConfigError, GuestFault, PykvmError
 
-_SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
+# argparse, logging and re are imported where used: ``pykvm img`` starts
+# without them (its own parser imports argparse when it needs it)
+_SIZE = r"^(\d+)([KMGT]?)(i?B)?$"
 GUEST_DIR = os.environ.get("PYKVM_GUEST_DIR") or os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "guest", "build")
 
 
 def parse_size(text: str, default_unit: str = "M") -> int:
     """'256M', '1G', '512' (MiB by default, as QEMU's -m) -> bytes."""
-    m = _SIZE.match(text.strip())
+    import argparse
+    import re
+    m = re.match(_SIZE, text.strip(), re.IGNORECASE)
     if not m:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (use e.g. 256M or 1G)")
     unit = (m.group(2) or default_unit).upper()
@@ -37,6 +38,7 @@ def parse_bytes(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
+    import argparse
     try:
         v = float(text)
     except ValueError:
@@ -47,6 +49,8 @@ def _positive_float(text: str) -> float:
 
 
 def _disk(text: str):
+    import argparse
+
     from .machine import DiskSpec
     try:
         return DiskSpec.parse(text)
@@ -64,6 +68,7 @@ def _common_vm_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
     p = argparse.ArgumentParser(prog="pykvm", description="A KVM hypervisor harness.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -178,6 +183,7 @@ def cmd_fio(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import logging
     import signal
 
     from .machine import open_disk
@@ -214,9 +220,13 @@ def cmd_serve(args) -> int:
     return 0
 
 
-class _Prefix(logging.Formatter):
-    def format(self, record):
-        return f"pykvm: {record.getMessage()}"
+def _prefix_formatter():
+    import logging
+
+    class _Prefix(logging.Formatter):
+        def format(self, record):
+            return f"pykvm: {record.getMessage()}"
+    return _Prefix()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["img"]:
         from .img import main_img
         return main_img(argv[1:])
+    import logging
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Prefix())
+    handler.setFormatter(_prefix_formatter())
     root = logging.getLogger("pykvm")
     root.addHandler(handler)
     root.setLevel(logging.WARNING)

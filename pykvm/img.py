@@ -18,15 +18,13 @@ runs before anything is written.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
 
 from .block import qcow2 as _qcow2  # noqa: F401  (registers the driver)
-from .block.driver import (DRIVERS, ZEROES, BlockError, open_image, probe_format, pwrite_full,
-                           read_into, write_range, write_zeroes_range)
+from .block.driver import (DRIVERS, ZEROES, BlockError, open_image, pread_full, probe_format,
+                           pwrite_full, read_into, write_range, write_zeroes_range)
 from .block.qcow2 import Qcow2Driver
 from .block.raw import RawDriver
 from .errors import PykvmError
@@ -43,10 +41,16 @@ class ImgError(PykvmError):
         self.exit_status = status
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 1 as qemu-img
-        print(f"pykvm img: {self.prog}: {message}", file=sys.stderr)
-        sys.exit(1)
+def _parser_class():
+    """argparse is imported here, not at start-up: ``convert``'s plain
+    command lines are parsed without it (see _fast_convert_args)."""
+    import argparse
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, exit status 1 as qemu-img
+            print(f"pykvm img: {self.prog}: {message}", file=sys.stderr)
+            sys.exit(1)
+    return _Parser
 
 
 def parse_size(text: str) -> int:
@@ -214,6 +218,7 @@ def _info_dict(path: str, fmt: str | None) -> dict:
 
 
 def cmd_info(a) -> int:
+    import json
     chain = []
     path, fmt = a.filename, a.f
     seen = set()
@@ -268,6 +273,7 @@ def _snapshot_table(snaps: list[dict]) -> list[str]:
 # -- check ------------------------------------------------------------------------------
 
 def cmd_check(a) -> int:
+    import json
     fmt = _fmt_of(a.filename, a.f)
     if fmt != "qcow2":
         print("This image format does not support checks", file=sys.stderr)
@@ -375,6 +381,7 @@ def _merged_status(drv):
 
 
 def cmd_map(a) -> int:
+    import json
     drv = _open(a.filename, a.f)
     try:
         runs = _merged_status(drv)
@@ -399,21 +406,72 @@ def cmd_map(a) -> int:
 
 # -- convert ----------------------------------------------------------------------------
 
-def _zero_runs(buf: memoryview, gran: int = 4096):
-    """Split a buffer into (offset, length, is_zero) runs at ``gran`` granularity."""
-    n = len(buf)
-    if buf == ZEROES[:n] if n <= len(ZEROES) else False:
-        return [(0, n, True)]
+ZERO_BLOCK = bytes(1 << 21)       # one zero block of any granularity up to 2 MiB
+
+
+def _nonzero_runs(buf: bytearray, n: int, gran: int) -> list[tuple[int, int]]:
+    """The (offset, length) runs of buf[:n] left when every all-zero block of
+    ``gran`` bytes (aligned to the buffer's start) is taken out. bytearray.find
+    looks for a zero block in C; data without one costs a single scan. It looks
+    for 4 KiB of zeroes at most (every bigger zero block holds some): long
+    needles are slower to look for."""
+    zb = ZERO_BLOCK[:gran]
+    needle = zb[:4096]
     out = []
+    pos = scan = 0
+    while True:
+        p = buf.find(needle, scan, n)
+        if p < 0:
+            break
+        a = -(-p // gran) * gran           # the first aligned block it may cover
+        if a + gran > n:
+            break
+        if buf.find(zb, a, a + gran) != a:
+            scan = a + 1
+            continue
+        b = a + gran
+        while b + gran <= n and buf.find(zb, b, b + gran) == b:
+            b += gran
+        if a > pos:
+            out.append((pos, a - pos))
+        pos = scan = b
+    if pos < n:
+        tail = n - pos
+        if tail < gran and n % gran and buf.find(zb[:tail], pos, n) == pos:
+            return out                       # the disk's short last block, all zeroes
+        out.append((pos, tail))
+    return out
+
+
+def _data_runs(src, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of everything in src that may hold data (zero and
+    unallocated ranges, through the backing chain, left out), merged."""
+    runs: list[tuple[int, int]] = []
     pos = 0
-    while pos < n:
-        k = min(gran, n - pos)
-        z = buf[pos:pos + k] == ZEROES[:k]
-        if out and out[-1][2] == z:
-            out[-1] = (out[-1][0], out[-1][1] + k, z)
+    window = 1 << 30
+    while pos < size:
+        n = min(window, size - pos)
+        for start, length, _, _, zero, _, _, _ in _block_status(src, pos, n):
+            if zero:
+                continue
+            if runs and runs[-1][0] + runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], runs[-1][1] + length)
+            else:
+                runs.append((start, length))
+        pos += n
+    return runs
+
+
+def _align_runs(runs, gran: int, size: int) -> list[tuple[int, int]]:
+    """Runs widened to whole blocks of ``gran`` bytes (clipped at size), merged."""
+    out: list[tuple[int, int]] = []
+    for start, length in runs:
+        lo = start - start % gran
+        hi = min(size, -(-(start + length) // gran) * gran)
+        if out and out[-1][0] + out[-1][1] >= lo:
+            out[-1] = (out[-1][0], max(out[-1][0] + out[-1][1], hi) - out[-1][0])
         else:
-            out.append((pos, k, z))
-        pos += k
+            out.append((lo, hi - lo))
     return out
 
 
@@ -450,35 +508,106 @@ def cmd_convert(a) -> int:
     return 0
 
 
+COPY_PIECE = 1 << 20
+
+
 def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_in_src=False):
     """Copy guest content, skipping holes and zeroes (the destination is new
-    and reads as zeroes)."""
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
+    and reads as zeroes). The source is mapped first; only its data ranges are
+    read, in large pieces; all-zero blocks in them are not written (4 KiB for
+    raw, a cluster for qcow2, whose clusters stay unallocated). This thread
+    reads the source; a second one writes the destination, a piece behind."""
     raw_dst = isinstance(dst, RawDriver)
     cs = getattr(dst, "cluster_size", 65536)
-    pos = 0
-    while pos < size:
-        n = min(CHUNK, size - pos)
-        statuses = list(_block_status(src, pos, n)) if not skip_unallocated_in_src else \
-            [(pos, n, 0, True, False, True, None, None)]
-        for start, length, depth, present, zero, data, off, _ in statuses:
-            if zero or (skip_unallocated_in_src and depth > 0):
-                continue
-            sub = view[start - pos:start - pos + length]
-            read_into(src, start, sub)
-            if compress:
-                _write_compressed(dst, start, sub, cs)
-                continue
-            for o, k, z in _zero_runs(sub):
-                if z:
-                    continue
-                if raw_dst:
-                    pwrite_full(dst.fd, sub[o:o + k], start + o)
-                else:
-                    write_range(dst, start + o, sub[o:o + k])
-        pos += n
-        _progress(progress, pos, size)
+    gran = 4096 if raw_dst else cs
+    runs = [(0, size)] if skip_unallocated_in_src else _data_runs(src, size)
+    if not raw_dst:
+        runs = _align_runs(runs, cs, size)
+    piece = max(COPY_PIECE // gran, 1) * gran
+    pieces = [(pos, min(piece, start + length - pos))
+              for start, length in runs for pos in range(start, start + length, piece)]
+    qcow2_new = isinstance(dst, Qcow2Driver) and not compress
+
+    def write(pos: int, n: int, buf: bytearray, nonzero) -> None:
+        sub = memoryview(buf)[:n]
+        if compress:
+            _write_compressed(dst, pos, sub, cs)
+            return
+        for o, k in nonzero:
+            if raw_dst:
+                pwrite_full(dst.fd, sub[o:o + k], pos + o)
+            elif not (qcow2_new and dst.write_new(pos + o, sub[o:o + k])):
+                write_range(dst, pos + o, sub[o:o + k])
+
+    with _Writer(write, piece, threaded=len(pieces) > 1) as w:
+        for pos, n in pieces:
+            buf = w.buffer()
+            view = memoryview(buf)[:n]
+            if isinstance(src, RawDriver) and pos + n <= src.size:
+                pread_full(src.fd, view, pos)
+            else:
+                read_into(src, pos, view)
+            w.put(pos, n, buf, None if compress else _nonzero_runs(buf, n, gran))
+            _progress(progress, pos + n, size)
+
+
+class _Writer:
+    """Runs write(pos, n, buf, nonzero) for each piece put, in order, in its
+    own thread (the destination is touched by that thread only), with two
+    buffers: one being read, one being written. The writer's first error is
+    raised to the reading thread at its next buffer() or at the end."""
+
+    def __init__(self, write, piece: int, threaded: bool = True):
+        self.write = write
+        self.error: BaseException | None = None
+        self.threaded = threaded
+        if not threaded:
+            self.buf = bytearray(piece)
+            return
+        import queue
+        import threading
+        self.todo: queue.SimpleQueue = queue.SimpleQueue()
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(2):
+            self.free.put(bytearray(piece))
+        self.thread = threading.Thread(target=self._run, name="convert-write", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.todo.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.write(*item)
+                except BaseException as e:      # noqa: B036  (raised in the reader)
+                    self.error = e
+            self.free.put(item[2])
+
+    def buffer(self) -> bytearray:
+        if not self.threaded:
+            return self.buf
+        buf = self.free.get()
+        if self.error is not None:
+            raise self.error
+        return buf
+
+    def put(self, pos: int, n: int, buf: bytearray, nonzero) -> None:
+        if self.threaded:
+            self.todo.put((pos, n, buf, nonzero))
+        else:
+            self.write(pos, n, buf, nonzero)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.threaded:
+            self.todo.put(None)
+            self.thread.join()
+            if self.error is not None and exc[0] is None:
+                raise self.error
 
 
 def _write_compressed(dst, start: int, sub: memoryview, cs: int) -> None:
@@ -711,7 +840,7 @@ def cmd_snapshot(a) -> int:
 
 def build_img_parser(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="img_command", required=True, metavar="SUBCOMMAND",
-                           parser_class=_Parser)
+                           parser_class=type(p))
 
     c = sub.add_parser("create", help="create an image")
     c.add_argument("-f", metavar="FMT")
@@ -805,6 +934,46 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     s.set_defaults(func=cmd_snapshot)
 
 
+_CONVERT_VALUES = {"-f": "f", "-O": "O", "-o": "o", "-B": "B", "-F": "F"}
+_CONVERT_FLAGS = {"-c": "c", "-p": "p", "-q": "q"}
+
+
+def _fast_convert_args(argv: list[str]):
+    """The namespace argparse would make for a plain ``convert`` command line
+    (separate options, values that do not start with '-', two file names), or
+    None for anything else, which argparse then parses (and reports)."""
+    if argv[:1] != ["convert"]:
+        return None
+    import types
+    a = types.SimpleNamespace(f=None, O=None, o=[], c=False, p=False, q=False, B=None, F=None,
+                              func=cmd_convert, img_command="convert")
+    names = []
+    i = 1
+    while i < len(argv):
+        t = argv[i]
+        if t in _CONVERT_VALUES:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                return None
+            key = _CONVERT_VALUES[t]
+            if key == "o":
+                a.o.append(argv[i + 1])
+            else:
+                setattr(a, key, argv[i + 1])
+            i += 2
+            continue
+        if t in _CONVERT_FLAGS:
+            setattr(a, _CONVERT_FLAGS[t], True)
+        elif t.startswith("-") or len(names) == 2:
+            return None
+        else:
+            names.append(t)
+        i += 1
+    if len(names) != 2:
+        return None
+    a.src, a.dst = names
+    return a
+
+
 def cmd_img(args) -> int:
     """Run a parsed ``pykvm img`` command; errors print one line and give the exit code."""
     try:
@@ -822,7 +991,10 @@ def cmd_img(args) -> int:
 
 def main_img(argv: list[str]) -> int:
     """``pykvm img ARGS``, standalone (tests, scripts)."""
-    p = _Parser(prog="pykvm img")
+    args = _fast_convert_args(argv)
+    if args is not None:
+        return cmd_img(args)
+    p = _parser_class()(prog="pykvm img")
     build_img_parser(p)
     try:
         args = p.parse_args(argv)

@@ -893,9 +893,30 @@ class Qcow2Driver(BlockDriver):
         claim = set(range(ci, ci + n))
         self._claimed |= claim
         self._rc_batch = {}              # one write per refcount block touched
+        epb, order = self.rb_entries, self.rc_order
         try:
-            for k in range(n):
-                self._set_refcount(ci + k, 1)
+            k = 0
+            while k < n:
+                self._set_refcount(ci + k, 1)    # makes the block (or a bigger table) if needed
+                ti, bi = divmod(ci + k, epb)
+                m = min(n - k, epb - bi)
+                if m > 1:                        # the rest of the run in this block at once
+                    boff = self.reftable[ti] & REFT_MASK
+                    blk = self._refblock(boff)
+                    if order >= 3:
+                        w = 1 << (order - 3)
+                        blk[(bi + 1) * w:(bi + m) * w] = (1).to_bytes(w, "big") * (m - 1)
+                    else:
+                        for b in range(bi + 1, bi + m):
+                            rc_set(blk, b, order, 1)
+                    if self.lazy and self._marked_dirty:
+                        self._rb_dirty.add(boff)
+                    else:
+                        lo, hi = rc_span(bi + m - 1, order)
+                        span = self._rc_batch.get(boff)
+                        self._rc_batch[boff] = (min(lo, span[0]), max(hi, span[1])) if span \
+                            else (rc_span(bi, order)[0], hi)
+                k += m
         finally:
             batch, self._rc_batch = self._rc_batch, None
             for boff, (lo, hi) in batch.items():
@@ -1055,6 +1076,53 @@ class Qcow2Driver(BlockDriver):
         if alloc is not None:
             busy.update(alloc.clusters)
         return WritePlan(extents, alloc)
+
+    def write_new(self, offset: int, data) -> bool:
+        """Write whole clusters that are all unallocated (a new image being
+        filled, as by ``pykvm img convert``): one run of new host clusters, one
+        refcount write per refcount block, one data write, then one L2 write per
+        table. The last cluster of the disk may be partial. False, with nothing
+        done, when the range does not qualify (then use map_for_write)."""
+        cb, cs = self.cluster_bits, self.cluster_size
+        n = len(data)
+        if self.read_only or self.data_fd >= 0 or not n or offset & (cs - 1) or \
+                (n & (cs - 1) and offset + n != self.size) or offset + n > self.size:
+            return False
+        first = offset >> cb
+        end = first + (-(-n >> cb))
+        w, per = self.entry_words, self.l2_entries
+        runs = []                                     # (first ci, count) per L2 table
+        ci = first
+        while ci < end:
+            k = min(end - ci, per - (ci & (per - 1)))
+            l2, idx = self._l2_for(ci)
+            if l2 is not None and any(l2[idx:idx + k * w]):
+                return False
+            runs.append((ci, k))
+            ci += k
+        if self._busy and any(c in self._busy for c in range(first, end)):
+            return False
+        self._mark_dirty()
+        tables = [(ci, k) + self._l2_writable(ci) for ci, k in runs]  # before the data
+        host = self.alloc_clusters(end - first)
+        try:
+            pwrite_full(self.fd, data, host)
+        except OSError as e:
+            for c in range(end - first):
+                self._unref((host >> cb) + c)
+            raise BlockError(self.path, f"write at {offset:#x}", e.errno) from None
+        for ci, k, l2, idx in tables:
+            h = (host + ((ci - first) << cb)) | COPIED
+            if w == 1:
+                l2[idx:idx + k] = range(h, h + (k << cb), cs)
+            else:
+                l2[idx:idx + 2 * k] = [x for c in range(h, h + (k << cb), cs)
+                                       for x in (c, 0xFFFFFFFF)]
+            self._dx_changed(ci >> self.l2_bits)
+            l2_off = self.l1[ci >> self.l2_bits] & OFFSET_MASK
+            pwrite_full(self.mfd, struct.pack(f">{k * w}Q", *l2[idx:idx + k * w]),
+                        l2_off + idx * 8)
+        return True
 
     def _unallocated(self, ci: int) -> bool:
         l2, idx = self._l2_for(ci)

@@ -248,3 +248,189 @@ def test_refused_corrupt_image_is_not_modified(tmp_path, capsys, src):
         rc, _, err = img(capsys, *argv)
         assert rc != 0 and "unsupported incompatible qcow2 feature" in err
     assert src.read_bytes() == before
+
+
+# -- convert: the extent-mapped copy ------------------------------------------------------
+
+def _holey_raw(path, size, pieces):
+    """A sparse raw file: ``pieces`` is [(offset, bytes)] written over holes."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, data in pieces:
+            f.seek(off)
+            f.write(data)
+    return path
+
+
+def _allocated_bytes(path):
+    return os.stat(path).st_blocks * 512
+
+
+@pytest.fixture
+def holey(tmp_path):
+    """Data ending mid-block and mid-cluster, an explicit run of zeroes (allocated
+    in the file), data crossing a 64 KiB cluster boundary, a size that is no
+    multiple of any cluster size (a multiple of 512, as QEMU rounds sizes to
+    sectors), data up to the last byte."""
+    size = 9 * MiB + 25 * 512
+    return _holey_raw(tmp_path / "holey.raw", size, [
+        (0, pattern(100_000, 1)),                       # ends mid-cluster, mid-4k
+        (1 * MiB, bytes(512 * 1024)),                   # allocated zeroes
+        (2 * MiB - 3000, pattern(70_000, 2)),           # crosses cluster boundaries
+        (4 * MiB, pattern(3 * MiB, 3)),                 # more than one copy piece
+        (8 * MiB + 4096, pattern(1, 4)),                # a single byte
+        (size - 777, pattern(777, 5)),                  # the short last cluster
+    ])
+
+
+def test_convert_raw_to_raw_stays_sparse(tmp_path, capsys, holey):
+    dst = tmp_path / "out.raw"
+    rc, _, err = img(capsys, "convert", "-f", "raw", "-O", "raw", holey, dst)
+    assert rc == 0, err
+    assert os.path.getsize(dst) == os.path.getsize(holey)
+    assert dst.read_bytes() == holey.read_bytes()
+    assert qemu_img("compare", "-f", "raw", "-F", "raw", holey, dst).returncode == 0
+    # the holes and the explicit zeroes are not written: only ~3.2 MiB of data
+    assert _allocated_bytes(dst) < 4 * MiB
+    assert _allocated_bytes(dst) <= _allocated_bytes(holey) - 512 * 1024
+
+
+@pytest.mark.parametrize("opts", ["", "cluster_size=4k", "cluster_size=2M",
+                                  "cluster_size=4k,refcount_bits=1",
+                                  "cluster_size=4k,refcount_bits=64",
+                                  "extended_l2=on", "lazy_refcounts=on", "compat=0.10",
+                                  "preallocation=metadata"])
+def test_convert_raw_to_qcow2(tmp_path, capsys, holey, opts):
+    dst = tmp_path / "out.qcow2"
+    rc, _, err = img(capsys, "convert", "-O", "qcow2", *(["-o", opts] if opts else []),
+                     holey, dst)
+    assert rc == 0, err
+    assert_clean(dst)
+    assert as_raw(dst, tmp_path) == holey.read_bytes()
+    assert qemu_img("compare", "-f", "raw", holey, dst).returncode == 0
+    if "preallocation" not in opts and "2M" not in opts:
+        # zero clusters are left unallocated: qemu-img map sees the holes
+        mapped = json.loads(qemu_img("map", "--output=json", dst).stdout)
+        data = sum(m["length"] for m in mapped if m["data"])
+        assert data < 5 * MiB
+
+
+def test_convert_chain_to_qcow2_and_raw(tmp_path, capsys, src):
+    """An overlay over a qcow2 over raw: the copy reads through the chain."""
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", "src.qcow2", "-F", "qcow2", top)
+    qemu_io(top, "write -P 0x77 3M 100k", "write -z 0 64k")
+    for fmt in ("qcow2", "raw"):
+        dst = tmp_path / f"flat.{fmt}"
+        rc, _, err = img(capsys, "convert", "-O", fmt, top, dst)
+        assert rc == 0, err
+        assert qemu_img("compare", top, dst).returncode == 0
+        if fmt == "qcow2":
+            assert_clean(dst)
+
+
+def test_convert_many_refcount_blocks(tmp_path, capsys):
+    """Enough 4 KiB clusters with 64-bit refcounts to need new refcount blocks
+    and a bigger refcount table in the middle of runs of new clusters."""
+    src = _holey_raw(tmp_path / "big.raw", 24 * MiB,
+                     [(k * MiB, pattern(MiB - 4096 * k, k)) for k in range(0, 24, 2)])
+    dst = tmp_path / "big.qcow2"
+    rc, _, err = img(capsys, "convert", "-O", "qcow2", "-o",
+                     "cluster_size=4k,refcount_bits=64", src, dst)
+    assert rc == 0, err
+    assert_clean(dst)
+    assert qemu_img("compare", "-f", "raw", src, dst).returncode == 0
+
+
+def test_convert_empty_and_all_zero_sources(tmp_path, capsys):
+    empty = _holey_raw(tmp_path / "empty.raw", 3 * MiB + 1, [])
+    zeroes = _holey_raw(tmp_path / "zeroes.raw", 2 * MiB, [(0, bytes(2 * MiB))])
+    for s in (empty, zeroes):
+        for fmt in ("raw", "qcow2"):
+            dst = tmp_path / f"{s.stem}.out.{fmt}"
+            rc, _, err = img(capsys, "convert", "-f", "raw", "-O", fmt, s, dst)
+            assert rc == 0, err
+            assert qemu_img("compare", "-f", "raw", s, dst).returncode == 0
+            assert _allocated_bytes(dst) < 512 * 1024
+
+
+def test_nonzero_runs():
+    from pykvm.img import _nonzero_runs
+    import random
+
+    def naive(buf, n, gran):
+        out = []
+        for o in range(0, n, gran):
+            k = min(gran, n - o)
+            if buf[o:o + k] == bytes(k):
+                continue
+            if out and out[-1][0] + out[-1][1] == o:
+                out[-1] = (out[-1][0], out[-1][1] + k)
+            else:
+                out.append((o, k))
+        return out
+
+    rng = random.Random(7)
+    for _ in range(300):
+        gran = rng.choice([512, 4096, 65536])
+        n = rng.randrange(1, 8 * gran)
+        buf = bytearray(n + rng.randrange(0, 3 * gran))     # longer than n: only n counts
+        for _ in range(rng.randrange(0, 6)):
+            a = rng.randrange(0, n)
+            b = min(n, a + rng.choice([1, 100, gran - 1, gran, gran + 1, 3 * gran]))
+            buf[a:b] = bytes(rng.randrange(1, 256) for _ in range(b - a))
+        if rng.random() < 0.3:
+            buf[n:] = b"\xff" * (len(buf) - n)
+        got = _nonzero_runs(buf, n, gran)
+        want = naive(buf, n, gran)
+        # the result may keep a zero tail shorter than a block: same bytes written
+        assert got == want or (got[:-1] == want[:-1] and got[-1][0] == want[-1][0]), \
+            (gran, n, got, want)
+
+
+@pytest.mark.parametrize("argv", [
+    ["convert", "a", "b"],
+    ["convert", "-O", "qcow2", "-f", "raw", "a", "b"],
+    ["convert", "-c", "-p", "-q", "-O", "qcow2", "-o", "x=1", "-o", "y=2", "a", "b"],
+    ["convert", "a", "-O", "raw", "b", "-B", "base", "-F", "raw"],
+])
+def test_fast_convert_args_match_argparse(argv):
+    import pykvm.img as m
+    fast = m._fast_convert_args(argv)
+    p = m._parser_class()(prog="pykvm img")
+    m.build_img_parser(p)
+    slow = p.parse_args(argv)
+    assert fast is not None
+    assert vars(fast) == vars(slow)
+
+
+@pytest.mark.parametrize("argv", [
+    ["convert", "-pc", "a", "b"], ["convert", "--", "a", "b"], ["convert", "a"],
+    ["convert", "a", "b", "c"], ["convert", "-O"], ["convert", "-O", "-p", "a", "b"],
+    ["convert", "-Oqcow2", "a", "b"], ["convert", "-h"], ["info", "a"],
+])
+def test_fast_convert_args_leave_the_rest_to_argparse(argv):
+    from pykvm.img import _fast_convert_args
+    assert _fast_convert_args(argv) is None
+
+
+@pytest.mark.parametrize("where", ["read", "write"])
+def test_convert_io_error_is_one_line(tmp_path, capsys, monkeypatch, where):
+    """An error in the reading thread or in the writing one ends the command
+    with one line and status 1 (no hang, no traceback)."""
+    import errno
+
+    import pykvm.img as m
+    src = _holey_raw(tmp_path / "e.raw", 8 * MiB, [(0, pattern(6 * MiB, 1))])
+    calls = []
+
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.EIO, "Input/output error")
+        return orig(*args, **kw)
+    orig = getattr(m, f"p{where}_full")
+    monkeypatch.setattr(m, f"p{where}_full", failing)
+    rc, _, err = img(capsys, "convert", "-f", "raw", "-O", "raw", src, tmp_path / "e.out")
+    assert rc == 1
+    assert err.count("\n") == 1 and "Input/output error" in err
