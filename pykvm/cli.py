@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     fio.add_argument("--ios", type=int, metavar="N", help="a fixed number of I/Os instead")
     fio.add_argument("--seed", type=int, default=1)
     fio.add_argument("--verify", choices=["crc32c", "none"], default="none")
+    fio.add_argument("--no-refill", action="store_true",
+                     help="generate each write buffer once, not for every write (as fio reuses "
+                          "its buffers by default); not with --verify")
     fio.add_argument("--output-format", choices=["normal", "json"], default="normal")
     fio.add_argument("--kernel", help="workload guest ELF (default: the built-in one)")
     _common_vm_args(fio)
@@ -156,6 +159,10 @@ def cmd_fio(args) -> int:
     opts = [f"transport={args.disk.transport}", f"rw={args.rw}", f"bs={args.bs}",
             f"iodepth={args.iodepth}", f"offset={args.offset}", f"seed={args.seed}",
             f"verify={args.verify}", f"rwmixread={args.rwmixread}"]
+    if args.no_refill:
+        if args.verify != "none":
+            raise ConfigError("--no-refill writes blocks that do not verify: not with --verify")
+        opts.append("refill=0")
     if args.size:
         opts.append(f"size={args.size}")
     opts.append(f"ios={args.ios}" if args.ios else f"runtime={args.runtime:g}")

@@ -32,6 +32,12 @@
  *                          flight count as io_errors, result line, exit 1
  *   seg_bytes=N            split each data buffer into descriptors of at most N
  *                          bytes (default: the device's SIZE_MAX, else one descriptor)
+ *   refill=1|0             1 (default): every write generates its whole block (BLOCK
+ *                          CONTENT).  0: each buffer is generated once, at start, and a
+ *                          write only stamps its offset and generation (bytes 8..23; the
+ *                          CRC no longer matches), as fio reuses its buffers by default:
+ *                          for throughput runs that must not be bound by the guest's
+ *                          CPU.  Not with verify=crc32c
  *
  * THE I/O STREAM (the host re-computes it: guest/tools/check_disk.py)
  *   next() is splitmix64 with state = seed:
@@ -119,7 +125,7 @@ static struct vblk blk;
 static struct dirstats st_read, st_write;
 
 /* options */
-static int rw = RW_RANDREAD, rwmixread = 50, verify, verify_unwritten = 1;
+static int rw = RW_RANDREAD, rwmixread = 50, verify, verify_unwritten = 1, refill = 1;
 static uint64_t bs = 4096, iodepth = 1, size, offset, runtime_s, ios_limit, seed = 1, flush_every;
 static uint64_t io_timeout_s = 30;
 
@@ -137,7 +143,7 @@ static GUEST_NORETURN void die(const char *msg, const char *arg)
 static const char *const known[] = {
     "transport", "index", "rw", "rwmixread", "bs", "iodepth", "size", "offset", "runtime",
     "ios", "seed", "verify", "verify_unwritten", "irq", "tsc_khz", "flush", "indirect",
-    "event_idx", "qsize", "seg_bytes", "io_timeout", NULL,
+    "event_idx", "qsize", "seg_bytes", "io_timeout", "refill", NULL,
 };
 
 static void check_unknown(void)
@@ -420,6 +426,10 @@ int main(void)
     seed = opt_u64("seed", 1, 0, UINT64_MAX);
     verify = opt_choice("verify", verifies, 2, 0);
     verify_unwritten = opt_choice("verify_unwritten", unwritten, 2, 1);
+    refill = (int)opt_u64("refill", 1, 0, 1);
+    if (!refill && verify)
+        die("refill=0 writes blocks whose CRC does not match: not with verify=crc32c",
+            cmdline_get("refill"));
     flush_every = opt_u64("flush", 0, 0, UINT64_MAX);
     io_timeout_s = opt_u64("io_timeout", 30, 1, 1000000);
     struct vblk_opts vo = VBLK_OPTS_DEFAULT;
@@ -490,6 +500,9 @@ int main(void)
     unsigned nfree_jobs = (unsigned)iodepth;
     for (unsigned j = 0; j < iodepth; j++)
         free_jobs[j] = (uint16_t)(iodepth - 1 - j);
+    if (!refill && has_writes)
+        for (unsigned j = 0; j < iodepth; j++)
+            fill_block((uint64_t *)(bufs + (uint64_t)j * bs), nwords, 0, j);
 
     /* the stream */
     uint64_t state = seed, i = 0, seq_block = 0, last_gen = UINT64_MAX;
@@ -545,7 +558,12 @@ int main(void)
             jb->is_read = (uint8_t)next_read;
             jb->is_flush = 0;
             if (!next_read) {
-                fill_block((uint64_t *)buf, nwords, off, i);
+                if (refill) {
+                    fill_block((uint64_t *)buf, nwords, off, i);
+                } else {
+                    ((uint64_t *)buf)[1] = off;
+                    ((uint64_t *)buf)[2] = i;
+                }
                 last_gen = i;
                 if (flush_every && ++writes_since_flush == flush_every) {
                     writes_since_flush = 0;

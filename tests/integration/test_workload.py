@@ -3,6 +3,7 @@ verification, the disk's contents checked from the host, the fio output formats,
 the same guest under QEMU (which proves the guest's driver is a standard one)."""
 import json
 import re
+import struct
 import subprocess
 import sys
 
@@ -95,10 +96,27 @@ def test_fio_normal_output(pykvm, image):
 
 def test_fio_usage_errors(pykvm, image):
     for args in (["--disk", f"file={image},cache=sometimes"], ["--disk", str(image), "--bs", "100"],
-                 ["--disk", str(image), "--iodepth", "0"]):
+                 ["--disk", str(image), "--iodepth", "0"],
+                 ["--disk", str(image), "--rw", "write", "--no-refill", "--verify", "crc32c"]):
         r = pykvm("fio", *args)
         assert r.returncode == 2, (args, r.stderr)
         assert "Traceback" not in r.stderr.decode()
+
+
+def test_no_refill_reuses_buffers_and_stamps_each_write(pykvm, image):
+    """--no-refill: every block written carries its own offset and generation
+    in its header, over data generated once per buffer."""
+    job = fio(pykvm, image, "mmio", "--rw", "write", "--bs", "4k", "--size", str(SIZE),
+              "--ios", str(SIZE // 4096), "--iodepth", "4", "--no-refill")
+    assert job["write"]["total_ios"] == SIZE // 4096
+    data = image.read_bytes()[:SIZE]
+    bodies = set()
+    for k in range(SIZE // 4096):
+        block = data[k * 4096:(k + 1) * 4096]
+        magic, _, off, gen = struct.unpack_from("<IIQQ", block)
+        assert (magic, off, gen) == (0x42564B50, k * 4096, k)
+        bodies.add(block[32:])
+    assert len(bodies) <= 4   # one body per buffer: iodepth of them
 
 
 @pytest.mark.parametrize("transport", ["mmio", "pci"])
