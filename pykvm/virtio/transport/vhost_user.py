@@ -32,6 +32,7 @@ import select
 import socket
 import stat
 import struct
+import threading
 
 from ...errors import ConfigError, PykvmError
 from ...memory import FdMemory
@@ -227,6 +228,9 @@ class VhostUserSession:
         self._retired: list[int] = []                   # call fds replaced while running
         self.active = False
         self.failed = False
+        # the error fds are written from the device's threads (_fail) and
+        # replaced or closed by the message loop
+        self._err_lock = threading.Lock()
 
     # -- the message loop --------------------------------------------------------
 
@@ -293,11 +297,12 @@ class VhostUserSession:
         """The connection is over: stop the device, unmap, close what we hold."""
         self._stop()
         self.device.reset()
-        for ring in self.rings:
-            for fd in (ring.kick, ring.err):
-                if fd is not None:
-                    os.close(fd)
-            ring.kick = ring.err = None
+        with self._err_lock:
+            for ring in self.rings:
+                for fd in (ring.kick, ring.err):
+                    if fd is not None:
+                        os.close(fd)
+                ring.kick = ring.err = None
         for i, fd in enumerate(self.interrupt.calls):
             if fd is not None:
                 os.close(fd)
@@ -435,12 +440,13 @@ class VhostUserSession:
         """The device cannot go on (a broken ring, a request with no status)."""
         self.failed = True
         log.error("%s: %s; device stopped until the front-end resets it", self.name, message)
-        for ring in self.rings:
-            if ring.err is not None:
-                try:
-                    os.eventfd_write(ring.err, 1)
-                except OSError:
-                    pass
+        with self._err_lock:
+            for ring in self.rings:
+                if ring.err is not None:
+                    try:
+                        os.eventfd_write(ring.err, 1)
+                    except OSError:
+                        pass
 
     # -- message handlers ------------------------------------------------------------
 
@@ -480,12 +486,13 @@ class VhostUserSession:
         self._stop()
         self.device.reset()
         self.failed = False
-        for i, ring in enumerate(self.rings):
-            for fd in (ring.kick, ring.err):
-                if fd is not None:
-                    os.close(fd)
-            self.rings[i] = _Ring(self.queues[i].max_size)
-            self.queues[i].reset()
+        with self._err_lock:
+            for i, ring in enumerate(self.rings):
+                for fd in (ring.kick, ring.err):
+                    if fd is not None:
+                        os.close(fd)
+                self.rings[i] = _Ring(self.queues[i].max_size)
+                self.queues[i].reset()
         self.features = 0
 
     def _get_queue_num(self, msg):
@@ -582,9 +589,10 @@ class VhostUserSession:
             elif old is not None:
                 os.close(old)
         else:
-            if ring.err is not None:
-                os.close(ring.err)
-            ring.err = fd
+            with self._err_lock:
+                if ring.err is not None:
+                    os.close(ring.err)
+                ring.err = fd
 
     def _set_vring_enable(self, msg):
         index, num = self._payload(msg, STATE)
