@@ -36,7 +36,7 @@ import threading
 
 from ...errors import ConfigError, PykvmError
 from ...memory import FdMemory
-from ..device import Interrupt
+from ..device import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, Interrupt
 from ..queue import INFLIGHT_DESC, INFLIGHT_HEADER, QueueError, SplitQueue
 
 log = logging.getLogger("pykvm.vhost-user")
@@ -407,8 +407,8 @@ class VhostUserSession:
             self._gpa(a, w) for a, w in zip(ring.addrs, ("descriptor table", "used ring",
                                                          "avail ring")))
         q.ready = True
-        q.event_idx = bool(self.features & (1 << 29))
-        q.indirect = bool(self.features & (1 << 28))
+        q.event_idx = bool(self.features & F_EVENT_IDX)
+        q.indirect = bool(self.features & F_INDIRECT_DESC)
         # The used index is the guest's: after a restart it is wherever the
         # last back-end left it.
         q.activate(self.mem, last_avail_idx=ring.base, used_idx=0)
@@ -457,7 +457,7 @@ class VhostUserSession:
         value, = self._payload(msg, U64)
         if value & ~self.offered:
             raise ProtocolError(f"features {value & ~self.offered:#x} were not offered")
-        if not value & (1 << 32):
+        if not value & F_VERSION_1:
             raise ProtocolError("VERSION_1 is required (no legacy interface)")
         if value != self.features and self.active:
             self._stop()
