@@ -213,7 +213,6 @@ class SplitQueue:
         """
         if not self._active:
             return None
-        avail = mem.view(self._avail, 4 + 2 * self._size)
         if not self._pending:
             self._pending = self._avail_ahead(mem)
             if not self._pending:
@@ -223,7 +222,7 @@ class SplitQueue:
             # the ring and storing avail->idx (2.7.13.3.1). x86 keeps load-load
             # order, so no instruction is needed.
         last = self.last_avail_idx
-        head, = _U16.unpack_from(avail, 4 + 2 * (last & self._mask))
+        head = mem.load_u16(self._avail + 4 + 2 * (last & self._mask))
         if head >= self._size:
             raise QueueError(self.index, "head-index",
                              f"avail ring entry {last & self._mask} holds head {head}, "
