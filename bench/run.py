@@ -651,12 +651,27 @@ def main() -> int:
     ap.add_argument("--convert-only", action="store_true",
                     help="time only the qcow2 suite's image conversions and print them "
                          "(no result files are written)")
+    ap.add_argument("--engines", help="io suite: only these pykvm aio engines, comma-separated "
+                    f"(default: all of {','.join(ENGINES)})")
+    ap.add_argument("--workloads", help="io suite: only these workloads, comma-separated "
+                    f"(default: all of {','.join(IO_WORKLOADS)})")
     args = ap.parse_args()
     if args.convert_only:
         for r in bench_convert(5 if args.quick else 15):
             print(f"{r['workload']:<28} {r['system']:<9} median {r['wall_s_median'] * 1000:7.1f} ms"
                   f"  min {r['wall_s_min'] * 1000:7.1f} ms  ({r['samples']} samples)")
         return 0
+    engines = args.engines.split(",") if args.engines else ENGINES
+    names = args.workloads.split(",") if args.workloads else list(IO_WORKLOADS)
+    if set(engines) - set(ENGINES) or set(names) - set(IO_WORKLOADS):
+        ap.error(f"unknown engine or workload: {sorted(set(engines) - set(ENGINES))} "
+                 f"{sorted(set(names) - set(IO_WORKLOADS))}")
+    workloads = {w: IO_WORKLOADS[w] for w in names}
+
+    def measured_now(r: dict) -> bool:
+        """Whether this run measures again what an older io result measured."""
+        return r["workload"] in workloads and (not r["system"].startswith("pykvm-")
+                                               or r["system"][len("pykvm-"):] in engines)
     suites = args.suite or ["boot", "pio", "io", "qcow2", "vhost"]
     samples = 3 if args.quick else 15
     for tool in (QEMU, "fio", "qemu-img"):
@@ -666,19 +681,21 @@ def main() -> int:
     suite_runs = {
         "boot": lambda: bench_boot(samples),
         "pio": lambda: bench_pio(20_000 if args.quick else 100_000, 3 if args.quick else 5),
-        "io": lambda: bench_io(1.0 if args.quick else 5.0, ENGINES, IO_WORKLOADS),
+        "io": lambda: bench_io(1.0 if args.quick else 5.0, engines, workloads),
         "qcow2": lambda: bench_qcow2(1.0 if args.quick else 5.0, 2 if args.quick else 5),
         "vhost": lambda: bench_vhost(1.0 if args.quick else 3.0, 1 if args.quick else 3),
     }
     for suite in suites:
         runs += [dict(r, suite=suite) for r in suite_runs[suite]()]
-    if args.suite and (RESULTS / "latest.json").exists():
-        # some suites only: the others' latest results stay, marked as older
+    if (args.suite or args.engines or args.workloads) and (RESULTS / "latest.json").exists():
+        # some suites (or some io engines/workloads) only: the latest results
+        # of the others stay, marked as older
         old = json.loads((RESULTS / "latest.json").read_text())
         kept = [dict(r, suite=r.get("suite") or suite_of(r["workload"]),
                      measured=r.get("measured") or old["machine"].get("date"))
                 for r in old.get("runs", [])]
-        runs = [r for r in kept if r["suite"] not in suites] + runs
+        runs = [r for r in kept if r["suite"] not in suites
+                or r["suite"] == "io" and not measured_now(r)] + runs
     result = {"machine": machine_info(), "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

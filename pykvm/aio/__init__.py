@@ -101,19 +101,27 @@ class PythonEngine(AioEngine):
         self.notifier = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._done: collections.deque = collections.deque()
+        self._done_lock = threading.Lock()
         self._threads = [threading.Thread(target=self._worker, name=f"aio-python-{i}", daemon=True)
                          for i in range(workers)]
         for t in self._threads:
             t.start()
 
     def _worker(self) -> None:
-        work, done, notifier = self._work, self._done, self.notifier
+        work, done, lock, notifier = self._work, self._done, self._done_lock, self.notifier
         while True:
             req = work.get()
             if req is None:
                 return
-            done.append((req.token, execute(req)))
-            os.eventfd_write(notifier, 1)
+            result = execute(req)
+            # One notification per batch: only the completion that finds the
+            # list empty writes the eventfd; reap() takes everything there is
+            # (and reads the eventfd before it looks, so none is missed).
+            with lock:
+                done.append((req.token, result))
+                first = len(done) == 1
+            if first:
+                os.eventfd_write(notifier, 1)
 
     def submit(self, requests: list[AioRequest]) -> None:
         put = self._work.put
@@ -125,10 +133,9 @@ class PythonEngine(AioEngine):
             os.eventfd_read(self.notifier)
         except BlockingIOError:
             pass
-        done = self._done
-        out = []
-        while done:
-            out.append(done.popleft())
+        with self._done_lock:
+            out = list(self._done)
+            self._done.clear()
         return out
 
     def close(self) -> None:

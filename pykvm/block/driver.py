@@ -203,7 +203,7 @@ def open_image(path: str, fmt: str | None = None, read_only: bool = False, direc
 # -- I/O vectors -----------------------------------------------------------------------
 
 def iov_length(iov) -> int:
-    return sum(len(b) for b in iov)
+    return sum(map(len, iov))
 
 
 def iov_slice(iov, start: int, length: int) -> list:

@@ -364,9 +364,10 @@ class VirtioBlk(VirtioDevice):
             header, rout = _split(chain.readable, HEADER.size)
             if header is None:
                 raise _BadRequest(S_IOERR, "request header shorter than 16 bytes")
-            rtype, _, sector = HEADER.unpack(mem.read(header[0][0], header[0][1])
-                                             if len(header) == 1 else
-                                             b"".join(mem.read(g, n) for g, n in header))
+            if len(header) == 1:    # the usual layout: the header in one buffer
+                rtype, _, sector = HEADER.unpack_from(mem.view(header[0][0], HEADER.size))
+            else:
+                rtype, _, sector = HEADER.unpack(b"".join(mem.read(g, n) for g, n in header))
             token = (q.index << 16) | chain.head
             if rtype not in KNOWN_TYPES:
                 raise _BadRequest(S_UNSUPP, f"unsupported request type {rtype:#x}")
@@ -471,6 +472,12 @@ def _total(segments) -> int:
 
 def _split(segments, n: int):
     """Split the first ``n`` bytes off a list of (gpa, len): (head or None, rest)."""
+    if n and segments and segments[0][1] >= n:  # the first buffer holds them all
+        gpa, length = segments[0]
+        rest = segments[1:]
+        if length > n:
+            rest.insert(0, (gpa + n, length - n))
+        return [(gpa, n)], rest
     head, rest = [], list(segments)
     while n and rest:
         gpa, length = rest.pop(0)

@@ -22,8 +22,8 @@ of ``pop`` for any content of guest memory. The checks are listed in
 from __future__ import annotations
 
 import struct
+import threading
 
-from .._native import lib
 from ..errors import PykvmError
 
 VIRTQ_DESC_F_NEXT = 1
@@ -55,6 +55,19 @@ _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 _U64_MAX = (1 << 64) - 1
+_FENCE = threading.Lock()
+
+
+def smp_mb() -> None:
+    """A full memory barrier (the C twin's __atomic_thread_fence(SEQ_CST)).
+
+    Taking and dropping an uncontended lock is two locked read-modify-writes,
+    each a full barrier on x86, done without releasing the GIL. A call into
+    the native library would release it, and on a busy I/O thread getting it
+    back costs a thread switch per barrier.
+    """
+    _FENCE.acquire()
+    _FENCE.release()
 
 
 class QueueError(PykvmError):
@@ -200,7 +213,6 @@ class SplitQueue:
         """
         if not self._active:
             return None
-        avail = mem.view(self._avail, 4 + 2 * self._size)
         if not self._pending:
             self._pending = self._avail_ahead(mem)
             if not self._pending:
@@ -210,7 +222,7 @@ class SplitQueue:
             # the ring and storing avail->idx (2.7.13.3.1). x86 keeps load-load
             # order, so no instruction is needed.
         last = self.last_avail_idx
-        head, = _U16.unpack_from(avail, 4 + 2 * (last & self._mask))
+        head = mem.load_u16(self._avail + 4 + 2 * (last & self._mask))
         if head >= self._size:
             raise QueueError(self.index, "head-index",
                              f"avail ring entry {last & self._mask} holds head {head}, "
@@ -386,7 +398,7 @@ class SplitQueue:
         # Full barrier: used->idx (stored by add_used) before used_event or
         # avail->flags is loaded. Pairs with the driver's barrier between storing
         # used_event (or flags) and re-reading used->idx (2.7.14, the note).
-        lib.pykvm_smp_mb()
+        smp_mb()
         if self.event_idx:
             used_event = mem.load_u16(self._avail + 4 + 2 * self._size)
             return vring_need_event(used_event, new, old)
@@ -420,5 +432,5 @@ class SplitQueue:
         # Full barrier: avail_event (or used->flags) is stored before avail->idx
         # is re-loaded. Pairs with the driver's barrier between storing
         # avail->idx and reading used->flags / avail_event (2.7.13.4.1).
-        lib.pykvm_smp_mb()
+        smp_mb()
         return self.has_pending(mem)
