@@ -1,9 +1,10 @@
 """Guest RAM: its regions, bounds-checked access, and the table C translates with.
 
-``GuestMemory`` is the RAM of a VM of ours. RAM starts at guest-physical 0. Below 4 GiB it stops at ``HOLE_START`` (the
-device hole: virtio-MMIO windows, PCI BARs, IOAPIC, LAPIC); anything above goes
-to 4 GiB and up. One host mapping backs all of it (MADV_HUGEPAGE, as QEMU
-does: on this host THP is available for anonymous memory only, so no memfd).
+``GuestMemory`` is the RAM of a VM of ours. RAM starts at guest-physical 0.
+Below 4 GiB it stops at ``HOLE_START`` (the device hole: virtio-MMIO windows,
+PCI BARs, IOAPIC, LAPIC); anything above goes to 4 GiB and up. One host mapping
+backs all of it (MADV_HUGEPAGE, as QEMU does: on this host THP is available for
+anonymous memory only, so no memfd).
 
 Every access is bounds-checked against the region table: a range must lie
 wholly inside one region, or GuestMemoryError is raised. The same table, as an
