@@ -118,11 +118,7 @@ class Frontend:
         assert self.call_u64(V.GET_QUEUE_NUM) == 1
         if inflight:
             if inflight_fd is None:
-                self.send(V.GET_INFLIGHT_FD, V.INFLIGHT.pack(0, 0, 1, self.queue_size))
-                _, payload, fds = self.recv()
-                size, _, _, _ = V.INFLIGHT.unpack(payload)
-                assert len(fds) == 1
-                self.inflight_fd, self.inflight_size = fds[0], size
+                self.get_inflight_fd()
             self.send(V.SET_INFLIGHT_FD,
                       V.INFLIGHT.pack(self.inflight_size, 0, 1, self.queue_size),
                       [self.inflight_fd])
@@ -132,6 +128,13 @@ class Frontend:
         self.send(V.SET_FEATURES, V.U64.pack(features))
         self.send_mem_table()
         self.setup_ring(base=base)
+
+    def get_inflight_fd(self) -> None:
+        """GET_INFLIGHT_FD for our one queue: the region the back-end records in."""
+        self.send(V.GET_INFLIGHT_FD, V.INFLIGHT.pack(0, 0, 1, self.queue_size))
+        _, payload, fds = self.recv()
+        assert len(fds) == 1
+        self.inflight_fd, self.inflight_size = fds[0], V.INFLIGHT.unpack(payload)[0]
 
     def send_mem_table(self, wait: bool = True) -> None:
         """SET_MEM_TABLE; with ``wait``, asks for and checks the REPLY_ACK."""

@@ -158,9 +158,7 @@ def test_requests_in_flight_at_a_crash_are_served_again(server):
     one serves A and C again, and nothing is taken twice."""
     fe = server.connect()
     try:
-        fe.send(V.GET_INFLIGHT_FD, V.INFLIGHT.pack(0, 0, 1, fe.queue_size))
-        _, payload, fds = fe.recv()
-        fe.inflight_fd, fe.inflight_size = fds[0], V.INFLIGHT.unpack(payload)[0]
+        fe.get_inflight_fd()
         a = fe.add_request(T_OUT, 0, data=b"A" * 512)
         b = fe.add_request(T_OUT, 1, data=b"B" * 512)
         c = fe.add_request(T_OUT, 2, data=b"C" * 512)
@@ -192,9 +190,7 @@ def test_a_crash_inside_a_used_batch_is_repaired(server):
     nor B's flag: B is done, not served again."""
     fe = server.connect()
     try:
-        fe.send(V.GET_INFLIGHT_FD, V.INFLIGHT.pack(0, 0, 1, fe.queue_size))
-        _, payload, fds = fe.recv()
-        fe.inflight_fd, fe.inflight_size = fds[0], V.INFLIGHT.unpack(payload)[0]
+        fe.get_inflight_fd()
         b = fe.add_request(T_OUT, 1, data=b"B" * 512)
         fe.vq.publish()
         fe.mem.write(fe.vq.used_ring + 4, struct.pack("<II", b[0], 1))
