@@ -685,29 +685,43 @@ def main() -> int:
         "qcow2": lambda: bench_qcow2(1.0 if args.quick else 5.0, 2 if args.quick else 5),
         "vhost": lambda: bench_vhost(1.0 if args.quick else 3.0, 1 if args.quick else 3),
     }
-    for suite in suites:
+    # some suites (or some io engines/workloads) only: the latest results of
+    # the others stay, marked as older
+    partial = args.suite or args.engines or args.workloads
+    older = json.loads((RESULTS / "latest.json").read_text()) \
+        if partial and (RESULTS / "latest.json").exists() else None
+    for suite in suites:  # results are written after each suite: a later failure keeps them
         runs += [dict(r, suite=suite) for r in suite_runs[suite]()]
-    if (args.suite or args.engines or args.workloads) and (RESULTS / "latest.json").exists():
-        # some suites (or some io engines/workloads) only: the latest results
-        # of the others stay, marked as older
-        old = json.loads((RESULTS / "latest.json").read_text())
+        save(merge_older(runs, suites, older, measured_now), final=suite == suites[-1])
+    return 0
+
+
+def merge_older(runs, suites, old, measured_now) -> list[dict]:
+    """The runs of this invocation plus the older results of what it does not measure."""
+    if old is not None:
         kept = [dict(r, suite=r.get("suite") or suite_of(r["workload"]),
                      measured=r.get("measured") or old["machine"].get("date"))
                 for r in old.get("runs", [])]
         runs = [r for r in kept if r["suite"] not in suites
                 or r["suite"] == "io" and not measured_now(r)] + runs
+    return runs
+
+
+_STAMP = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def save(runs: list[dict], final: bool) -> None:
     result = {"machine": machine_info(), "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     text = json.dumps(result, indent=2) + "\n"
     (RESULTS / "latest.json").write_text(text)
-    (RESULTS / f"{stamp}.json").write_text(text)
+    (RESULTS / f"{_STAMP}.json").write_text(text)
     md = table(runs) + io_table(runs) + qcow2_table(runs) + vhost_table(runs)
     plot(runs, RESULTS / "latest.png")
     (RESULTS / "latest.md").write_text(md)
-    print(md, end="")
-    print(f"results: {RESULTS / 'latest.json'}")
-    return 0
+    if final:
+        print(md, end="")
+        print(f"results: {RESULTS / 'latest.json'}")
 
 
 if __name__ == "__main__":
