@@ -11,12 +11,8 @@ from __future__ import annotations
 import io
 import os
 import sys
-from typing import TYPE_CHECKING
 
 from .errors import ConfigError, GuestFault, PykvmError
-
-if TYPE_CHECKING:
-    import argparse
 
 # argparse, logging and re are imported where used: ``pykvm img`` starts
 # without them (its own parser imports argparse when it needs it)
