@@ -202,7 +202,7 @@ def cmd_serve(args) -> int:
     backend = open_disk(args.disk)
     # No polling unless asked: the front-end's vCPUs run in another process,
     # most likely on the same host CPUs, and a polling back-end takes CPU time
-    # from them (one quick bench run with QEMU TCG on 2 CPUs: 15.6 us of CPU
+    # from them (two quick bench runs with QEMU TCG on 2 CPUs: 15.6 us of CPU
     # per request without polling, 21.2 us with, and fewer IOPS).
     # qemu-storage-daemon does not poll either unless given an iothread.
     poll = 0 if args.disk.poll_max_ns is None else args.disk.poll_max_ns

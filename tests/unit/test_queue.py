@@ -576,3 +576,46 @@ def test_random_rings_give_valid_chains_or_queue_errors(mem):
         except QueueError as e:
             assert e.check == "avail-idx"
     assert all(outcomes.values()), outcomes  # every outcome was exercised
+
+
+# -- vhost-user inflight tracking (both twins record the same) ---------------------
+
+def test_inflight_region_records_pops_and_returns(mem, drv):
+    import struct
+
+    from pykvm.virtio.queue import INFLIGHT_DESC, INFLIGHT_HEADER
+    region = bytearray(INFLIGHT_HEADER + INFLIGHT_DESC * drv.size)
+    q = drv.queue()
+    q.inflight = memoryview(region)
+    q.inflight_counter = 7
+    heads = [drv.add_chain([drv.arena.writable(1)]) for _ in range(3)]
+    drv.publish()
+    chains = [q.pop(mem) for _ in range(3)]
+    assert [c.head for c in chains] == heads
+
+    def desc(h):
+        d = INFLIGHT_HEADER + INFLIGHT_DESC * h
+        return region[d], struct.unpack_from("<H", region, d + 6)[0], \
+            struct.unpack_from("<Q", region, d + 8)[0]
+
+    assert [desc(h)[0] for h in heads] == [1, 1, 1]
+    assert [desc(h)[2] for h in heads] == [7, 8, 9]       # fetch order
+    assert q.inflight_counter == 10
+    q.add_used(mem, heads[1], 0)
+    q.add_used(mem, heads[0], 0)
+    assert [desc(h)[0] for h in heads] == [0, 0, 1]
+    assert desc(heads[0])[1] == heads[1]                  # the batch list links back
+    last_batch_head, used_idx = struct.unpack_from("<HH", region, 12)
+    assert (last_batch_head, used_idx) == (heads[0], 2)
+
+
+def test_resubmit_walks_a_recorded_head_without_moving_the_ring(mem, drv):
+    head = drv.add_chain(request(drv))
+    drv.publish()
+    q = drv.queue()
+    chain = q.resubmit(mem, head)
+    assert chain.head == head and len(chain.readable) == 2 and len(chain.writable) == 1
+    assert q.last_avail_idx == 0 and q.in_flight == 1
+    with pytest.raises(QueueError) as e:
+        q.resubmit(mem, drv.size)
+    assert e.value.check == "head-index"
