@@ -37,6 +37,14 @@ def parse_bytes(text: str) -> int:
     return parse_size(text, default_unit="")
 
 
+def _runtime(text: str) -> float:
+    import argparse
+    v = _positive_float(text)
+    if not 0.001 <= v <= 1e6:
+        raise argparse.ArgumentTypeError(f"want 0.001 to 1000000 seconds, not {text}")
+    return v
+
+
 def _positive_float(text: str) -> float:
     import argparse
     try:
@@ -94,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     fio.add_argument("--iodepth", type=int, default=1, metavar="N")
     fio.add_argument("--size", type=parse_bytes, metavar="SIZE", help="bytes of the disk to use")
     fio.add_argument("--offset", type=parse_bytes, default=0, metavar="SIZE")
-    fio.add_argument("--runtime", type=_positive_float, default=5.0, metavar="S")
+    fio.add_argument("--runtime", type=_runtime, default=5.0, metavar="S",
+                     help="seconds to keep issuing, to the millisecond (default 5)")
     fio.add_argument("--ios", type=int, metavar="N", help="a fixed number of I/Os instead")
     fio.add_argument("--seed", type=int, default=1)
     fio.add_argument("--verify", choices=["crc32c", "none"], default="none")
@@ -165,7 +174,7 @@ def cmd_fio(args) -> int:
         opts.append("refill=0")
     if args.size:
         opts.append(f"size={args.size}")
-    opts.append(f"ios={args.ios}" if args.ios else f"runtime={args.runtime:g}")
+    opts.append(f"ios={args.ios}" if args.ios else f"runtime={args.runtime:.3f}")
     out = io.BytesIO()
     timeout = args.timeout or (args.runtime + 60 if not args.ios else None)
     args.timeout = timeout

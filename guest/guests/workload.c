@@ -16,7 +16,8 @@
  *   size=N                 bytes of the disk to use from offset (default: all of
  *                          it after offset); nblocks = size / bs
  *   offset=N               first byte used (a multiple of 512, default 0)
- *   runtime=S              seconds to keep issuing (default 5 unless ios= is given)
+ *   runtime=S              seconds to keep issuing, to the millisecond: 5, 0.25
+ *                          (default 5 unless ios= is given)
  *   ios=N                  exact number of I/Os (with runtime= too: whichever ends first)
  *   seed=N                 default 1
  *   verify=crc32c|none     default none (see VERIFY)
@@ -126,7 +127,7 @@ static struct dirstats st_read, st_write;
 
 /* options */
 static int rw = RW_RANDREAD, rwmixread = 50, verify, verify_unwritten = 1, refill = 1;
-static uint64_t bs = 4096, iodepth = 1, size, offset, runtime_s, ios_limit, seed = 1, flush_every;
+static uint64_t bs = 4096, iodepth = 1, size, offset, runtime_ms, ios_limit, seed = 1, flush_every;
 static uint64_t io_timeout_s = 30;
 
 static GUEST_NORETURN void die(const char *msg, const char *arg)
@@ -188,6 +189,38 @@ static uint64_t opt_u64(const char *key, uint64_t dflt, uint64_t min, uint64_t m
         die(msg, s);
     }
     return v;
+}
+
+/* Seconds with up to three decimals ("2", "0.25"), in milliseconds. */
+static uint64_t opt_ms(const char *key, uint64_t dflt_ms, uint64_t min_ms, uint64_t max_ms)
+{
+    const char *s = cmdline_get(key);
+    uint64_t ms = 0;
+    int digits = 0, frac = -1;
+    if (!s)
+        return dflt_ms;
+    for (const char *p = s; *p; p++) {
+        if (*p == '.' && frac < 0) {
+            frac = 0;
+        } else if (*p >= '0' && *p <= '9' && frac < 3 && ms <= max_ms) {
+            ms = ms * 10 + (uint64_t)(*p - '0');
+            digits++;
+            if (frac >= 0)
+                frac++;
+        } else {
+            ms = 0, digits = 0;  /* not a number, or more than three decimals */
+            break;
+        }
+    }
+    for (int f = frac < 0 ? 0 : frac; f < 3 && digits; f++)
+        ms *= 10;
+    if (!digits || ms < min_ms || ms > max_ms) {
+        char msg[80];
+        snprintf(msg, sizeof(msg), "bad value for %s (want seconds, 0.001..%lu)", key,
+                 (unsigned long)(max_ms / 1000));
+        die(msg, s);
+    }
+    return ms;
 }
 
 static int opt_choice(const char *key, const char *const *names, int n, int dflt)
@@ -422,7 +455,7 @@ int main(void)
     if (offset % 512)
         die("offset must be a multiple of 512", cmdline_get("offset"));
     ios_limit = opt_u64("ios", 0, 1, UINT64_MAX);
-    runtime_s = opt_u64("runtime", ios_limit ? 0 : 5, 1, 1000000);
+    runtime_ms = opt_ms("runtime", ios_limit ? 0 : 5000, 1, 1000000000);
     seed = opt_u64("seed", 1, 0, UINT64_MAX);
     verify = opt_choice("verify", verifies, 2, 0);
     verify_unwritten = opt_choice("verify_unwritten", unwritten, 2, 1);
@@ -511,7 +544,7 @@ int main(void)
     int is_rand = rw >= RW_RANDREAD;
 
     uint64_t t_start = rdtsc();
-    uint64_t deadline = runtime_s ? t_start + runtime_s * khz * 1000 : 0;
+    uint64_t deadline = runtime_ms ? t_start + runtime_ms * khz : 0;
     uint64_t io_timeout_tsc = io_timeout_s * khz * 1000;
     uint64_t t_end = t_start;
     struct vblk_done done[256];

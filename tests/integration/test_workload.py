@@ -97,10 +97,31 @@ def test_fio_normal_output(pykvm, image):
 def test_fio_usage_errors(pykvm, image):
     for args in (["--disk", f"file={image},cache=sometimes"], ["--disk", str(image), "--bs", "100"],
                  ["--disk", str(image), "--iodepth", "0"],
+                 ["--disk", str(image), "--runtime", "0.0001"],
                  ["--disk", str(image), "--rw", "write", "--no-refill", "--verify", "crc32c"]):
         r = pykvm("fio", *args)
         assert r.returncode == 2, (args, r.stderr)
         assert "Traceback" not in r.stderr.decode()
+
+
+def test_fractional_runtime(pykvm, image):
+    """--runtime takes seconds to the millisecond, and the guest keeps to it."""
+    job = fio(pykvm, image, "mmio", "--rw", "randread", "--runtime", "0.25")
+    assert 250 <= job["read"]["runtime"] < 1000, job["read"]["runtime"]
+    assert job["read"]["total_ios"] > 0
+
+
+def test_guest_refuses_bad_runtimes(pykvm, guest, image):
+    for bad in ("0", "0.0001", "1.2345", "x", ".", "1e3", "-1", "99999999999999999999"):
+        r = pykvm("run", guest("workload"), "--disk", str(image),
+                  "--cmdline", f"rw=randread runtime={bad}", timeout=60)
+        assert r.returncode == 2, (bad, r.stdout)
+        assert b"bad value for runtime" in r.stdout, (bad, r.stdout)
+    r = pykvm("run", guest("workload"), "--disk", str(image),
+              "--cmdline", "rw=randread runtime=0.02", timeout=60)
+    assert r.returncode == 0, r.stdout
+    ns = int(re.search(rb" time_ns=(\d+) ", r.stdout).group(1))
+    assert 20_000_000 <= ns < 500_000_000, ns
 
 
 def test_no_refill_reuses_buffers_and_stamps_each_write(pykvm, image):
