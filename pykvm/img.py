@@ -26,7 +26,7 @@ from .block import qcow2 as _qcow2  # noqa: F401  (registers the driver)
 from .block.driver import (DRIVERS, ZEROES, BlockError, open_image, pread_full, probe_format,
                            pwrite_full, read_into, write_range, write_zeroes_range)
 from .block.qcow2 import Qcow2Driver
-from .block.raw import RawDriver
+from .block.raw import FALLOC_KEEP_SIZE, RawDriver, fallocate
 from .errors import PykvmError
 
 CHUNK = 2 << 20
@@ -515,8 +515,9 @@ def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_
     """Copy guest content, skipping holes and zeroes (the destination is new
     and reads as zeroes). The source is mapped first; only its data ranges are
     read, in large pieces; all-zero blocks in them are not written (4 KiB for
-    raw, a cluster for qcow2, whose clusters stay unallocated). This thread
-    reads the source; a second one writes the destination, a piece behind."""
+    raw, a cluster for qcow2, whose clusters stay unallocated). Reader threads
+    (two for a raw source, whose preads may run side by side) fill buffers;
+    this thread writes them, in order."""
     raw_dst = isinstance(dst, RawDriver)
     cs = getattr(dst, "cluster_size", 65536)
     gran = 4096 if raw_dst else cs
@@ -527,87 +528,83 @@ def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_
     pieces = [(pos, min(piece, start + length - pos))
               for start, length in runs for pos in range(start, start + length, piece)]
     qcow2_new = isinstance(dst, Qcow2Driver) and not compress
+    raw_src = isinstance(src, RawDriver)
 
-    def write(pos: int, n: int, buf: bytearray, nonzero) -> None:
-        sub = memoryview(buf)[:n]
-        if compress:
-            _write_compressed(dst, pos, sub, cs)
-            return
-        for o, k in nonzero:
-            if raw_dst:
-                pwrite_full(dst.fd, sub[o:o + k], pos + o)
-            elif not (qcow2_new and dst.write_new(pos + o, sub[o:o + k])):
-                write_range(dst, pos + o, sub[o:o + k])
+    def read(pos: int, n: int, buf: bytearray):
+        view = memoryview(buf)[:n]
+        if raw_src and pos + n <= src.size:
+            pread_full(src.fd, view, pos)
+        else:
+            read_into(src, pos, view)
+        return None if compress else _nonzero_runs(buf, n, gran)
 
-    with _Writer(write, piece, threaded=len(pieces) > 1) as w:
-        for pos, n in pieces:
-            buf = w.buffer()
-            view = memoryview(buf)[:n]
-            if isinstance(src, RawDriver) and pos + n <= src.size:
-                pread_full(src.fd, view, pos)
+    with _Readers(read, pieces, piece, 2 if raw_src and len(pieces) > 2 else 1) as readers:
+        for pos, n, buf, nonzero in readers:
+            sub = memoryview(buf)[:n]
+            if compress:
+                _write_compressed(dst, pos, sub, cs)
             else:
-                read_into(src, pos, view)
-            w.put(pos, n, buf, None if compress else _nonzero_runs(buf, n, gran))
+                for o, k in nonzero:
+                    if raw_dst:
+                        fallocate(dst.fd, FALLOC_KEEP_SIZE, pos + o, k)  # see Qcow2Driver.write_new
+                        pwrite_full(dst.fd, sub[o:o + k], pos + o)
+                    elif not (qcow2_new and dst.write_new(pos + o, sub[o:o + k])):
+                        write_range(dst, pos + o, sub[o:o + k])
             _progress(progress, pos + n, size)
 
 
-class _Writer:
-    """Runs write(pos, n, buf, nonzero) for each piece put, in order, in its
-    own thread (the destination is touched by that thread only), with two
-    buffers: one being read, one being written. The writer's first error is
-    raised to the reading thread at its next buffer() or at the end."""
+class _Readers:
+    """Iterates over (pos, n, buf, read(pos, n, buf)) for each piece, in
+    order, while ``threads`` reader threads fill buffers ahead (thread k reads
+    pieces k, k + threads, ...; two buffers of its own each, a buffer going
+    back to its reader when the consumer asks for the next piece). A reader's
+    error is raised by the iteration; an error of the consumer stops the
+    readers."""
 
-    def __init__(self, write, piece: int, threaded: bool = True):
-        self.write = write
-        self.error: BaseException | None = None
-        self.threaded = threaded
-        if not threaded:
-            self.buf = bytearray(piece)
-            return
+    def __init__(self, read, pieces, piece: int, threads: int):
         import queue
         import threading
-        self.todo: queue.SimpleQueue = queue.SimpleQueue()
-        self.free: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(2):
-            self.free.put(bytearray(piece))
-        self.thread = threading.Thread(target=self._run, name="convert-write", daemon=True)
-        self.thread.start()
+        self.read, self.pieces, self.threads = read, pieces, threads
+        self.stop = False
+        self.free = [queue.SimpleQueue() for _ in range(threads)]
+        self.out = [queue.SimpleQueue() for _ in range(threads)]
+        for k in range(threads):
+            for _ in range(min(2, len(pieces[k::threads]))):
+                self.free[k].put(bytearray(piece))
+        self.workers = [threading.Thread(target=self._run, args=(k,), name=f"convert-read{k}",
+                                         daemon=True) for k in range(threads)]
+        for t in self.workers:
+            t.start()
 
-    def _run(self) -> None:
-        while True:
-            item = self.todo.get()
-            if item is None:
+    def _run(self, k: int) -> None:
+        for pos, n in self.pieces[k::self.threads]:
+            buf = self.free[k].get()
+            if self.stop:
                 return
-            if self.error is None:
-                try:
-                    self.write(*item)
-                except BaseException as e:      # noqa: B036  (raised in the reader)
-                    self.error = e
-            self.free.put(item[2])
+            try:
+                self.out[k].put((pos, n, buf, self.read(pos, n, buf)))
+            except BaseException as e:      # noqa: B036  (raised in the consumer)
+                self.out[k].put(e)
+                return
 
-    def buffer(self) -> bytearray:
-        if not self.threaded:
-            return self.buf
-        buf = self.free.get()
-        if self.error is not None:
-            raise self.error
-        return buf
-
-    def put(self, pos: int, n: int, buf: bytearray, nonzero) -> None:
-        if self.threaded:
-            self.todo.put((pos, n, buf, nonzero))
-        else:
-            self.write(pos, n, buf, nonzero)
+    def __iter__(self):
+        for i in range(len(self.pieces)):
+            k = i % self.threads
+            item = self.out[k].get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            self.free[k].put(item[2])
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.threaded:
-            self.todo.put(None)
-            self.thread.join()
-            if self.error is not None and exc[0] is None:
-                raise self.error
+        self.stop = True
+        for q in self.free:
+            q.put(None)             # wakes a reader waiting for a buffer
+        for t in self.workers:
+            t.join()
 
 
 def _write_compressed(dst, start: int, sub: memoryview, cs: int) -> None:

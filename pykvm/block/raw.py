@@ -14,6 +14,7 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
     return lib.pykvm_fallocate(fd, mode, offset, length)
 
 
+FALLOC_KEEP_SIZE = lib.FALLOC_FL_KEEP_SIZE
 PUNCH = lib.FALLOC_FL_PUNCH_HOLE | lib.FALLOC_FL_KEEP_SIZE
 ZERO_RANGE = lib.FALLOC_FL_ZERO_RANGE | lib.FALLOC_FL_KEEP_SIZE
 

@@ -263,7 +263,14 @@ def _holey_raw(path, size, pieces):
 
 
 def _allocated_bytes(path):
-    return os.stat(path).st_blocks * 512
+    """What the file holds on disk once written back (before writeback, ext4
+    counts reserved data blocks but not yet the extent tree's own block)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        return os.fstat(fd).st_blocks * 512
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture
@@ -352,6 +359,37 @@ def test_convert_empty_and_all_zero_sources(tmp_path, capsys):
             assert rc == 0, err
             assert qemu_img("compare", "-f", "raw", s, dst).returncode == 0
             assert _allocated_bytes(dst) < 512 * 1024
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("side", ["read", "write"])
+def test_convert_io_error_mid_copy(tmp_path, capsys, monkeypatch, fmt, side):
+    """An I/O error in a reader thread, or in the writing one, half-way through:
+    one error line, exit 1, and no thread left waiting (the test would hang)."""
+    import errno
+    import threading
+    import pykvm.block.driver as driver
+    import pykvm.img as m
+    src = _holey_raw(tmp_path / "src.raw", 24 * MiB, [(0, pattern(24 * MiB, 7))])
+    calls = {"n": 0}
+    real = m.pread_full if side == "read" else driver.pwrite_full
+
+    def failing(fd, buf, offset):
+        calls["n"] += 1
+        if offset >= 12 * MiB:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, buf, offset)
+    if side == "read":
+        monkeypatch.setattr(m, "pread_full", failing)
+    else:   # raw output writes through img, qcow2 output through the driver
+        monkeypatch.setattr(m, "pwrite_full", failing)
+        import pykvm.block.qcow2 as q
+        monkeypatch.setattr(q, "pwrite_full", failing)
+    before = threading.active_count()
+    rc, _, err = img(capsys, "convert", "-f", "raw", "-O", fmt, src, tmp_path / f"out.{fmt}")
+    assert rc == 1 and calls["n"] > 1
+    assert len(err.strip().splitlines()) == 1 and "Input/output error" in err, err
+    assert threading.active_count() == before
 
 
 def test_nonzero_runs():
