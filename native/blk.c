@@ -5,7 +5,9 @@
  * One loop: take what Python handed back, pop every available chain of
  * every queue and parse it (exactly as pykvm/virtio/blk.py does: same checks,
  * same statuses), submit the I/O as one batch, reap completions, write the
- * status bytes and used elements, and interrupt where event idx says so.
+ * status bytes and used elements, and interrupt where event idx says so
+ * (with irq_coalesce_ns, at most once per that time while the engine holds
+ * more requests; see pykvm_blk_irq_wait).
  * While work keeps coming it polls (kicks suppressed: VIRTQ_USED_F_NO_NOTIFY
  * or a stale avail_event); after an adaptive while without work it re-enables
  * kicks and sleeps in epoll on the kick eventfds, the engine's notifier and
@@ -68,6 +70,7 @@ struct pykvm_blk_config {
     uint8_t no_flush;
     uint8_t serial[20];
     uint32_t poll_max_ns;
+    uint32_t irq_coalesce_ns;
     const struct pykvm_blk_extent *map;
     uint32_t nmap;
 };
@@ -87,6 +90,7 @@ struct pykvm_blk_counters {
     uint64_t punts;
     uint64_t poll_hits;
     uint64_t sleeps;
+    uint64_t interrupts_deferred;
 };
 
 struct pykvm_blk_punt {
@@ -152,6 +156,8 @@ struct blk_queue {
     uint32_t nreqs;
     uint8_t broken;             /* fatal error: no more pops */
     uint8_t kicks_on;           /* available buffer notifications enabled */
+    uint64_t irq_ns;            /* when the last interrupt was sent */
+    uint64_t irq_due_ns;        /* a deferred decision is due then; 0: none */
 };
 
 struct blk_return {
@@ -175,6 +181,7 @@ struct pykvm_blk {
     uint8_t read_only, no_flush, write_cache;
     uint8_t serial[BLK_ID_BYTES];
     uint64_t poll_max_ns, poll_ns;
+    uint64_t irq_coalesce_ns;
     /* mapping table, and the one Python handed over next */
     struct pykvm_blk_extent *map;
     uint32_t nmap;
@@ -996,20 +1003,58 @@ static void blk_signal(struct pykvm_blk *b, struct blk_queue *q)
     eventfd_write(fd, 1);
 }
 
-static void blk_notify(struct pykvm_blk *b)
+/* Whether an interrupt decision waits: irq_coalesce_ns after the queue's last
+ * interrupt, while the engine holds requests (they will complete soon, and the
+ * driver then takes them all with one interrupt). Waiting never outlasts the
+ * engine's work, so a lone request is never delayed. */
+static int pykvm_blk_irq_wait(uint32_t in_flight, uint64_t since_irq_ns, uint64_t coalesce_ns)
 {
+    return in_flight > 0 && since_irq_ns < coalesce_ns;
+}
+
+/* Interrupt decisions for what was added to the used rings (`now` 0, when
+ * stopping: no decision waits). */
+static void blk_notify(struct pykvm_blk *b, uint64_t now)
+{
+    uint32_t in_flight = b->irq_coalesce_ns && now ? pykvm_aio_in_flight(b->aio) + b->nsub : 0;
+
     for (uint32_t i = 0; i < b->nqueues; i++) {
         struct blk_queue *q = &b->queues[i];
 
-        if (q->vq->used_idx == q->vq->signalled_used)
+        if (q->vq->used_idx == q->vq->signalled_used) {
+            q->irq_due_ns = 0;
             continue;  /* nothing added since the last decision */
+        }
+        if (pykvm_blk_irq_wait(in_flight, now - q->irq_ns, b->irq_coalesce_ns)) {
+            if (!q->irq_due_ns) {
+                q->irq_due_ns = q->irq_ns + b->irq_coalesce_ns;
+                CNT_ADD(b, interrupts_deferred, 1);
+            }
+            continue;
+        }
+        q->irq_due_ns = 0;
         if (pykvm_vq_needs_notification(q->vq, &b->mem)) {
             CNT_ADD(b, interrupts, 1);
             blk_signal(b, q);
+            q->irq_ns = now;
         } else {
             CNT_ADD(b, interrupts_suppressed, 1);
         }
     }
+}
+
+/* The earliest deferred interrupt decision, 0 when none is. */
+static uint64_t blk_irq_due(const struct pykvm_blk *b)
+{
+    uint64_t due = 0;
+
+    for (uint32_t i = 0; i < b->nqueues; i++) {
+        uint64_t d = b->queues[i].irq_due_ns;
+
+        if (d && (!due || d < due))
+            due = d;
+    }
+    return due;
 }
 
 /* Suppress kicks while polling. */
@@ -1064,7 +1109,7 @@ static int blk_round(struct pykvm_blk *b, int engine_fired)
         work += blk_reap(b);
         blk_flush_submissions(b);  /* flushes after writes, and what did not fit */
     }
-    blk_notify(b);
+    blk_notify(b, b->irq_coalesce_ns ? blk_now_ns() : 1);
     return work;
 }
 
@@ -1083,6 +1128,22 @@ static void blk_adapt_poll(struct pykvm_blk *b, uint64_t block_ns)
     }
 }
 
+/* epoll_wait for at most timeout_ns (0: no limit) */
+static int blk_wait(struct pykvm_blk *b, struct epoll_event *events, int max, uint64_t timeout_ns)
+{
+    if (timeout_ns) {
+        struct timespec ts = {.tv_sec = (time_t)(timeout_ns / 1000000000u),
+                              .tv_nsec = (long)(timeout_ns % 1000000000u)};
+        int n = epoll_pwait2(b->epfd, events, max, &ts, NULL);
+
+        if (n >= 0 || errno != ENOSYS)
+            return n;
+        /* before Linux 5.11: whole milliseconds, rounded up */
+        return epoll_wait(b->epfd, events, max, (int)((timeout_ns + 999999) / 1000000));
+    }
+    return epoll_wait(b->epfd, events, max, -1);
+}
+
 static void *blk_thread(void *arg)
 {
     struct pykvm_blk *b = arg;
@@ -1091,7 +1152,7 @@ static void *blk_thread(void *arg)
     int engine_fired = 1;  /* chains and completions may predate the thread */
 
     while (!__atomic_load_n(&b->stopping, __ATOMIC_ACQUIRE)) {
-        uint64_t now;
+        uint64_t now, due;
         int n;
 
         if (blk_round(b, engine_fired)) {
@@ -1111,8 +1172,11 @@ static void *blk_thread(void *arg)
         /* about to sleep: kicks back on, and a last look */
         if (blk_kicks_on(b) || pykvm_aio_ready(b->aio) || b->nsub)
             continue;
+        due = blk_irq_due(b);
+        if (due && due <= now)
+            continue;  /* a deferred interrupt decision: blk_round makes it */
         CNT_ADD(b, sleeps, 1);
-        n = epoll_wait(b->epfd, events, 16, b->nsub ? 1 : -1);
+        n = blk_wait(b, events, 16, due ? due - now : 0);
         if (b->poll_max_ns)
             blk_adapt_poll(b, blk_now_ns() - idle_since);
         for (int i = 0; i < n; i++) {
@@ -1130,6 +1194,7 @@ static void *blk_thread(void *arg)
             blk_kicks_off(b);
         idle_since = blk_now_ns();
     }
+    blk_notify(b, 0);  /* no decision stays deferred */
     /* stopping: let the engine finish what it has (results dropped) */
     while (pykvm_aio_in_flight(b->aio)) {
         struct pollfd pfd = {.fd = pykvm_aio_notifier(b->aio), .events = POLLIN};
@@ -1240,6 +1305,7 @@ static struct pykvm_blk *pykvm_blk_start(const struct pykvm_blk_config *cfg, cha
     memcpy(b->serial, cfg->serial, sizeof(b->serial));
     b->poll_max_ns = cfg->poll_max_ns;
     b->poll_ns = 0;
+    b->irq_coalesce_ns = cfg->irq_coalesce_ns;
     depth = depth ? depth : 1;
     b->subcap = b->donecap = depth;
     b->sub = calloc(depth, sizeof(*b->sub));

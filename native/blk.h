@@ -51,6 +51,8 @@ struct pykvm_blk_config {
     uint8_t no_flush;           /* cache=unsafe: guest flushes are no-ops */
     uint8_t serial[20];         /* GET_ID, zero-padded */
     uint32_t poll_max_ns;       /* adaptive polling limit before sleeping; 0: never poll */
+    uint32_t irq_coalesce_ns;   /* at most one interrupt per queue in this time while the
+                                   engine has requests; 0: an interrupt per round */
     const struct pykvm_blk_extent *map;
     uint32_t nmap;
 };
@@ -70,6 +72,7 @@ struct pykvm_blk_counters {
     uint64_t punts;                 /* requests served by Python */
     uint64_t poll_hits;             /* work found while polling, no sleep needed */
     uint64_t sleeps;                /* waits on the eventfds */
+    uint64_t interrupts_deferred;   /* decisions put off by irq_coalesce_ns */
 };
 
 #define PYKVM_BLK_PUNT_SERVE 1      /* Python parses and serves the chain */
@@ -125,6 +128,7 @@ int pykvm_blk_wait_map(struct pykvm_blk *blk, uint64_t gen, uint32_t timeout_ms)
 int pykvm_blk_map_lookup(const struct pykvm_blk_extent *map, uint32_t n, uint64_t offset,
                          uint64_t length, int write, int32_t *fd, uint64_t *host_offset);
 
+int pykvm_blk_irq_wait(uint32_t in_flight, uint64_t since_irq_ns, uint64_t coalesce_ns);
 void pykvm_blk_counters(const struct pykvm_blk *blk, struct pykvm_blk_counters *out);
 
 /* An interrupt status word shared with the C thread (virtio-MMIO's

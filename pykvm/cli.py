@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a virtio-blk disk: file=PATH[,format=raw][,transport=mmio|pci]"
                           "[,cache=...][,aio=python|threads|native|io_uring][,readonly=on]"
                           "[,discard=ignore|unmap]"
-                          "[,detect-zeroes=off|on|unmap][,serial=S][,poll-max-ns=N] (repeatable)")
+                          "[,detect-zeroes=off|on|unmap][,serial=S][,poll-max-ns=N][,irq-coalesce-ns=N] "
+                          "(repeatable)")
     _common_vm_args(run)
 
     fio = sub.add_parser("fio", help="run the workload guest against a disk, print fio's output")
@@ -216,7 +217,7 @@ def cmd_serve(args) -> int:
     # qemu-storage-daemon does not poll either unless given an iothread.
     poll = 0 if args.disk.poll_max_ns is None else args.disk.poll_max_ns
     dev = VirtioBlk(backend, serial=args.disk.serial or "pykvm-vhost0", name="vhost-user-blk",
-                    poll_max_ns=poll)
+                    poll_max_ns=poll, irq_coalesce_ns=args.disk.irq_coalesce_ns)
     try:
         server = VhostUserServer(dev, args.vhost_user_blk, name="vhost-user-blk")
     except BaseException:

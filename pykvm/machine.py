@@ -45,12 +45,12 @@ class DiskSpec:
     TRANSPORTS = ("mmio", "pci")
     AIO = ("python", "threads", "native", "io_uring")
     KEYS = ("file", "format", "transport", "cache", "aio", "readonly", "discard", "detect-zeroes",
-            "serial", "poll-max-ns")
+            "serial", "poll-max-ns", "irq-coalesce-ns")
 
     def __init__(self, file: str, format: str | None = None, transport: str = "mmio",
                  cache: str = "writeback", aio: str | None = None, readonly: bool = False,
                  discard: str = "unmap", serial: str = "", detect_zeroes: str = "off",
-                 poll_max_ns: int | None = None):
+                 poll_max_ns: int | None = None, irq_coalesce_ns: int | None = None):
         self.file = file
         self.format = format
         self.transport = transport
@@ -61,6 +61,7 @@ class DiskSpec:
         self.serial = serial
         self.detect_zeroes = detect_zeroes
         self.poll_max_ns = poll_max_ns  # None: the C path's default
+        self.irq_coalesce_ns = irq_coalesce_ns  # None: the default of the front-end in use
 
     @classmethod
     def parse(cls, text: str) -> "DiskSpec":
@@ -98,18 +99,20 @@ class DiskSpec:
             except EngineUnavailable as e:
                 raise ConfigError(f"--disk {text}: {e}") from None
         detect_zeroes = choice("detect-zeroes", ("off", "on", "unmap"), "off")
-        poll = opts.get("poll-max-ns")
-        if poll is not None:
-            if not poll.isdigit() or int(poll) > 1_000_000_000:
-                raise ConfigError(f"--disk {text}: poll-max-ns={poll} is not a number of "
+
+        def nanoseconds(key):
+            value = opts.get(key)
+            if value is not None and (not value.isdigit() or int(value) > 1_000_000_000):
+                raise ConfigError(f"--disk {text}: {key}={value} is not a number of "
                                   f"nanoseconds from 0 to 1000000000")
-            poll = int(poll)
+            return None if value is None else int(value)
         return cls(file=opts["file"], format=opts.get("format"),
                    transport=choice("transport", cls.TRANSPORTS, "mmio"),
                    cache=cache, aio=aio, readonly=readonly,
                    discard=choice("discard", DISCARD_MODES, "unmap"),
                    serial=opts.get("serial", ""), detect_zeroes=detect_zeroes,
-                   poll_max_ns=poll)
+                   poll_max_ns=nanoseconds("poll-max-ns"),
+                   irq_coalesce_ns=nanoseconds("irq-coalesce-ns"))
 
 
 def open_disk(spec: DiskSpec):
@@ -290,7 +293,7 @@ class Machine:
         for i, spec in enumerate(specs):
             backend = open_disk(spec)
             dev = VirtioBlk(backend, serial=spec.serial or f"pykvm-disk{i}", name=f"virtio-blk{i}",
-                            poll_max_ns=spec.poll_max_ns)
+                            poll_max_ns=spec.poll_max_ns, irq_coalesce_ns=spec.irq_coalesce_ns)
             core = VirtioCore(dev, self.mem, name=dev.name)
             if spec.transport == "mmio":
                 n = sum(1 for d in self.disks if d.transport == "mmio")

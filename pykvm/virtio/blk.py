@@ -81,9 +81,10 @@ class VirtioBlk(VirtioDevice):
     device_id = ID_BLOCK
 
     def __init__(self, backend, serial: str = "", queue_size: int = 256, name: str = "virtio-blk",
-                 poll_max_ns: int | None = None):
+                 poll_max_ns: int | None = None, irq_coalesce_ns: int | None = None):
         self.backend = backend
         self.poll_max_ns = poll_max_ns    # the C path's polling limit (None: its default)
+        self.irq_coalesce_ns = irq_coalesce_ns or 0   # the C path's interrupt spacing
         self.serial = serial.encode()[:ID_BYTES]
         self.queue_size = queue_size
         self.name = name

@@ -43,7 +43,7 @@ C_ENGINES = ("threads", "native", "io_uring")
 POLL_MAX_NS = int(os.environ.get("PYKVM_POLL_MAX_NS", "32768"))
 COUNTERS = ("requests", "bytes_read", "bytes_written", "errors", "submitted", "flushes",
             "batches", "completions", "completion_batches", "interrupts", "interrupts_suppressed",
-            "punts", "poll_hits", "sleeps")
+            "punts", "poll_hits", "sleeps", "interrupts_deferred")
 EXTENT_WRITABLE = lib.PYKVM_BLK_EXTENT_WRITABLE
 
 
@@ -245,7 +245,8 @@ class FastPath:
                  capacity: int, features: int, punt, fail, forward, read_only: bool = False,
                  write_cache: bool = True, no_flush: bool = False, align: int = 1,
                  serial: bytes = b"", flush_fd: int | None = None, extents=None,
-                 poll_max_ns: int = POLL_MAX_NS, isr=None, isr_bit: int = 1,
+                 poll_max_ns: int = POLL_MAX_NS, irq_coalesce_ns: int = 0, isr=None,
+                 isr_bit: int = 1,
                  name: str = "virtio-blk"):
         if engine_name not in C_ENGINES:
             raise FastPathError(f"aio={engine_name} is not a C engine")
@@ -286,6 +287,8 @@ class FastPath:
         cfg.no_flush = no_flush
         ffi.memmove(cfg.serial, serial[:20].ljust(20, b"\0"), 20)
         cfg.poll_max_ns = poll_max_ns
+        cfg.irq_coalesce_ns = irq_coalesce_ns
+        self.irq_coalesce_ns = irq_coalesce_ns
         cfg.map = self._map
         cfg.nmap = len(extents)
         self._cqueues = cqueues  # the C thread reads the vqs until stop
@@ -518,7 +521,8 @@ def start(dev, mem, queues, features: int, kicks, interrupt, fail) -> FastPath:
         read_only=backend.read_only, write_cache=backend.write_cache,
         no_flush=backend.cache.no_flush, align=backend.align, serial=dev.serial,
         flush_fd=flush_fd, extents=extents, isr=isr, name=dev.name,
-        poll_max_ns=POLL_MAX_NS if dev.poll_max_ns is None else dev.poll_max_ns)
+        poll_max_ns=POLL_MAX_NS if dev.poll_max_ns is None else dev.poll_max_ns,
+        irq_coalesce_ns=dev.irq_coalesce_ns)
     if backend.driver.direct_map and not backend.driver.identity_mapped:
         # from now on the backend replaces the table (and waits for the C
         # thread to let go of the old one) before a cluster C may use changes

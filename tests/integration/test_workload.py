@@ -98,6 +98,8 @@ def test_fio_usage_errors(pykvm, image):
     for args in (["--disk", f"file={image},cache=sometimes"], ["--disk", str(image), "--bs", "100"],
                  ["--disk", str(image), "--iodepth", "0"],
                  ["--disk", str(image), "--runtime", "0.0001"],
+                 ["--disk", f"file={image},irq-coalesce-ns=soon"],
+                 ["--disk", f"file={image},poll-max-ns=-1"],
                  ["--disk", str(image), "--rw", "write", "--no-refill", "--verify", "crc32c"]):
         r = pykvm("fio", *args)
         assert r.returncode == 2, (args, r.stderr)

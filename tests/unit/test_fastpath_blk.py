@@ -137,6 +137,66 @@ def test_batches_many_requests_per_submission(rig, image):
         assert rig.mem.read(gpa, n) == content[i * 4096:(i + 1) * 4096]
 
 
+# -- interrupt coalescing ----------------------------------------------------------------
+
+@pytest.mark.parametrize("in_flight, since, limit, wait", [
+    (0, 0, 10**9, False),           # the engine is idle: decide now
+    (5, 10**9 - 1, 10**9, True),    # requests coming, interrupted a moment ago
+    (5, 10**9, 10**9, False),       # the time is up
+    (5, 0, 0, False),               # coalescing off
+    (1, 2**63, 10**9, False),       # the first interrupt (last one at time 0)
+])
+def test_irq_wait_policy(in_flight, since, limit, wait):
+    assert bool(lib.pykvm_blk_irq_wait(in_flight, since, limit)) is wait
+
+
+def test_irq_coalesce_ns_reaches_the_c_path(image):
+    from pykvm.machine import DiskSpec
+    spec = DiskSpec.parse(f"file={image},irq-coalesce-ns=250000")
+    assert spec.irq_coalesce_ns == 250000 and DiskSpec.parse(str(image)).irq_coalesce_ns is None
+    r = Rig(image, irq_coalesce_ns=spec.irq_coalesce_ns)
+    try:
+        assert r.dev._fast.irq_coalesce_ns == 250000
+    finally:
+        r.close()
+
+
+def test_coalescing_never_delays_a_lone_request(image, transport):
+    import time
+    r = Rig(image, transport, irq_coalesce_ns=2_000_000_000)
+    try:
+        for i in range(3):   # each completes with the engine idle: interrupted at once
+            t0 = time.monotonic()
+            aligned_read(r.drv, i * 8, 4096)
+            assert time.monotonic() - t0 < 1.0
+        c = r.dev.counters()
+        assert c["completions"] == 3 and c["punts"] == 0 and c["interrupts_deferred"] == 0
+    finally:
+        r.close()
+
+
+def test_coalescing_takes_many_completions_per_interrupt(image, transport):
+    """20 reads at once with 2 s of coalescing: one interrupt at the first
+    completion, the rest held back until the engine has nothing left (well
+    before the 2 s), then one more."""
+    import time
+    r = Rig(image, transport, irq_coalesce_ns=2_000_000_000)
+    try:
+        d = r.drv
+        for i in range(20):
+            data = (d.vq.arena.alloc(4096, align=4096), 4096, True)  # O_DIRECT: aligned
+            d.submit([d.header(T_IN, i * 8), data, d.vq.arena.writable(1)], notify=False)
+        t0 = time.monotonic()
+        d.t.notify(0)
+        assert len(d.wait_used(20, timeout=1.5)) == 20
+        assert time.monotonic() - t0 < 1.5
+        c = r.dev.counters()
+        assert c["punts"] == 0 and c["completions"] == 20
+        assert 1 <= c["interrupts"] + c["interrupts_suppressed"] <= 2, c
+    finally:
+        r.close()
+
+
 # -- the punt queue ----------------------------------------------------------------------
 
 def test_discard_and_write_zeroes_go_through_python(rig, image):

@@ -33,10 +33,11 @@ def image(tmp_path):
 
 class Rig:
     def __init__(self, path, transport="mmio", cache="writeback", read_only=False, queue=64,
-                 features=None, discard="unmap"):
+                 features=None, discard="unmap", **device):
         self.mem = GuestMemory(32 << 20)
         self.backend = BlockBackend(str(path), cache=cache, read_only=read_only, discard=discard)
-        self.dev = B.VirtioBlk(self.backend, serial="serial-0123456789abcdefXYZ", queue_size=queue)
+        self.dev = B.VirtioBlk(self.backend, serial="serial-0123456789abcdefXYZ", queue_size=queue,
+                               **device)
         self.core = VirtioCore(self.dev, self.mem)
         if transport == "mmio":
             self.t = VirtioMmio(self.core, 0xD0000000, 5)

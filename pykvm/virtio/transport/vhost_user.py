@@ -296,6 +296,11 @@ class VhostUserSession:
     def close(self) -> None:
         """The connection is over: stop the device, unmap, close what we hold."""
         self._stop()
+        if log.isEnabledFor(logging.INFO):
+            c = self.device.counters()
+            log.info("%s: device counters: %s", self.name, ", ".join(
+                f"{k}={c[k]}" for k in ("requests", "batches", "interrupts",
+                                        "interrupts_suppressed", "punts", "errors") if k in c))
         self.device.reset()
         with self._err_lock:
             for ring in self.rings:
