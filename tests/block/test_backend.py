@@ -350,3 +350,30 @@ def test_o_direct_copy_on_write_and_partial_zeroing(tmp_path, cache, qemu_tools)
     raw = as_raw(overlay, tmp_path)
     assert raw[65536 + 512:65536 + 1536] == bytes(1024)
     assert raw[65536:65536 + 512] == orig[65536:65536 + 512]
+
+
+def test_file_grows_in_steps_and_is_cut_back_at_close(tmp_path, monkeypatch):
+    """New clusters past the end of the file make it grow by GROW_STEP at once
+    (fallocate), so data writes land inside it; close() cuts the unused rest
+    off. An image left open at a crash, rest and all, passes qemu-img check."""
+    monkeypatch.setattr(Qcow2Driver, "GROW_STEP", 4 * MiB)
+    p = tmp_path / "grow.qcow2"
+    Qcow2Driver.create(str(p), 32 * MiB)
+    created = os.path.getsize(p)
+    d = Qcow2Driver(str(p), read_only=False)
+    data = pattern(3 * MiB, 9)
+    from pykvm.block.driver import write_range
+    write_range(d, 0, memoryview(data))
+    grown = os.path.getsize(p)
+    assert grown % (4 * MiB) == 0 and grown >= created + 3 * MiB
+    assert os.stat(p).st_blocks * 512 >= 3 * MiB     # allocated, not a sparse tail
+    crashed = tmp_path / "crashed.qcow2"             # the file as a crash would leave it
+    d.flush_metadata()
+    crashed.write_bytes(p.read_bytes())
+    assert os.path.getsize(crashed) == grown
+    d.close()
+    assert os.path.getsize(p) < grown and os.path.getsize(p) >= created + 3 * MiB
+    if QEMU:
+        for image in (p, crashed):
+            assert_clean(image)
+            assert as_raw(image, tmp_path)[:3 * MiB] == data
