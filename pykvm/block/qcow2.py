@@ -377,6 +377,8 @@ class Qcow2Driver(BlockDriver):
         self._claimed: set[int] = set()
         self._rc_batch = None
         self._prealloc: dict[int, int] = {}
+        self._stream_end = -1            # where a sequential run of allocating writes goes on
+        self._ahead = self.AHEAD_MIN     # and how far it is mapped ahead next time
         self._free_hint = 1
         self._zc = None                                # last decompressed cluster
         self._dx: dict[int, list] = {}                 # direct extents per L2 table span
@@ -1105,7 +1107,46 @@ class Qcow2Driver(BlockDriver):
         self._prealloc = {}
         if alloc is not None:
             busy.update(alloc.clusters)
+            sequential = offset == self._stream_end
+            self._stream_end = offset + length
+            if sequential:
+                self._allocate_ahead(last + 1)
+            else:
+                self._ahead = self.AHEAD_MIN
         return WritePlan(extents, alloc)
+
+    AHEAD_MIN, AHEAD_MAX = 4 << 20, 128 << 20
+
+    def _allocate_ahead(self, ci: int) -> None:
+        """An allocating write starts where the last one ended: a sequential
+        fill. Map the next bytes of the disk (as far as they are unallocated
+        and in this L2 table) to new clusters of the file that read as
+        zeroes, as preallocation=metadata does, so the writes that follow are
+        plain data writes: the C path serves them, once the backend has
+        published a table with them, and no write waits for an allocation.
+        How far: 4 MiB, doubled each time the fill goes on, up to 128 MiB, so
+        what a fill leaves mapped past its end is at most about what it wrote.
+        Only without a backing file (whose data an allocated cluster would
+        hide) and only where the new clusters are fresh: past all data,
+        fallocated or past the end of the file. Discard frees them as any."""
+        cs = self.cluster_size
+        if self.backing is not None or self.h.backing_file or self.data_fd >= 0 or self.extl2:
+            return
+        end = min(ci + max(1, self._ahead // cs), -(-self.size // cs),
+                  (ci | (self.l2_entries - 1)) + 1)
+        n = 0
+        while ci + n < end and ci + n not in self._busy and self._unallocated(ci + n):
+            n += 1
+        if not n:
+            return
+        host = self.alloc_clusters(n)
+        if not self._fresh:             # reused clusters hold old data: give them back
+            for k in range(n):
+                self._unref((host >> self.cluster_bits) + k)
+            return
+        self._set_l2_many([(ci + k, (host + k * cs) | COPIED, None) for k in range(n)])
+        self._stream_end = (ci + n) * cs
+        self._ahead = min(2 * self._ahead, self.AHEAD_MAX)
 
     def write_new(self, offset: int, data) -> bool:
         """Write whole clusters that are all unallocated (a new image being

@@ -377,3 +377,89 @@ def test_file_grows_in_steps_and_is_cut_back_at_close(tmp_path, monkeypatch):
         for image in (p, crashed):
             assert_clean(image)
             assert as_raw(image, tmp_path)[:3 * MiB] == data
+
+
+def _mapped(path):
+    """qemu-img map's data ranges as (start, length), neighbours merged."""
+    import json
+    out: list = []
+    for e in json.loads(qemu_img("map", "--output=json", path).stdout):
+        if not e["data"] or e["depth"]:
+            continue
+        if out and out[-1][0] + out[-1][1] == e["start"]:
+            out[-1] = (out[-1][0], out[-1][1] + e["length"])
+        else:
+            out.append((e["start"], e["length"]))
+    return out
+
+
+@needs_qemu
+def test_a_sequential_fill_is_mapped_ahead(tmp_path):
+    """The second allocating write in a row maps the next 4 MiB to fresh
+    clusters that read as zeroes; each further one doubles that; writes there
+    allocate nothing; anything else starts over."""
+    from pykvm.block.driver import read_into, write_range
+    p = tmp_path / "fill.qcow2"
+    Qcow2Driver.create(str(p), 64 * MiB)
+    d = Qcow2Driver(str(p), read_only=False)
+    one, two = pattern(MiB, 1), pattern(MiB, 2)
+    write_range(d, 0, one)
+    used = d.eof
+    write_range(d, MiB, two)                           # sequential: 4 MiB ahead
+    assert d.eof - used == (1 + 4) * MiB
+    used = d.eof
+    write_range(d, 2 * MiB, pattern(4 * MiB, 3))       # into the mapped clusters
+    assert d.eof == used
+    write_range(d, 6 * MiB, pattern(MiB, 4))           # goes on: 8 MiB ahead
+    assert d.eof - used == (1 + 8) * MiB
+    write_range(d, 40 * MiB, pattern(MiB, 5))          # elsewhere: nothing ahead
+    assert d.eof - used == (1 + 8 + 1) * MiB
+    buf = bytearray(8 * MiB)
+    read_into(d, 7 * MiB, memoryview(buf))
+    assert bytes(buf) == bytes(8 * MiB)                # mapped ahead, reads as zeroes
+    d.close()
+    assert_clean(p)
+    assert _mapped(p) == [(0, 15 * MiB), (40 * MiB, MiB)]
+    raw = as_raw(p, tmp_path)
+    assert raw[:2 * MiB] == one + two and raw[7 * MiB:15 * MiB] == bytes(8 * MiB)
+
+
+@needs_qemu
+def test_nothing_is_mapped_ahead_over_a_backing_file(tmp_path):
+    from pykvm.block.driver import write_range
+    base = tmp_path / "base.raw"
+    base.write_bytes(pattern(16 * MiB, 7))
+    top = tmp_path / "top.qcow2"
+    Qcow2Driver.create(str(top), 16 * MiB, backing_file="base.raw", backing_fmt="raw")
+    for backing in (True, False):  # opened without its backing file (as img commit does)
+        d = Qcow2Driver(str(top), read_only=False, open_backing=backing)
+        k = 0 if backing else 4
+        for i in range(k, k + 3):
+            write_range(d, i * MiB, pattern(MiB, 10 + i))
+        d.close()
+    assert _mapped(top) == [(0, 3 * MiB), (4 * MiB, 3 * MiB)]
+    raw = as_raw(top, tmp_path)
+    assert raw[3 * MiB:4 * MiB] == pattern(16 * MiB, 7)[3 * MiB:4 * MiB]
+    assert raw[7 * MiB:] == pattern(16 * MiB, 7)[7 * MiB:]
+
+
+@needs_qemu
+def test_reused_clusters_are_not_mapped_ahead(tmp_path):
+    """Clusters freed inside the file hold old data: a fill that gets them
+    maps nothing ahead (what it maps must read as zeroes)."""
+    from pykvm.block.driver import read_into, write_range
+    p = tmp_path / "reuse.qcow2"
+    Qcow2Driver.create(str(p), 32 * MiB)
+    d = Qcow2Driver(str(p), read_only=False)
+    write_range(d, 16 * MiB, pattern(8 * MiB, 1))
+    d.discard(16 * MiB, 8 * MiB, punch=False)          # freed, old data still in the file
+    end = d.eof
+    write_range(d, 0, pattern(MiB, 2))
+    write_range(d, MiB, pattern(MiB, 3))
+    assert d.eof == end                                # the freed clusters were used
+    buf = bytearray(6 * MiB)
+    read_into(d, 2 * MiB, memoryview(buf))
+    assert bytes(buf) == bytes(6 * MiB)
+    d.close()
+    assert_clean(p)
+    assert _mapped(p) == [(0, 2 * MiB)]
