@@ -238,3 +238,57 @@ def test_allocations_are_added_rate_limited(image):
     assert covers(lst.table, 3 * MiB + (64 << 10), 4096, write=True)
     assert not d.b.refresh_map(force=True)            # nothing new
     d.close()
+
+
+def test_direct_runs_match_an_entry_by_entry_walk(tmp_path):
+    """_dx_runs finds runs by comparing slices with ranges; an entry-by-entry
+    walk over random tables (runs, gaps, zero and compressed entries, flags
+    that change inside a run, hosts at and past the end of the file) agrees."""
+    from pykvm.block.qcow2 import COMPRESSED, COPIED, OFFSET_MASK, ZERO
+    p = tmp_path / "t.qcow2"
+    Qcow2Driver.create(str(p), 64 << 20)
+    d = Qcow2Driver(str(p), read_only=False)
+    cs = d.cluster_size
+    try:
+        d.eof = 200 * cs + 100          # not cluster-aligned, as a file may be
+        rnd = random.Random(5)
+        for trial in range(200):
+            n = rnd.choice([1, 2, 7, 64, 1024])
+            table, host = [], cs * rnd.randrange(0, 4)
+            while len(table) < n:
+                kind = rnd.random()
+                k = rnd.randrange(1, 40)
+                if kind < 0.5:          # a run, maybe with a flag change inside
+                    flag = COPIED if rnd.random() < 0.7 else 0
+                    for i in range(k):
+                        if rnd.random() < 0.05:
+                            flag ^= COPIED
+                        table.append((host + i * cs) | flag)
+                    host += k * cs + cs * rnd.randrange(0, 3)
+                elif kind < 0.7:
+                    table += [0] * k
+                elif kind < 0.8:
+                    table += [ZERO] * k
+                elif kind < 0.9:
+                    table += [COMPRESSED | (cs * 3)] * k
+                else:
+                    host = cs * rnd.randrange(150, 220)
+            table = table[:n]
+            first = rnd.randrange(0, 16)
+            n = min(n, (d.size + cs - 1) // cs - first)
+            got = [tuple(x) for x in d._dx_runs(table, first, n)]
+            want = []
+            for j in range(n):
+                e = table[j]
+                h = e & OFFSET_MASK
+                if not e or e & (COMPRESSED | ZERO) or h < cs or h >= d.eof:
+                    continue
+                g, length, w = (first + j) * cs, min(cs, d.size - (first + j) * cs), bool(e & COPIED)
+                if want and want[-1][0] + want[-1][1] == g and want[-1][3] + want[-1][1] == h \
+                        and want[-1][4] == w:
+                    want[-1] = (want[-1][0], want[-1][1] + length, d.fd, want[-1][3], w)
+                else:
+                    want.append((g, length, d.fd, h, w))
+            assert got == want, (trial, table[:20])
+    finally:
+        d.close()
