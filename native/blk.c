@@ -210,6 +210,8 @@ struct pykvm_blk {
     int have_returns;
     uint64_t forwarded;
     int stopping;
+    int quiescing;              /* no more pops: pykvm_blk_quiesce waits for quiet */
+    int quiet;                  /* every request taken is back in the used ring (under lock) */
     struct pykvm_blk_counters c;
 };
 
@@ -325,6 +327,33 @@ static int pykvm_blk_wait_map(struct pykvm_blk *b, uint64_t gen, uint32_t timeou
     done = b->drained_gen >= gen;
     pthread_mutex_unlock(&b->lock);
     return done;
+}
+
+/* Take no more chains; wait until every request taken so far (with the
+ * engine or with Python) is back in the used ring, its interrupt decided. 1
+ * when that happened within timeout_ms. A vhost-user ring stop needs it: the
+ * index it reports must not count requests that are never returned. */
+static int pykvm_blk_quiesce(struct pykvm_blk *b, uint32_t timeout_ms)
+{
+    struct timespec until;
+    int quiet;
+
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += timeout_ms / 1000;
+    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    __atomic_store_n(&b->quiescing, 1, __ATOMIC_RELEASE);
+    eventfd_write(b->wake_fd, 1);
+    pthread_mutex_lock(&b->lock);
+    while (!b->quiet && !b->stopping)
+        if (pthread_cond_timedwait(&b->drained_cond, &b->lock, &until) == ETIMEDOUT)
+            break;
+    quiet = b->quiet;
+    pthread_mutex_unlock(&b->lock);
+    return quiet;
 }
 
 /* Called with the lock held. */
@@ -1102,8 +1131,9 @@ static int blk_round(struct pykvm_blk *b, int engine_fired)
     if (__atomic_load_n(&b->map_changed, __ATOMIC_ACQUIRE))
         blk_apply_map(b);
     work += blk_take_returns(b);
-    for (uint32_t i = 0; i < b->nqueues; i++)
-        work += blk_pop_all(b, &b->queues[i]);
+    if (!__atomic_load_n(&b->quiescing, __ATOMIC_ACQUIRE))
+        for (uint32_t i = 0; i < b->nqueues; i++)
+            work += blk_pop_all(b, &b->queues[i]);
     blk_flush_submissions(b);
     if (engine_fired || pykvm_aio_ready(b->aio)) {
         work += blk_reap(b);
@@ -1126,6 +1156,23 @@ static void blk_adapt_poll(struct pykvm_blk *b, uint64_t block_ns)
         if (b->poll_ns > b->poll_max_ns)
             b->poll_ns = b->poll_max_ns;
     }
+}
+
+/* While quiescing: once no request is out (with the engine, waiting to be
+ * submitted, or with Python), decide the interrupts and say so. */
+static void blk_check_quiet(struct pykvm_blk *b)
+{
+    if (b->nsub)
+        return;
+    for (uint32_t i = 0; i < b->nqueues; i++)
+        for (uint32_t h = 0; h < b->queues[i].nreqs; h++)
+            if (b->queues[i].reqs[h].state != REQ_FREE)
+                return;
+    blk_notify(b, 0);
+    pthread_mutex_lock(&b->lock);
+    b->quiet = 1;
+    pthread_cond_broadcast(&b->drained_cond);
+    pthread_mutex_unlock(&b->lock);
 }
 
 /* epoll_wait for at most timeout_ns (0: no limit) */
@@ -1155,7 +1202,12 @@ static void *blk_thread(void *arg)
         uint64_t now, due;
         int n;
 
-        if (blk_round(b, engine_fired)) {
+        int work = blk_round(b, engine_fired);
+        int quiescing = __atomic_load_n(&b->quiescing, __ATOMIC_ACQUIRE);
+
+        if (quiescing && !b->quiet)
+            blk_check_quiet(b);
+        if (work) {
             engine_fired = 0;
             if (b->poll_max_ns)
                 blk_kicks_off(b);
@@ -1169,8 +1221,9 @@ static void *blk_thread(void *arg)
             blk_cpu_relax();
             continue;
         }
-        /* about to sleep: kicks back on, and a last look */
-        if (blk_kicks_on(b) || pykvm_aio_ready(b->aio) || b->nsub)
+        /* about to sleep: kicks back on, and a last look (quiescing: chains
+         * that wait are left for whoever starts the ring again) */
+        if ((!quiescing && blk_kicks_on(b)) || pykvm_aio_ready(b->aio) || b->nsub)
             continue;
         due = blk_irq_due(b);
         if (due && due <= now)

@@ -123,6 +123,7 @@ uint64_t pykvm_blk_set_map(struct pykvm_blk *blk, const struct pykvm_blk_extent 
                            uint32_t n);
 uint64_t pykvm_blk_map_generation(const struct pykvm_blk *blk);
 int pykvm_blk_wait_map(struct pykvm_blk *blk, uint64_t gen, uint32_t timeout_ms);
+int pykvm_blk_quiesce(struct pykvm_blk *blk, uint32_t timeout_ms);
 /* 1 when [offset, offset+length) lies inside one extent (writable, for a
  * write): *fd and *host_offset say where; 0: punt it. */
 int pykvm_blk_map_lookup(const struct pykvm_blk_extent *map, uint32_t n, uint64_t offset,

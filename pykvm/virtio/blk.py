@@ -173,6 +173,22 @@ class VirtioBlk(VirtioDevice):
         self.threads = (self._thread,)
         self._thread.start()
 
+    def quiesce(self, timeout: float = 30.0) -> bool:
+        """Take no more requests, and return the ones taken to the used ring
+        (status written, interrupt decided): a vhost-user ring stop reports an
+        index that counts them. True when none was left in flight after
+        ``timeout`` seconds (the C path; the Python path waits for its I/O).
+        reset() follows."""
+        if self._fast is not None:
+            return self._fast.quiesce(timeout)
+        if self._thread is not None:
+            os.eventfd_write(self._stop_fd, 1)
+            self._thread.join()
+            self._thread = None
+            self.threads = ()
+            self._complete(self.backend.drain())
+        return True
+
     def reset(self) -> None:
         """Stop serving. The queues keep their final indices (a vhost-user
         front-end asks for them); requests still in flight are waited for and

@@ -374,6 +374,14 @@ class FastPath:
         vq = self._vqs[index]
         return vq.last_avail_idx, vq.used_idx
 
+    def quiesce(self, timeout: float) -> bool:
+        """Take no more chains; finish the requests taken (the engine's and
+        those with Python) and put them in the used ring, interrupts decided.
+        True when all were back within ``timeout`` seconds. stop() follows."""
+        if self._blk is None:
+            return True
+        return bool(lib.pykvm_blk_quiesce(self._blk, int(timeout * 1000)))
+
     def stop(self) -> None:
         """Stop both threads; the engine's requests in flight are waited for
         and dropped, punted ones stay with the backend (drain it next)."""

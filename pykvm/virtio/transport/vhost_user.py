@@ -17,7 +17,8 @@ log line and the connection is closed; nothing the front-end sends can crash
 the server.
 
 Ring life (vhost-user.rst "Ring states"): a ring starts when its kick fd
-arrives, stops at GET_VRING_BASE, and with VHOST_USER_F_PROTOCOL_FEATURES
+arrives, stops at GET_VRING_BASE (once the requests it took are back in the
+used ring: the base it reports counts them), and with VHOST_USER_F_PROTOCOL_FEATURES
 negotiated starts disabled until SET_VRING_ENABLE. The device runs while every
 ring that was set up is started and enabled.
 """
@@ -557,6 +558,10 @@ class VhostUserSession:
         index, _ = self._payload(msg, STATE)
         ring = self._ring(index)
         was_active = self.active
+        quiesce = getattr(self.device, "quiesce", None)
+        if self.active and quiesce is not None and not quiesce():
+            log.warning("%s: requests still in flight when ring %d stopped; they are dropped",
+                        self.name, index)
         self._stop()
         self.failed = False  # a stopped ring may start afresh
         q = self.queues[index]
