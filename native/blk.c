@@ -308,18 +308,24 @@ static uint64_t pykvm_blk_map_generation(const struct pykvm_blk *b)
     return __atomic_load_n(&b->drained_gen, __ATOMIC_ACQUIRE);
 }
 
+/* CLOCK_REALTIME timeout_ms from now, for pthread_cond_timedwait. */
+static void blk_deadline(struct timespec *until, uint32_t timeout_ms)
+{
+    clock_gettime(CLOCK_REALTIME, until);
+    until->tv_sec += timeout_ms / 1000;
+    until->tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (until->tv_nsec >= 1000000000L) {
+        until->tv_sec++;
+        until->tv_nsec -= 1000000000L;
+    }
+}
+
 static int pykvm_blk_wait_map(struct pykvm_blk *b, uint64_t gen, uint32_t timeout_ms)
 {
     struct timespec until;
     int done;
 
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += timeout_ms / 1000;
-    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000L;
-    }
+    blk_deadline(&until, timeout_ms);
     pthread_mutex_lock(&b->lock);
     while (b->drained_gen < gen && !b->stopping)
         if (pthread_cond_timedwait(&b->drained_cond, &b->lock, &until) == ETIMEDOUT)
@@ -338,13 +344,7 @@ static int pykvm_blk_quiesce(struct pykvm_blk *b, uint32_t timeout_ms)
     struct timespec until;
     int quiet;
 
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += timeout_ms / 1000;
-    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000L;
-    }
+    blk_deadline(&until, timeout_ms);
     __atomic_store_n(&b->quiescing, 1, __ATOMIC_RELEASE);
     eventfd_write(b->wake_fd, 1);
     pthread_mutex_lock(&b->lock);
