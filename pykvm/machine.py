@@ -61,7 +61,7 @@ class DiskSpec:
         self.serial = serial
         self.detect_zeroes = detect_zeroes
         self.poll_max_ns = poll_max_ns  # None: the C path's default
-        self.irq_coalesce_ns = irq_coalesce_ns  # None: the default of the front-end in use
+        self.irq_coalesce_ns = irq_coalesce_ns  # None: off, as 0
 
     @classmethod
     def parse(cls, text: str) -> "DiskSpec":

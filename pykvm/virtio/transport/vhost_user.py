@@ -297,7 +297,7 @@ class VhostUserSession:
     def close(self) -> None:
         """The connection is over: stop the device, unmap, close what we hold."""
         self._stop()
-        if log.isEnabledFor(logging.INFO):
+        if log.isEnabledFor(logging.INFO) and hasattr(self.device, "counters"):
             c = self.device.counters()
             log.info("%s: device counters: %s", self.name, ", ".join(
                 f"{k}={c[k]}" for k in ("requests", "batches", "interrupts",
