@@ -274,6 +274,11 @@ def bench_io(runtime: float, engines: list[str], workloads: dict) -> list[dict]:
     return runs
 
 
+def median_row(rows: list[dict], key: str) -> dict:
+    """The sample with the median ``key`` (the upper one of an even count)."""
+    return dict(sorted(rows, key=lambda r: r[key])[len(rows) // 2], samples=len(rows))
+
+
 def fresh_qcow2(path: pathlib.Path, size: int = IMAGE_SIZE) -> None:
     path.unlink(missing_ok=True)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], check=True)
@@ -294,9 +299,9 @@ def bench_qcow2(runtime: float, samples: int) -> list[dict]:
     tsc = host_tsc_khz()
     runs = []
 
-    def pykvm_fio(disk: str, rw: str, bs: int, qd: int, *extra: str) -> list[str]:
+    def pykvm_fio(disk: str, rw: str, bs: int, qd: int) -> list[str]:
         return PYKVM + ["fio", "--disk", disk, f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}",
-                        f"--runtime={runtime:g}", "--output-format=json", *extra]
+                        f"--runtime={runtime:g}", "--output-format=json"]
 
     def row(system, workload, m, job=None, fields=None):
         if job is None:
@@ -319,9 +324,7 @@ def bench_qcow2(runtime: float, samples: int) -> list[dict]:
                 m = measure(pykvm_fio(disk, "randread", 4096, 32), 0)
                 got[fmt].append(row(f"pykvm-{engine}-{fmt}", "qcow2-randread-4k-qd32", m,
                                     job=json.loads(m["stdout"])["jobs"][0]))
-        for rows in got.values():
-            runs.append(dict(sorted(rows, key=lambda r: r["iops"])[len(rows) // 2],
-                             samples=len(rows)))
+        runs += [median_row(rows, "iops") for rows in got.values()]
     # allocating sequential writes into an empty qcow2, pykvm (its default engine)
     # vs QEMU, alternated, the median of up to 3: one pass over a 4 GiB image
     # (every write allocates; a timed run would wrap around and overwrite), and
@@ -351,9 +354,7 @@ def bench_qcow2(runtime: float, samples: int) -> list[dict]:
         m = measure(cmd, 1)
         alloc["qemu"].append(row("qemu", "qcow2-alloc-seqwrite-1m-qd8", m,
                                  fields=fio.parse_result(m["stdout"])))
-    for rows in alloc.values():
-        runs.append(dict(sorted(rows, key=lambda r: r["bw_bytes"])[len(rows) // 2],
-                         samples=len(rows)))
+    runs += [median_row(rows, "bw_bytes") for rows in alloc.values()]
     target.unlink(missing_ok=True)
     return runs + bench_convert(samples)
 

@@ -546,7 +546,7 @@ def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_
             else:
                 for o, k in nonzero:
                     if raw_dst:
-                        fallocate(dst.fd, FALLOC_KEEP_SIZE, pos + o, k)  # see Qcow2Driver.write_new
+                        fallocate(dst.fd, FALLOC_KEEP_SIZE, pos + o, k)  # see Qcow2Driver._grow_file
                         pwrite_full(dst.fd, sub[o:o + k], pos + o)
                     elif not (qcow2_new and dst.write_new(pos + o, sub[o:o + k])):
                         write_range(dst, pos + o, sub[o:o + k])

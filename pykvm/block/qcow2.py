@@ -1187,10 +1187,7 @@ class Qcow2Driver(BlockDriver):
             for k in range(n):
                 self._unref((host >> self.cluster_bits) + k)
             return
-        l2[idx:idx + n] = range(host | COPIED, (host | COPIED) + n * cs, cs)
-        self._dx_changed(ci >> self.l2_bits)
-        pwrite_full(self.mfd, struct.pack(f">{n}Q", *l2[idx:idx + n]),
-                    (self.l1[ci >> self.l2_bits] & OFFSET_MASK) + idx * 8)
+        self._map_run(ci, n, l2, idx, host)
         self._stream_end = (ci + n) * cs
         self._ahead = min(2 * self._ahead, self.AHEAD_MAX)
 
@@ -1229,17 +1226,22 @@ class Qcow2Driver(BlockDriver):
                 self._unref((host >> cb) + c)
             raise BlockError(self.path, f"write at {offset:#x}", e.errno) from None
         for ci, k, l2, idx in tables:
-            h = (host + ((ci - first) << cb)) | COPIED
-            if w == 1:
-                l2[idx:idx + k] = range(h, h + (k << cb), cs)
-            else:
-                l2[idx:idx + 2 * k] = [x for c in range(h, h + (k << cb), cs)
-                                       for x in (c, 0xFFFFFFFF)]
-            self._dx_changed(ci >> self.l2_bits)
-            l2_off = self.l1[ci >> self.l2_bits] & OFFSET_MASK
-            pwrite_full(self.mfd, struct.pack(f">{k * w}Q", *l2[idx:idx + k * w]),
-                        l2_off + idx * 8)
+            self._map_run(ci, k, l2, idx, host + ((ci - first) << cb))
         return True
+
+    def _map_run(self, ci: int, k: int, l2: list, idx: int, host: int) -> None:
+        """Point guest clusters ci..ci+k-1, all in one L2 table (``l2``, ci's
+        entry at ``idx``, writable), at the host clusters from ``host`` on,
+        COPIED (all subclusters allocated with extended L2); one table write."""
+        cs, w = self.cluster_size, self.entry_words
+        h = host | COPIED
+        if w == 1:
+            l2[idx:idx + k] = range(h, h + k * cs, cs)
+        else:
+            l2[idx:idx + 2 * k] = [x for c in range(h, h + k * cs, cs) for x in (c, 0xFFFFFFFF)]
+        self._dx_changed(ci >> self.l2_bits)
+        pwrite_full(self.mfd, struct.pack(f">{k * w}Q", *l2[idx:idx + k * w]),
+                    (self.l1[ci >> self.l2_bits] & OFFSET_MASK) + idx * 8)
 
     def _unallocated(self, ci: int) -> bool:
         l2, idx = self._l2_for(ci)
