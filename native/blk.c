@@ -150,7 +150,8 @@ struct blk_queue {
     int call_fd;                /* read and written atomically: Python may change it */
     uint32_t *isr;
     uint32_t isr_bit;
-    uint32_t index;
+    uint32_t index;             /* in this thread's queues (punts, forwarding, completion);
+                                   the virtqueue's own number, for messages: vq->index */
     struct pykvm_vq_chain chain;
     struct blk_req *reqs;       /* by head */
     uint32_t nreqs;
@@ -610,7 +611,7 @@ static int blk_bad(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, uint
     va_start(ap, fmt);
     vsnprintf(why, sizeof(why), fmt, ap);
     va_end(ap);
-    snprintf(message, sizeof(message), "queue %u, chain %u: %s", q->index, head, why);
+    snprintf(message, sizeof(message), "queue %u, chain %u: %s", q->vq->index, head, why);
     CNT_ADD(b, errors, 1);
     *status = value;
     blk_log_then_complete(b, q, head, 1, message);
@@ -808,12 +809,12 @@ static int blk_submit_chain(struct pykvm_blk *b, struct blk_queue *q)
     CNT_ADD(b, requests, 1);
     if (q->reqs[head].state != REQ_FREE) {
         snprintf(message, sizeof(message), "queue %u, chain %u: the driver made it available "
-                 "again while the device still owns it", q->index, head);
+                 "again while the device still owns it", q->vq->index, head);
         return blk_fatal(b, q, message);
     }
     if (!nwritable || !ch->segs[ch->nsegs - 1].len) {
         snprintf(message, sizeof(message), "queue %u, chain %u: no writable status byte",
-                 q->index, head);
+                 q->vq->index, head);
         return blk_fatal(b, q, message);
     }
     last = &ch->segs[ch->nsegs - 1];

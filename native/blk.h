@@ -79,6 +79,8 @@ struct pykvm_blk_counters {
 #define PYKVM_BLK_PUNT_LOG 2        /* status written: log message, then complete */
 #define PYKVM_BLK_PUNT_FATAL 3      /* DEVICE_NEEDS_RESET with message; queue stopped */
 
+/* `queue` here and in the calls below: the position in cfg->queues (one
+ * thread may serve a subset of a device's queues), not the virtqueue's number. */
 struct pykvm_blk_punt {
     int32_t kind;
     uint32_t queue;

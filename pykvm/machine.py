@@ -45,12 +45,13 @@ class DiskSpec:
     TRANSPORTS = ("mmio", "pci")
     AIO = ("python", "threads", "native", "io_uring")
     KEYS = ("file", "format", "transport", "cache", "aio", "readonly", "discard", "detect-zeroes",
-            "serial", "poll-max-ns", "irq-coalesce-ns")
+            "serial", "poll-max-ns", "irq-coalesce-ns", "queues", "iothread")
 
     def __init__(self, file: str, format: str | None = None, transport: str = "mmio",
                  cache: str = "writeback", aio: str | None = None, readonly: bool = False,
                  discard: str = "unmap", serial: str = "", detect_zeroes: str = "off",
-                 poll_max_ns: int | None = None, irq_coalesce_ns: int | None = None):
+                 poll_max_ns: int | None = None, irq_coalesce_ns: int | None = None,
+                 queues: int = 1, iothread: str = "device"):
         self.file = file
         self.format = format
         self.transport = transport
@@ -62,6 +63,8 @@ class DiskSpec:
         self.detect_zeroes = detect_zeroes
         self.poll_max_ns = poll_max_ns  # None: the C path's default
         self.irq_coalesce_ns = irq_coalesce_ns  # None: off, as 0
+        self.queues = queues  # request queues (VIRTIO_BLK_F_MQ when > 1)
+        self.iothread = iothread  # the C path: one I/O thread per "device" or per "queue"
 
     @classmethod
     def parse(cls, text: str) -> "DiskSpec":
@@ -106,13 +109,20 @@ class DiskSpec:
                 raise ConfigError(f"--disk {text}: {key}={value} is not a number of "
                                   f"nanoseconds from 0 to 1000000000")
             return None if value is None else int(value)
+
+        from .virtio.blk import IOTHREADS, MAX_QUEUES
+        queues = opts.get("queues", "1")
+        if not queues.isdigit() or not 1 <= int(queues) <= MAX_QUEUES:
+            raise ConfigError(f"--disk {text}: queues={queues} is not a number from 1 to "
+                              f"{MAX_QUEUES}")
         return cls(file=opts["file"], format=opts.get("format"),
                    transport=choice("transport", cls.TRANSPORTS, "mmio"),
                    cache=cache, aio=aio, readonly=readonly,
                    discard=choice("discard", DISCARD_MODES, "unmap"),
                    serial=opts.get("serial", ""), detect_zeroes=detect_zeroes,
                    poll_max_ns=nanoseconds("poll-max-ns"),
-                   irq_coalesce_ns=nanoseconds("irq-coalesce-ns"))
+                   irq_coalesce_ns=nanoseconds("irq-coalesce-ns"), queues=int(queues),
+                   iothread=choice("iothread", IOTHREADS, "device"))
 
 
 def open_disk(spec: DiskSpec):
@@ -293,7 +303,8 @@ class Machine:
         for i, spec in enumerate(specs):
             backend = open_disk(spec)
             dev = VirtioBlk(backend, serial=spec.serial or f"pykvm-disk{i}", name=f"virtio-blk{i}",
-                            poll_max_ns=spec.poll_max_ns, irq_coalesce_ns=spec.irq_coalesce_ns)
+                            poll_max_ns=spec.poll_max_ns, irq_coalesce_ns=spec.irq_coalesce_ns,
+                            num_queues=spec.queues, iothread=spec.iothread)
             core = VirtioCore(dev, self.mem, name=dev.name)
             if spec.transport == "mmio":
                 n = sum(1 for d in self.disks if d.transport == "mmio")

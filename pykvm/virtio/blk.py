@@ -36,6 +36,7 @@ F_BLK_SIZE = 1 << 6
 F_FLUSH = 1 << 9
 F_TOPOLOGY = 1 << 10
 F_CONFIG_WCE = 1 << 11
+F_MQ = 1 << 12
 F_DISCARD = 1 << 13
 F_WRITE_ZEROES = 1 << 14
 
@@ -50,6 +51,8 @@ HEADER = struct.Struct("<IIQ")          # type, reserved, sector
 SEGMENT = struct.Struct("<QII")         # sector, num_sectors, flags (discard / write zeroes)
 ID_BYTES = 20
 SIZE_MAX = 4 << 20                      # largest single data segment we advertise
+MAX_QUEUES = 16                         # request queues one device may have (VIRTIO_BLK_F_MQ)
+IOTHREADS = ("device", "queue")         # the C path: one thread per device, or per queue
 MAX_REQUEST_BYTES = 256 << 20           # a request larger than this is refused
 MAX_DISCARD_SECTORS = (1 << 30) // SECTOR
 MAX_WRITE_ZEROES_SECTORS = (1 << 30) // SECTOR
@@ -81,8 +84,15 @@ class VirtioBlk(VirtioDevice):
     device_id = ID_BLOCK
 
     def __init__(self, backend, serial: str = "", queue_size: int = 256, name: str = "virtio-blk",
-                 poll_max_ns: int | None = None, irq_coalesce_ns: int | None = None):
+                 poll_max_ns: int | None = None, irq_coalesce_ns: int | None = None,
+                 num_queues: int = 1, iothread: str = "device"):
+        if not 1 <= num_queues <= MAX_QUEUES:
+            raise ValueError(f"{num_queues} queues (1 to {MAX_QUEUES})")
+        if iothread not in IOTHREADS:
+            raise ValueError(f"iothread={iothread} (one of {', '.join(IOTHREADS)})")
         self.backend = backend
+        self.num_queues = num_queues
+        self.iothread = iothread          # the C path's threads: per device or per queue
         self.poll_max_ns = poll_max_ns    # the C path's polling limit (None: its default)
         self.irq_coalesce_ns = irq_coalesce_ns or 0   # the C path's interrupt spacing
         self.serial = serial.encode()[:ID_BYTES]
@@ -105,6 +115,8 @@ class VirtioBlk(VirtioDevice):
     def features(self) -> int:
         f = (F_VERSION_1 | F_INDIRECT_DESC | F_EVENT_IDX | F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE
              | F_TOPOLOGY | F_FLUSH | F_CONFIG_WCE)
+        if self.num_queues > 1:
+            f |= F_MQ
         if self.backend.read_only:
             f |= F_RO
         else:
@@ -112,7 +124,7 @@ class VirtioBlk(VirtioDevice):
         return f
 
     def queue_sizes(self) -> list[int]:
-        return [self.queue_size]
+        return [self.queue_size] * self.num_queues
 
     @property
     def block_size(self) -> int:
@@ -128,7 +140,7 @@ class VirtioBlk(VirtioDevice):
             (bs // SECTOR).bit_length() - 1, 0,   # physical_block_exp, alignment_offset
             1, 0,                                 # min_io_size, opt_io_size (in blocks)
             int(self.backend.write_cache), 0,     # writeback, unused
-            1,                                    # num_queues
+            self.num_queues,                      # num_queues
             MAX_DISCARD_SECTORS, 1, bs // SECTOR,  # max_discard_sectors/_seg, alignment
             MAX_WRITE_ZEROES_SECTORS, 1,          # max_write_zeroes_sectors/_seg
             1,                                    # write_zeroes_may_unmap

@@ -31,6 +31,7 @@ import logging
 import os
 import select
 import threading
+import time
 
 from .._native import ffi, lib
 from ..errors import PykvmError
@@ -231,14 +232,16 @@ class _QueueOwnedByC:
 
 
 class FastPath:
-    """The C I/O thread of one device and its Python helper thread.
+    """The C I/O thread(s) of one device and its Python helper thread.
 
-    ``punt`` serves what C hands over: ``punt.serve(queue, chain)`` starts a
-    request with the Python code (``queue.add_used`` gives it back),
-    ``punt.notifier`` is readable when ``punt.collect()`` has completions to
-    finish, ``punt.warn(message)`` logs a bad request's line. ``fail(message)``
-    is DEVICE_NEEDS_RESET; ``forward(index)`` interrupts for queue ``index``
-    from Python (for ``call_fds[index]`` None).
+    ``per_queue``: one C thread (with its own engine) per queue, instead of
+    one for the whole device. ``punt`` serves what C hands over:
+    ``punt.serve(queue, chain)`` starts a request with the Python code
+    (``queue.add_used`` gives it back), ``punt.notifier`` is readable when
+    ``punt.collect()`` has completions to finish, ``punt.warn(message)`` logs
+    a bad request's line. ``fail(message)`` is DEVICE_NEEDS_RESET;
+    ``forward(index)`` interrupts for queue ``index`` from Python (for
+    ``call_fds[index]`` None).
     """
 
     def __init__(self, mem, queues, kicks, call_fds, backend_fd: int, engine_name: str, *,
@@ -246,7 +249,7 @@ class FastPath:
                  write_cache: bool = True, no_flush: bool = False, align: int = 1,
                  serial: bytes = b"", flush_fd: int | None = None, extents=None,
                  poll_max_ns: int = POLL_MAX_NS, irq_coalesce_ns: int = 0, isr=None,
-                 isr_bit: int = 1,
+                 isr_bit: int = 1, per_queue: bool = False,
                  name: str = "virtio-blk"):
         if engine_name not in C_ENGINES:
             raise FastPathError(f"aio={engine_name} is not a C engine")
@@ -255,95 +258,115 @@ class FastPath:
         self._punt = punt
         self._fail = fail
         self._forward = forward
-        self._queues = [_QueueOwnedByC(self, q.index) for q in queues]
+        self._queues = [_QueueOwnedByC(self, i) for i in range(len(queues))]
         try:
             self._vqs = [c_queue(mem, q) for q in queues]
         except ValueError as e:  # Python's checks passed: the twins disagree (a bug)
             raise FastPathError(f"{name}: the C queue refused what Python accepted: {e}") from None
-        cqueues = ffi.new("struct pykvm_blk_queue[]", len(queues))
-        for cq, vq, q in zip(cqueues, self._vqs, queues):
-            cq.vq = vq
-            cq.kick_fd = kicks[q.index]
-            fd = call_fds[q.index]
-            cq.call_fd = -1 if fd is None else fd
-            cq.isr = isr if isr is not None else ffi.NULL
-            cq.isr_bit = isr_bit
         if extents is None:
             extents = [Extent(0, capacity * 512, backend_fd, 0, not read_only)]
         self._map = _extent_table(extents)
         self._engine = ffi.new("char[]", engine_name.encode())
-        cfg = ffi.new("struct pykvm_blk_config *")
-        cfg.regions = mem.table
-        cfg.nregions = len(mem.regions)
-        cfg.queues = cqueues
-        cfg.nqueues = len(queues)
-        cfg.engine = self._engine
-        cfg.capacity = capacity
-        cfg.features = features
-        cfg.align = align
-        cfg.flush_fd = backend_fd if flush_fd is None else flush_fd
-        cfg.read_only = read_only
-        cfg.write_cache = write_cache
-        cfg.no_flush = no_flush
-        ffi.memmove(cfg.serial, serial[:20].ljust(20, b"\0"), 20)
-        cfg.poll_max_ns = poll_max_ns
-        cfg.irq_coalesce_ns = irq_coalesce_ns
         self.irq_coalesce_ns = irq_coalesce_ns
-        cfg.map = self._map
-        cfg.nmap = len(extents)
-        self._cqueues = cqueues  # the C thread reads the vqs until stop
+        # groups[g]: the queue indices (of ``queues``) C thread g serves, in
+        # its own order; where[i]: (g, i's index within group g)
+        groups = [[i] for i, q in enumerate(queues) if q.ready] if per_queue else []
+        groups = groups or [list(range(len(queues)))]
+        self._groups = groups
+        self._where = {i: (g, k) for g, group in enumerate(groups) for k, i in enumerate(group)}
+        self._cqueues = []  # the C threads read the vqs until stop
+        self._blks = []
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._lock = threading.Lock()
         self._last = dict.fromkeys(COUNTERS, 0)
-        err = ffi.new("char[256]")
-        self._blk = lib.pykvm_blk_start(cfg, err, len(err))
-        if self._blk == ffi.NULL:
-            self._blk = None
-            os.close(self._stop_fd)
-            raise FastPathError(f"{name}: the C fast path cannot start: "
-                                f"{ffi.string(err).decode()}")
-        self._punt_fd = lib.pykvm_blk_punt_fd(self._blk)
-        self._forward_fd = lib.pykvm_blk_forward_fd(self._blk)
+        for group in groups:
+            cqueues = ffi.new("struct pykvm_blk_queue[]", len(group))
+            for cq, i in zip(cqueues, group):
+                cq.vq = self._vqs[i]
+                cq.kick_fd = kicks[queues[i].index]
+                fd = call_fds[queues[i].index]
+                cq.call_fd = -1 if fd is None else fd
+                cq.isr = isr if isr is not None else ffi.NULL
+                cq.isr_bit = isr_bit
+            cfg = ffi.new("struct pykvm_blk_config *")
+            cfg.regions = mem.table
+            cfg.nregions = len(mem.regions)
+            cfg.queues = cqueues
+            cfg.nqueues = len(group)
+            cfg.engine = self._engine
+            cfg.capacity = capacity
+            cfg.features = features
+            cfg.align = align
+            cfg.flush_fd = backend_fd if flush_fd is None else flush_fd
+            cfg.read_only = read_only
+            cfg.write_cache = write_cache
+            cfg.no_flush = no_flush
+            ffi.memmove(cfg.serial, serial[:20].ljust(20, b"\0"), 20)
+            cfg.poll_max_ns = poll_max_ns
+            cfg.irq_coalesce_ns = irq_coalesce_ns
+            cfg.map = self._map
+            cfg.nmap = len(extents)
+            err = ffi.new("char[256]")
+            blk = lib.pykvm_blk_start(cfg, err, len(err))
+            if blk == ffi.NULL:
+                for b in self._blks:
+                    lib.pykvm_blk_stop(b)
+                os.close(self._stop_fd)
+                self._blks = []
+                raise FastPathError(f"{name}: the C fast path cannot start: "
+                                    f"{ffi.string(err).decode()}")
+            self._cqueues.append(cqueues)
+            self._blks.append(blk)
         self._helper = threading.Thread(target=self._serve, name=f"{name}-fastpath", daemon=True)
         self.threads = (self._helper,)
         self._helper.start()
+
+    @property
+    def c_threads(self) -> int:
+        """How many C I/O threads serve the device."""
+        return len(self._groups)
 
     # -- control --------------------------------------------------------------
 
     def set_write_cache(self, on: bool) -> None:
         with self._lock:
-            if self._blk is not None:
-                lib.pykvm_blk_set_write_cache(self._blk, int(on))
+            for blk in self._blks:
+                lib.pykvm_blk_set_write_cache(blk, int(on))
 
     def set_call_fd(self, index: int, fd: int | None) -> None:
         """The interrupt of queue ``index`` changed (MSI-X vector masked,
         unmasked or moved): write ``fd`` from now on, or forward if None."""
         with self._lock:
-            if self._blk is not None:
-                lib.pykvm_blk_set_call_fd(self._blk, index, -1 if fd is None else fd)
+            if self._blks and index in self._where:
+                g, k = self._where[index]
+                lib.pykvm_blk_set_call_fd(self._blks[g], k, -1 if fd is None else fd)
 
     def set_map(self, extents) -> int:
-        """Replace the mapping table; returns its generation (see map_generation)."""
+        """Replace the mapping table; returns its generation (see map_generation),
+        0 when stopped or out of memory. Every C thread gets every table, in
+        the same order, so their generations move together."""
         table = _extent_table(extents)
         with self._lock:
-            if self._blk is None:
-                return 0
-            return lib.pykvm_blk_set_map(self._blk, table, len(extents))
+            gens = [lib.pykvm_blk_set_map(blk, table, len(extents)) for blk in self._blks]
+            return min(gens, default=0)
 
     def map_generation(self) -> int:
-        """The newest generation the C thread maps with and for which no request
+        """The newest generation all C threads map with and for which no request
         mapped with an older table is still with the engine (blk.h)."""
         with self._lock:
-            return 0 if self._blk is None else lib.pykvm_blk_map_generation(self._blk)
+            return min((lib.pykvm_blk_map_generation(blk) for blk in self._blks), default=0)
 
     def wait_map(self, gen: int, timeout: float = 60.0) -> bool:
-        """Block until map_generation() >= gen: the C thread uses table ``gen``
+        """Block until map_generation() >= gen: the C threads use table ``gen``
         and every request mapped with an older one is done. False on timeout
         (or if the path stopped meanwhile)."""
+        deadline = time.monotonic() + timeout
         with self._lock:  # stop() frees the C side under this lock
-            if self._blk is None:
-                return True  # nothing left that could use any table
-            return bool(lib.pykvm_blk_wait_map(self._blk, gen, int(timeout * 1000)))
+            for blk in self._blks:  # none left: nothing could use any table
+                left = max(0, deadline - time.monotonic())
+                if not lib.pykvm_blk_wait_map(blk, gen, int(left * 1000)):
+                    return False
+            return True
 
     def publish_map(self, extents, wait: bool) -> None:
         """The block layer's map listener (BlockBackend.set_map_listener):
@@ -351,7 +374,7 @@ class FastPath:
         return only once nothing can still use an older table."""
         gen = self.set_map(extents)
         if not gen:
-            if self._blk is None:
+            if not self._blks:
                 return  # stopped: nothing uses any table any more
             raise FastPathError(f"{self.name}: out of memory replacing the mapping table")
         if wait and not self.wait_map(gen):
@@ -361,13 +384,18 @@ class FastPath:
     def counters(self) -> dict:
         """requests, bytes_read, bytes_written, errors, submitted, flushes, batches,
         completions, completion_batches, interrupts, interrupts_suppressed,
-        punts, poll_hits, sleeps: since start (final once stopped)."""
+        punts, poll_hits, sleeps, interrupts_deferred: since start, summed over
+        the C threads (final once stopped)."""
         with self._lock:
-            if self._blk is None:
+            if not self._blks:
                 return dict(self._last)
+            total = dict.fromkeys(COUNTERS, 0)
             c = ffi.new("struct pykvm_blk_counters *")
-            lib.pykvm_blk_counters(self._blk, c)
-            return {k: getattr(c, k) for k in COUNTERS}
+            for blk in self._blks:
+                lib.pykvm_blk_counters(blk, c)
+                for k in COUNTERS:
+                    total[k] += getattr(c, k)
+            return total
 
     def queue_state(self, index: int) -> tuple[int, int]:
         """(last_avail_idx, used_idx) of queue ``index`` (exact once stopped)."""
@@ -378,34 +406,43 @@ class FastPath:
         """Take no more chains; finish the requests taken (the engine's and
         those with Python) and put them in the used ring, interrupts decided.
         True when all were back within ``timeout`` seconds. stop() follows."""
-        if self._blk is None:
-            return True
-        return bool(lib.pykvm_blk_quiesce(self._blk, int(timeout * 1000)))
+        deadline = time.monotonic() + timeout
+        ok = True
+        for blk in list(self._blks):
+            left = max(0, deadline - time.monotonic())
+            ok &= bool(lib.pykvm_blk_quiesce(blk, int(left * 1000)))
+        return ok
 
     def stop(self) -> None:
-        """Stop both threads; the engine's requests in flight are waited for
+        """Stop all threads; the engine's requests in flight are waited for
         and dropped, punted ones stay with the backend (drain it next)."""
-        if self._blk is None:
+        if not self._blks:
             return
         os.eventfd_write(self._stop_fd, 1)
         if threading.current_thread() is not self._helper:
             self._helper.join()
         last = self.counters()
         with self._lock:
-            blk, self._blk = self._blk, None
+            blks, self._blks = self._blks, []
             self._last = last
-        lib.pykvm_blk_stop(blk)  # joins the C thread (the GIL is released meanwhile)
+        for blk in blks:
+            lib.pykvm_blk_stop(blk)  # joins its C thread (the GIL is released meanwhile)
         os.close(self._stop_fd)
 
     # -- the helper thread -----------------------------------------------------
 
     def _give_back(self, index: int, head: int, length: int) -> None:
         # only the helper thread gets here, and stop() joins it before freeing
-        lib.pykvm_blk_complete(self._blk, index, head, length)
+        g, k = self._where[index]
+        lib.pykvm_blk_complete(self._blks[g], k, head, length)
 
     def _serve(self) -> None:
         poller = select.poll()
-        for fd in (self._stop_fd, self._punt_fd, self._forward_fd, self._punt.notifier):
+        punt_fds, forward_fds = {}, {}
+        for g, blk in enumerate(self._blks):
+            punt_fds[lib.pykvm_blk_punt_fd(blk)] = g
+            forward_fds[lib.pykvm_blk_forward_fd(blk)] = g
+        for fd in (self._stop_fd, self._punt.notifier, *punt_fds, *forward_fds):
             poller.register(fd, select.POLLIN)
         entry = ffi.new("struct pykvm_blk_punt *")
         try:
@@ -413,37 +450,40 @@ class FastPath:
                 for fd, _ in poller.poll():
                     if fd == self._stop_fd:
                         return
-                    if fd == self._punt_fd:
+                    if fd in punt_fds:
                         _drain(fd)
-                        while lib.pykvm_blk_next_punt(self._blk, entry):
+                        g = punt_fds[fd]
+                        while lib.pykvm_blk_next_punt(self._blks[g], entry):
                             try:
-                                self._handle(entry)
+                                self._handle(g, entry)
                             finally:
                                 lib.pykvm_blk_punt_release(entry)
-                    elif fd == self._forward_fd:
+                    elif fd in forward_fds:
                         _drain(fd)
-                        mask = lib.pykvm_blk_take_forwarded(self._blk)
-                        for i in range(64):
-                            if mask >> i & 1:
-                                self._forward(i)
+                        group = self._groups[forward_fds[fd]]
+                        mask = lib.pykvm_blk_take_forwarded(self._blks[forward_fds[fd]])
+                        for k in range(len(group)):
+                            if mask >> k & 1:
+                                self._forward(group[k])
                     else:
                         self._punt.collect()
         except Exception as e:  # a VMM bug: the device dies, not the VMM
             log.exception("%s: fast path helper failed", self.name)
             self._fail(f"internal error: {type(e).__name__}: {e}")
 
-    def _handle(self, entry) -> None:
+    def _handle(self, g: int, entry) -> None:
         kind = entry.kind
         if kind == lib.PYKVM_BLK_PUNT_FATAL:
             self._fail(ffi.string(entry.message).decode(errors="replace"))
         elif kind == lib.PYKVM_BLK_PUNT_LOG:
             self._punt.warn(ffi.string(entry.message).decode(errors="replace"))
-            lib.pykvm_blk_complete(self._blk, entry.queue, entry.head, entry.used_len)
+            lib.pykvm_blk_complete(self._blks[g], entry.queue, entry.head, entry.used_len)
         else:
             segs = entry.segs
             readable = [(segs[i].gpa, segs[i].len) for i in range(entry.nreadable)]
             writable = [(segs[i].gpa, segs[i].len) for i in range(entry.nreadable, entry.nsegs)]
-            self._punt.serve(self._queues[entry.queue], Chain(entry.head, readable, writable))
+            queue = self._queues[self._groups[g][entry.queue]]
+            self._punt.serve(queue, Chain(entry.head, readable, writable))
 
 
 # -- VirtioBlk's fast path ------------------------------------------------------
@@ -530,7 +570,7 @@ def start(dev, mem, queues, features: int, kicks, interrupt, fail) -> FastPath:
         no_flush=backend.cache.no_flush, align=backend.align, serial=dev.serial,
         flush_fd=flush_fd, extents=extents, isr=isr, name=dev.name,
         poll_max_ns=POLL_MAX_NS if dev.poll_max_ns is None else dev.poll_max_ns,
-        irq_coalesce_ns=dev.irq_coalesce_ns)
+        irq_coalesce_ns=dev.irq_coalesce_ns, per_queue=dev.iothread == "queue")
     if backend.driver.direct_map and not backend.driver.identity_mapped:
         # from now on the backend replaces the table (and waits for the C
         # thread to let go of the old one) before a cluster C may use changes

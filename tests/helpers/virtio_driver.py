@@ -163,12 +163,16 @@ class PciDriver:
 
 
 class BlkDriver:
-    """virtio-blk requests over either transport, one queue of ``size`` entries."""
+    """virtio-blk requests over either transport: ``queues`` queues of ``size``
+    entries (queue 0's rings at 0x10000, queue k's at 0x2000 * k below it;
+    all take buffers from queue 0's arena). ``vq`` is queue 0."""
 
-    def __init__(self, mem, transport_driver, size: int = 64, features: int | None = None):
+    def __init__(self, mem, transport_driver, size: int = 64, features: int | None = None,
+                 queues: int = 1):
+        assert 1 <= queues <= 7
         self.mem = mem
         self.t = transport_driver
-        self.vq = MockVirtq(mem, size, base=0x10000)
+        self.nqueues = queues
         self.size = size
         self.features_wanted = features
         self.init()
@@ -186,7 +190,14 @@ class BlkDriver:
         assert t.status() & FEATURES_OK, "device refused our features"
         self.features = want
         self.vq = MockVirtq(self.mem, self.size, base=0x10000)
-        t.setup_queue(0, self.vq)
+        self.vqs = [self.vq]
+        for k in range(1, self.nqueues):
+            vq = MockVirtq(self.mem, self.size, base=0x2000 * k)
+            assert vq.used_ring + 6 + 8 * self.size <= 0x2000 * (k + 1)
+            vq.arena = self.vq.arena
+            self.vqs.append(vq)
+        for k, vq in enumerate(self.vqs):
+            t.setup_queue(k, vq)
         t.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)
         return want
 
@@ -197,35 +208,37 @@ class BlkDriver:
     def header(self, rtype, sector=0):
         return self.vq.arena.readable(struct.pack("<IIQ", rtype, 0, sector))
 
-    def submit(self, bufs, indirect=False, notify=True) -> int:
-        head = self.vq.add_chain(bufs, indirect=indirect)
-        self.vq.publish()
+    def submit(self, bufs, indirect=False, notify=True, queue=0) -> int:
+        vq = self.vqs[queue]
+        head = vq.add_chain(bufs, indirect=indirect)
+        vq.publish()
         if notify:
-            self.t.notify(0)
+            self.t.notify(queue)
         return head
 
-    def wait_used(self, count=1, timeout=5.0):
+    def wait_used(self, count=1, timeout=5.0, queue=0):
+        vq = self.vqs[queue]
         got = []
         while len(got) < count:
-            got += self.vq.reap()
+            got += vq.reap()
             if len(got) >= count:
                 break
             # Re-arm, as Linux's virtqueue_enable_cb does: with EVENT_IDX,
             # "interrupt me once used->idx passes what I have seen".
-            self.vq.set_used_event(self.vq.last_used)
-            got += self.vq.reap()
+            vq.set_used_event(vq.last_used)
+            got += vq.reap()
             if len(got) >= count:
                 break
-            if not wait_fd(self.t.interrupt_fd(0), timeout):
-                got += self.vq.reap()
+            if not wait_fd(self.t.interrupt_fd(queue), timeout):
+                got += vq.reap()
                 if len(got) < count:
                     raise TimeoutError(f"{len(got)} of {count} requests completed")
         return got
 
-    def request(self, bufs, indirect=False):
+    def request(self, bufs, indirect=False, queue=0):
         """Submit one chain whose last buffer is the status byte; return (status, used_len)."""
-        head = self.submit(bufs, indirect)
-        used = self.wait_used()
+        head = self.submit(bufs, indirect, queue=queue)
+        used = self.wait_used(queue=queue)
         assert used[0][0] == head
         status_gpa = bufs[-1][0] + bufs[-1][1] - 1
         return self.mem.read_u(status_gpa, 1), used[0][1]

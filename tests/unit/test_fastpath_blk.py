@@ -489,3 +489,85 @@ def test_c_path_that_cannot_start_falls_back_to_python(image, transport, monkeyp
         assert (status, data) == (B.S_OK, image.read_bytes()[4096:8192])
     finally:
         r.close()
+
+
+# -- one C thread per queue (iothread=queue) ------------------------------------------------
+
+@pytest.mark.parametrize("iothread, threads", [("device", 1), ("queue", 4)])
+def test_c_threads_per_device_or_per_queue(image, transport, iothread, threads):
+    r = Rig(image, transport, num_queues=4, iothread=iothread)
+    try:
+        assert r.dev._fast.c_threads == threads
+        test_virtio_blk.exercise_every_queue(r, 4)
+        c = r.dev.counters()
+        assert c["requests"] == 8 and c["bytes_written"] == 4 * 4096   # summed over threads
+        assert not r.drv.needs_reset
+    finally:
+        r.close()
+
+
+def test_per_queue_threads_only_for_queues_the_driver_set_up(image, transport):
+    r = Rig(image, transport, num_queues=4, iothread="queue", features=~B.F_MQ, driver_queues=1)
+    try:
+        assert r.dev._fast.c_threads == 1
+        assert r.drv.write(8, pattern(512, 5)) == B.S_OK
+    finally:
+        r.close()
+
+
+def test_per_queue_punts_and_logs_come_back_on_their_queue(image, transport, caplog):
+    r = Rig(image, transport, num_queues=3, iothread="queue")
+    try:
+        d = r.drv
+        seg = d.vq.arena.readable(struct.pack("<QII", 0, 8, 0))
+        assert d.request([d.header(T_DISCARD), seg, d.vq.arena.writable(1)], queue=2)[0] == B.S_OK
+        assert r.dev.counters()["punts"] == 1
+        assert image.read_bytes()[:4096] == bytes(4096)
+        with caplog.at_level(logging.WARNING, logger="pykvm"):
+            status, used = d.request([d.header(T_IN, 1), d.vq.arena.writable(100),
+                                      d.vq.arena.writable(1)], queue=1)
+        assert (status, used) == (B.S_IOERR, 1)
+        assert [m.getMessage() for m in caplog.records] == \
+            ["virtio-blk: queue 1, chain 0: data length 100 is not a multiple of 512"]
+        assert all(not vq.reap() for vq in d.vqs)
+    finally:
+        r.close()
+
+
+def test_per_queue_masked_vector_is_forwarded(image):
+    r = Rig(image, "pci", num_queues=3, iothread="queue")
+    try:
+        d, fn = r.drv, r.t
+        from pykvm.virtio.transport import pci as P
+        fn.bar_write(P.MSIX_TABLE + 16 * 3 + 12, 4, 1)    # mask queue 2's vector
+        r.dev.interrupts_changed()
+        vq = d.vqs[2]
+        vq.set_used_event(vq.last_used)
+        d.submit([d.header(T_IN, 0), d.vq.arena.writable(512), d.vq.arena.writable(1)], queue=2)
+        import time
+        for _ in range(500):
+            if fn.msix.pending & 8:
+                break
+            time.sleep(0.01)
+        assert fn.msix.pending & 8 and not wait_fd(d.t.interrupt_fd(2), 0.1)
+        fn.bar_write(P.MSIX_TABLE + 16 * 3 + 12, 4, 0)
+        r.dev.interrupts_changed()
+        assert wait_fd(d.t.interrupt_fd(2), 5)
+        assert len(vq.reap()) == 1
+    finally:
+        r.close()
+
+
+def test_per_queue_quiesce_returns_every_request(image, transport):
+    r = Rig(image, transport, num_queues=2, iothread="queue")
+    try:
+        d = r.drv
+        for k in range(2):
+            for i in range(8):
+                d.submit([d.header(T_IN, 8 * i), d.vq.arena.writable(4096),
+                          d.vq.arena.writable(1)], notify=False, queue=k)
+            d.t.notify(k)
+        assert r.dev.quiesce(10)
+        assert [len(vq.reap()) for vq in d.vqs] == [8, 8]
+    finally:
+        r.close()

@@ -33,7 +33,7 @@ def image(tmp_path):
 
 class Rig:
     def __init__(self, path, transport="mmio", cache="writeback", read_only=False, queue=64,
-                 features=None, discard="unmap", **device):
+                 features=None, discard="unmap", driver_queues=None, **device):
         self.mem = GuestMemory(32 << 20)
         self.backend = BlockBackend(str(path), cache=cache, read_only=read_only, discard=discard)
         self.dev = B.VirtioBlk(self.backend, serial="serial-0123456789abcdefXYZ", queue_size=queue,
@@ -45,7 +45,8 @@ class Rig:
         else:
             self.t = VirtioPci(self.core)
             tdrv = PciDriver(self.t)
-        self.drv = BlkDriver(self.mem, tdrv, size=queue, features=features)
+        self.drv = BlkDriver(self.mem, tdrv, size=queue, features=features,
+                             queues=driver_queues or self.dev.num_queues)
 
     def close(self):
         self.t.close()
@@ -324,3 +325,71 @@ def test_reset_waits_for_in_flight_io(image, transport):
     assert r.backend.in_flight == 0
     assert d.t.status() == 0
     r.close()
+
+
+# -- several request queues (VIRTIO_BLK_F_MQ) -----------------------------------------
+
+def test_one_queue_offers_no_mq(rig):
+    assert not rig.drv.t.device_features() & B.F_MQ
+    assert rig.drv.t.queue_max(1) == 0
+
+
+def test_mq_config(image, transport):
+    r = Rig(image, transport, num_queues=4)
+    try:
+        d = r.drv.t
+        assert r.drv.features & B.F_MQ
+        assert d.config(34, 2) == 4
+        assert [d.queue_max(k) for k in range(5)] == [64, 64, 64, 64, 0]
+    finally:
+        r.close()
+
+
+def exercise_every_queue(r, n):
+    """Writes in flight on all ``n`` queues at once, then each queue reads back
+    what the next one wrote: every completion comes back on its own ring."""
+    d = r.drv
+    heads = []
+    for k in range(n):
+        data = pattern(4096, seed=k + 1)
+        heads.append(d.submit([d.header(T_OUT, 64 + 8 * k), d.vq.arena.readable(data),
+                               d.vq.arena.writable(1)], queue=k))
+    for k in range(n):
+        assert [h for h, _ in d.wait_used(queue=k)] == [heads[k]]
+    for k in range(n):
+        j = (k + 1) % n
+        buf = d.vq.arena.writable(4096)
+        status, _ = d.request([d.header(T_IN, 64 + 8 * j), buf, d.vq.arena.writable(1)], queue=k)
+        assert status == B.S_OK
+        assert r.mem.read(buf[0], 4096) == pattern(4096, seed=j + 1)
+    assert all(not vq.reap() for vq in d.vqs)   # nothing strayed onto another ring
+
+
+def test_requests_complete_on_their_own_queue(image, transport):
+    r = Rig(image, transport, num_queues=4)
+    try:
+        exercise_every_queue(r, 4)
+        assert not r.drv.needs_reset
+    finally:
+        r.close()
+
+
+def test_driver_without_mq_drives_queue_zero(image, transport):
+    r = Rig(image, transport, num_queues=4, features=~B.F_MQ, driver_queues=1)
+    try:
+        assert not r.drv.features & B.F_MQ
+        assert r.drv.write(8, pattern(512, 3)) == B.S_OK
+        assert r.drv.read(8, 512)[1] == pattern(512, 3)
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("kw", [{"num_queues": 0}, {"num_queues": B.MAX_QUEUES + 1},
+                                {"iothread": "vcpu"}])
+def test_bad_queue_options(image, kw):
+    backend = BlockBackend(str(image))
+    try:
+        with pytest.raises(ValueError):
+            B.VirtioBlk(backend, **kw)
+    finally:
+        backend.close()
