@@ -100,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=["read", "write", "randread", "randwrite", "randrw"])
     fio.add_argument("--rwmixread", type=int, default=50, metavar="PCT")
     fio.add_argument("--bs", type=parse_bytes, default=4096, metavar="SIZE")
-    fio.add_argument("--iodepth", type=int, default=1, metavar="N")
+    fio.add_argument("--iodepth", type=int, default=1, metavar="N",
+                     help="requests in flight, spread over the queues")
+    fio.add_argument("--queues", type=int, default=1, metavar="N",
+                     help="request queues the guest drives (the disk gets at least N)")
     fio.add_argument("--size", type=parse_bytes, metavar="SIZE", help="bytes of the disk to use")
     fio.add_argument("--offset", type=parse_bytes, default=0, metavar="SIZE")
     fio.add_argument("--runtime", type=_runtime, default=5.0, metavar="S",
@@ -158,6 +161,7 @@ def cmd_run(args) -> int:
 
 def cmd_fio(args) -> int:
     from . import fio
+    from .virtio.blk import MAX_QUEUES
 
     kernel = args.kernel or os.path.join(GUEST_DIR, "workload.elf")
     if not os.path.exists(kernel):
@@ -166,8 +170,13 @@ def cmd_fio(args) -> int:
         raise ConfigError(f"--iodepth {args.iodepth}: must be between 1 and 254")
     if args.bs < 512 or args.bs % 512:
         raise ConfigError(f"--bs {args.bs}: must be a multiple of 512")
+    if not 1 <= args.queues <= MAX_QUEUES or args.queues > args.iodepth:
+        raise ConfigError(f"--queues {args.queues}: must be between 1 and {MAX_QUEUES}, "
+                          f"and not more than --iodepth")
+    args.disk.queues = max(args.disk.queues, args.queues)
     opts = [f"transport={args.disk.transport}", f"rw={args.rw}", f"bs={args.bs}",
-            f"iodepth={args.iodepth}", f"offset={args.offset}", f"seed={args.seed}",
+            f"iodepth={args.iodepth}", f"queues={args.queues}", f"offset={args.offset}",
+            f"seed={args.seed}",
             f"verify={args.verify}", f"rwmixread={args.rwmixread}"]
     if args.no_refill:
         if args.verify != "none":
@@ -217,7 +226,8 @@ def cmd_serve(args) -> int:
     # qemu-storage-daemon does not poll either unless given an iothread.
     poll = 0 if args.disk.poll_max_ns is None else args.disk.poll_max_ns
     dev = VirtioBlk(backend, serial=args.disk.serial or "pykvm-vhost0", name="vhost-user-blk",
-                    poll_max_ns=poll, irq_coalesce_ns=args.disk.irq_coalesce_ns)
+                    poll_max_ns=poll, irq_coalesce_ns=args.disk.irq_coalesce_ns,
+                    num_queues=args.disk.queues, iothread=args.disk.iothread)
     try:
         server = VhostUserServer(dev, args.vhost_user_blk, name="vhost-user-blk")
     except BaseException:

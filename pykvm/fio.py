@@ -95,11 +95,13 @@ def _direction(r: dict, d: str) -> dict:
             "total_ios": ios, "lat_ns": lat, "clat_ns": lat}
 
 
+JOB_OPTIONS = ("rw", "bs", "iodepth", "queues", "size", "offset", "seed")
+
+
 def to_json(r: dict, extra: dict | None = None) -> str:
     error = 0 if not r.get("io_errors") and not r.get("verify_errors") else 5  # EIO, as fio
     job = {"jobname": "pykvm", "groupid": 0, "error": error,
-           "job options": {k: str(r[k]) for k in ("rw", "bs", "iodepth", "size", "offset", "seed")
-                           if k in r},
+           "job options": {k: str(r[k]) for k in JOB_OPTIONS if k in r},
            "read": _direction(r, "read"), "write": _direction(r, "write"),
            "verify_errors": r.get("verify_errors", 0), "first_bad": r.get("first_bad", -1)}
     doc = {"fio version": "pykvm-workload", "jobs": [job]}
@@ -126,7 +128,7 @@ def to_normal(r: dict) -> str:
     """fio's human-readable summary layout."""
     bs = r.get("bs", 0)
     lines = [f"pykvm: (g=0): rw={r.get('rw')}, bs=(R) {bs}B-{bs}B, (W) {bs}B-{bs}B, "
-             f"ioengine=virtio-blk, iodepth={r.get('iodepth')}",
+             f"ioengine=virtio-blk, iodepth={r.get('iodepth')}, queues={r.get('queues', 1)}",
              f"pykvm: (groupid=0, jobs=1): err={0 if not r.get('io_errors') else 5}: "
              f"transport={r.get('transport')}"]
     for d in ("read", "write"):

@@ -79,7 +79,7 @@ static uint64_t timeout_ns = 2000000000ull;
 
 static void set_desc(unsigned i, uint64_t addr, uint32_t len, uint16_t flags, uint16_t next)
 {
-    blk.vq.desc[i] = (struct virtq_desc){ addr, len, flags, next };
+    blk.q[0].vq.desc[i] = (struct virtq_desc){ addr, len, flags, next };
 }
 
 static void set_hdr(uint32_t type, uint64_t sector)
@@ -100,7 +100,7 @@ static void chain3(uint64_t daddr, uint32_t dlen, uint16_t dflags)
 
 static void post(uint16_t head)
 {
-    struct virtq *vq = &blk.vq;
+    struct virtq *vq = &blk.q[0].vq;
     virtq_push(vq, head);
     barrier();
     vq->avail->idx = vq->avail_idx;
@@ -187,7 +187,7 @@ static int c_next_out_of_range(void)
 {
     set_hdr(VIRTIO_BLK_T_IN, 0);
     chain3((uintptr_t)data, 4096, VIRTQ_DESC_F_WRITE);
-    blk.vq.desc[0].next = (uint16_t)(blk.vq.size + 7);
+    blk.q[0].vq.desc[0].next = (uint16_t)(blk.q[0].vq.size + 7);
     post(0);
     return 0;
 }
@@ -205,7 +205,7 @@ static int c_head_out_of_range(void)
 {
     set_hdr(VIRTIO_BLK_T_IN, 0);
     chain3((uintptr_t)data, 4096, VIRTQ_DESC_F_WRITE);
-    post(blk.vq.size);
+    post(blk.q[0].vq.size);
     return 0;
 }
 
@@ -275,7 +275,7 @@ static int c_indirect_outside_ram(void)
 
 static int c_avail_ahead(void)
 {
-    struct virtq *vq = &blk.vq;
+    struct virtq *vq = &blk.q[0].vq;
     set_hdr(VIRTIO_BLK_T_IN, 0);
     chain3((uintptr_t)data, 4096, VIRTQ_DESC_F_WRITE);
     for (unsigned k = 0; k < vq->size; k++)
@@ -293,7 +293,7 @@ static int c_header_short(void)
 {
     set_hdr(VIRTIO_BLK_T_IN, 0);
     chain3((uintptr_t)data, 4096, VIRTQ_DESC_F_WRITE);
-    blk.vq.desc[0].len = 8;
+    blk.q[0].vq.desc[0].len = 8;
     post(0);
     return 0;
 }
@@ -414,7 +414,7 @@ static int recover(void)
 
 static int run_case(unsigned k)
 {
-    struct virtq *vq = &blk.vq;
+    struct virtq *vq = &blk.q[0].vq;
     uint16_t used0 = vq->used->idx;
     char status[16];
     uint8_t ds;

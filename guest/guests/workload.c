@@ -10,9 +10,14 @@
  *   rw=read|write|randread|randwrite|randrw          default randread
  *   rwmixread=N            percent reads for randrw (0..100, default 50)
  *   bs=N                   block size in bytes, a multiple of 512 (default 4k)
- *   iodepth=N              requests in flight (default 1; at most the slots the
- *                          queue holds: queue size with indirect descriptors,
- *                          queue size / (2 + data descriptors per request) without)
+ *   iodepth=N              requests in flight, over all queues (default 1; each
+ *                          queue must hold ceil(iodepth / queues) requests: queue
+ *                          size with indirect descriptors, queue size / (2 + data
+ *                          descriptors per request) without)
+ *   queues=N               request queues, 1..16 (default 1).  N > 1 needs
+ *                          VIRTIO_BLK_F_MQ and num_queues >= N (else exit 2); job j
+ *                          of the iodepth jobs always uses queue j % N.  N changes
+ *                          only which ring a request goes to, never the I/O stream
  *   size=N                 bytes of the disk to use from offset (default: all of
  *                          it after offset); nblocks = size / bs
  *   offset=N               first byte used (a multiple of 512, default 0)
@@ -79,9 +84,9 @@
  *   per block) exists only with verify=crc32c and writes in the mix.
  *
  * OUTPUT: human lines start with "workload: "; the last line is
- *   fio-result: rw=<rw> bs=<bytes> iodepth=<n> size=<bytes> offset=<bytes>
- *   seed=<n> transport=<mmio|pci> time_ns=<n> read_ios=<n> read_bytes=<n>
- *   read_lat_min_ns=<n> read_lat_max_ns=<n> read_lat_sum_ns=<n>
+ *   fio-result: rw=<rw> bs=<bytes> iodepth=<n> queues=<n> size=<bytes>
+ *   offset=<bytes> seed=<n> transport=<mmio|pci> time_ns=<n> read_ios=<n>
+ *   read_bytes=<n> read_lat_min_ns=<n> read_lat_max_ns=<n> read_lat_sum_ns=<n>
  *   read_hist=<idx>:<count>,... write_ios=<n> write_bytes=<n>
  *   write_lat_min_ns=<n> write_lat_max_ns=<n> write_lat_sum_ns=<n>
  *   write_hist=<idx>:<count>,... flushes=<n> io_errors=<n> verify_errors=<n>
@@ -120,6 +125,7 @@ struct dirstats {
 struct job {
     uint64_t block, gen, t0;
     uint8_t is_read, is_flush;
+    uint8_t queue;                      /* job number % queues, fixed */
 };
 
 static struct vblk blk;
@@ -127,7 +133,8 @@ static struct dirstats st_read, st_write;
 
 /* options */
 static int rw = RW_RANDREAD, rwmixread = 50, verify, verify_unwritten = 1, refill = 1;
-static uint64_t bs = 4096, iodepth = 1, size, offset, runtime_ms, ios_limit, seed = 1, flush_every;
+static uint64_t bs = 4096, iodepth = 1, queues = 1, size, offset, runtime_ms, ios_limit, seed = 1;
+static uint64_t flush_every;
 static uint64_t io_timeout_s = 30;
 
 static GUEST_NORETURN void die(const char *msg, const char *arg)
@@ -144,7 +151,7 @@ static GUEST_NORETURN void die(const char *msg, const char *arg)
 static const char *const known[] = {
     "transport", "index", "rw", "rwmixread", "bs", "iodepth", "size", "offset", "runtime",
     "ios", "seed", "verify", "verify_unwritten", "irq", "tsc_khz", "flush", "indirect",
-    "event_idx", "qsize", "seg_bytes", "io_timeout", "refill", NULL,
+    "event_idx", "qsize", "seg_bytes", "io_timeout", "refill", "queues", NULL,
 };
 
 static void check_unknown(void)
@@ -451,6 +458,7 @@ int main(void)
     if (bs % 512)
         die("bs must be a multiple of 512", cmdline_get("bs"));
     iodepth = opt_u64("iodepth", 1, 1, 32768);
+    queues = opt_u64("queues", 1, 1, VBLK_MAX_QUEUES);
     offset = opt_u64("offset", 0, 0, UINT64_MAX);
     if (offset % 512)
         die("offset must be a multiple of 512", cmdline_get("offset"));
@@ -472,6 +480,7 @@ int main(void)
     vo.queue_size = (unsigned)opt_u64("qsize", 0, 1, 32768);
     vo.max_bytes = (uint32_t)bs;
     vo.seg_bytes = (uint32_t)opt_u64("seg_bytes", 0, 512, 0x400000);
+    vo.queues = (unsigned)queues;
 
     uint64_t khz = tsc_khz();
     if (!khz)
@@ -501,11 +510,20 @@ int main(void)
     uint64_t nblocks = size / bs;
     if (!nblocks)
         die("size is smaller than bs", NULL);
-    if (iodepth > blk.nslots) {
-        char msg[160];
-        snprintf(msg, sizeof(msg), "iodepth %lu exceeds the %u requests the queue holds "
-                 "(queue %u%s)", (unsigned long)iodepth, blk.nslots, blk.vq.size,
-                 blk.use_indirect ? "" : ", 3 descriptors each; indirect descriptors would lift this");
+    uint64_t per_queue = (iodepth + queues - 1) / queues;
+    if (per_queue > blk.nslots) {
+        char msg[200], each[80] = "";
+        if (!blk.use_indirect)
+            snprintf(each, sizeof(each), ", %u descriptors each; indirect descriptors would "
+                     "lift this", blk.chain);
+        if (queues == 1)
+            snprintf(msg, sizeof(msg), "iodepth %lu exceeds the %u requests the queue holds "
+                     "(queue %u%s)", (unsigned long)iodepth, blk.nslots, blk.q[0].vq.size, each);
+        else
+            snprintf(msg, sizeof(msg), "iodepth %lu over %lu queues needs %lu requests per "
+                     "queue, more than the %u one holds (queue %u%s)", (unsigned long)iodepth,
+                     (unsigned long)queues, (unsigned long)per_queue, blk.nslots,
+                     blk.q[0].vq.size, each);
         die(msg, NULL);
     }
     if (flush_every && !virtio_has(&blk.dev, VIRTIO_BLK_F_FLUSH)) {
@@ -531,8 +549,10 @@ int main(void)
             die("not enough guest RAM for the verify table (8 bytes per block): use a smaller size=", NULL);
     }
     unsigned nfree_jobs = (unsigned)iodepth;
-    for (unsigned j = 0; j < iodepth; j++)
+    for (unsigned j = 0; j < iodepth; j++) {
         free_jobs[j] = (uint16_t)(iodepth - 1 - j);
+        jobs[j].queue = (uint8_t)(j % queues);
+    }
     if (!refill && has_writes)
         for (unsigned j = 0; j < iodepth; j++)
             fill_block((uint64_t *)(bufs + (uint64_t)j * bs), nwords, 0, j);
@@ -556,7 +576,7 @@ int main(void)
                 unsigned jn = free_jobs[--nfree_jobs];
                 jobs[jn].is_flush = 1;
                 jobs[jn].t0 = rdtsc();
-                vblk_submit(&blk, VIRTIO_BLK_T_FLUSH, 0, NULL, 0, jn);
+                vblk_submit(&blk, jobs[jn].queue, VIRTIO_BLK_T_FLUSH, 0, NULL, 0, jn);
                 flush_owed--;
                 continue;
             }
@@ -605,8 +625,8 @@ int main(void)
             }
             busy_add(next_block);
             jb->t0 = rdtsc();
-            vblk_submit(&blk, next_read ? VIRTIO_BLK_T_IN : VIRTIO_BLK_T_OUT, off >> 9, buf,
-                        (uint32_t)bs, jn);
+            vblk_submit(&blk, jb->queue, next_read ? VIRTIO_BLK_T_IN : VIRTIO_BLK_T_OUT,
+                        off >> 9, buf, (uint32_t)bs, jn);
             have_next = 0;
             i++;
             if (deadline && jb->t0 >= deadline)
@@ -676,7 +696,7 @@ int main(void)
     uint64_t kbps = time_ns ? (uint64_t)((unsigned __int128)bytes * 1000000u / time_ns) : 0;
     printf("workload: %lu I/Os in %lu us: %lu IOPS, %lu KB/s, %lu notifies\n",
            (unsigned long)total, (unsigned long)(time_ns / 1000), (unsigned long)iops,
-           (unsigned long)kbps, (unsigned long)blk.vq.notifies);
+           (unsigned long)kbps, (unsigned long)vblk_notifies(&blk));
     if (vo.irq)
         printf("workload: interrupts taken %lu, waits that found completions without one %lu\n",
                (unsigned long)*blk.irq_counter, (unsigned long)blk.irq_lost);
@@ -684,10 +704,10 @@ int main(void)
         printf("workload: verify: %lu blocks checked, %lu not checked, %lu errors\n",
                (unsigned long)checked, (unsigned long)unchecked, (unsigned long)verify_errors);
 
-    out("fio-result: rw=%s bs=%lu iodepth=%lu size=%lu offset=%lu seed=%lu transport=%s time_ns=%lu",
-        rw_names[rw], (unsigned long)bs, (unsigned long)iodepth, (unsigned long)size,
-        (unsigned long)offset, (unsigned long)seed, virtio_transport_name(blk.dev.transport),
-        (unsigned long)time_ns);
+    out("fio-result: rw=%s bs=%lu iodepth=%lu queues=%lu size=%lu offset=%lu seed=%lu "
+        "transport=%s time_ns=%lu", rw_names[rw], (unsigned long)bs, (unsigned long)iodepth,
+        (unsigned long)queues, (unsigned long)size, (unsigned long)offset, (unsigned long)seed,
+        virtio_transport_name(blk.dev.transport), (unsigned long)time_ns);
     out_dir("read", &st_read);
     out_dir("write", &st_write);
     out(" flushes=%lu io_errors=%lu verify_errors=%lu first_bad=%ld last_generation=%ld\n",

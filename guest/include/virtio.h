@@ -378,10 +378,15 @@ struct vblk_opts {
     int irq_vector;                     /* first IDT vector to use (0: 48); MSI-X uses two */
     uint32_t seg_bytes;                 /* split data buffers into descriptors of at most
                                            this many bytes (0: SIZE_MAX if offered, else 4 MiB) */
+    unsigned queues;                    /* request queues: 0 or 1 = queue 0 only, MQ never
+                                           asked for; 2..VBLK_MAX_QUEUES = MQ required and
+                                           num_queues >= queues, else vblk_open fails */
 };
 
 /* vblk_opts with the defaults */
-#define VBLK_OPTS_DEFAULT { 0, 0, 1, 1, 0, 0, 0 }
+#define VBLK_OPTS_DEFAULT { 0, 0, 1, 1, 0, 0, 0, 1 }
+
+#define VBLK_MAX_QUEUES 16
 
 struct vblk_done {
     uint64_t tag;
@@ -389,31 +394,40 @@ struct vblk_done {
     uint8_t status;
 };
 
-struct vblk {
-    struct virtio_dev dev;
+/* One request queue: its ring and its nslots request slots. */
+struct vblk_queue {
     struct virtq vq;
-    struct vblk_opts opts;
-    uint64_t wanted;                    /* features we ask for */
-    /* configuration (read at open) */
-    uint64_t capacity;                  /* in 512-byte sectors */
-    uint32_t size_max, seg_max, blk_size;
-    uint32_t max_discard_sectors, max_discard_seg, max_wz_sectors, max_wz_seg;
-    uint8_t writeback;                  /* CONFIG_WCE: 1 writeback, 0 writethrough */
-    int ro;
-    /* request slots */
-    unsigned nslots;                    /* requests that can be in flight */
-    unsigned chain;                     /* descriptors per request (2 + max segments) */
-    unsigned max_segs;
-    uint32_t seg_bytes;                 /* largest data descriptor */
-    int use_indirect;
     struct vblk_reqhdr *hdrs;           /* [nslots] */
     struct virtq_desc *itables;         /* [nslots][chain] when indirect */
     uint64_t *tags;                     /* [nslots] */
     uint16_t *free_slots;               /* stack */
     unsigned nfree;
     uint16_t *head_slot;                /* ring descriptor index -> slot */
+};
+
+struct vblk {
+    struct virtio_dev dev;
+    struct vblk_queue q[VBLK_MAX_QUEUES];
+    unsigned nqueues;                   /* request queues in use: q[0 .. nqueues-1] */
+    unsigned reap_next;                 /* queue vblk_reap starts with (round robin) */
+    struct vblk_opts opts;
+    uint64_t wanted;                    /* features we ask for */
+    /* configuration (read at open) */
+    uint64_t capacity;                  /* in 512-byte sectors */
+    uint32_t size_max, seg_max, blk_size;
+    uint32_t max_discard_sectors, max_discard_seg, max_wz_sectors, max_wz_seg;
+    uint16_t num_queues;                /* the device's (MQ), else 1 */
+    uint8_t writeback;                  /* CONFIG_WCE: 1 writeback, 0 writethrough */
+    int ro;
+    /* request slots: the same geometry on every queue */
+    unsigned nslots;                    /* requests that can be in flight PER QUEUE */
+    unsigned chain;                     /* descriptors per request (2 + max segments) */
+    unsigned max_segs;
+    uint32_t seg_bytes;                 /* largest data descriptor */
+    int use_indirect;
     /* interrupts */
-    int irq_vector;                     /* queue vector (MMIO line / MSI-X entry 1) */
+    int irq_vector;                     /* queue vector (MMIO line / MSI-X entry 1, shared
+                                           by every queue) */
     int cfg_vector;                     /* MSI-X entry 0 (config changes) */
     volatile uint64_t *irq_counter;     /* &irq_count[queue vector] */
     uint64_t irq_seen;
@@ -421,44 +435,76 @@ struct vblk {
 };
 
 /* Find the index-th virtio-blk device on `transport` (VIRTIO_ANY, VIRTIO_MMIO,
- * VIRTIO_PCI), negotiate, read the configuration, set queue 0 up and set
- * DRIVER_OK.  Features requested when offered: VERSION_1 (required),
- * EVENT_IDX and INDIRECT_DESC (unless opts say no), SIZE_MAX, SEG_MAX,
- * GEOMETRY, RO, BLK_SIZE, FLUSH, TOPOLOGY, CONFIG_WCE, DISCARD,
- * WRITE_ZEROES.  (GET_ID has no feature bit: the request type always
- * exists.)  Never MQ, packed rings or ACCESS_PLATFORM.
+ * VIRTIO_PCI), negotiate, read the configuration, set the request queues up
+ * (0 .. nqueues-1, all of the same size) and set DRIVER_OK.  Features
+ * requested when offered: VERSION_1 (required), EVENT_IDX and INDIRECT_DESC
+ * (unless opts say no), SIZE_MAX, SEG_MAX, GEOMETRY, RO, BLK_SIZE, FLUSH,
+ * TOPOLOGY, CONFIG_WCE, DISCARD, WRITE_ZEROES, and MQ only when opts ask
+ * for more than one queue.  (GET_ID has no feature bit: the request type
+ * always exists.)  Never packed rings or ACCESS_PLATFORM.
  * Returns 0, or -1 with *err (if not NULL) set to a static message. */
 int vblk_open(struct vblk *b, int transport, int index, const struct vblk_opts *opts,
               const char **err);
 
-/* Reset the device and redo the whole initialisation with the same features
- * and queue memory (all requests are forgotten).  0, or -1 with *err. */
+/* Reset the device and redo the whole initialisation with the same features,
+ * queues and queue memory (all requests are forgotten).  0, or -1 with *err. */
 int vblk_reinit(struct vblk *b, const char **err);
 
-/* Queue one request (visible to the device at the next vblk_kick):
+/* Queue one request on request queue q (< nqueues; visible to the device at
+ * the next vblk_kick):
  *   IN / GET_ID                 buf is written by the device (len bytes)
  *   OUT / DISCARD / WRITE_ZEROES buf is read by the device
  *   FLUSH                       buf NULL, len 0
  * sector in 512-byte units; tag is returned with the completion.
- * Returns 0, -1 when every slot is in flight, -2 when len needs more
- * segments than the request layout has (see max_bytes). */
-int vblk_submit(struct vblk *b, uint32_t type, uint64_t sector, void *buf, uint32_t len,
-                uint64_t tag);
+ * Returns 0, -1 when every slot of queue q is in flight, -2 when len needs
+ * more segments than the request layout has (see max_bytes), -3 when there
+ * is no queue q. */
+int vblk_submit(struct vblk *b, unsigned q, uint32_t type, uint64_t sector, void *buf,
+                uint32_t len, uint64_t tag);
 
-static inline int vblk_kick(struct vblk *b) { return virtq_kick(&b->vq); }
-static inline unsigned vblk_inflight(const struct vblk *b) { return b->nslots - b->nfree; }
+/* Publish what was submitted on every queue; notify those that ask for it.
+ * Returns how many queues were notified. */
+static inline int vblk_kick(struct vblk *b)
+{
+    int n = 0;
+    for (unsigned i = 0; i < b->nqueues; i++)
+        n += virtq_kick(&b->q[i].vq);
+    return n;
+}
 
-/* Collect up to max completions (non-blocking).  Returns how many. */
+/* Requests in flight, all queues. */
+static inline unsigned vblk_inflight(const struct vblk *b)
+{
+    unsigned n = 0;
+    for (unsigned i = 0; i < b->nqueues; i++)
+        n += b->nslots - b->q[i].nfree;
+    return n;
+}
+
+/* Notify-register writes so far, all queues. */
+static inline uint64_t vblk_notifies(const struct vblk *b)
+{
+    uint64_t n = 0;
+    for (unsigned i = 0; i < b->nqueues; i++)
+        n += b->q[i].vq.notifies;
+    return n;
+}
+
+/* Collect up to max completions from all queues (non-blocking; each call
+ * starts one queue further, so that a busy queue does not starve the
+ * others when max is reached).  Returns how many. */
 unsigned vblk_reap(struct vblk *b, struct vblk_done *out, unsigned max);
 
-/* Wait until there is something to reap: polling spins on used->idx; with
- * interrupts it spins on the interrupt counter (fallback: after ~1 s without
- * an interrupt, look at the ring anyway and count irq_lost).  Returns 1 when
- * completions are pending, 0 at the TSC deadline (0 = none). */
+/* Wait until there is something to reap on any queue: polling spins on the
+ * queues' used->idx; with interrupts (one MMIO line, or MSI-X entry 1 for
+ * every queue) it spins on the interrupt counter (fallback: after ~1 s
+ * without an interrupt, look at the rings anyway and count irq_lost).
+ * Returns 1 when completions are pending, 0 at the TSC deadline (0 = none). */
 int vblk_wait(struct vblk *b, uint64_t deadline_tsc);
 
-/* Synchronous helper: submit, kick, wait (timeout_ns, 0 = 5 s).  Returns the
- * status byte, or -1 on timeout / no slot. */
+/* Synchronous helper on queue 0: submit, kick, wait (timeout_ns, 0 = 5 s).
+ * Returns the status byte, or -1 on timeout / no slot.  Completions of other
+ * requests that it reaps meanwhile are dropped. */
 int vblk_rw_sync(struct vblk *b, uint32_t type, uint64_t sector, void *buf, uint32_t len,
                  uint64_t timeout_ns);
 

@@ -280,7 +280,8 @@ int virtio_negotiate(struct virtio_dev *d, uint64_t wanted)
     virtio_set_status(d, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER);
     d->device_features = dev_features_word(d, 0) | (uint64_t)dev_features_word(d, 1) << 32;
     if (!((d->device_features >> VIRTIO_F_VERSION_1) & 1)) {
-        virtio_set_status(d, VIRTIO_STATUS_FAILED);
+        virtio_set_status(d, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER |
+                             VIRTIO_STATUS_FAILED);     /* a driver never clears bits */
         return -2;
     }
     d->features = d->device_features & (wanted | 1ull << VIRTIO_F_VERSION_1);
@@ -288,7 +289,8 @@ int virtio_negotiate(struct virtio_dev *d, uint64_t wanted)
     drv_features_word(d, 1, (uint32_t)(d->features >> 32));
     virtio_set_status(d, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK);
     if (!(virtio_get_status(d) & VIRTIO_STATUS_FEATURES_OK)) {
-        virtio_set_status(d, VIRTIO_STATUS_FAILED);
+        virtio_set_status(d, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER |
+                             VIRTIO_STATUS_FEATURES_OK | VIRTIO_STATUS_FAILED);
         return -3;
     }
     return 0;

@@ -1,8 +1,10 @@
 /*
  * virtio_blk.c - the virtio-blk request layer (virtio.h).
  *
- * One request queue (queue 0).  Every request has a slot with a fixed
- * descriptor chain prepared at initialisation:
+ * Request queues 0 .. nqueues-1 (more than one only with VIRTIO_BLK_F_MQ,
+ * when opts ask for it), all of one size and one slot geometry; each has its
+ * own ring, slots and request headers.  Every request has a slot with a
+ * fixed descriptor chain prepared at initialisation:
  *
  *   without INDIRECT_DESC  slot s owns ring descriptors s*chain .. s*chain +
  *                          chain - 1, already linked by `next`; at most
@@ -47,6 +49,8 @@ static uint64_t wanted_features(const struct vblk_opts *o)
         w |= 1ull << VIRTIO_F_INDIRECT_DESC;
     if (o->event_idx)
         w |= 1ull << VIRTIO_F_EVENT_IDX;
+    if (o->queues > 1)
+        w |= 1ull << VIRTIO_BLK_F_MQ;
     return w;
 }
 
@@ -68,9 +72,11 @@ static void read_config(struct vblk *b)
         b->max_wz_sectors = virtio_cfg_read32(d, VIRTIO_BLK_CFG_MAX_WZ_SECTORS);
         b->max_wz_seg = virtio_cfg_read32(d, VIRTIO_BLK_CFG_MAX_WZ_SEG);
     }
+    b->num_queues = virtio_has(d, VIRTIO_BLK_F_MQ) ? virtio_cfg_read16(d, VIRTIO_BLK_CFG_NUM_QUEUES) : 1;
 }
 
-/* Geometry of the request slots; allocates on the first call. */
+/* Geometry of the request slots (qmax: the smallest maximum size of the
+ * queues in use); allocates every queue's memory on the first call. */
 static int layout(struct vblk *b, unsigned qmax, const char **err)
 {
     unsigned qsize = b->opts.queue_size;
@@ -100,56 +106,59 @@ static int layout(struct vblk *b, unsigned qmax, const char **err)
         return -1;
     }
     unsigned nslots = b->use_indirect ? qsize : qsize / b->chain;
-    if (b->hdrs) {                              /* reinit: same geometry as before */
-        if (nslots != b->nslots || qsize != b->vq.size) {
+    if (b->q[0].hdrs) {                         /* reinit: same geometry as before */
+        if (nslots != b->nslots || qsize != b->q[0].vq.size) {
             *err = "the device changed its queue geometry across a reset";
             return -1;
         }
         return 0;
     }
     b->nslots = nslots;
-    b->vq.mem = guest_alloc(virtq_mem_size(qsize), 4096);
-    b->hdrs = guest_alloc(sizeof(struct vblk_reqhdr) * nslots, 64);
-    b->itables = b->use_indirect ? guest_alloc(16ul * b->chain * nslots, 64) : NULL;
-    b->tags = guest_alloc(8ul * nslots, 8);
-    b->free_slots = guest_alloc(2ul * nslots, 8);
-    b->head_slot = guest_alloc(2ul * qsize, 8);
-    if (!b->vq.mem || !b->hdrs || (b->use_indirect && !b->itables) || !b->tags ||
-        !b->free_slots || !b->head_slot) {
-        *err = "out of guest memory for the queue";
-        return -1;
+    for (unsigned i = 0; i < b->nqueues; i++) {
+        struct vblk_queue *q = &b->q[i];
+        q->vq.mem = guest_alloc(virtq_mem_size(qsize), 4096);
+        q->hdrs = guest_alloc(sizeof(struct vblk_reqhdr) * nslots, 64);
+        q->itables = b->use_indirect ? guest_alloc(16ul * b->chain * nslots, 64) : NULL;
+        q->tags = guest_alloc(8ul * nslots, 8);
+        q->free_slots = guest_alloc(2ul * nslots, 8);
+        q->head_slot = guest_alloc(2ul * qsize, 8);
+        if (!q->vq.mem || !q->hdrs || (b->use_indirect && !q->itables) || !q->tags ||
+            !q->free_slots || !q->head_slot) {
+            *err = "out of guest memory for the queues";
+            return -1;
+        }
+        q->vq.size = (uint16_t)qsize;           /* remembered for reinit */
     }
-    b->vq.size = (uint16_t)qsize;               /* remembered for reinit */
     return 0;
 }
 
-/* Fill in the fixed parts of every chain and free every slot. */
-static void prepare_slots(struct vblk *b)
+/* Fill in the fixed parts of every chain of queue q and free every slot. */
+static void prepare_slots(struct vblk *b, struct vblk_queue *q)
 {
-    unsigned qsize = b->vq.size;
-    memset(b->head_slot, 0, 2ul * qsize);
+    unsigned qsize = q->vq.size;
+    memset(q->head_slot, 0, 2ul * qsize);
     for (unsigned s = 0; s < b->nslots; s++) {
         struct virtq_desc *d;
         uint16_t head;
         if (b->use_indirect) {
-            d = b->itables + (size_t)s * b->chain;
+            d = q->itables + (size_t)s * b->chain;
             for (unsigned j = 0; j < b->chain; j++)
                 d[j] = (struct virtq_desc){ 0, 0, 0, (uint16_t)(j + 1) };
             head = (uint16_t)s;
-            b->vq.desc[head] = (struct virtq_desc){ (uintptr_t)d, 0, VIRTQ_DESC_F_INDIRECT, 0 };
+            q->vq.desc[head] = (struct virtq_desc){ (uintptr_t)d, 0, VIRTQ_DESC_F_INDIRECT, 0 };
         } else {
             head = (uint16_t)(s * b->chain);
-            d = b->vq.desc + head;
+            d = q->vq.desc + head;
             for (unsigned j = 0; j < b->chain; j++)
                 d[j] = (struct virtq_desc){ 0, 0, 0, (uint16_t)(head + j + 1) };
         }
-        d[0].addr = (uintptr_t)&b->hdrs[s].hdr;
+        d[0].addr = (uintptr_t)&q->hdrs[s].hdr;
         d[0].len = sizeof(struct virtio_blk_outhdr);
         d[0].flags = VIRTQ_DESC_F_NEXT;
-        b->head_slot[head] = (uint16_t)s;
-        b->free_slots[s] = (uint16_t)(b->nslots - 1 - s);
+        q->head_slot[head] = (uint16_t)s;
+        q->free_slots[s] = (uint16_t)(b->nslots - 1 - s);
     }
-    b->nfree = b->nslots;
+    q->nfree = b->nslots;
 }
 
 static int setup_irq(struct vblk *b, const char **err)
@@ -177,7 +186,7 @@ static int setup_irq(struct vblk *b, const char **err)
         b->cfg_vector = b->irq_vector + 1;
         irq_set_handler(b->irq_vector, NULL, NULL);
         irq_set_handler(b->cfg_vector, NULL, NULL);
-        /* entry 0: configuration changes, entry 1: queue 0 */
+        /* entry 0: configuration changes, entry 1: every request queue */
         for (int e = 0; e < 2; e++) {
             uintptr_t t = d->msix_table + 16u * (unsigned)e;
             mmio_write32(t + 0, 0xfee00000u | (apic << 12));
@@ -200,10 +209,25 @@ static int init_device(struct vblk *b, const char **err)
     if (r == -2) { *err = "device does not offer VIRTIO_F_VERSION_1 (legacy only)"; return -1; }
     if (r == -3) { *err = "device refused FEATURES_OK"; return -1; }
     read_config(b);
-    unsigned qmax = virtq_max_size(d, 0);
-    if (!qmax) {
-        *err = "queue 0 is not available";
-        goto fail;
+    if (b->nqueues > 1) {
+        if (!virtio_has(d, VIRTIO_BLK_F_MQ)) {
+            *err = "the device does not offer VIRTIO_BLK_F_MQ";
+            goto fail;
+        }
+        if (b->num_queues < b->nqueues) {
+            *err = "the device has fewer queues than asked for";
+            goto fail;
+        }
+    }
+    unsigned qmax = 0;
+    for (unsigned i = 0; i < b->nqueues; i++) {
+        unsigned m = virtq_max_size(d, i);
+        if (!m) {
+            *err = i ? "a request queue past queue 0 is not available" : "queue 0 is not available";
+            goto fail;
+        }
+        if (!qmax || m < qmax)
+            qmax = m;
     }
     if (layout(b, qmax, err) < 0)
         goto fail;
@@ -212,7 +236,7 @@ static int init_device(struct vblk *b, const char **err)
         uint16_t cvec = VIRTIO_MSI_NO_VECTOR;
         if (b->opts.irq) {
             cvec = 0;
-            qvec = 1;
+            qvec = 1;                           /* shared by every queue */
         }
         mmio_write16(d->common + VIRTIO_PCI_CONFIG_MSIX, cvec);
         if (mmio_read16(d->common + VIRTIO_PCI_CONFIG_MSIX) != cvec) {
@@ -220,13 +244,17 @@ static int init_device(struct vblk *b, const char **err)
             goto fail;
         }
     }
-    void *mem = b->vq.mem;
-    unsigned qsize = b->vq.size;
-    if (virtq_setup(d, &b->vq, 0, qsize, mem, qvec, b->opts.irq) < 0) {
-        *err = "queue setup refused (size or MSI-X vector)";
-        goto fail;
+    for (unsigned i = 0; i < b->nqueues; i++) {
+        struct vblk_queue *q = &b->q[i];
+        void *mem = q->vq.mem;
+        unsigned qsize = q->vq.size;
+        if (virtq_setup(d, &q->vq, i, qsize, mem, qvec, b->opts.irq) < 0) {
+            *err = "queue setup refused (size or MSI-X vector)";
+            goto fail;
+        }
+        prepare_slots(b, q);
     }
-    prepare_slots(b);
+    b->reap_next = 0;
     virtio_driver_ok(d);
     if (virtio_get_status(d) & (VIRTIO_STATUS_NEEDS_RESET | VIRTIO_STATUS_FAILED)) {
         *err = "device status shows NEEDS_RESET/FAILED after DRIVER_OK";
@@ -234,7 +262,8 @@ static int init_device(struct vblk *b, const char **err)
     }
     return 0;
 fail:
-    virtio_set_status(d, VIRTIO_STATUS_FAILED);
+    /* add FAILED: a driver must not clear status bits (spec 2.1.2) */
+    virtio_set_status(d, (uint8_t)(virtio_get_status(d) | VIRTIO_STATUS_FAILED));
     return -1;
 }
 
@@ -247,6 +276,11 @@ int vblk_open(struct vblk *b, int transport, int index, const struct vblk_opts *
         err = &e_local;
     memset(b, 0, sizeof(*b));
     b->opts = opts ? *opts : dflt;
+    if (b->opts.queues > VBLK_MAX_QUEUES) {
+        *err = "more queues asked for than VBLK_MAX_QUEUES";
+        return -1;
+    }
+    b->nqueues = b->opts.queues > 1 ? b->opts.queues : 1;
     b->wanted = wanted_features(&b->opts);
     if (virtio_find(transport, VIRTIO_ID_BLOCK, index, &b->dev, &why) < 0) {
         *err = why ? why : "no virtio-blk device found";
@@ -276,16 +310,19 @@ int vblk_reinit(struct vblk *b, const char **err)
     return 0;
 }
 
-int vblk_submit(struct vblk *b, uint32_t type, uint64_t sector, void *buf, uint32_t len,
-                uint64_t tag)
+int vblk_submit(struct vblk *b, unsigned qi, uint32_t type, uint64_t sector, void *buf,
+                uint32_t len, uint64_t tag)
 {
-    if (!b->nfree)
+    if (qi >= b->nqueues)
+        return -3;
+    struct vblk_queue *q = &b->q[qi];
+    if (!q->nfree)
         return -1;
     unsigned nseg = len == 0 ? 0 : len <= b->seg_bytes ? 1 : (len + b->seg_bytes - 1) / b->seg_bytes;
     if (nseg > b->max_segs)
         return -2;
-    unsigned s = b->free_slots[--b->nfree];
-    struct vblk_reqhdr *h = &b->hdrs[s];
+    unsigned s = q->free_slots[--q->nfree];
+    struct vblk_reqhdr *h = &q->hdrs[s];
     h->hdr.type = type;
     h->hdr.reserved = 0;
     h->hdr.sector = sector;
@@ -293,11 +330,11 @@ int vblk_submit(struct vblk *b, uint32_t type, uint64_t sector, void *buf, uint3
     struct virtq_desc *d;
     uint16_t head;
     if (b->use_indirect) {
-        d = b->itables + (size_t)s * b->chain;
+        d = q->itables + (size_t)s * b->chain;
         head = (uint16_t)s;
     } else {
         head = (uint16_t)(s * b->chain);
-        d = b->vq.desc + head;
+        d = q->vq.desc + head;
     }
     uint16_t wflag = (type == VIRTIO_BLK_T_IN || type == VIRTIO_BLK_T_GET_ID) ? VIRTQ_DESC_F_WRITE : 0;
     unsigned j = 1;
@@ -315,15 +352,16 @@ int vblk_submit(struct vblk *b, uint32_t type, uint64_t sector, void *buf, uint3
     d[j].len = 1;
     d[j].flags = VIRTQ_DESC_F_WRITE;
     if (b->use_indirect)
-        b->vq.desc[head].len = 16u * (j + 1);
-    b->tags[s] = tag;
-    virtq_push(&b->vq, head);
+        q->vq.desc[head].len = 16u * (j + 1);
+    q->tags[s] = tag;
+    virtq_push(&q->vq, head);
     return 0;
 }
 
-unsigned vblk_reap(struct vblk *b, struct vblk_done *out, unsigned max)
+/* Up to max completions of one queue. */
+static unsigned reap_queue(struct vblk_queue *q, struct vblk_done *out, unsigned max)
 {
-    struct virtq *vq = &b->vq;
+    struct virtq *vq = &q->vq;
     unsigned n = 0;
     uint16_t pending = virtq_used_pending(vq);
     if (!pending)
@@ -332,29 +370,50 @@ unsigned vblk_reap(struct vblk *b, struct vblk_done *out, unsigned max)
         struct virtq_used_elem e = virtq_pop_used(vq);
         if (e.id >= vq->size)
             continue;                           /* a broken device; ignore */
-        unsigned s = b->head_slot[e.id];
-        out[n].tag = b->tags[s];
+        unsigned s = q->head_slot[e.id];
+        out[n].tag = q->tags[s];
         out[n].len = e.len;
-        out[n].status = b->hdrs[s].status;
-        b->free_slots[b->nfree++] = (uint16_t)s;
+        out[n].status = q->hdrs[s].status;
+        q->free_slots[q->nfree++] = (uint16_t)s;
         n++;
     }
     virtq_rearm(vq);
     return n;
 }
 
+unsigned vblk_reap(struct vblk *b, struct vblk_done *out, unsigned max)
+{
+    unsigned n = 0, i = b->reap_next;
+    if (++b->reap_next == b->nqueues)
+        b->reap_next = 0;
+    for (unsigned k = 0; k < b->nqueues && n < max; k++) {
+        n += reap_queue(&b->q[i], out + n, max - n);
+        if (++i == b->nqueues)
+            i = 0;
+    }
+    return n;
+}
+
+/* Some queue has used entries we have not consumed. */
+static int any_pending(struct vblk *b)
+{
+    for (unsigned i = 0; i < b->nqueues; i++)
+        if (virtq_used_pending(&b->q[i].vq))
+            return 1;
+    return 0;
+}
+
 int vblk_wait(struct vblk *b, uint64_t deadline_tsc)
 {
-    struct virtq *vq = &b->vq;
     if (!b->opts.irq) {
-        while (!virtq_used_pending(vq)) {
+        while (!any_pending(b)) {
             if (deadline_tsc && rdtsc() > deadline_tsc)
                 return 0;
             cpu_relax();
         }
         return 1;
     }
-    if (virtq_used_pending(vq))
+    if (any_pending(b))
         return 1;
     uint64_t khz = tsc_khz();
     uint64_t start = rdtsc(), fallback = khz ? khz * 1000 : (1ull << 31);
@@ -363,7 +422,7 @@ int vblk_wait(struct vblk *b, uint64_t deadline_tsc)
         if (deadline_tsc && t > deadline_tsc)
             return 0;
         if (t - start > fallback) {
-            if (virtq_used_pending(vq)) {
+            if (any_pending(b)) {
                 b->irq_lost++;
                 return 1;
             }
@@ -383,7 +442,7 @@ int vblk_rw_sync(struct vblk *b, uint32_t type, uint64_t sector, void *buf, uint
         timeout_ns = 5000000000ull;
     uint64_t khz = tsc_khz();
     uint64_t deadline = khz ? rdtsc() + timeout_ns / 1000000 * khz : 0;
-    if (vblk_submit(b, type, sector, buf, len, tag) < 0)
+    if (vblk_submit(b, 0, type, sector, buf, len, tag) < 0)
         return -1;
     vblk_kick(b);
     for (;;) {
@@ -400,7 +459,11 @@ int vblk_rw_sync(struct vblk *b, uint32_t type, uint64_t sector, void *buf, uint
 void vblk_describe(struct vblk *b, char *buf, size_t n)
 {
     struct virtio_dev *d = &b->dev;
-    char where[64];
+    char where[64], queues[32];
+    if (virtio_has(d, VIRTIO_BLK_F_MQ))
+        snprintf(queues, sizeof(queues), "%u of %u", b->nqueues, b->num_queues);
+    else
+        snprintf(queues, sizeof(queues), "1 (no MQ)");
     if (d->transport == VIRTIO_MMIO)
         snprintf(where, sizeof(where), "mmio@0x%lx irq %u", (unsigned long)d->mmio, d->gsi);
     else
@@ -408,11 +471,12 @@ void vblk_describe(struct vblk *b, char *buf, size_t n)
                  d->bdf & 7, d->bars_moved ? " (BARs assigned by the guest)" : "");
     snprintf(buf, n,
              "virtio-blk %s: capacity %lu sectors, features offered 0x%lx accepted 0x%lx, "
-             "queue %u, slots %u, chain %u, indirect %d, event_idx %d, seg_max %u, size_max %u, "
-             "blk_size %u, ro %d, flush %d, wce %d, discard %d, write_zeroes %d, irq %d",
+             "queues %s, queue %u, slots %u per queue, chain %u, indirect %d, event_idx %d, "
+             "seg_max %u, size_max %u, blk_size %u, ro %d, flush %d, wce %d, discard %d, "
+             "write_zeroes %d, irq %d",
              where, (unsigned long)b->capacity, (unsigned long)d->device_features,
-             (unsigned long)d->features, b->vq.size, b->nslots, b->chain, b->use_indirect,
-             b->vq.event_idx, b->seg_max, b->size_max, b->blk_size, b->ro,
+             (unsigned long)d->features, queues, b->q[0].vq.size, b->nslots, b->chain,
+             b->use_indirect, b->q[0].vq.event_idx, b->seg_max, b->size_max, b->blk_size, b->ro,
              virtio_has(d, VIRTIO_BLK_F_FLUSH), b->writeback,
              virtio_has(d, VIRTIO_BLK_F_DISCARD), virtio_has(d, VIRTIO_BLK_F_WRITE_ZEROES),
              b->opts.irq);

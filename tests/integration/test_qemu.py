@@ -47,8 +47,9 @@ def test_fault_guest_under_qemu_reports_and_stops(guest):
     assert r.returncode == 0  # a triple fault with -no-reboot ends QEMU with status 0
 
 
-def qemu_workload(machine: str, image, cmdline: str, timeout: float = 180):
-    """The workload guest under QEMU: microvm + virtio-mmio, or pc + virtio-blk-pci."""
+def qemu_workload(machine: str, image, cmdline: str, timeout: float = 180, queues: int = 1):
+    """The workload guest under QEMU: microvm + virtio-mmio, or pc + virtio-blk-pci,
+    with ``queues`` request queues."""
     from tests.conftest import guest_path
     common = ["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "256M", "-nographic",
               "-no-reboot", "-nodefaults", "-serial", "stdio",
@@ -58,27 +59,30 @@ def qemu_workload(machine: str, image, cmdline: str, timeout: float = 180):
     if machine == "microvm":
         # microvm puts the first virtio-blk-device's window here; pass it by hand
         args = ["-M", "microvm", *common, "-global", "virtio-mmio.force-legacy=false",
-                "-device", "virtio-blk-device,drive=d0",
+                "-device", f"virtio-blk-device,drive=d0,num-queues={queues}",
                 "-append", f"virtio_mmio.device=512@0xfeb02e00:47 {cmdline}"]
-    else:  # SeaBIOS runs emulated on this host: a few seconds
-        args = ["-M", "pc", "-vga", "none", "-nic", "none", *common,
-                "-device", "virtio-blk-pci,drive=d0,disable-legacy=on",
+    else:  # qboot: SeaBIOS runs emulated on this host (seconds per boot)
+        args = ["-M", "pc", "-bios", "qboot.rom", "-vga", "none", "-nic", "none", *common,
+                "-device", f"virtio-blk-pci,drive=d0,disable-legacy=on,num-queues={queues}",
                 "-append", f"transport=pci {cmdline}"]
     return subprocess.run([QEMU, *args], capture_output=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 
 
 @pytest.mark.parametrize("machine", ["microvm", "pc"])
-def test_workload_guest_drives_qemus_virtio_blk(tmp_path, machine):
-    """The same guest driver works against QEMU's device models, and what it
-    writes there is what the host-side checker computes."""
+@pytest.mark.parametrize("queues", [1, 4])
+def test_workload_guest_drives_qemus_virtio_blk(tmp_path, machine, queues):
+    """The same guest driver works against QEMU's device models, on one queue
+    or four (VIRTIO_BLK_F_MQ), and what it writes there is what the host-side
+    checker computes."""
     import sys
     from tests.conftest import ROOT
     image = tmp_path / "disk.img"
     image.write_bytes(b"")
     os_truncate(image, 16 << 20)
     tsc = "tsc_khz=1000000"  # QEMU leaves CPUID 0x40000010 empty; any value works for ios=
-    r = qemu_workload(machine, image, f"rw=randwrite bs=4k size=4M iodepth=16 ios=2000 seed=5 {tsc}")
+    r = qemu_workload(machine, image, f"rw=randwrite bs=4k size=4M iodepth=16 ios=2000 seed=5 "
+                                      f"queues={queues} {tsc}", queues=queues)
     assert r.returncode == 1, r.stdout.decode()[-1500:]  # (0 << 1) | 1
     assert re.search(rb"^fio-result: .* io_errors=0 verify_errors=0 ", r.stdout, re.M)
     check = subprocess.run([sys.executable, str(ROOT / "guest/tools/check_disk.py"), str(image),
@@ -86,8 +90,8 @@ def test_workload_guest_drives_qemus_virtio_blk(tmp_path, machine):
                             "--seed", "5", "--ios", "2000", "--zero-unwritten"],
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
-    r = qemu_workload(machine, image,
-                      f"rw=randread bs=4k size=4M iodepth=8 ios=1000 verify=crc32c {tsc}")
+    r = qemu_workload(machine, image, f"rw=randread bs=4k size=4M iodepth=8 ios=1000 "
+                                      f"verify=crc32c queues={queues} {tsc}", queues=queues)
     assert r.returncode == 1, r.stdout.decode()[-1500:]
     assert re.search(rb" verify_errors=0 ", r.stdout)
 

@@ -100,6 +100,11 @@ def test_fio_usage_errors(pykvm, image):
                  ["--disk", str(image), "--runtime", "0.0001"],
                  ["--disk", f"file={image},irq-coalesce-ns=soon"],
                  ["--disk", f"file={image},poll-max-ns=-1"],
+                 ["--disk", f"file={image},queues=0"], ["--disk", f"file={image},queues=17"],
+                 ["--disk", f"file={image},iothread=vcpu"],
+                 ["--disk", str(image), "--queues", "0"],
+                 ["--disk", str(image), "--queues", "17", "--iodepth", "32"],
+                 ["--disk", str(image), "--queues", "4", "--iodepth", "2"],
                  ["--disk", str(image), "--rw", "write", "--no-refill", "--verify", "crc32c"]):
         r = pykvm("fio", *args)
         assert r.returncode == 2, (args, r.stderr)
@@ -234,3 +239,39 @@ def test_verify_on_qcow2_with_a_backing_file_in_c(pykvm, tmp_path, aio):
     assert job["read"]["total_ios"] + job["write"]["total_ios"] == 3000
     assert dev["punts"] < dev["requests"] // 2, dev
     assert subprocess.run(["qemu-img", "check", "-q", str(overlay)]).returncode == 0
+
+
+@pytest.mark.parametrize("transport", ["mmio", "pci"])
+@pytest.mark.parametrize("iothread", ["device", "queue"])
+def test_several_queues_write_what_one_queue_writes(pykvm, tmp_path, transport, iothread):
+    """--queues 4 spreads the requests over four rings (one C thread each with
+    iothread=queue); the stream, and so the disk, is the one a single queue
+    writes, and a verified mixed run reads every block back."""
+    disks = []
+    for queues in (1, 4):
+        img = tmp_path / f"q{queues}.img"
+        with open(img, "wb") as f:
+            f.truncate(16 << 20)
+        r = pykvm("fio", "--disk", f"file={img},transport={transport},iothread={iothread}",
+                  "--output-format", "json", "--rw", "randrw", "--size", str(SIZE),
+                  "--iodepth", "16", "--queues", str(queues), "--ios", "3000", "--seed", "7",
+                  "--verify", "crc32c", timeout=180)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        doc = json.loads(r.stdout)
+        job = doc["jobs"][0]
+        assert job["error"] == 0 and job["verify_errors"] == 0
+        assert job["job options"]["queues"] == str(queues)
+        assert job["read"]["total_ios"] + job["write"]["total_ios"] == 3000
+        assert doc["pykvm"]["device"]["requests"] >= 3000
+        disks.append(img.read_bytes())
+    assert disks[0] == disks[1]
+    assert any(disks[0])
+
+
+def test_guest_asks_for_more_queues_than_the_disk_has(pykvm, guest, image):
+    for disk, why in ((str(image), b"does not offer VIRTIO_BLK_F_MQ"),
+                      (f"file={image},queues=2", b"fewer queues than asked for")):
+        r = pykvm("run", guest("workload"), "--disk", disk,
+                  "--cmdline", "rw=randread queues=4 iodepth=8 ios=10", timeout=60)
+        assert r.returncode == 2, r.stdout
+        assert why in r.stdout, r.stdout
