@@ -26,6 +26,9 @@ Workloads so far:
                disk served by `pykvm serve` and by qemu-storage-daemon, and on
                QEMU's own virtio-blk-pci (target: pykvm >= 1.0x the daemon, at
                less CPU per request); the kit's boot-to-init time
+  mq           the workload guest on 2 and 4 request queues (VIRTIO_BLK_F_MQ):
+               pykvm's C path with one I/O thread per device against one per
+               queue (iothread=device|queue), and QEMU with one iothread
 """
 from __future__ import annotations
 
@@ -236,42 +239,124 @@ def bench_io(runtime: float, engines: list[str], workloads: dict) -> list[dict]:
                     f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--runtime={runtime:g}",
                     "--output-format=json", *(["--no-refill"] if writes else [])], 0)
         for qaio in ("io_uring", "native"):
-            drive = f"id=d0,file={img},format=raw,if=none,cache=none,aio={qaio}"
-            qemu_common = ["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "256M",
-                           "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
-                           "-device", "isa-debug-exit,iobase=0x501,iosize=1",
-                           "-object", "iothread,id=io0", "-drive", drive,
-                           "-kernel", str(GUESTS / "workload.elf")]
-            systems[(f"qemu-{qaio}", "mmio")] = ([QEMU, "-M", "microvm", *qemu_common,
-                                                  "-global", "virtio-mmio.force-legacy=false",
-                                                  "-device",
-                                                  "virtio-blk-device,drive=d0,iothread=io0",
-                                                  "-append", "virtio_mmio.device=512@0xfeb02e00:47 "
-                                                  + guest_opts], 1)
-            # qboot, not SeaBIOS: SeaBIOS runs at CPL 0, which this host emulates (3.3 s
-            # of every boot); firmware plays no part once the guest runs
-            systems[(f"qemu-{qaio}", "pci")] = ([QEMU, "-M", "pc", "-bios", "qboot.rom",
-                                                 "-vga", "none", "-nic", "none",
-                                                 *qemu_common, "-device",
-                                                 "virtio-blk-pci,drive=d0,disable-legacy=on,"
-                                                 "iothread=io0",
-                                                 "-append", "transport=pci " + guest_opts], 1)
+            for transport in ("mmio", "pci"):
+                systems[(f"qemu-{qaio}", transport)] = (
+                    qemu_io_cmd(img, qaio, transport, guest_opts), 1)
         for (system, transport), (cmd, expect) in systems.items():
             m = measure(cmd, expect)
             if system.startswith("qemu"):
                 runs.append(io_result(fio.parse_result(m["stdout"]), system, transport, wname, m))
             else:  # fio's JSON, from fio itself or from `pykvm fio`
-                job = json.loads(m["stdout"])["jobs"][0]
-                d = job["read"] if job["read"]["total_ios"] else job["write"]
-                runs.append({"system": system, "transport": transport, "workload": wname,
-                             "iops": d["iops"], "bw_bytes": d["bw_bytes"],
-                             "lat_ns_p50": d["clat_ns"]["percentile"]["50.000000"],
-                             "lat_ns_p99": d["clat_ns"]["percentile"]["99.000000"],
-                             "host_cpu_s": m["host_cpu_s"], "others_cpu_s": m["others_cpu_s"],
-                             "ios": d["total_ios"]})
+                runs.append(fio_row(m, system, transport, wname))
             print(f"  {wname:<18} {system:<14} {transport:<4} {runs[-1]['iops']:>10.0f} IOPS "
                   f"{runs[-1]['bw_bytes'] / 1e6:>8.1f} MB/s  ({m['wall_s']:.1f} s)", file=sys.stderr)
     return runs
+
+
+def qemu_io_cmd(img: pathlib.Path, aio: str, transport: str, guest_opts: str,
+                queues: int = 1) -> list[str]:
+    """QEMU running the workload guest on ``img`` (cache=none, ``aio``, one
+    iothread): microvm with virtio-blk-device for mmio, pc with
+    virtio-blk-pci for pci; ``queues`` request queues."""
+    drive = f"id=d0,file={img},format=raw,if=none,cache=none,aio={aio}"
+    common = ["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "256M",
+              "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
+              "-device", "isa-debug-exit,iobase=0x501,iosize=1",
+              "-object", "iothread,id=io0", "-drive", drive,
+              "-kernel", str(GUESTS / "workload.elf")]
+    dev = f"drive=d0,iothread=io0,num-queues={queues}"
+    if transport == "mmio":
+        return [QEMU, "-M", "microvm", *common, "-global", "virtio-mmio.force-legacy=false",
+                "-device", f"virtio-blk-device,{dev}",
+                "-append", "virtio_mmio.device=512@0xfeb02e00:47 " + guest_opts]
+    # qboot, not SeaBIOS: SeaBIOS runs at CPL 0, which this host emulates (3.3 s
+    # of every boot); firmware plays no part once the guest runs
+    return [QEMU, "-M", "pc", "-bios", "qboot.rom", "-vga", "none", "-nic", "none", *common,
+            "-device", f"virtio-blk-pci,{dev},disable-legacy=on",
+            "-append", "transport=pci " + guest_opts]
+
+
+def fio_row(m: dict, system: str, transport: str, workload: str) -> dict:
+    """A result row from the output of `pykvm fio --output-format=json` or fio."""
+    job = json.loads(m["stdout"])["jobs"][0]
+    d = job["read"] if job["read"]["total_ios"] else job["write"]
+    return {"system": system, "transport": transport, "workload": workload,
+            "iops": d["iops"], "bw_bytes": d["bw_bytes"],
+            "lat_ns_p50": d["clat_ns"]["percentile"]["50.000000"],
+            "lat_ns_p99": d["clat_ns"]["percentile"]["99.000000"],
+            "host_cpu_s": m["host_cpu_s"], "others_cpu_s": m["others_cpu_s"],
+            "ios": d["total_ios"]}
+
+
+MQ_WORKLOADS = {
+    # name: (rw, bs, iodepth over all queues, queues)
+    "mq2-randread-4k-qd32": ("randread", 4096, 32, 2),
+    "mq4-randread-4k-qd32": ("randread", 4096, 32, 4),
+    "mq2-randread-256k-qd8": ("randread", 256 << 10, 8, 2),
+    "mq4-randread-256k-qd8": ("randread", 256 << 10, 8, 4),
+}
+
+
+def bench_mq(runtime: float, samples: int) -> list[dict]:
+    """Several request queues: pykvm's C path with one I/O thread per device
+    against one per queue (io_uring, MMIO and PCI), and QEMU with the same
+    number of queues on one iothread; alternated, the median of ``samples``."""
+    sys.path.insert(0, str(ROOT))
+    from pykvm import fio
+
+    img = RESULTS.parent / "bench.img"
+    make_image(img)
+    tsc = host_tsc_khz()
+    runs = []
+    for wname, (rw, bs, qd, nq) in MQ_WORKLOADS.items():
+        guest_opts = f"rw={rw} bs={bs} iodepth={qd} queues={nq} runtime={runtime:g} tsc_khz={tsc}"
+        systems = {}
+        for transport in ("mmio", "pci"):
+            for iothread in ("device", "queue"):
+                systems[(f"pykvm-iothread-{iothread}", transport)] = PYKVM + [
+                    "fio", "--disk", f"file={img},cache=none,aio=io_uring,transport={transport},"
+                    f"queues={nq},iothread={iothread}", f"--rw={rw}", f"--bs={bs}",
+                    f"--iodepth={qd}", f"--queues={nq}", f"--runtime={runtime:g}",
+                    "--output-format=json"]
+            systems[("qemu-io_uring", transport)] = qemu_io_cmd(img, "io_uring", transport,
+                                                                guest_opts, queues=nq)
+        got: dict = {key: [] for key in systems}
+        for _ in range(samples):
+            for (system, transport), cmd in systems.items():
+                if system.startswith("qemu"):
+                    m = measure(cmd, 1)
+                    row = io_result(fio.parse_result(m["stdout"]), system, transport, wname, m)
+                else:
+                    row = fio_row(measure(cmd, 0), system, transport, wname)
+                got[(system, transport)].append(dict(row, queues=nq))
+                print(f"  {wname:<22} {system:<22} {transport:<4} {row['iops']:>10.0f} IOPS",
+                      file=sys.stderr)
+        runs += [median_row(rows, "iops") for rows in got.values()]
+    return runs
+
+
+def mq_table(runs: list[dict]) -> str:
+    get = {(r["system"], r.get("transport"), r["workload"]): r for r in runs}
+    lines = []
+    for w in MQ_WORKLOADS:
+        for t in ("mmio", "pci"):
+            dev, per_q, q = (get.get((s, t, w)) for s in (
+                "pykvm-iothread-device", "pykvm-iothread-queue", "qemu-io_uring"))
+            if not (dev and per_q):
+                continue
+            cpu = [f"{r['host_cpu_s'] / r['ios'] * 1e6:.1f}" if r and r.get("ios") else "-"
+                   for r in (dev, per_q, q)]
+            lines.append(
+                f"| {w} | {t} | {dev['iops']:,.0f} | {per_q['iops']:,.0f} | "
+                f"{per_q['iops'] / dev['iops']:.2f}x | "
+                + (f"{q['iops']:,.0f} | {dev['iops'] / q['iops']:.2f}x" if q else "- | -")
+                + f" | {' / '.join(cpu)} |")
+    if not lines:
+        return ""
+    return ("\n| several queues | transport | pykvm, thread per device (IOPS) | thread per queue "
+            "| per queue / per device | QEMU, one iothread | per device / QEMU "
+            "| CPU us/IO (device / queue / QEMU) |\n|---|---|---|---|---|---|---|---|\n"
+            + "\n".join(lines) + "\n")
 
 
 def median_row(rows: list[dict], key: str) -> dict:
@@ -669,13 +754,18 @@ def suite_of(workload: str) -> str:
         return "qcow2"
     if workload.startswith("vhost-"):
         return "vhost"
+    if workload.startswith("mq"):
+        return "mq"
     return "io"
+
+
+SUITES = ["boot", "pio", "io", "qcow2", "vhost", "mq"]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples, for a smoke check")
-    ap.add_argument("--suite", action="append", choices=["boot", "pio", "io", "qcow2", "vhost"],
+    ap.add_argument("--suite", action="append", choices=SUITES,
                     help="run only these suites (default: all)")
     ap.add_argument("--convert-only", action="store_true",
                     help="time only the qcow2 suite's image conversions and print them "
@@ -701,7 +791,7 @@ def main() -> int:
         """Whether this run measures again what an older io result measured."""
         return r["workload"] in workloads and (not r["system"].startswith("pykvm-")
                                                or r["system"][len("pykvm-"):] in engines)
-    suites = args.suite or ["boot", "pio", "io", "qcow2", "vhost"]
+    suites = args.suite or SUITES
     samples = 3 if args.quick else 15
     for tool in (QEMU, "fio", "qemu-img"):
         if not shutil.which(tool):
@@ -714,6 +804,7 @@ def main() -> int:
         "io": lambda: bench_io(0.5 if args.quick else 5.0, engines, workloads),
         "qcow2": lambda: bench_qcow2(0.5 if args.quick else 5.0, 1 if args.quick else 5),
         "vhost": lambda: bench_vhost(1.0 if args.quick else 3.0, 1 if args.quick else 5),
+        "mq": lambda: bench_mq(0.5 if args.quick else 3.0, 1 if args.quick else 3),
     }
     # some suites (or some io engines/workloads) only: the latest results of
     # the others stay, marked as older
@@ -748,7 +839,7 @@ def save(runs: list[dict], final: bool) -> None:
     text = json.dumps(result, indent=2) + "\n"
     (RESULTS / "latest.json").write_text(text)
     (RESULTS / f"{_STAMP}.json").write_text(text)
-    md = table(runs) + io_table(runs) + qcow2_table(runs) + vhost_table(runs)
+    md = table(runs) + io_table(runs) + qcow2_table(runs) + vhost_table(runs) + mq_table(runs)
     plot(runs, RESULTS / "latest.png")
     (RESULTS / "latest.md").write_text(md)
     if final:
