@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import struct
+import time
 
 import pytest
 
@@ -567,6 +568,10 @@ def test_per_queue_quiesce_returns_every_request(image, transport):
                 d.submit([d.header(T_IN, 8 * i), d.vq.arena.writable(4096),
                           d.vq.arena.writable(1)], notify=False, queue=k)
             d.t.notify(k)
+        # both threads have taken their 8; quiesce must give every one back
+        deadline = time.monotonic() + 10
+        while r.dev.counters()["requests"] < 16 and time.monotonic() < deadline:
+            time.sleep(0.001)
         assert r.dev.quiesce(10)
         assert [len(vq.reap()) for vq in d.vqs] == [8, 8]
     finally:
