@@ -204,15 +204,21 @@ def make_image(path: pathlib.Path) -> None:
         os.fsync(f.fileno())
 
 
-def io_result(fields: dict, system: str, transport: str, workload: str, m: dict) -> dict:
-    from pykvm import fio
-    d = fio._direction(fields, "read" if fields.get("read_ios") else "write")
+def direction_row(d: dict, system: str, transport: str, workload: str, m: dict) -> dict:
+    """A result row from one direction of a fio-style job (fio's JSON layout)."""
     return {"system": system, "transport": transport, "workload": workload,
             "iops": d["iops"], "bw_bytes": d["bw_bytes"],
-            "lat_ns_p50": d["lat_ns"]["percentile"]["50.000000"],
-            "lat_ns_p99": d["lat_ns"]["percentile"]["99.000000"],
+            "lat_ns_p50": d["clat_ns"]["percentile"]["50.000000"],
+            "lat_ns_p99": d["clat_ns"]["percentile"]["99.000000"],
             "host_cpu_s": m["host_cpu_s"], "others_cpu_s": m["others_cpu_s"],
             "ios": d["total_ios"]}
+
+
+def io_result(fields: dict, system: str, transport: str, workload: str, m: dict) -> dict:
+    """A result row from the workload guest's result line (QEMU runs)."""
+    from pykvm import fio
+    d = fio._direction(fields, "read" if fields.get("read_ios") else "write")
+    return direction_row(d, system, transport, workload, m)
 
 
 HUGEPAGES = pathlib.Path("/proc/sys/vm/nr_hugepages")
@@ -322,12 +328,7 @@ def fio_row(m: dict, system: str, transport: str, workload: str) -> dict:
     """A result row from the output of `pykvm fio --output-format=json` or fio."""
     job = json.loads(m["stdout"])["jobs"][0]
     d = job["read"] if job["read"]["total_ios"] else job["write"]
-    return {"system": system, "transport": transport, "workload": workload,
-            "iops": d["iops"], "bw_bytes": d["bw_bytes"],
-            "lat_ns_p50": d["clat_ns"]["percentile"]["50.000000"],
-            "lat_ns_p99": d["clat_ns"]["percentile"]["99.000000"],
-            "host_cpu_s": m["host_cpu_s"], "others_cpu_s": m["others_cpu_s"],
-            "ios": d["total_ios"]}
+    return direction_row(d, system, transport, workload, m)
 
 
 MQ_WORKLOADS = {

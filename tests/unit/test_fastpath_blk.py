@@ -292,24 +292,33 @@ def test_pci_masked_vector_is_forwarded_and_left_pending(image):
         r.close()
 
 
+def mask_then_unmask(r, queue):
+    """The guest masks ``queue``'s MSI-X vector (and the transport tells the
+    device), a request completes: the interrupt is left pending, not sent;
+    unmasked, it is delivered."""
+    from pykvm.virtio.transport import pci as P
+    d, fn = r.drv, r.t
+    vector = 1 + queue
+    fn.bar_write(P.MSIX_TABLE + 16 * vector + 12, 4, 1)
+    r.dev.interrupts_changed()                            # (the transport's hook)
+    vq = d.vqs[queue]
+    vq.set_used_event(vq.last_used)
+    d.submit([d.header(T_IN, 0), d.vq.arena.writable(512), d.vq.arena.writable(1)], queue=queue)
+    for _ in range(500):
+        if fn.msix.pending & 1 << vector:
+            break
+        time.sleep(0.01)
+    assert fn.msix.pending & 1 << vector and not wait_fd(d.t.interrupt_fd(queue), 0.1)
+    fn.bar_write(P.MSIX_TABLE + 16 * vector + 12, 4, 0)
+    r.dev.interrupts_changed()
+    assert wait_fd(d.t.interrupt_fd(queue), 5)            # the pending one, on unmask
+
+
 def test_vector_masked_later_is_forwarded_once_the_device_is_told(image):
     r = Rig(image, "pci")
     try:
-        d, fn = r.drv, r.t
-        from pykvm.virtio.transport import pci as P
-        fn.bar_write(P.MSIX_TABLE + 16 * 1 + 12, 4, 1)    # the guest masks the vector
-        r.dev.interrupts_changed()                        # (the transport's hook)
-        d.vq.set_used_event(d.vq.last_used)
-        d.submit([d.header(T_IN, 0), d.vq.arena.writable(512), d.vq.arena.writable(1)])
-        import time
-        for _ in range(500):
-            if fn.msix.pending & 2:
-                break
-            time.sleep(0.01)
-        assert fn.msix.pending & 2 and not wait_fd(d.t.interrupt_fd(0), 0.1)
-        fn.bar_write(P.MSIX_TABLE + 16 * 1 + 12, 4, 0)
-        r.dev.interrupts_changed()
-        assert wait_fd(d.t.interrupt_fd(0), 5)            # the pending one, on unmask
+        d = r.drv
+        mask_then_unmask(r, 0)
         d.vq.reap()
         d.vq.set_used_event(d.vq.last_used)
         d.submit([d.header(T_IN, 0), d.vq.arena.writable(512), d.vq.arena.writable(1)])
@@ -538,23 +547,8 @@ def test_per_queue_punts_and_logs_come_back_on_their_queue(image, transport, cap
 def test_per_queue_masked_vector_is_forwarded(image):
     r = Rig(image, "pci", num_queues=3, iothread="queue")
     try:
-        d, fn = r.drv, r.t
-        from pykvm.virtio.transport import pci as P
-        fn.bar_write(P.MSIX_TABLE + 16 * 3 + 12, 4, 1)    # mask queue 2's vector
-        r.dev.interrupts_changed()
-        vq = d.vqs[2]
-        vq.set_used_event(vq.last_used)
-        d.submit([d.header(T_IN, 0), d.vq.arena.writable(512), d.vq.arena.writable(1)], queue=2)
-        import time
-        for _ in range(500):
-            if fn.msix.pending & 8:
-                break
-            time.sleep(0.01)
-        assert fn.msix.pending & 8 and not wait_fd(d.t.interrupt_fd(2), 0.1)
-        fn.bar_write(P.MSIX_TABLE + 16 * 3 + 12, 4, 0)
-        r.dev.interrupts_changed()
-        assert wait_fd(d.t.interrupt_fd(2), 5)
-        assert len(vq.reap()) == 1
+        mask_then_unmask(r, 2)
+        assert len(r.drv.vqs[2].reap()) == 1
     finally:
         r.close()
 
