@@ -302,11 +302,11 @@ def _bench_io(runtime: float, engines: list[str], workloads: dict, rounds: int,
 
 
 def qemu_io_cmd(img: pathlib.Path, aio: str, transport: str, guest_opts: str,
-                queues: int = 1) -> list[str]:
-    """QEMU running the workload guest on ``img`` (cache=none, ``aio``, one
-    iothread): microvm with virtio-blk-device for mmio, pc with
+                queues: int = 1, fmt: str = "raw") -> list[str]:
+    """QEMU running the workload guest on ``img`` (format ``fmt``, cache=none,
+    ``aio``, one iothread): microvm with virtio-blk-device for mmio, pc with
     virtio-blk-pci for pci; ``queues`` request queues."""
-    drive = f"id=d0,file={img},format=raw,if=none,cache=none,aio={aio}"
+    drive = f"id=d0,file={img},format={fmt},if=none,cache=none,aio={aio}"
     common = ["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "256M",
               "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
               "-device", "isa-debug-exit,iobase=0x501,iosize=1",
@@ -431,17 +431,6 @@ def bench_qcow2(runtime: float, samples: int) -> list[dict]:
         return PYKVM + ["fio", "--disk", disk, f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}",
                         f"--runtime={runtime:g}", "--output-format=json"]
 
-    def row(system, workload, m, job=None, fields=None):
-        if job is None:
-            d = fio._direction(fields, "read" if fields.get("read_ios") else "write")
-        else:
-            d = job["read"] if job["read"]["total_ios"] else job["write"]
-        return {"system": system, "transport": "mmio", "workload": workload, "iops": d["iops"],
-                "bw_bytes": d["bw_bytes"], "lat_ns_p50": d["clat_ns"]["percentile"]["50.000000"],
-                "lat_ns_p99": d["clat_ns"]["percentile"]["99.000000"],
-                "host_cpu_s": m["host_cpu_s"], "others_cpu_s": m["others_cpu_s"],
-                "ios": d["total_ios"]}
-
     # allocated clusters: same content and engine, raw vs qcow2 (Python path and C
     # path), alternated, the median of up to 3
     for engine in ("python", "io_uring"):
@@ -450,8 +439,8 @@ def bench_qcow2(runtime: float, samples: int) -> list[dict]:
             for fmt, path in (("raw", img), ("qcow2", qimg)):
                 disk = f"file={path},format={fmt},cache=none,aio={engine}"
                 m = measure(pykvm_fio(disk, "randread", 4096, 32), 0)
-                got[fmt].append(row(f"pykvm-{engine}-{fmt}", "qcow2-randread-4k-qd32", m,
-                                    job=json.loads(m["stdout"])["jobs"][0]))
+                got[fmt].append(fio_row(m, f"pykvm-{engine}-{fmt}", "mmio",
+                                        "qcow2-randread-4k-qd32"))
         runs += [median_row(rows, "iops") for rows in got.values()]
     # allocating sequential writes into an empty qcow2, pykvm (its default engine)
     # vs QEMU, alternated, the median of up to 3: one pass over a 4 GiB image
@@ -460,15 +449,8 @@ def bench_qcow2(runtime: float, samples: int) -> list[dict]:
     # each 1 MiB block would measure the guest's CPU
     target = RESULTS.parent / "bench-alloc.qcow2"
     alloc_size, alloc_ios = (1 << 30, 1024) if runtime < 1 else (4 << 30, 4096)
-    cmd = [QEMU, "-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "256M",
-           "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
-           "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-object", "iothread,id=io0",
-           "-drive", f"id=d0,file={target},format=qcow2,if=none,cache=none,aio=io_uring",
-           "-global", "virtio-mmio.force-legacy=false",
-           "-device", "virtio-blk-device,drive=d0,iothread=io0",
-           "-kernel", str(GUESTS / "workload.elf"),
-           "-append", f"virtio_mmio.device=512@0xfeb02e00:47 rw=write bs={1 << 20} iodepth=8 "
-                      f"ios={alloc_ios} tsc_khz={tsc} refill=0"]
+    cmd = qemu_io_cmd(target, "io_uring", "mmio", f"rw=write bs={1 << 20} iodepth=8 "
+                      f"ios={alloc_ios} tsc_khz={tsc} refill=0", fmt="qcow2")
     pykvm_alloc = PYKVM + ["fio", "--disk", f"file={target},format=qcow2,cache=none", "--rw=write",
                            f"--bs={1 << 20}", "--iodepth=8", f"--ios={alloc_ios}", "--no-refill",
                            "--output-format=json"]
@@ -476,12 +458,11 @@ def bench_qcow2(runtime: float, samples: int) -> list[dict]:
     for _ in range(min(samples, 3)):
         fresh_qcow2(target, alloc_size)
         m = measure(pykvm_alloc, 0)
-        alloc["pykvm"].append(row("pykvm", "qcow2-alloc-seqwrite-1m-qd8", m,
-                                  job=json.loads(m["stdout"])["jobs"][0]))
+        alloc["pykvm"].append(fio_row(m, "pykvm", "mmio", "qcow2-alloc-seqwrite-1m-qd8"))
         fresh_qcow2(target, alloc_size)
         m = measure(cmd, 1)
-        alloc["qemu"].append(row("qemu", "qcow2-alloc-seqwrite-1m-qd8", m,
-                                 fields=fio.parse_result(m["stdout"])))
+        alloc["qemu"].append(io_result(fio.parse_result(m["stdout"]), "qemu", "mmio",
+                                       "qcow2-alloc-seqwrite-1m-qd8", m))
     runs += [median_row(rows, "bw_bytes") for rows in alloc.values()]
     target.unlink(missing_ok=True)
     return runs + bench_convert(samples)

@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a virtio-blk disk: file=PATH[,format=raw][,transport=mmio|pci]"
                           "[,cache=...][,aio=python|threads|native|io_uring][,readonly=on]"
                           "[,discard=ignore|unmap]"
-                          "[,detect-zeroes=off|on|unmap][,serial=S][,poll-max-ns=N][,irq-coalesce-ns=N] "
-                          "(repeatable)")
+                          "[,detect-zeroes=off|on|unmap][,serial=S][,poll-max-ns=N]"
+                          "[,irq-coalesce-ns=N][,queues=N][,iothread=device|queue] (repeatable)")
     _common_vm_args(run)
 
     fio = sub.add_parser("fio", help="run the workload guest against a disk, print fio's output")
@@ -162,6 +162,7 @@ def cmd_run(args) -> int:
 def cmd_fio(args) -> int:
     from . import fio
     from .virtio.blk import MAX_QUEUES
+    from .virtio.device import counters_summary
 
     kernel = args.kernel or os.path.join(GUEST_DIR, "workload.elf")
     if not os.path.exists(kernel):
@@ -202,9 +203,7 @@ def cmd_fio(args) -> int:
     else:
         print(fio.to_normal(r))
         if stats:
-            s = stats[0]
-            shown = ("requests", "batches", "interrupts", "interrupts_suppressed", "punts", "errors")
-            print("  device: " + ", ".join(f"{k}={s[k]}" for k in shown if k in s))
+            print("  device: " + counters_summary(stats[0]))
     return result.status if result.status is not None else 1
 
 

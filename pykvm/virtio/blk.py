@@ -194,12 +194,15 @@ class VirtioBlk(VirtioDevice):
         if self._fast is not None:
             return self._fast.quiesce(timeout)
         if self._thread is not None:
-            os.eventfd_write(self._stop_fd, 1)
-            self._thread.join()
-            self._thread = None
-            self.threads = ()
+            self._stop_thread()
             self._complete(self.backend.drain())
         return True
+
+    def _stop_thread(self) -> None:
+        os.eventfd_write(self._stop_fd, 1)
+        self._thread.join()
+        self._thread = None
+        self.threads = ()
 
     def reset(self) -> None:
         """Stop serving. The queues keep their final indices (a vhost-user
@@ -215,10 +218,7 @@ class VirtioBlk(VirtioDevice):
             self._fast = None
             self.threads = ()
         if self._thread is not None:
-            os.eventfd_write(self._stop_fd, 1)
-            self._thread.join()
-            self._thread = None
-            self.threads = ()
+            self._stop_thread()
         # In-flight I/O may still be writing into guest memory: wait for it,
         # and drop the results (the queues are about to be reset).
         self.backend.drain()

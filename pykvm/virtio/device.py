@@ -22,6 +22,15 @@ import threading
 
 from .queue import QueueError, SplitQueue
 
+# the device counters a one-line summary shows (pykvm fio, pykvm serve -v)
+SUMMARY_COUNTERS = ("requests", "batches", "interrupts", "interrupts_suppressed", "punts",
+                    "errors")
+
+
+def counters_summary(counters: dict) -> str:
+    """'requests=N, batches=N, ...' for the SUMMARY_COUNTERS a device keeps."""
+    return ", ".join(f"{k}={counters[k]}" for k in SUMMARY_COUNTERS if k in counters)
+
 log = logging.getLogger("pykvm.virtio")
 
 # Device status bits (spec 2.1)

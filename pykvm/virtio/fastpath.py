@@ -460,8 +460,9 @@ class FastPath:
                                 lib.pykvm_blk_punt_release(entry)
                     elif fd in forward_fds:
                         _drain(fd)
-                        group = self._groups[forward_fds[fd]]
-                        mask = lib.pykvm_blk_take_forwarded(self._blks[forward_fds[fd]])
+                        g = forward_fds[fd]
+                        group = self._groups[g]
+                        mask = lib.pykvm_blk_take_forwarded(self._blks[g])
                         for k in range(len(group)):
                             if mask >> k & 1:
                                 self._forward(group[k])

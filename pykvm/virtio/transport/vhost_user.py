@@ -37,7 +37,7 @@ import threading
 
 from ...errors import ConfigError, PykvmError
 from ...memory import FdMemory
-from ..device import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, Interrupt
+from ..device import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, Interrupt, counters_summary
 from ..queue import INFLIGHT_DESC, INFLIGHT_HEADER, QueueError, SplitQueue
 
 log = logging.getLogger("pykvm.vhost-user")
@@ -298,10 +298,8 @@ class VhostUserSession:
         """The connection is over: stop the device, unmap, close what we hold."""
         self._stop()
         if log.isEnabledFor(logging.INFO) and hasattr(self.device, "counters"):
-            c = self.device.counters()
-            log.info("%s: device counters: %s", self.name, ", ".join(
-                f"{k}={c[k]}" for k in ("requests", "batches", "interrupts",
-                                        "interrupts_suppressed", "punts", "errors") if k in c))
+            log.info("%s: device counters: %s", self.name,
+                     counters_summary(self.device.counters()))
         self.device.reset()
         with self._err_lock:
             for ring in self.rings:
