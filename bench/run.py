@@ -241,7 +241,7 @@ def reserve_hugepages(n: int) -> int | None:
 
 def bench_io(runtime: float, engines: list[str], workloads: dict, rounds: int) -> list[dict]:
     # Host fio's buffers sit in huge pages, as the guests' RAM does (DESIGN.md): from
-    # 4 KiB pages, 256K random reads measured 1.3-1.4 GB/s here against 3.3 GB/s from
+    # 4 KiB pages, 256K random reads measured 1.3-1.6 GB/s here against 3.3 GB/s from
     # huge pages, for fio on the host and for pykvm alike
     old_huge = reserve_hugepages(16)
     try:
