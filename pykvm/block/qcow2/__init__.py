@@ -29,9 +29,9 @@ import struct
 import time
 import zlib
 
-from .driver import (BlockDriver, BlockError, DirectExtent, Extent, WriteBusy, WritePlan,
-                     open_image, pread_full, pwrite_full, read_into, register)
-from .raw import PUNCH, fallocate, open_file, preallocate
+from ..driver import (BlockDriver, BlockError, DirectExtent, Extent, WriteBusy, WritePlan,
+                      open_image, pread_full, pwrite_full, read_into, register)
+from ..raw import PUNCH, fallocate, open_file, preallocate
 
 
 def _zstd():
