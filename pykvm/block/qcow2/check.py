@@ -1,0 +1,175 @@
+"""qcow2 consistency check and repair (as ``qemu-img check``): every host
+cluster's references counted from the metadata of docs/interop/qcow2.txt
+(header, refcount table and blocks, L1/L2 tables of the image and its
+snapshots, snapshot table, the "Bitmaps" directory and tables) against its
+refcount; leaks and corruptions repaired. And ``info()``'s format data."""
+from __future__ import annotations
+
+import collections
+import os
+import struct
+
+from ..driver import BlockError
+from .header import (COMPAT_LAZY, COMPRESSED, COPIED, INCOMPAT_CORRUPT, MAX_L1_BYTES,
+                     OFFSET_MASK, REFT_MASK, ZERO)
+
+
+class CheckRepair:
+    """check (and repair) of the refcounts against the metadata; info."""
+
+    # -- check and repair --------------------------------------------------------------
+
+    def check(self, repair: str | None = None) -> dict:
+        """Count references to every host cluster from the metadata and compare
+        them with the refcounts. repair: None, 'leaks' or 'all'."""
+        cs, cb = self.cluster_size, self.cluster_bits
+        h = self.h
+        nclusters = -(-self.eof // cs)
+        want = collections.Counter()
+        errors = []
+        stats = collections.Counter()
+
+        def ref(off: int, n: int, what: str) -> bool:
+            if off % cs:
+                errors.append(f"{what} at {off:#x} is not cluster-aligned")
+                return False
+            if off + n * cs > nclusters * cs:
+                errors.append(f"{what} at {off:#x} is past the end of the file")
+                return False
+            for k in range(n):
+                want[off // cs + k] += 1
+            return True
+
+        ref(0, 1, "header")
+        ref(h.rt_offset, h.rt_clusters, "refcount table")
+        for ti, boff in enumerate(self.reftable):
+            boff &= REFT_MASK
+            if boff:
+                ref(boff, 1, f"refcount block {ti}")
+        ref(h.l1_offset, -(-h.l1_size * 8 // cs) or 0, "L1 table")
+        if self.snapshots:
+            ref(h.snapshots_offset, -(-self._snap_len // cs), "snapshot table")
+        trees = [self.l1]
+        for s in self.snapshots:
+            if ref(s.l1_offset, -(-s.l1_size * 8 // cs), f"snapshot {s.name!r} L1 table"):
+                trees.append(self._read_l1(s))
+        seen_l2 = set()
+        for tree_no, l1 in enumerate(trees):
+            for l1e in l1:
+                off = l1e & OFFSET_MASK
+                if not off:
+                    continue
+                if not ref(off, 1, "L2 table"):
+                    continue
+                if tree_no == 0 and l1e & COPIED and self.refcount(off // cs) != 1:
+                    errors.append(f"L2 table at {off:#x} has COPIED set but refcount "
+                                  f"{self.refcount(off // cs)}")
+                try:
+                    table = self._load_l2(off)
+                except BlockError as e:
+                    errors.append(str(e))
+                    continue
+                first_visit = off not in seen_l2
+                seen_l2.add(off)
+                for j in range(0, len(table), self.entry_words):
+                    e = table[j]
+                    if not e:
+                        continue
+                    if e & COMPRESSED:
+                        if first_visit and tree_no == 0:
+                            stats["compressed"] += 1
+                            stats["allocated"] += 1
+                        coff, clen = self._compressed_span(e)
+                        for c in range(coff >> cb, (coff + clen - 1 >> cb) + 1):
+                            if c >= nclusters:
+                                errors.append(f"compressed cluster at {coff:#x} is past the end")
+                                break
+                            want[c] += 1
+                        continue
+                    host = e & OFFSET_MASK
+                    if tree_no == 0 and first_visit and (host or e & COPIED) and \
+                            not (e & ZERO and not self.extl2):
+                        stats["allocated"] += 1
+                    if host and self.data_fd < 0:
+                        ref(host, 1, "data cluster")
+        if h.bitmaps_ext is not None and len(h.bitmaps_ext) >= 24:
+            nb, _, dsize, doff = struct.unpack(">IIQQ", h.bitmaps_ext[:24])
+            if dsize <= (1 << 20) and ref(doff, -(-dsize // cs), "bitmap directory"):
+                d = os.pread(self.mfd, dsize, doff)
+                pos = 0
+                for _ in range(min(nb, 65535)):
+                    if pos + 24 > len(d):
+                        break
+                    toff, tsize, _, _, _, nsize, esize = struct.unpack_from(">QIIBBHI", d, pos)
+                    if tsize * 8 <= MAX_L1_BYTES and ref(toff, -(-tsize * 8 // cs), "bitmap table"):
+                        for be in struct.unpack(f">{tsize}Q", os.pread(self.mfd, tsize * 8, toff)):
+                            if be & OFFSET_MASK:
+                                ref(be & OFFSET_MASK, 1, "bitmap data")
+                    pos += 24 + esize + nsize
+                    pos += -pos % 8
+        # compare
+        leaks, corruptions = [], []
+        top = max([nclusters] + [c + 1 for c in want])
+        bad_blocks = set()
+        for ti, boff in enumerate(self.reftable):
+            boff &= REFT_MASK
+            if boff and (boff % cs or boff + cs > self.eof):
+                bad_blocks.add(ti)
+                errors.append(f"refcount block {ti} at {boff:#x} is misaligned or past the end")
+        for c in range(top):
+            ti = c // self.rb_entries
+            if ti in bad_blocks:
+                if repair == "all" and not self.read_only:
+                    self.reftable[ti] = 0
+                    os.pwrite(self.mfd, bytes(8), h.rt_offset + ti * 8)
+                    bad_blocks.discard(ti)
+                have = 0
+            else:
+                have = self.refcount(c)
+            w = want.get(c, 0)
+            if have > w:
+                leaks.append((c, w))
+            elif have < w:
+                corruptions.append((c, w))
+        for c, w in want.items():
+            if w > self.rc_max:
+                errors.append(f"cluster {c} has {w} references; refcounts overflow")
+        result = {"leaks": len(leaks), "corruptions": len(corruptions) + len(errors),
+                  "errors": errors, "total_clusters": -(-self.size // cs),
+                  "allocated_clusters": stats["allocated"], "compressed_clusters":
+                  stats["compressed"], "image_end_offset": self.eof,
+                  "leaks_fixed": 0, "corruptions_fixed": 0}
+        if repair and not self.read_only:
+            self._claimed |= set(want)
+            try:
+                if repair == "all":
+                    for c, w in corruptions:
+                        self._set_refcount(c, min(w, self.rc_max))
+                    result["corruptions_fixed"] = len(corruptions)
+                for c, w in leaks:
+                    self._set_refcount(c, w)
+                result["leaks_fixed"] = len(leaks)
+            finally:
+                self._claimed.clear()
+            self._free_hint = 1
+            self.flush_metadata()
+            os.fdatasync(self.mfd)
+        return result
+
+    # -- info --------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        h = self.h
+        d = {"compat": "1.1" if h.version >= 3 else "0.10"}
+        if h.version >= 3:
+            d.update({"compression-type": "zstd" if h.compression_type == 1 else "zlib",
+                      "lazy-refcounts": bool(h.compat & COMPAT_LAZY),
+                      "refcount-bits": 1 << h.refcount_order,
+                      "corrupt": bool(h.incompat & INCOMPAT_CORRUPT),
+                      "extended-l2": self.extl2})
+            if self.data_path:
+                d["data-file"] = h.data_file
+                d["data-file-raw"] = self.data_raw
+        else:
+            d.update({"compression-type": "zlib", "refcount-bits": 16})
+        return d
