@@ -73,6 +73,8 @@ def _common_vm_args(p: argparse.ArgumentParser) -> None:
                    help="stop the guest after S seconds (exit 124)")
     p.add_argument("--trace", choices=["exits"], action="append", default=[],
                    help="'exits': print every VM exit and a count per reason at the end")
+    p.add_argument("--verbose", "-v", action="count", default=0,
+                   help="log each disk's block graph at start (-vv: debug messages)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,15 +210,12 @@ def cmd_fio(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import logging
     import signal
 
     from .machine import open_disk
     from .virtio.blk import VirtioBlk
     from .virtio.transport.vhost_user import VhostUserServer
 
-    if args.verbose:
-        logging.getLogger("pykvm").setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
     backend = open_disk(args.disk)
     # No polling unless asked: the front-end's vCPUs run in another process,
     # most likely on the same host CPUs, and a polling back-end takes CPU time
@@ -267,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(_prefix_formatter())
     root = logging.getLogger("pykvm")
     root.addHandler(handler)
-    root.setLevel(logging.WARNING)
+    verbose = getattr(args, "verbose", 0)
+    root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     root.propagate = False
     try:
         if args.command == "run":

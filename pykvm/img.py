@@ -23,7 +23,7 @@ import sys
 import time
 
 from .block import qcow2 as _qcow2  # noqa: F401  (registers the driver)
-from .block.driver import (DRIVERS, ZEROES, BlockError, open_image, pread_full, probe_format,
+from .block.driver import (FORMATS, ZEROES, BlockError, open_image, pread_full, probe_format,
                            pwrite_full, read_into, write_range, write_zeroes_range)
 from .block.qcow2 import Qcow2Driver
 from .block.raw import FALLOC_KEEP_SIZE, RawDriver, fallocate
@@ -110,9 +110,19 @@ def parse_options(fmt: str, text_list: list[str]) -> dict:
 
 def _fmt_of(path: str, fmt: str | None) -> str:
     if fmt:
-        if fmt not in DRIVERS:
-            raise ImgError(f"unknown format {fmt!r} (one of {', '.join(DRIVERS)})")
+        if fmt not in FORMATS:
+            raise ImgError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
         return fmt
+    if path.startswith("json:"):        # options of a whole node: its driver, or probed
+        from .block.graph import parse_json_filename
+        spec = parse_json_filename(path)
+        if spec.get("driver") in FORMATS:
+            return spec["driver"]
+        drv = open_image(path, None, read_only=True, open_backing=False)
+        try:
+            return drv.format_name
+        finally:
+            drv.close()
     if not os.path.exists(path):
         raise ImgError(f"could not open '{path}': No such file or directory")
     return probe_format(path)
@@ -120,10 +130,9 @@ def _fmt_of(path: str, fmt: str | None) -> str:
 
 def _open(path: str, fmt: str | None, writable: bool = False, backing: bool = True, **kw):
     fmt = _fmt_of(path, fmt)
-    if fmt == "qcow2":
-        return Qcow2Driver(path, read_only=not writable, open_backing=backing,
-                           chain=frozenset({os.path.realpath(path)}), **kw)
-    return open_image(path, fmt, read_only=not writable)
+    if fmt != "qcow2":
+        kw.pop("repair", None)
+    return open_image(path, fmt, read_only=not writable, open_backing=backing, **kw)
 
 
 def _human(n: float) -> str:
@@ -190,9 +199,10 @@ def cmd_create(a) -> int:
 def _info_dict(path: str, fmt: str | None) -> dict:
     drv = _open(path, fmt, backing=False)
     try:
-        st = os.stat(path)
+        st = os.stat(drv.filename)
         d = {"virtual-size": drv.size, "filename": path, "format": drv.format_name,
              "actual-size": st.st_blocks * 512, "dirty-flag": False}
+        d["children"] = _children_info(drv)
         if isinstance(drv, Qcow2Driver):
             d["cluster-size"] = drv.cluster_size
             d["dirty-flag"] = bool(drv.h.incompat & 1)
@@ -215,6 +225,44 @@ def _info_dict(path: str, fmt: str | None) -> dict:
         return d
     finally:
         drv.close()
+
+
+def _children_info(node) -> list[dict]:
+    """The protocol and format children of a node (not its backing file, which
+    --backing-chain describes), as qemu-img lists them: name and info."""
+    out = []
+    for role, child in node.children:
+        if role == "backing":
+            continue
+        st = os.fstat(child.fd) if getattr(child, "fd", -1) >= 0 else None
+        info = {"children": _children_info(child), "virtual-size": child.size,
+                "filename": child.filename, "format": child.format_name,
+                "actual-size": st.st_blocks * 512 if st else 0,
+                "format-specific": {"type": child.format_name, "data": {}},
+                "dirty-flag": False}
+        out.append({"name": role, "info": info})
+    return out
+
+
+def _children_lines(children: list[dict], prefix: str = "") -> list[str]:
+    """qemu-img info's "Child node '/file':" sections."""
+    lines = []
+    for c in children:
+        i = c["info"]
+        path = f"{prefix}/{c['name']}"
+        lines.append(f"Child node '{path}':")
+        lines.append(f"    filename: {i['filename']}")
+        if i["format"] in ("file", "host_device"):
+            lines.append(f"    protocol type: {i['format']}")
+            lines.append(f"    file length: {_human(i['virtual-size'])} ({i['virtual-size']} "
+                         f"bytes)")
+        else:
+            lines.append(f"    file format: {i['format']}")
+            lines.append(f"    virtual size: {_human(i['virtual-size'])} "
+                         f"({i['virtual-size']} bytes)")
+        lines.append(f"    disk size: {_human(i['actual-size'])}")
+        lines += _children_lines(i["children"], path)
+    return lines
 
 
 def cmd_info(a) -> int:
@@ -254,6 +302,7 @@ def cmd_info(a) -> int:
             for k, v in d["format-specific"]["data"].items():
                 v = str(v).lower() if isinstance(v, bool) else v
                 lines.append(f"    {k.replace('-', ' ')}: {v}")
+        lines += _children_lines(d["children"])
         print("\n".join(lines))
     return 0
 
@@ -851,6 +900,8 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     c.set_defaults(func=cmd_create)
 
     i = sub.add_parser("info", help="describe an image")
+    i.add_argument("--image-opts", action="store_true",
+                   help="the image names are node options (driver=...,file.filename=...)")
     i.add_argument("-f", metavar="FMT")
     i.add_argument("--output", choices=["human", "json"], default="human")
     i.add_argument("--backing-chain", action="store_true")
@@ -858,6 +909,8 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     i.set_defaults(func=cmd_info)
 
     k = sub.add_parser("check", help="check (and repair) an image's metadata")
+    k.add_argument("--image-opts", action="store_true",
+                   help="the image names are node options (driver=...,file.filename=...)")
     k.add_argument("-f", metavar="FMT")
     k.add_argument("--output", choices=["human", "json"], default="human")
     k.add_argument("-r", choices=["leaks", "all"])
@@ -866,12 +919,16 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     k.set_defaults(func=cmd_check)
 
     m = sub.add_parser("map", help="show where the data of an image lives")
+    m.add_argument("--image-opts", action="store_true",
+                   help="the image names are node options (driver=...,file.filename=...)")
     m.add_argument("-f", metavar="FMT")
     m.add_argument("--output", choices=["human", "json"], default="human")
     m.add_argument("filename")
     m.set_defaults(func=cmd_map)
 
     v = sub.add_parser("convert", help="copy an image, skipping zeroes and holes")
+    v.add_argument("--image-opts", action="store_true",
+                   help="the image names are node options (driver=...,file.filename=...)")
     v.add_argument("-f", metavar="FMT")
     v.add_argument("-O", metavar="OUTPUT_FMT")
     v.add_argument("-o", action="append", default=[], metavar="OPTIONS")
@@ -885,6 +942,8 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     v.set_defaults(func=cmd_convert)
 
     q = sub.add_parser("compare", help="compare the content of two images")
+    q.add_argument("--image-opts", action="store_true",
+                   help="the image names are node options (driver=...,file.filename=...)")
     q.add_argument("-f", metavar="FMT")
     q.add_argument("-F", metavar="FMT2")
     q.add_argument("-s", action="store_true", help="strict: sizes must match")
@@ -895,6 +954,8 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     q.set_defaults(func=cmd_compare)
 
     o = sub.add_parser("commit", help="write an overlay's data into its backing file")
+    o.add_argument("--image-opts", action="store_true",
+                   help="the image names are node options (driver=...,file.filename=...)")
     o.add_argument("-f", metavar="FMT")
     o.add_argument("-d", action="store_true", help="keep the overlay's data")
     o.add_argument("-p", action="store_true")
@@ -903,6 +964,8 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     o.set_defaults(func=cmd_commit)
 
     r = sub.add_parser("rebase", help="change an image's backing file")
+    r.add_argument("--image-opts", action="store_true",
+                   help="the image names are node options (driver=...,file.filename=...)")
     r.add_argument("-f", metavar="FMT")
     r.add_argument("-u", action="store_true", help="unsafe: only change the name")
     r.add_argument("-p", action="store_true")
@@ -913,6 +976,8 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     r.set_defaults(func=cmd_rebase)
 
     z = sub.add_parser("resize", help="change an image's virtual size")
+    z.add_argument("--image-opts", action="store_true",
+                   help="the image names are node options (driver=...,file.filename=...)")
     z.add_argument("-f", metavar="FMT")
     z.add_argument("--shrink", action="store_true")
     z.add_argument("-q", action="store_true")
@@ -921,6 +986,8 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     z.set_defaults(func=cmd_resize)
 
     s = sub.add_parser("snapshot", help="list, create, apply or delete internal snapshots")
+    s.add_argument("--image-opts", action="store_true",
+                   help="the image names are node options (driver=...,file.filename=...)")
     s.add_argument("-f", metavar="FMT")
     s.add_argument("-l", action="store_true")
     s.add_argument("-c", metavar="NAME")
@@ -943,6 +1010,7 @@ def _fast_convert_args(argv: list[str]):
         return None
     import types
     a = types.SimpleNamespace(f=None, O=None, o=[], c=False, p=False, q=False, B=None, F=None,
+                              image_opts=False,
                               func=cmd_convert, img_command="convert")
     names = []
     i = 1
@@ -971,16 +1039,47 @@ def _fast_convert_args(argv: list[str]):
     return a
 
 
+IMAGE_ARGS = ("filename", "src", "img1", "img2")
+
+
+def _image_opts(args) -> None:
+    """--image-opts: each image argument is a node's options in QEMU's dotted
+    form (driver=qcow2,file.filename=a.qcow2); they become json: names, which
+    every subcommand opens as it opens a file name."""
+    import json
+
+    from .block.graph import nest, split_commas
+    if getattr(args, "f", None):
+        raise ImgError("--image-opts and -f are mutually exclusive (the options name the "
+                       "driver)")
+    for key in IMAGE_ARGS:
+        text = getattr(args, key, None)
+        if text is None:
+            continue
+        flat = {}
+        for item in split_commas(text):
+            k, eq, v = item.partition("=")
+            if not eq:
+                raise ImgError(f"--image-opts: '{item}' is not KEY=VALUE")
+            flat[k] = v
+        spec = nest(flat, f"--image-opts {text}")
+        if "filename" in spec and "driver" not in spec:
+            spec = {"file": {"driver": "file", "filename": spec.pop("filename")}, **spec}
+        setattr(args, key, "json:" + json.dumps(spec))
+
+
 def cmd_img(args) -> int:
     """Run a parsed ``pykvm img`` command; errors print one line and give the exit code."""
     try:
+        if getattr(args, "image_opts", False):
+            _image_opts(args)
         return args.func(args)
     except ImgError as e:
         print(f"pykvm img: {e}", file=sys.stderr)
         return e.exit_status
     except BlockError as e:
         print(f"pykvm img: {e}", file=sys.stderr)
-        return 2 if args.img_command == "compare" else 1
+        return 2 if args.img_command == "compare" else e.exit_status
     except OSError as e:
         print(f"pykvm img: {e.filename or ''}: {e.strerror}", file=sys.stderr)
         return 2 if args.img_command == "compare" else 1

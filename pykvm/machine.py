@@ -40,19 +40,27 @@ def host_is_pvm() -> bool:
 
 
 class DiskSpec:
-    """One --disk, in QEMU's -drive syntax (README.md, "Disks")."""
+    """One --disk, in QEMU's -drive syntax (README.md, "Disks"): the device's
+    options (transport, serial, queues, ...), the backend's (cache, aio,
+    readonly, discard, detect-zeroes) and the block graph's: ``file=``,
+    ``format=`` (or ``driver=``), a format's own options (``offset=``,
+    ``l2-cache-size=``, ...) and its children's as dotted options
+    (``file.filename=``, ``backing.file.filename=``, ``data-file=``), or a
+    ``json:{...}`` filename; ``self.node`` holds them nested (block.graph)."""
 
     TRANSPORTS = ("mmio", "pci")
     AIO = ("python", "threads", "native", "io_uring")
-    KEYS = ("file", "format", "transport", "cache", "aio", "readonly", "discard", "detect-zeroes",
+    KEYS = ("transport", "cache", "aio", "readonly", "discard", "detect-zeroes",
             "serial", "poll-max-ns", "irq-coalesce-ns", "queues", "iothread")
 
-    def __init__(self, file: str, format: str | None = None, transport: str = "mmio",
+    def __init__(self, file: str = "", format: str | None = None, transport: str = "mmio",
                  cache: str = "writeback", aio: str | None = None, readonly: bool = False,
                  discard: str = "unmap", serial: str = "", detect_zeroes: str = "off",
                  poll_max_ns: int | None = None, irq_coalesce_ns: int | None = None,
-                 queues: int = 1, iothread: str = "device"):
-        self.file = file
+                 queues: int = 1, iothread: str = "device", node: dict | None = None):
+        from .block.graph import image_spec
+        self.node = node if node is not None else image_spec(file, format)
+        self.file = file or _node_filename(self.node)   # for messages
         self.format = format
         self.transport = transport
         self.cache = cache
@@ -69,21 +77,34 @@ class DiskSpec:
     @classmethod
     def parse(cls, text: str) -> "DiskSpec":
         """'file=PATH,format=raw,...' or a bare path; raises ConfigError."""
-        from .block import CACHE_MODES, DISCARD_MODES
+        from .block import CACHE_MODES, DISCARD_MODES, BlockError
+        from .block.graph import image_spec, nest, split_commas
         opts: dict[str, str] = {}
-        for i, item in enumerate(_split_commas(text)):
+        node: dict[str, str] = {}
+        for i, item in enumerate(split_commas(text)):
             key, eq, value = item.partition("=")
             if not eq:
                 if i == 0:
                     key, value = "file", item
                 else:
                     raise ConfigError(f"--disk {text}: '{item}' is not KEY=VALUE")
-            if key not in cls.KEYS:
-                raise ConfigError(f"--disk {text}: unknown option '{key}' "
-                                  f"(one of {', '.join(cls.KEYS)})")
-            opts[key] = value
-        if not opts.get("file"):
+            if key in cls.KEYS:
+                opts[key] = value
+            else:
+                node["driver" if key == "format" else key] = value
+        if not node.get("file") and not any(k.startswith("file.") for k in node):
             raise ConfigError(f"--disk {text}: no file given")
+        if "file" in node and any(k.startswith("file.") for k in node) and \
+                not node["file"].startswith("json:"):
+            # -drive file=PATH,file.locking=off: PATH is the file node's filename
+            node["file.filename"] = node.pop("file")
+        try:
+            nested = nest(node, f"--disk {text}")
+            file = nested.get("file")
+            spec = image_spec(file, None) if isinstance(file, str) and \
+                file.startswith("json:") and len(nested) == 1 else nested
+        except BlockError as e:
+            raise ConfigError(f"--disk {text}: {e.why}") from None
 
         def choice(key, allowed, default):
             value = opts.get(key, default)
@@ -95,6 +116,13 @@ class DiskSpec:
         readonly = choice("readonly", ("on", "off"), "off") == "on"
         cache = choice("cache", tuple(CACHE_MODES), "writeback")
         aio = choice("aio", cls.AIO, None) if "aio" in opts else None
+        file_aio = spec.get("file", {}).get("aio") if isinstance(spec.get("file"), dict) \
+            else None
+        if aio is None and file_aio is not None:
+            aio = file_aio
+            if aio not in cls.AIO:
+                raise ConfigError(f"--disk {text}: file.aio={aio} is not one of "
+                                  f"{', '.join(cls.AIO)}")
         if aio not in (None, "python"):
             from .aio.native import EngineUnavailable, check_engine
             try:
@@ -115,7 +143,7 @@ class DiskSpec:
         if not queues.isdigit() or not 1 <= int(queues) <= MAX_QUEUES:
             raise ConfigError(f"--disk {text}: queues={queues} is not a number from 1 to "
                               f"{MAX_QUEUES}")
-        return cls(file=opts["file"], format=opts.get("format"),
+        return cls(node=spec, format=spec.get("driver"),
                    transport=choice("transport", cls.TRANSPORTS, "mmio"),
                    cache=cache, aio=aio, readonly=readonly,
                    discard=choice("discard", DISCARD_MODES, "unmap"),
@@ -125,40 +153,39 @@ class DiskSpec:
                    iothread=choice("iothread", IOTHREADS, "device"))
 
 
-def open_disk(spec: DiskSpec):
-    """The BlockBackend of a --disk: its image, cache mode and AIO engine (no
-    aio= given: the fastest engine that works here, with one log line when
-    that is not the first choice)."""
+def _node_filename(node) -> str:
+    """The file at the bottom of a node description (for messages)."""
+    while isinstance(node, dict):
+        if "filename" in node:
+            return str(node["filename"])
+        node = node.get("file")
+    return str(node or "")
+
+
+def open_disk(spec: DiskSpec, name: str = "disk0"):
+    """The BlockBackend of a --disk: its block graph (root node ``name``),
+    cache mode and AIO engine (no aio= given: the fastest engine that works
+    here, with one log line when that is not the first choice)."""
     from .aio.native import default_engine, open_engine
     from .block import CACHE_MODES, BlockBackend
 
+    import logging
+
+    from .block.graph import tree_lines
     direct = CACHE_MODES[spec.cache].direct
     engine = open_engine(spec.aio or default_engine(direct), direct)
     try:
-        return BlockBackend(spec.file, fmt=spec.format, cache=spec.cache,
-                            read_only=spec.readonly, discard=spec.discard,
-                            detect_zeroes=spec.detect_zeroes, engine=engine)
+        backend = BlockBackend(spec.node, cache=spec.cache, read_only=spec.readonly,
+                               discard=spec.discard, detect_zeroes=spec.detect_zeroes,
+                               engine=engine, name=name)
     except BaseException:
         engine.close()
         raise
-
-
-def _split_commas(text: str) -> list[str]:
-    """Split on commas, where ',,' stands for a literal comma (as in QEMU)."""
-    items, cur, i = [], "", 0
-    while i < len(text):
-        if text[i] == ",":
-            if text[i + 1:i + 2] == ",":
-                cur += ","
-                i += 2
-                continue
-            items.append(cur)
-            cur = ""
-        else:
-            cur += text[i]
-        i += 1
-    items.append(cur)
-    return items
+    log = logging.getLogger("pykvm.block")
+    if log.isEnabledFor(logging.INFO):
+        for line in tree_lines(backend.root):
+            log.info("%s", line)
+    return backend
 
 
 class MachineConfig:
@@ -301,7 +328,7 @@ class Machine:
         pci_host = None
         next_pci_bar = PCI_MMIO_START
         for i, spec in enumerate(specs):
-            backend = open_disk(spec)
+            backend = open_disk(spec, name=f"disk{i}")
             dev = VirtioBlk(backend, serial=spec.serial or f"pykvm-disk{i}", name=f"virtio-blk{i}",
                             poll_max_ns=spec.poll_max_ns, irq_coalesce_ns=spec.irq_coalesce_ns,
                             num_queues=spec.queues, iothread=spec.iothread)

@@ -1,14 +1,17 @@
-"""The block layer: BlockBackend (device-facing), the driver registry, cache modes.
+"""The block layer: BlockBackend (device-facing root), the graph of nodes
+below it (graph.py builds it from QEMU's options), the driver registry,
+cache modes.
 
 The drivers are imported (and registered) at once; the backend, which pulls in
 the AIO engines, only when one of its names is first used (``pykvm img`` never
 needs it)."""
-from . import qcow2, raw  # noqa: F401  (register the drivers)
-from .driver import (DRIVERS, BlockDriver, BlockError, Extent, iov_slice, open_image,
-                     probe_format)
+from . import file, qcow2, raw  # noqa: F401  (register the drivers)
+from .driver import (DRIVERS, FORMATS, BlockDriver, BlockError, Extent, GraphError, iov_slice,
+                     open_image, probe_format)
 
 __all__ = ["BlockBackend", "CacheMode", "CACHE_MODES", "DETECT_ZEROES_MODES", "DISCARD_MODES",
-           "DRIVERS", "BlockDriver", "BlockError", "Extent", "iov_slice", "open_image",
+           "DRIVERS", "FORMATS", "BlockDriver", "BlockError", "Extent", "GraphError",
+           "iov_slice", "open_image",
            "probe_format"]
 
 _BACKEND_NAMES = ("BlockBackend", "CacheMode", "CACHE_MODES", "DETECT_ZEROES_MODES",

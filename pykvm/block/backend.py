@@ -47,8 +47,9 @@ import time
 
 from .._native import ffi, lib
 from ..aio import FALLOCATE, FLUSH, READ, WRITE, AioRequest, PythonEngine
-from .driver import (DRIVERS, ZERO_CHUNK, BlockError, WriteBusy, iov_copy_in,
-                     iov_is_zero, iov_length, iov_slice, iov_zero, open_image, probe_format)
+from .driver import (FORMATS, ZERO_CHUNK, BlockError, WriteBusy, iov_copy_in, iov_is_zero,
+                     iov_length, iov_slice, iov_zero)
+from .graph import image_spec, open_node
 
 log = logging.getLogger("pykvm.block")
 
@@ -88,27 +89,37 @@ class _Pending:
 
 
 class BlockBackend:
-    def __init__(self, path: str, fmt: str | None = None, cache: str = "writeback",
+    """The device-facing root of one disk's block graph.
+
+    ``image``: what to open, in QEMU's spellings (graph.py): a filename (the
+    format probed unless ``fmt`` is given), a ``json:{...}`` filename, or the
+    nested options of the root node. ``name`` names the root node (``disk0``;
+    its children are ``disk0/file``, ...). ``self.root`` is the graph's root;
+    ``self.driver`` the node that maps guest ranges (the root, or the node
+    below the root's filters)."""
+
+    def __init__(self, image, fmt: str | None = None, cache: str = "writeback",
                  read_only: bool = False, discard: str = "unmap", engine=None,
-                 detect_zeroes: str = "off", l2_cache_size: int | None = None):
+                 detect_zeroes: str = "off", name: str = ""):
+        what = image if isinstance(image, str) else f"node '{name}'"
         if cache not in CACHE_MODES:
-            raise BlockError(path, f"unknown cache mode {cache!r} (one of {', '.join(CACHE_MODES)})")
+            raise BlockError(what, f"unknown cache mode {cache!r} (one of {', '.join(CACHE_MODES)})")
         if discard not in DISCARD_MODES:
-            raise BlockError(path, f"unknown discard mode {discard!r} (ignore or unmap)")
+            raise BlockError(what, f"unknown discard mode {discard!r} (ignore or unmap)")
         if detect_zeroes not in DETECT_ZEROES_MODES:
-            raise BlockError(path, f"unknown detect-zeroes mode {detect_zeroes!r} "
+            raise BlockError(what, f"unknown detect-zeroes mode {detect_zeroes!r} "
                              f"(off, on or unmap)")
+        if fmt is not None and fmt not in FORMATS:
+            raise BlockError(what, f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
         self.cache = CACHE_MODES[cache]
         self.cache_name = cache
-        probed = fmt is None
-        fmt = fmt or probe_format(path)
-        if fmt not in DRIVERS:
-            raise BlockError(path, f"unknown format {fmt!r} (one of {', '.join(DRIVERS)})")
-        opts = {"l2_cache_size": l2_cache_size} if l2_cache_size is not None and \
-            DRIVERS[fmt].supports_backing else {}
-        self.driver = open_image(path, fmt, read_only=read_only, direct=self.cache.direct, **opts)
-        self.format = fmt
-        self.path = path
+        spec = image_spec(image, fmt)
+        self.root = open_node(spec, read_only=read_only, direct=self.cache.direct, name=name)
+        self.driver = self.root
+        while self.driver.kind == "filter":
+            self.driver = self.driver.file
+        self.format = self.driver.format_name
+        self.path = self.driver.filename
         self.read_only = read_only
         self.discard_mode = discard
         self.detect_zeroes = detect_zeroes
@@ -116,8 +127,10 @@ class BlockBackend:
         self.write_cache = self.cache.writeback
         # A guest must not turn a probed raw image into another format (whose
         # header could name a host file as its backing file): QEMU's rule.
-        self._guard_sector0 = probed and fmt == "raw"
+        self._guard_sector0 = self.driver.probed and self.format == "raw"
         self._fast = self.driver.identity_mapped
+        # a block device's discard is BLKDISCARD (the node's), not a hole punched
+        self._fast_discard = self._fast and not getattr(self.driver, "is_block_device", False)
         self.engine = engine or PythonEngine()
         self.notifier = self.engine.notifier
         self.align = self._probe_alignment() if self.cache.direct else 1
@@ -259,6 +272,10 @@ class BlockBackend:
                 return False
         return True
 
+    def _warn(self, e: BlockError) -> None:
+        """An error of a request, in one line that names the node."""
+        log.warning("%s: %s", self.driver.describe(), e)
+
     def _flush_needed(self) -> bool:
         return not self.write_cache and not self.cache.no_flush
 
@@ -291,7 +308,7 @@ class BlockBackend:
         try:
             self._map_read(self.driver, offset, run, reqs)
         except BlockError as e:
-            log.warning("%s", e)
+            self._warn(e)
             if bounce:
                 bounce.close()
             self._complete_now(token, -errno.EIO)
@@ -384,7 +401,7 @@ class BlockBackend:
             self._deferred.append(("write", token, offset, iov))
             return
         except BlockError as e:
-            log.warning("%s", e)
+            self._warn(e)
             if bounce:
                 bounce.close()
             self._complete_now(token, -errno.EIO)
@@ -402,7 +419,7 @@ class BlockBackend:
 
     def _writes_foreign_header(self, iov) -> bool:
         head = bytes(_joined(iov_slice(iov, 0, min(4096, iov_length(iov)))))
-        return any(cls.probe(head, self.path) > 1 for name, cls in DRIVERS.items()
+        return any(cls.probe(head, self.path) > 1 for name, cls in FORMATS.items()
                    if name != "raw")
 
     def flush(self, token: int) -> None:
@@ -418,7 +435,7 @@ class BlockBackend:
         try:
             self.driver.flush_metadata()
         except (BlockError, OSError) as e:
-            log.warning("%s: flushing metadata: %s", self.path, e)
+            log.warning("%s: flushing metadata: %s", self.driver.describe(), e)
             p.result = -errno.EIO
         fds = self.driver.sync_fds
         p.remaining = len(fds)
@@ -434,7 +451,7 @@ class BlockBackend:
         if self.discard_mode == "ignore" or length == 0:
             self._complete_now(token, 0)
             return
-        if self._fast:
+        if self._fast_discard:
             p = _Pending(token, "discard")
             p.remaining = 1
             self.engine.submit([AioRequest(FALLOCATE, self.driver.fd, offset, token=self._id(p),
@@ -446,7 +463,7 @@ class BlockBackend:
             self.driver.discard(offset, length, punch=True)
             result = 0
         except BlockError as e:
-            log.warning("%s", e)
+            self._warn(e)
             result = -errno.EIO
         self._complete_now(token, result)
 
@@ -479,7 +496,7 @@ class BlockBackend:
             for off, n in self.driver.write_zeroes(offset, length, punch):
                 reqs += self._map_write(p, off, _zero_iov(n))
         except BlockError as e:
-            log.warning("%s", e)
+            self._warn(e)
             for a in p.allocs or ():
                 self.driver.abort(a)
             self._complete_now(token, -errno.EIO)
@@ -536,7 +553,7 @@ class BlockBackend:
                         try:
                             self.driver.commit(a)
                         except BlockError as e:
-                            log.warning("%s", e)
+                            self._warn(e)
                             result = p.result = -errno.EIO
                     else:
                         self.driver.abort(a)
@@ -616,7 +633,7 @@ class BlockBackend:
     def close(self) -> None:
         self.drain()
         self.engine.close()
-        self.driver.close()
+        self.root.close()
 
 
 def _zero_iov(length: int) -> list:

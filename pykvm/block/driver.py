@@ -1,6 +1,13 @@
-"""Block drivers: capability data plus a few methods, and a registry.
+"""Block drivers and nodes: capability data plus a few methods, and a registry.
 
-A driver opens an image and answers ``map(offset, length)``: where each
+As in QEMU, a *driver* is a class (``file``, ``raw``, ``qcow2``, ``throttle``)
+and a *node* is an instance of one, with a name and children (``file``,
+``backing``, ``data-file``), built by ``graph.open_node`` from QEMU's options.
+Three kinds: protocol nodes own the bytes (``file``), format nodes interpret a
+child (``raw``, ``qcow2``), filter nodes pass requests to one child and change
+them (``throttle``).
+
+A format node answers ``map(offset, length)``: where each
 piece of a guest range lives (data in a host file at some offset, zeroes,
 unallocated, compressed). Writes ask ``map_for_write(offset, length)``, which
 allocates what is missing (copy-on-write included) and returns data extents
@@ -28,8 +35,17 @@ class BlockError(PykvmError):
 
     def __init__(self, path: str, why: str, err: int | None = None):
         self.path = path
+        self.why = why
         self.errno = err
         super().__init__(f"{path}: {why}" + (f" ({os.strerror(err)})" if err else ""))
+
+
+class GraphError(BlockError):
+    """A block graph that cannot be built from its options (unknown driver, an
+    option that does not apply, a bad value, a child missing, a backing loop):
+    a usage error, found before any image is changed."""
+
+    exit_status = 2
 
 
 class WriteBusy(Exception):
@@ -85,9 +101,13 @@ class WritePlan:
 
 
 class BlockDriver:
-    """Base class. Class attributes are the capability data."""
+    """Base class. Class attributes are the capability data; an instance is a node."""
 
-    format_name = ""
+    format_name = ""           # the driver's name, as in QEMU's driver=
+    kind = "format"            # protocol | format | filter
+    options: dict = {}         # its own options: name -> "str" | "size" | "bool" | (choices)
+    child_roles: tuple = ("file",)   # the children it takes (protocol drivers: none)
+    opens_children = False     # takes graph.Opener (opener=) to open children it names itself
     supports_backing = False
     supports_discard = False
     identity_mapped = False    # guest byte N is host byte N of ``fd``: the backend's fast path
@@ -103,6 +123,25 @@ class BlockDriver:
     path: str
     read_only: bool = True
     backing: "BlockDriver | None" = None
+    node_name = ""             # set by graph.open_node: given (node-name=) or its path in the tree
+    probed = False             # the format was probed, not given (the backend's sector-0 guard)
+
+    @property
+    def children(self) -> list[tuple[str, "BlockDriver"]]:
+        """(role, node) of each child: file, data-file, backing (graph.open_node's roles)."""
+        return [(role, node) for role, node in (("file", getattr(self, "file", None)),
+                                                ("data-file", getattr(self, "data_file", None)),
+                                                ("backing", self.backing)) if node is not None]
+
+    @property
+    def filename(self) -> str:
+        """The file this node's bytes come from, as the user named it."""
+        return self.path
+
+    def describe(self) -> str:
+        """How errors name the node: "qcow2 node 'disk0'"."""
+        return f"{self.format_name} node '{self.node_name}'" if self.node_name else \
+            f"{self.format_name} node"
 
     @classmethod
     def probe(cls, header: bytes, path: str) -> int:
@@ -157,15 +196,38 @@ class BlockDriver:
     def flush_metadata(self) -> None:
         """Make format metadata durable (called before an fdatasync)."""
 
+    _closed = False
+
     def close(self) -> None:
-        raise NotImplementedError
+        """Close this node, then its children (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.close_node()
+        finally:
+            for _role, child in self.children:
+                child.close()
+
+    def close_node(self) -> None:
+        """What this node itself holds (its children are closed by close())."""
+
+    def abandon(self) -> None:
+        """Let go of every file descriptor of the tree without writing anything
+        back: what a crash of the process leaves on disk (tests)."""
+        self._closed = True
+        for _role, child in self.children:
+            child.abandon()
 
 
-DRIVERS: dict[str, type[BlockDriver]] = {}
+DRIVERS: dict[str, type[BlockDriver]] = {}      # every driver, by name
+FORMATS: dict[str, type[BlockDriver]] = {}      # the format drivers (format=, probing)
 
 
 def register(cls: type[BlockDriver]) -> type[BlockDriver]:
     DRIVERS[cls.format_name] = cls
+    if cls.kind == "format":
+        FORMATS[cls.format_name] = cls
     return cls
 
 
@@ -177,27 +239,31 @@ def read_header(path: str, n: int = 4096) -> bytes:
         raise BlockError(path, "cannot open", e.errno) from None
 
 
-def probe_format(path: str) -> str:
-    """Pick the format whose driver is surest about the file's first bytes."""
-    header = read_header(path)
-    best = max(DRIVERS.values(), key=lambda d: d.probe(header, path))
+def probe_header(header: bytes, path: str) -> str:
+    """The format whose driver is surest about an image's first bytes."""
+    best = max(FORMATS.values(), key=lambda d: d.probe(header, path))
     return best.format_name
 
 
+def probe_format(path: str) -> str:
+    """Pick the format whose driver is surest about the file's first bytes."""
+    return probe_header(read_header(path), path)
+
+
 def open_image(path: str, fmt: str | None = None, read_only: bool = False, direct: bool = False,
-               chain: frozenset = frozenset(), **opts) -> BlockDriver:
-    """Open an image with its driver (probing when ``fmt`` is None). ``chain``
-    holds the real paths of the overlays above it, to catch backing loops."""
-    real = os.path.realpath(path)
-    if real in chain:
-        raise BlockError(path, "backing file loop: this image is its own (indirect) backing file")
-    fmt = fmt or probe_format(path)
-    if fmt not in DRIVERS:
-        raise BlockError(path, f"unknown format {fmt!r} (one of {', '.join(DRIVERS)})")
-    cls = DRIVERS[fmt]
-    if cls.supports_backing:
-        return cls(path, read_only=read_only, direct=direct, chain=chain | {real}, **opts)
-    return cls(path, read_only=read_only, direct=direct)
+               **opts) -> BlockDriver:
+    """Open an image file with its format driver (probing when ``fmt`` is None):
+    a format node over a file node, with its backing chain (graph.open_node).
+    ``open_backing=False``: without the backing file; ``l2_cache_size``: the
+    qcow2 option; other keywords go to the format driver (``repair=False``)."""
+    from .graph import image_spec, open_node
+    spec = image_spec(path, fmt)
+    if opts.pop("open_backing", True) is False:
+        spec["backing"] = None
+    if opts.get("l2_cache_size") is not None:
+        spec["l2-cache-size"] = opts.pop("l2_cache_size")
+    opts.pop("l2_cache_size", None)
+    return open_node(spec, read_only=read_only, direct=direct, **opts)
 
 
 # -- I/O vectors -----------------------------------------------------------------------

@@ -1,37 +1,18 @@
-"""The raw format: the guest's byte N is the file's byte N."""
+"""The raw format: the guest's byte N is byte ``offset + N`` of its ``file`` child.
+
+QEMU's ``offset=`` and ``size=`` options expose a window of the file (a
+partition of a whole-disk image, say); without them the disk is the whole
+file, and the backend serves it on its identity fast path.
+"""
 from __future__ import annotations
 
-import errno
-import os
-import stat
-
-from .._native import lib
 from .driver import BlockDriver, BlockError, Extent, register
+from .file import (FALLOC_KEEP_SIZE, PUNCH, ZERO_RANGE, FileDriver, fallocate, open_file,  # noqa: F401
+                   preallocate)
 
+__all__ = ["FALLOC_KEEP_SIZE", "PUNCH", "ZERO_RANGE", "RawDriver", "fallocate", "preallocate"]
 
-def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
-    """fallocate(2): 0 or -errno."""
-    return lib.pykvm_fallocate(fd, mode, offset, length)
-
-
-FALLOC_KEEP_SIZE = lib.FALLOC_FL_KEEP_SIZE
-PUNCH = lib.FALLOC_FL_PUNCH_HOLE | lib.FALLOC_FL_KEEP_SIZE
-ZERO_RANGE = lib.FALLOC_FL_ZERO_RANGE | lib.FALLOC_FL_KEEP_SIZE
-
-
-def open_file(path: str, read_only: bool, direct: bool) -> int:
-    """Open an image file; O_DIRECT refused by the file system is one clear line."""
-    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-    if direct:
-        flags |= os.O_DIRECT
-    try:
-        return os.open(path, flags)
-    except OSError as e:
-        if e.errno == errno.EINVAL and direct:
-            raise BlockError(path, "this file system does not support O_DIRECT, which "
-                             "cache=none and cache=directsync need; use cache=writeback "
-                             "or cache=writethrough") from None
-        raise BlockError(path, "cannot open", e.errno) from None
+SECTOR = 512
 
 
 @register
@@ -39,101 +20,80 @@ class RawDriver(BlockDriver):
     format_name = "raw"
     supports_discard = True
     identity_mapped = True
+    options = {"offset": "size", "size": "size"}
 
     @classmethod
     def probe(cls, header: bytes, path: str) -> int:
         return 1  # anything is a raw image; every other format scores higher
 
-    def __init__(self, path: str, read_only: bool = False, direct: bool = False):
-        self.path = path
+    def __init__(self, file: BlockDriver, read_only: bool = False, offset: int = 0,
+                 size: int | None = None):
+        self.file = file
+        self.path = file.path
         self.read_only = read_only
-        self.fd = open_file(path, read_only, direct)
-        st = os.fstat(self.fd)
-        if stat.S_ISBLK(st.st_mode):
-            self.size = os.lseek(self.fd, 0, os.SEEK_END)
-        elif stat.S_ISREG(st.st_mode):
-            self.size = st.st_size
-        else:
-            os.close(self.fd)
-            raise BlockError(path, "not a regular file or block device")
-        self.is_block_device = stat.S_ISBLK(st.st_mode)
+        self.fd = file.fd
+        self.base = offset
+        avail = file.size - offset
+        if offset < 0 or offset > file.size:
+            raise BlockError(self.path, f"offset={offset} is past the end of the file "
+                             f"({file.size} bytes)")
+        if size is not None:
+            if size % SECTOR:
+                raise BlockError(self.path, f"size={size} is not a multiple of {SECTOR}")
+            if size > avail:
+                raise BlockError(self.path, f"offset={offset} plus size={size} is past the end "
+                                 f"of the file ({file.size} bytes)")
+        self.size = avail if size is None else size
+        self._window = offset != 0 or size is not None
+        # a window is served through data_at/direct_extents; the whole file on
+        # the backend's identity fast path
+        self.identity_mapped = offset == 0
+        self.direct_map = offset != 0
+
+    @property
+    def is_block_device(self) -> bool:
+        return self.file.is_block_device
+
+    @property
+    def sync_fds(self) -> list[int]:
+        return [self.fd]
 
     def map(self, offset: int, length: int) -> list[Extent]:
-        return [Extent("data", offset, length, self.fd, offset)]
+        return [Extent("data", offset, length, self.fd, self.base + offset)]
+
+    def data_at(self, offset: int, length: int, write: bool = False) -> int:
+        return self.base + offset
+
+    def direct_extents(self):
+        from .driver import DirectExtent
+        return [DirectExtent(0, self.size, self.fd, self.base, not self.read_only)]
 
     def discard(self, offset: int, length: int, punch: bool) -> None:
-        if punch:
-            fallocate(self.fd, PUNCH, offset, length)
+        self.file.discard(self.base + offset, length, punch)
 
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> list[tuple[int, int]]:
-        if fallocate(self.fd, PUNCH if unmap else ZERO_RANGE, offset, length) == 0:
-            return []
-        return [(offset, length)]
+        return [(off - self.base, n)
+                for off, n in self.file.write_zeroes(self.base + offset, length, unmap)]
 
     def allocated(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        """(offset, length, has_data) runs, from SEEK_DATA/SEEK_HOLE."""
-        out = []
-        end = offset + length
-        pos = offset
-        while pos < end:
-            try:
-                data = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError:
-                data = end
-            data = min(data, end)
-            if data > pos:
-                out.append((pos, data - pos, False))
-            if data >= end:
-                break
-            try:
-                hole = os.lseek(self.fd, data, os.SEEK_HOLE)
-            except OSError:
-                hole = end
-            hole = min(hole, end)
-            out.append((data, hole - data, True))
-            pos = hole
-        return out
+        """(offset, length, has_data) runs of the file under the guest range."""
+        return [(off - self.base, n, data)
+                for off, n, data in self.file.allocated(self.base + offset, length)]
 
     def resize(self, size: int) -> None:
-        os.ftruncate(self.fd, size)
+        if self._window:
+            raise BlockError(self.path, "cannot resize a raw node with offset= or size=")
+        self.file.resize(size)
         self.size = size
+
+    def info(self) -> dict:
+        return {}
+
+    def close_node(self) -> None:
+        self.fd = -1            # the file node below closes it
 
     @classmethod
     def create(cls, path: str, size: int, preallocation: str = "off", **opts) -> None:
         if opts:
             raise BlockError(path, f"raw does not support option(s) {', '.join(sorted(opts))}")
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise BlockError(path, "cannot create", e.errno) from None
-        try:
-            os.ftruncate(fd, size)
-            preallocate(fd, 0, size, preallocation, path)
-        finally:
-            os.close(fd)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def preallocate(fd: int, offset: int, length: int, mode: str, path: str) -> None:
-    """preallocation=off|metadata|falloc|full over a byte range of a file."""
-    if mode in ("off", "metadata") or length <= 0:
-        return
-    if mode == "falloc":
-        try:
-            os.posix_fallocate(fd, offset, length)
-        except OSError as e:
-            raise BlockError(path, "preallocation=falloc", e.errno) from None
-        return
-    if mode == "full":
-        chunk = bytes(1 << 20)
-        pos = 0
-        while pos < length:
-            n = min(length - pos, len(chunk))
-            os.pwrite(fd, chunk[:n], offset + pos)
-            pos += n
-        return
-    raise BlockError(path, f"unknown preallocation mode {mode!r} (off, metadata, falloc, full)")
+        FileDriver.create(path, size, preallocation)

@@ -63,7 +63,9 @@ class Disk:
     with submit/wait)."""
 
     def __init__(self, path, **kw):
-        self.b = BlockBackend(str(path), **kw)
+        """``path``: an image file, or what BlockBackend takes (a dict of node
+        options, a json: name)."""
+        self.b = BlockBackend(path if isinstance(path, (str, dict)) else str(path), **kw)
         self.poller = select.poll()
         self.poller.register(self.b.notifier, select.POLLIN)
         self.token = 0

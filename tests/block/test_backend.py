@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pykvm.block import BlockBackend, BlockError
+from pykvm.block import BlockBackend, BlockError, open_image
 from pykvm.block.qcow2 import Qcow2Driver
 from pykvm.block.raw import RawDriver
 
@@ -360,7 +360,7 @@ def test_file_grows_in_steps_and_is_cut_back_at_close(tmp_path, monkeypatch):
     p = tmp_path / "grow.qcow2"
     Qcow2Driver.create(str(p), 32 * MiB)
     created = os.path.getsize(p)
-    d = Qcow2Driver(str(p), read_only=False)
+    d = open_image(str(p), "qcow2", read_only=False)
     data = pattern(3 * MiB, 9)
     from pykvm.block.driver import write_range
     write_range(d, 0, memoryview(data))
@@ -401,7 +401,7 @@ def test_a_sequential_fill_is_mapped_ahead(tmp_path):
     from pykvm.block.driver import read_into, write_range
     p = tmp_path / "fill.qcow2"
     Qcow2Driver.create(str(p), 64 * MiB)
-    d = Qcow2Driver(str(p), read_only=False)
+    d = open_image(str(p), "qcow2", read_only=False)
     one, two = pattern(MiB, 1), pattern(MiB, 2)
     write_range(d, 0, one)
     used = d.eof
@@ -432,7 +432,7 @@ def test_nothing_is_mapped_ahead_over_a_backing_file(tmp_path):
     top = tmp_path / "top.qcow2"
     Qcow2Driver.create(str(top), 16 * MiB, backing_file="base.raw", backing_fmt="raw")
     for backing in (True, False):  # opened without its backing file (as img commit does)
-        d = Qcow2Driver(str(top), read_only=False, open_backing=backing)
+        d = open_image(str(top), "qcow2", read_only=False, open_backing=backing)
         k = 0 if backing else 4
         for i in range(k, k + 3):
             write_range(d, i * MiB, pattern(MiB, 10 + i))
@@ -450,7 +450,7 @@ def test_reused_clusters_are_not_mapped_ahead(tmp_path):
     from pykvm.block.driver import read_into, write_range
     p = tmp_path / "reuse.qcow2"
     Qcow2Driver.create(str(p), 32 * MiB)
-    d = Qcow2Driver(str(p), read_only=False)
+    d = open_image(str(p), "qcow2", read_only=False)
     write_range(d, 16 * MiB, pattern(8 * MiB, 1))
     d.discard(16 * MiB, 8 * MiB, punch=False)          # freed, old data still in the file
     end = d.eof

@@ -247,7 +247,7 @@ def test_direct_runs_match_an_entry_by_entry_walk(tmp_path):
     from pykvm.block.qcow2 import COMPRESSED, COPIED, OFFSET_MASK, ZERO
     p = tmp_path / "t.qcow2"
     Qcow2Driver.create(str(p), 64 << 20)
-    d = Qcow2Driver(str(p), read_only=False)
+    d = open_image(str(p), "qcow2", read_only=False)
     cs = d.cluster_size
     try:
         d.eof = 200 * cs + 100          # not cluster-aligned, as a file may be

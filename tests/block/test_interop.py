@@ -107,7 +107,7 @@ def test_snapshots_made_by_qemu_and_ours(tmp_path):
     qemu_img("snapshot", "-c", "one", p)
     qemu_io(p, "write -P 0x77 0 200k")
     second = as_raw(p, tmp_path)
-    drv = Qcow2Driver(str(p))
+    drv = open_image(str(p), "qcow2")
     assert [s.name for s in drv.snapshots] == ["one"]
     drv.snapshot_create("two")
     write_range(drv, 500000, b"after two" * 1000)     # COW away from both snapshots
@@ -117,7 +117,7 @@ def test_snapshots_made_by_qemu_and_ours(tmp_path):
     assert as_raw(p, tmp_path) == third
     qemu_img("snapshot", "-a", "two", p)               # qemu applies ours
     assert as_raw(p, tmp_path) == second
-    drv = Qcow2Driver(str(p))
+    drv = open_image(str(p), "qcow2")
     drv.snapshot_apply("one")                          # we apply qemu's
     assert read_range(drv, 0, SIZE) == first
     drv.snapshot_delete("two")
@@ -190,7 +190,7 @@ def test_lazy_refcounts_crash_then_repair(tmp_path):
     for k in range(8):
         write_range(drv, k * 300000, pattern(200000, k))
     content = bytes(read_range(drv, 0, 4 * MiB))
-    drv._close_fds()                      # crash: refcounts never written, dirty bit set
+    drv.abandon()                      # crash: refcounts never written, dirty bit set
     info = qemu_img("info", "--output=json", p).stdout
     assert '"dirty-flag": true' in info
     drv = open_image(str(p))              # writable open repairs
@@ -234,6 +234,6 @@ def test_crash_at_any_point_leaves_only_leaks(tmp_path, crash_after, monkeypatch
     except Crash:
         pass
     monkeypatch.undo()
-    drv._close_fds()
+    drv.abandon()
     r = qemu_img("check", p, check=False)
     assert r.returncode in (0, 3), r.stdout + r.stderr

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from pykvm.aio.native import NativeEngine
-from pykvm.block import BlockBackend
+from pykvm.block import BlockBackend, open_image
 from pykvm.block.qcow2 import Qcow2Driver
 from pykvm.virtio import blk as B
 from tests.helpers.virtio_driver import T_DISCARD, T_WRITE_ZEROES
@@ -34,7 +34,7 @@ def image(tmp_path):
     base.write_bytes(pattern(4 * MiB, 1))
     p = tmp_path / "top.qcow2"
     Qcow2Driver.create(str(p), 4 * MiB, backing_file="base.raw", backing_fmt="raw")
-    d = Qcow2Driver(str(p))
+    d = open_image(str(p), "qcow2")
     from pykvm.block.driver import write_range
     write_range(d, 0, pattern(MiB, 2))               # clusters 0..15 allocated
     d.close()

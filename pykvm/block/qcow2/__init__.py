@@ -40,8 +40,7 @@ import collections
 import os
 import struct
 
-from ..driver import BlockDriver, BlockError, open_image, pwrite_full, register
-from ..raw import open_file
+from ..driver import BlockDriver, BlockError, GraphError, pwrite_full, register
 from .check import CheckRepair
 from .cluster import ClusterMap, _append, _bit_runs
 from .compress import Compression, _zstd
@@ -77,30 +76,42 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
     supports_backing = True
     supports_discard = True
     direct_map = True
+    child_roles = ("file", "data-file", "backing")
+    opens_children = True
+    options = {"l2-cache-size": "size"}
 
     @classmethod
     def probe(cls, header: bytes, path: str) -> int:
         return 100 if header[:4] == MAGIC else 0
 
-    def __init__(self, path: str, read_only: bool = False, direct: bool = False,
-                 chain: frozenset = frozenset(), l2_cache_size: int | None = None,
-                 open_backing: bool = True, repair: bool = True):
-        self.path = path
+    def __init__(self, file: BlockDriver, opener, read_only: bool = False,
+                 l2_cache_size: int | None = None, repair: bool = True):
+        """A qcow2 node over its ``file`` child; ``opener`` (graph.Opener) opens
+        the data file and backing file the header names, or those its options
+        give instead. The node opens no file itself."""
+        self.file = file
+        self.data_file = None
+        self.path = file.filename
         self.read_only = read_only
         self.backing = None
         self.data_fd = -1
-        self.fd = -1
-        self.bfd = -1
-        self.mfd = open_file(path, read_only, False)    # metadata: buffered
+        # file.fd (O_DIRECT with cache=none/directsync) carries the guest's own
+        # I/O on aligned buffers; metadata and the driver's synchronous data
+        # copies (copy-on-write, zero padding) use file.bfd, a buffered
+        # descriptor of the same file, since their buffers are Python objects.
+        self.fd = file.fd
+        self.bfd = self.mfd = file.bfd
         try:
-            self._open(direct, chain, l2_cache_size, open_backing, repair)
+            self._open(opener, l2_cache_size, repair)
         except BaseException:
-            self._close_fds()
+            for child in (self.backing, self.data_file):
+                if child is not None:
+                    child.close()
             raise
 
     # -- opening -----------------------------------------------------------------------
 
-    def _open(self, direct, chain, l2_cache_size, open_backing, repair):
+    def _open(self, opener, l2_cache_size, repair):
         path = self.path
         st = os.fstat(self.mfd)
         self.eof = st.st_size
@@ -175,30 +186,27 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
             if not h.data_file:
                 raise BlockError(path, "external data file feature set but no data file named")
             dpath = self._relative(h.data_file)
-            self.data_fd = open_file(dpath, read_only, direct)
-            self.data_path = dpath
-            self.fd = self.data_fd
-            self.bfd = open_file(dpath, read_only, False) if direct else self.data_fd
+            self.data_file = opener.child("data-file", {"driver": "file", "filename": dpath})
+            self.data_path = self.data_file.filename
+            self.fd = self.data_fd = self.data_file.fd
+            self.bfd = self.data_file.bfd
         else:
             if h.data_file:
                 raise BlockError(path, "data file named without the external data file feature")
+            if opener.given("data-file"):
+                raise GraphError(path, "option 'data-file' does not apply: the image has no "
+                                 "external data file")
             self.data_path = None
-            self.fd = open_file(path, read_only, direct) if direct else os.dup(self.mfd)
-            self.bfd = self.mfd
-        # self.fd (O_DIRECT with cache=none/directsync) carries the guest's own
-        # I/O on aligned buffers; the driver's synchronous data copies
-        # (copy-on-write, zero padding) use self.bfd, a buffered descriptor of
-        # the same file, since their buffers are ordinary Python objects.
         self.data_raw = bool(h.autoclear & AUTOCLEAR_DATA_RAW) and self.data_fd >= 0
-        # backing
-        if h.backing_file and open_backing:
-            bpath = self._relative(h.backing_file)
+        # backing: the header's, unless the options give another (or none)
+        default = None
+        if h.backing_file:
             if h.backing_fmt and h.backing_fmt not in ("raw", "qcow2"):
                 raise BlockError(path, f"backing file format {h.backing_fmt!r} is not supported")
-            try:
-                self.backing = open_image(bpath, h.backing_fmt, read_only=True, chain=chain)
-            except BlockError as e:
-                raise BlockError(path, f"backing file: {e}") from None
+            default = {"file": {"driver": "file", "filename": self._relative(h.backing_file)}}
+            if h.backing_fmt:
+                default["driver"] = h.backing_fmt
+        self.backing = opener.child("backing", default, read_only=True, direct=False)
         # a writable open: repair after a crash with lazy refcounts, drop autoclear
         # bits for things we do not maintain (the spec asks for that before writing)
         if not read_only:
@@ -251,7 +259,9 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
 
     # -- close -------------------------------------------------------------------------
 
-    def close(self) -> None:
+    def close_node(self) -> None:
+        """Write back what is cached and cut the file back to what is used; the
+        file, data file and backing nodes are closed after (BlockDriver.close)."""
         if self.mfd < 0:
             return
         try:
@@ -264,19 +274,4 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
                     self._set_incompat(self.h.incompat & ~INCOMPAT_DIRTY)
                     os.fdatasync(self.mfd)
         finally:
-            self._close_fds()
-
-    def _close_fds(self) -> None:
-        if self.backing is not None:
-            self.backing.close()
-            self.backing = None
-        closed = set()
-        for name in ("fd", "data_fd", "bfd", "mfd"):
-            fd = getattr(self, name, -1)
-            if fd >= 0 and fd not in closed:
-                closed.add(fd)
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            setattr(self, name, -1)
+            self.fd = self.data_fd = self.bfd = self.mfd = -1

@@ -104,7 +104,8 @@ class Create:
             except OSError as e:
                 raise BlockError(dpath, "cannot create the data file", e.errno) from None
         if preallocation != "off":
-            d = cls(path, open_backing=False)
+            from ..driver import open_image
+            d = open_image(path, cls.format_name, open_backing=False)
             try:
                 d._preallocate(preallocation)
             finally:

@@ -1,0 +1,333 @@
+"""Building the block graph from QEMU's options.
+
+A node is described as QEMU describes it to ``-blockdev`` and ``-drive``: a
+``driver`` and its options, where a child (``file``, ``backing``,
+``data-file``) is either a nested description or a filename. Three spellings
+give the same nested dict:
+
+  dotted keys   driver=qcow2,file.driver=file,file.filename=a.qcow2,backing.file.filename=b
+  json:         json:{"driver": "qcow2", "file": {"driver": "file", "filename": "a.qcow2"}}
+  short         a.qcow2   (file=a.qcow2: a file node, the format probed above it)
+
+``open_node`` opens the nodes bottom-up, checking every option against the
+driver that takes it: an unknown driver, a missing child, an option that does
+not apply, a backing loop are one ``BlockError`` naming the node and the
+option, before anything is written. Nodes are named by ``node-name=`` or by
+their place in the tree (``disk0``, ``disk0/file``, ``disk0/backing``), and
+their errors carry that name: ``qcow2 node 'disk0': file 'a.qcow2': ...``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from .driver import DRIVERS, FORMATS, BlockDriver, BlockError, GraphError, probe_header
+
+# options every node takes (QEMU's BlockdevOptions base), besides its driver's
+COMMON = ("driver", "node-name", "read-only")
+SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+                 "p": 1 << 50, "e": 1 << 60}
+
+
+# -- spellings ---------------------------------------------------------------------------
+
+def split_commas(text: str) -> list[str]:
+    """Split on commas, where ',,' stands for a literal comma (as in QEMU)."""
+    items, cur, i = [], "", 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1:i + 2] == ",":
+                cur += ","
+                i += 2
+                continue
+            items.append(cur)
+            cur = ""
+        else:
+            cur += text[i]
+        i += 1
+    items.append(cur)
+    return items
+
+
+def nest(flat: dict, what: str = "options") -> dict:
+    """{'file.driver': 'file', 'file.filename': 'a'} -> {'file': {'driver': 'file', ...}}."""
+    out: dict = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        if not all(parts):
+            raise GraphError(what, f"option '{key}' has an empty component")
+        d = out
+        for i, part in enumerate(parts[:-1]):
+            cur = d.get(part)
+            if cur is None:
+                cur = d[part] = {}
+            elif not isinstance(cur, dict):
+                # 'file=a.qcow2' and 'file.driver=...' together: QEMU's rule is the same
+                raise GraphError(what, f"option '{'.'.join(parts[:i + 1])}' is given both as "
+                                 f"a value and with sub-options ('{key}')")
+            d = cur
+        if isinstance(d.get(parts[-1]), dict):
+            raise GraphError(what, f"option '{key}' is given both as a value and with "
+                             f"sub-options")
+        d[parts[-1]] = value
+    return out
+
+
+def parse_json_filename(text: str) -> dict:
+    """A ``json:{...}`` filename: the node's options as one JSON object, whose
+    keys may be dotted too (QEMU flattens and nests them again)."""
+    try:
+        value = json.loads(text[5:])
+    except ValueError as e:
+        raise GraphError(text[:40], f"not a valid json: filename ({e})") from None
+    if not isinstance(value, dict):
+        raise GraphError(text[:40], "a json: filename must hold a JSON object")
+    return _nest_json(value, text[:40])
+
+
+def _nest_json(value: dict, what: str) -> dict:
+    flat: dict = {}
+    for k, v in value.items():
+        v = _nest_json(v, what) if isinstance(v, dict) else v
+        if "." in k:
+            flat[k] = v
+        elif isinstance(v, dict) and isinstance(flat.get(k), dict):
+            flat[k].update(v)
+        else:
+            flat[k] = v
+    dotted = {k: v for k, v in flat.items() if "." in k}
+    if not dotted:
+        return flat
+    plain = {k: v for k, v in flat.items() if "." not in k}
+    merged = nest(dotted, what)
+    for k, v in merged.items():
+        if isinstance(plain.get(k), dict) and isinstance(v, dict):
+            plain[k] = {**plain[k], **v}
+        elif k in plain:
+            raise GraphError(what, f"option '{k}' is given twice")
+        else:
+            plain[k] = v
+    return plain
+
+
+def filename_spec(filename: str) -> dict:
+    """The node a filename stands for: json: options, else a file node."""
+    if filename.startswith("json:"):
+        return parse_json_filename(filename)
+    return {"driver": "file", "filename": filename}
+
+
+def image_spec(filename, fmt: str | None = None) -> dict:
+    """A format node over a filename (``fmt`` None: probed), as -drive file=,format=."""
+    if isinstance(filename, dict):
+        spec = dict(filename)
+    elif filename.startswith("json:"):
+        spec = parse_json_filename(filename)
+    else:
+        spec = {"file": filename}
+    if fmt is not None:
+        spec.setdefault("driver", fmt)
+    return spec
+
+
+def _error(where: str, why: str) -> GraphError:
+    """An error of the node ``where`` (already named: its parents pass it on)."""
+    e = GraphError(where, why)
+    e.node = where
+    return e
+
+
+# -- option values -----------------------------------------------------------------------
+
+def parse_size(text) -> int:
+    """QEMU's sizes: a number of bytes with an optional k/M/G/T/P/E suffix."""
+    if isinstance(text, bool):
+        raise ValueError("not a size")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError("negative")
+        return text
+    t = str(text).strip()
+    suffix = t[-1:].lower() if t[-1:].isalpha() else ""
+    num = t[:-1] if suffix else t
+    if suffix not in SIZE_SUFFIXES or not num:
+        raise ValueError("not a size")
+    value = float(num) if "." in num else int(num, 10)
+    if value < 0:
+        raise ValueError("negative")
+    return int(value * SIZE_SUFFIXES[suffix])
+
+
+def _value(kind, key: str, raw, where: str):
+    if kind == "str":
+        if not isinstance(raw, str):
+            raise _error(where, f"option '{key}' takes a string")
+        return raw
+    if kind == "size":
+        try:
+            return parse_size(raw)
+        except (ValueError, OverflowError):
+            raise _error(where, f"option '{key}={raw}' is not a size in bytes (a "
+                             f"number, optionally with k, M, G or T)") from None
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if raw in ("on", "yes", "true"):
+            return True
+        if raw in ("off", "no", "false"):
+            return False
+        raise _error(where, f"option '{key}={raw}' takes on or off")
+    if isinstance(kind, tuple):
+        if raw not in kind:
+            raise _error(where, f"option '{key}={raw}' is not one of {', '.join(kind)}")
+        return raw
+    raise AssertionError(kind)
+
+
+# -- opening -----------------------------------------------------------------------------
+
+class Opener:
+    """Opens the children of one node from its options (QEMU's bdrv_open_child):
+    a child given in the options (a nested description, a filename, or ''
+    / JSON null for none) wins over the default the node itself names (a
+    qcow2 header's backing file or data file)."""
+
+    def __init__(self, children: dict, name: str, read_only: bool, direct: bool,
+                 chain: frozenset):
+        self.children = children        # role -> spec (dict, str, None) as given
+        self.name = name
+        self.read_only = read_only
+        self.direct = direct
+        self.chain = chain              # real paths of the images above (backing loops)
+        self.file: BlockDriver | None = None
+
+    def given(self, role: str) -> bool:
+        return role in self.children
+
+    def child(self, role: str, default: dict | None = None, *, read_only: bool | None = None,
+              direct: bool | None = None) -> BlockDriver | None:
+        """The ``role`` child as a node, or None (none given nor defaulted)."""
+        spec = self.children[role] if role in self.children else default
+        if spec is None or spec == "":
+            return None
+        if isinstance(spec, str):
+            spec = filename_spec(spec) if role in ("file", "data-file") else image_spec(spec)
+        chain = self.chain
+        if role == "backing" and self.file is not None:
+            chain = chain | {os.path.realpath(self.file.filename)}
+        return _open(spec, f"{self.name}/{role}",
+                     self.read_only if read_only is None else read_only,
+                     self.direct if direct is None else direct, chain, {})
+
+
+def open_node(spec, *, read_only: bool = False, direct: bool = False, name: str = "",
+              chain: frozenset = frozenset(), **internal) -> BlockDriver:
+    """Open the graph ``spec`` describes (a nested dict, a json: filename or
+    a plain filename) and return its root. ``direct``: O_DIRECT on the file
+    nodes of the image itself (the cache mode's), not on its backing chain.
+    ``chain``: real paths of images that would sit above it (a loop through
+    them is refused). ``internal``: keyword arguments for the root driver
+    beyond QEMU's options (``repair=False`` for pykvm img)."""
+    if isinstance(spec, str):
+        spec = image_spec(spec)
+    return _open(spec, name, read_only, direct, chain, internal)
+
+
+def _open(spec: dict, name: str, read_only: bool, direct: bool, chain: frozenset,
+          internal: dict) -> BlockDriver:
+    if not isinstance(spec, dict):
+        raise _error(f"node '{name}'", f"a node is described by options, not {spec!r}")
+    spec = dict(spec)
+    driver = spec.pop("driver", None)
+    node_name = spec.pop("node-name", None) or name
+    where = f"node '{node_name}'" if node_name else "node"
+    if "read-only" in spec:
+        read_only = _value("bool", "read-only", spec.pop("read-only"), where) or read_only
+    probed = False
+    if driver is None:
+        if "filename" in spec:
+            driver = "file"
+        elif "file" in spec:
+            probed = True
+        else:
+            raise _error(where, "no driver given (driver=) and no file to probe (file=)")
+    elif driver not in DRIVERS:
+        raise _error(where, f"unknown driver '{driver}' (one of {', '.join(DRIVERS)})")
+    if driver is not None:
+        where = f"{driver} {where}"
+    cls = DRIVERS.get(driver)
+    roles = cls.child_roles if cls is not None else ("file", "data-file", "backing")
+    children = {r: spec.pop(r) for r in list(spec) if r in roles}
+    if spec.get("backing", 0) is None:
+        del spec["backing"]     # "no backing file" holds for any node
+    opener = Opener(children, node_name, read_only, direct, chain)
+    if cls is not None and cls.kind == "protocol":
+        if "filename" not in spec:
+            raise _error(where, "option 'filename' is missing")
+        return _make(cls, spec, where, node_name, probed, read_only=read_only, direct=direct,
+                     **internal)
+    if "file" not in children or children["file"] in (None, ""):
+        raise _error(where, "option 'file' is missing (the node below it)")
+    file = opener.child("file")
+    chain_path = os.path.realpath(file.filename)
+    try:
+        if chain_path in chain:
+            raise _error(where, f"backing file loop: '{file.filename}' is its own "
+                             f"(indirect) backing file")
+        if cls is None:
+            head = os.pread(file.bfd, 4096, 0) if file.kind == "protocol" else b""
+            driver = probe_header(head, file.filename)
+            cls = FORMATS[driver]
+            where = f"{driver} {where}"
+            bad = set(children) - set(cls.child_roles)
+            if bad:
+                raise _error(where, f"option '{sorted(bad)[0]}' does not apply (a {driver} "
+                             f"image has no such child)")
+        opener.file = file
+        kw = dict(internal)
+        if cls.opens_children:
+            kw["opener"] = opener
+        return _make(cls, spec, where, node_name, probed, file=file, read_only=read_only, **kw)
+    except BaseException:
+        file.close()
+        raise
+
+
+def _make(cls, spec: dict, where: str, node_name: str, probed: bool, **kw) -> BlockDriver:
+    for key, raw in spec.items():
+        if key not in cls.options:
+            takes = ", ".join(list(cls.options) + list(cls.child_roles)) or "no options"
+            raise _error(where, f"option '{key}' does not apply (it takes {takes})")
+        kw[key.replace("-", "_")] = _value(cls.options[key], key, raw, where)
+    try:
+        node = cls(**kw)
+    except BlockError as e:
+        if getattr(e, "node", None):
+            raise
+        err = type(e)(where, f"file '{e.path}': {e.why}" if e.path else e.why, e.errno)
+        err.node = node_name
+        raise err from None
+    node.node_name = node_name
+    node.probed = probed
+    return node
+
+
+# -- what a user sees --------------------------------------------------------------------
+
+def walk(node: BlockDriver, path: str = ""):
+    """(path, role, node) of every node, root first: ('', '', root), ('/file', 'file', ...)."""
+    yield path, path.rpartition("/")[2], node
+    for role, child in node.children:
+        yield from walk(child, f"{path}/{role}")
+
+
+def tree_lines(node: BlockDriver) -> list[str]:
+    """The graph, one line a node, indented by depth:
+    ``disk0: qcow2 (a.qcow2, 1 GiB)`` then ``  file: file (a.qcow2)``."""
+    lines = []
+    for path, role, n in walk(node):
+        depth = path.count("/")
+        label = role or n.node_name or "root"
+        extra = f", {n.size} bytes" if depth == 0 else ""
+        lines.append(f"{'  ' * depth}{label}: {n.format_name} ({n.filename}{extra})")
+    return lines
