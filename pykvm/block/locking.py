@@ -29,37 +29,40 @@ a warning where the kernel has no OFD locks; ``off`` takes nothing; ``auto``
 (the default) locks where the kernel and the file system have OFD locks and
 takes nothing elsewhere, with one log line.
 
-What each user holds (QEMU 7.2's rules, measured on its own processes; the
-functions below derive the same):
+What each user holds on a file (QEMU 7.2's rules, measured on its own
+processes; disk_use, img_use, file_use and backing_use derive the same). CR
+consistent read, W write, WU write unchanged, RS resize:
 
-  user of the file                                     holds              shares
-  ---------------------------------------------------  -----------------  -------------------
-  a VM's disk, raw, writable                           cons. read, write  cons. read, write
-                                                                          unchanged, resize
-  a VM's disk, raw, read-only                          consistent read    the same
-  a VM's disk, qcow2, writable (image and data file)   cons. read, write, consistent read,
-                                                       resize             write unchanged
-  a VM's disk, qcow2, read-only (image and data file)  consistent read    consistent read,
-                                                                          write unchanged
-  any backing file of a VM's disk                      consistent read    consistent read,
-                                                                          write unchanged
-  qemu-img reading, raw image                          consistent read    everything
-  qemu-img reading, qcow2 image or backing file        consistent read    consistent read,
-                                                                          write unchanged
-  qemu-img info (no I/O), qcow2                        nothing            consistent read,
-                                                                          write unchanged
-  qemu-img info (no I/O), raw                          nothing            everything
-  qemu-img convert's source (raw or qcow2)             consistent read    consistent read,
-                                                                          write unchanged
-  qemu-img writing, qcow2                              cons. read, write, consistent read,
-                                                       resize             write unchanged
-  qemu-img writing, raw (resize adds resize)           cons. read, write  everything
-  -U / force-share (read-only users only), any file    consistent read    everything
-                                                       (info: nothing)
+  user of the file                                       holds     shares
+  -----------------------------------------------------  --------  ----------
+  a VM's disk, raw, writable                             CR W      CR WU RS
+  a VM's disk, raw, read-only                            CR        CR WU RS
+  a VM's disk, qcow2, writable: image and data file      CR W RS   CR WU
+  a VM's disk, qcow2, read-only: image and data file     CR        CR WU
+  any backing file of a VM's disk (raw or qcow2)         CR        CR WU
+  qemu-img reading a raw image or raw backing file       CR        everything
+  qemu-img reading a qcow2 image or qcow2 backing file   CR        CR WU
+  qemu-img info (no I/O): qcow2 / raw                    nothing   CR WU / everything
+  qemu-img convert's sources (raw or qcow2)              CR        CR WU
+  qemu-img writing a qcow2 image                         CR W RS   CR WU
+  qemu-img writing a raw image (resize adds RS)          CR W      everything
+  -U / force-share (read-only users only), any file      CR        everything
+                                                         (info: nothing)
 
-So a VM's writable disk refuses a second writer ('Failed to get "write"
-lock') and any reader of a qcow2 image or of a backing file that wants it
-stable ('Failed to get shared "write" lock'), while ``-U`` readers get in.
+So a VM writing an image keeps off a second writer ('Failed to get "write"
+lock') and every reader that does not share writes: any qcow2 user, a VM's
+read-only disk, convert's source ('Failed to get shared "write" lock'); -U
+readers get in, and a VM's backing files keep writers off.
+
+Each file of an image gets its own ImageLock, with what its node asks of it.
+A writable qcow2 disk over a raw backing file:
+
+  user = disk_use(writable=True)
+  use = file_use("qcow2", user, writable=True)         # the image file and its data file
+  top.apply(fd, path, use.perms, use.shared)
+  below = backing_use(user)                            # then backing_use(below), ...
+  use = file_use("raw", below, writable=False)
+  base.apply(bfd, bpath, use.perms, use.shared)
 """
 from __future__ import annotations
 
@@ -222,7 +225,7 @@ class ImageLock:
     def holders(self) -> Use:
         """What the other users of the file hold and share, as its lock bytes
         say (all of them together: locks do not say who holds them)."""
-        return holders(self.fd, self.getlk)
+        return holders(self.fd, self.getlk, self.path)
 
     # internals
 
