@@ -161,7 +161,7 @@ def test_a_vm_holds_what_disk_use_says(images, holder, qemu_system, case):
         assert (got.perms, got.shared) == (use.perms, use.shared), name
 
 
-def test_the_derived_table(images):
+def test_the_derived_table():
     """The module docstring's table, spelled out once."""
     assert _vm("raw", True)[:2] == ({CR, W}, {CR, WU, RS})
     assert _vm("raw", False)[:2] == ({CR}, {CR, WU, RS})
