@@ -1,6 +1,7 @@
 """BlockBackend's generic executor on qcow2 (and raw), through its public API."""
 import errno
 import fcntl
+import json
 import logging
 import os
 
@@ -34,6 +35,7 @@ def chain(tmp_path):
     return tmp_path
 
 
+@needs_qemu
 def test_write_read_qcow2(disk_factory, qcow, tmp_path):
     d = disk_factory(qcow)
     assert d.b.format == "qcow2" and d.b.size == 4 * MiB
@@ -45,14 +47,11 @@ def test_write_read_qcow2(disk_factory, qcow, tmp_path):
     d.close()
     expect = bytearray(4 * MiB)
     expect[1536:1536 + len(data)] = data
-    if QEMU:
-        assert_clean(qcow)
-        assert as_raw(qcow, tmp_path) == expect
+    assert_clean(qcow)
+    assert as_raw(qcow, tmp_path) == expect
 
 
-QEMU = needs_qemu.args[0] is False
-
-
+@needs_qemu
 def test_reads_follow_the_backing_chain_and_cow(disk_factory, chain, tmp_path):
     mid = disk_factory(chain / "mid.qcow2")
     mid.write(MiB + 512, b"M" * 1024)           # partial cluster: COW from base.raw
@@ -64,13 +63,17 @@ def test_reads_follow_the_backing_chain_and_cow(disk_factory, chain, tmp_path):
     d.write(MiB + 1000, b"T" * 100)             # COW from mid (which COWs from base)
     expect[MiB + 1000:MiB + 1100] = b"T" * 100
     assert d.read(MiB, 65536) == expect[MiB:MiB + 65536]
-    assert not d.b.driver.backing.read_only or True
+    assert not d.b.driver.read_only
     assert d.b.driver.backing.read_only and d.b.driver.backing.backing.read_only
     d.close()
-    if QEMU:
-        for name in ("mid.qcow2", "top.qcow2"):
-            assert_clean(chain / name)
-        assert as_raw(chain / "top.qcow2", tmp_path) == expect
+    for name in ("mid.qcow2", "top.qcow2"):
+        assert_clean(chain / name)
+    assert as_raw(chain / "top.qcow2", tmp_path) == expect
+    # the copy-on-write from top left the backing files as they were
+    below = bytearray(pattern(4 * MiB, 1))
+    below[MiB + 512:MiB + 1536] = b"M" * 1024
+    assert as_raw(chain / "mid.qcow2", tmp_path) == below
+    assert (chain / "base.raw").read_bytes() == pattern(4 * MiB, 1)
 
 
 def test_backing_smaller_than_overlay_reads_zeroes(disk_factory, tmp_path):
@@ -83,6 +86,7 @@ def test_backing_smaller_than_overlay_reads_zeroes(disk_factory, tmp_path):
         b"\xaa" * (100000 - 98816) + bytes(131072 - 100000)
 
 
+@needs_qemu
 def test_many_writes_in_flight_to_one_cluster(disk_factory, qcow):
     """Sixteen 4 KiB writes into one unallocated cluster at once: the first
     allocates, the others wait for its commit; all land."""
@@ -99,8 +103,7 @@ def test_many_writes_in_flight_to_one_cluster(disk_factory, qcow):
     assert d.read(0, 65536) == b"".join(bytes([i + 1]) * 4096 for i in range(16))
     assert d.b.in_flight == 0
     d.close()
-    if QEMU:
-        assert_clean(qcow)
+    assert_clean(qcow)
 
 
 def test_many_reads_in_flight(disk_factory, qcow):
@@ -178,6 +181,7 @@ def test_guest_toggles_write_cache_on_qcow2(disk_factory, qcow, monkeypatch):
     assert calls
 
 
+@needs_qemu
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_discard_frees_space(disk_factory, tmp_path, fmt):
     p = tmp_path / f"d.{fmt}"
@@ -190,10 +194,15 @@ def test_discard_frees_space(disk_factory, tmp_path, fmt):
     assert d.read(MiB, 4 * MiB) == bytes(4 * MiB)
     assert d.read(0, MiB) == pattern(8 * MiB, 4)[:MiB]
     d.close()
-    if fmt == "qcow2" and QEMU:
-        r = qemu_img("check", p, check=False)
-        assert r.returncode == 0, r.stdout
-        assert "4 MiB" not in qemu_img("info", p).stdout or True
+    if fmt == "qcow2":
+        assert_clean(p)
+    # qemu-img sees the discarded range unallocated and the file's space given back
+    assert _mapped(p) == [(0, MiB), (5 * MiB, 3 * MiB)]
+    info = json.loads(qemu_img("info", "-f", fmt, "--output=json", p).stdout)
+    assert info["actual-size"] <= 4 * MiB + 8 * 65536      # the 4 MiB left, and metadata
+    expect = bytearray(pattern(8 * MiB, 4))
+    expect[MiB:5 * MiB] = bytes(4 * MiB)
+    assert as_raw(p, tmp_path, fmt) == expect
 
 
 def test_discard_ignore_keeps_data(disk_factory, qcow):
@@ -203,6 +212,7 @@ def test_discard_ignore_keeps_data(disk_factory, qcow):
     assert d.read(0, 65536) == b"x" * 65536
 
 
+@needs_qemu
 @pytest.mark.parametrize("unmap", [False, True])
 def test_write_zeroes_qcow2(disk_factory, chain, unmap, tmp_path):
     d = disk_factory(chain / "top.qcow2")
@@ -219,12 +229,11 @@ def test_write_zeroes_qcow2(disk_factory, chain, unmap, tmp_path):
     d.close()
     if unmap:
         assert os.stat(chain / "top.qcow2").st_blocks < size_before
-    if QEMU:
-        assert_clean(chain / "top.qcow2")
-        exp = bytearray(pattern(4 * MiB, 1))
-        exp[:4 * 65536] = expect
-        exp[2 * MiB:2 * MiB + 2 * 65536] = bytes(2 * 65536)
-        assert as_raw(chain / "top.qcow2", tmp_path) == exp
+    assert_clean(chain / "top.qcow2")
+    exp = bytearray(pattern(4 * MiB, 1))
+    exp[:4 * 65536] = expect
+    exp[2 * MiB:2 * MiB + 2 * 65536] = bytes(2 * 65536)
+    assert as_raw(chain / "top.qcow2", tmp_path) == exp
 
 
 @pytest.mark.parametrize("mode", ["off", "on", "unmap"])
@@ -352,6 +361,7 @@ def test_o_direct_copy_on_write_and_partial_zeroing(tmp_path, cache, qemu_tools)
     assert raw[65536:65536 + 512] == orig[65536:65536 + 512]
 
 
+@needs_qemu
 def test_file_grows_in_steps_and_is_cut_back_at_close(tmp_path, monkeypatch):
     """New clusters past the end of the file make it grow by GROW_STEP at once
     (fallocate), so data writes land inside it; close() cuts the unused rest
@@ -373,15 +383,13 @@ def test_file_grows_in_steps_and_is_cut_back_at_close(tmp_path, monkeypatch):
     assert os.path.getsize(crashed) == grown
     d.close()
     assert os.path.getsize(p) < grown and os.path.getsize(p) >= created + 3 * MiB
-    if QEMU:
-        for image in (p, crashed):
-            assert_clean(image)
-            assert as_raw(image, tmp_path)[:3 * MiB] == data
+    for image in (p, crashed):
+        assert_clean(image)
+        assert as_raw(image, tmp_path)[:3 * MiB] == data
 
 
 def _mapped(path):
     """qemu-img map's data ranges as (start, length), neighbours merged."""
-    import json
     out: list = []
     for e in json.loads(qemu_img("map", "--output=json", path).stdout):
         if not e["data"] or e["depth"]:
