@@ -14,7 +14,11 @@ they exist, over pykvm's block drivers.
 
 Every error is one line, ``pykvm img: <what>``. Images are opened read-only
 unless the command writes them, and every check that can refuse a command
-runs before anything is written.
+runs before anything is written. Each subcommand takes qemu-img's image
+locks for it (block/locking.py: ``img_use``); the read-only ones take ``-U``
+(force-share) as qemu-img's do. Wherever a FILE is named, a ``json:{...}``
+name of the node's options works too, and ``--image-opts`` takes the names
+as dotted options (``driver=qcow2,file.filename=a.qcow2``).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import time
 from .block import qcow2 as _qcow2  # noqa: F401  (registers the driver)
 from .block.driver import (FORMATS, ZEROES, BlockError, open_image, pread_full, probe_format,
                            pwrite_full, read_into, write_range, write_zeroes_range)
+from .block.locking import img_use
 from .block.qcow2 import Qcow2Driver
 from .block.raw import FALLOC_KEEP_SIZE, RawDriver, fallocate
 from .errors import PykvmError
@@ -128,11 +133,14 @@ def _fmt_of(path: str, fmt: str | None) -> str:
     return probe_format(path)
 
 
-def _open(path: str, fmt: str | None, writable: bool = False, backing: bool = True, **kw):
+def _open(path: str, fmt: str | None, writable: bool = False, backing: bool = True, use=None,
+          **kw):
+    """Open an image for a subcommand, holding the image locks ``use``
+    (locking.img_use: what qemu-img takes for the same command)."""
     fmt = _fmt_of(path, fmt)
     if fmt != "qcow2":
         kw.pop("repair", None)
-    return open_image(path, fmt, read_only=not writable, open_backing=backing, **kw)
+    return open_image(path, fmt, read_only=not writable, open_backing=backing, use=use, **kw)
 
 
 def _human(n: float) -> str:
@@ -196,8 +204,8 @@ def cmd_create(a) -> int:
 
 # -- info -------------------------------------------------------------------------------
 
-def _info_dict(path: str, fmt: str | None) -> dict:
-    drv = _open(path, fmt, backing=False)
+def _info_dict(path: str, fmt: str | None, force_share: bool = False) -> dict:
+    drv = _open(path, fmt, backing=False, use=img_use(io=False, force_share=force_share))
     try:
         st = os.stat(drv.filename)
         d = {"virtual-size": drv.size, "filename": path, "format": drv.format_name,
@@ -274,7 +282,7 @@ def cmd_info(a) -> int:
         if os.path.realpath(path) in seen:
             raise ImgError(f"{path}: backing file loop")
         seen.add(os.path.realpath(path))
-        d = _info_dict(path, fmt)
+        d = _info_dict(path, fmt, a.U)
         chain.append(d)
         if not a.backing_chain or "full-backing-filename" not in d:
             break
@@ -327,7 +335,10 @@ def cmd_check(a) -> int:
     if fmt != "qcow2":
         print("This image format does not support checks", file=sys.stderr)
         return 63
-    drv = _open(a.filename, fmt, writable=bool(a.r), backing=False, repair=False)
+    if a.U and a.r:
+        raise ImgError("force-share (-U) can only be used with read-only images")
+    drv = _open(a.filename, fmt, writable=bool(a.r), backing=False, repair=False,
+                use=img_use(writes=bool(a.r), force_share=a.U))
     try:
         res = drv.check(repair=a.r)
         if a.r:
@@ -431,7 +442,7 @@ def _merged_status(drv):
 
 def cmd_map(a) -> int:
     import json
-    drv = _open(a.filename, a.f)
+    drv = _open(a.filename, a.f, use=img_use(force_share=a.U))
     try:
         runs = _merged_status(drv)
     finally:
@@ -525,7 +536,7 @@ def _align_runs(runs, gran: int, size: int) -> list[tuple[int, int]]:
 
 
 def cmd_convert(a) -> int:
-    src = _open(a.src, a.f)
+    src = _open(a.src, a.f, use=img_use(stable=True, force_share=a.U))
     try:
         out_fmt = a.O or "raw"
         if out_fmt not in ("raw", "qcow2"):
@@ -544,7 +555,7 @@ def cmd_convert(a) -> int:
             RawDriver.create(a.dst, size, **opts)
         else:
             Qcow2Driver.create(a.dst, size, **opts)
-        dst = _open(a.dst, out_fmt, writable=True)
+        dst = _open(a.dst, out_fmt, writable=True, use=img_use(writes=True))
         try:
             _copy(src, dst, size, a.c, a.p, skip_unallocated_in_src=bool(a.B))
             _progress(a.p, size, size)
@@ -677,8 +688,8 @@ def _write_compressed(dst, start: int, sub: memoryview, cs: int) -> None:
 
 def cmd_compare(a) -> int:
     try:
-        one = _open(a.img1, a.f)
-        two = _open(a.img2, a.F)
+        one = _open(a.img1, a.f, use=img_use(force_share=a.U))
+        two = _open(a.img2, a.F, use=img_use(force_share=a.U))
     except (BlockError, ImgError) as e:
         raise ImgError(str(e), 2) from None
     try:
@@ -722,12 +733,12 @@ def cmd_compare(a) -> int:
 # -- commit -----------------------------------------------------------------------------
 
 def cmd_commit(a) -> int:
-    top = _open(a.filename, a.f, writable=True, backing=False)
+    top = _open(a.filename, a.f, writable=True, backing=False, use=img_use(writes=True))
     try:
         if not isinstance(top, Qcow2Driver) or not top.h.backing_file:
             raise ImgError(f"{a.filename}: image does not have a backing file")
         bpath = top._relative(top.h.backing_file)
-        base = open_image(bpath, top.h.backing_fmt, read_only=False)
+        base = open_image(bpath, top.h.backing_fmt, read_only=False, use=img_use(writes=True))
         try:
             if base.size < top.size:
                 base.resize(top.size)
@@ -764,7 +775,7 @@ def cmd_commit(a) -> int:
 def cmd_rebase(a) -> int:
     if a.b is None:
         raise ImgError("rebase: -b BACKING is required ('' for no backing file)")
-    top = _open(a.filename, a.f, writable=True, backing=not a.u)
+    top = _open(a.filename, a.f, writable=True, backing=not a.u, use=img_use(writes=True))
     try:
         if not isinstance(top, Qcow2Driver):
             raise ImgError(f"{a.filename}: only qcow2 images have a backing file")
@@ -777,7 +788,8 @@ def cmd_rebase(a) -> int:
                 raise ImgError(f"{a.filename}: an image cannot be its own backing file")
             try:
                 new = open_image(npath, a.F, read_only=True,
-                                 chain=frozenset({os.path.realpath(a.filename)}))
+                                 chain=frozenset({os.path.realpath(a.filename)}),
+                                 use=img_use(force_share=a.U))
             except BlockError as e:
                 if not a.u:
                     raise ImgError(f"could not open new backing file: {e}") from None
@@ -827,7 +839,7 @@ def _rebase_copy(top: Qcow2Driver, new, progress: bool) -> None:
 # -- resize -----------------------------------------------------------------------------
 
 def cmd_resize(a) -> int:
-    drv = _open(a.filename, a.f, writable=True)
+    drv = _open(a.filename, a.f, writable=True, use=img_use(writes=True, resizes=True))
     try:
         text = a.size
         if text.startswith("+"):
@@ -860,7 +872,10 @@ def cmd_snapshot(a) -> int:
     if fmt != "qcow2":
         raise ImgError(f"{a.filename}: format {fmt} does not support snapshots")
     writing = bool(a.c or a.a or a.d)
-    drv = _open(a.filename, fmt, writable=writing, backing=False)
+    if a.U and writing:
+        raise ImgError("force-share (-U) can only be used with read-only images")
+    drv = _open(a.filename, fmt, writable=writing, backing=False,
+                use=img_use(writes=writing, force_share=a.U))
     try:
         if a.c:
             drv.snapshot_create(a.c)
@@ -900,6 +915,8 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     c.set_defaults(func=cmd_create)
 
     i = sub.add_parser("info", help="describe an image")
+    i.add_argument("-U", "--force-share", dest="U", action="store_true",
+                   help="open the image even if another process has it in use (read-only)")
     i.add_argument("--image-opts", action="store_true",
                    help="the image names are node options (driver=...,file.filename=...)")
     i.add_argument("-f", metavar="FMT")
@@ -909,6 +926,8 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     i.set_defaults(func=cmd_info)
 
     k = sub.add_parser("check", help="check (and repair) an image's metadata")
+    k.add_argument("-U", "--force-share", dest="U", action="store_true",
+                   help="open the image even if another process has it in use (read-only)")
     k.add_argument("--image-opts", action="store_true",
                    help="the image names are node options (driver=...,file.filename=...)")
     k.add_argument("-f", metavar="FMT")
@@ -919,6 +938,8 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     k.set_defaults(func=cmd_check)
 
     m = sub.add_parser("map", help="show where the data of an image lives")
+    m.add_argument("-U", "--force-share", dest="U", action="store_true",
+                   help="open the image even if another process has it in use (read-only)")
     m.add_argument("--image-opts", action="store_true",
                    help="the image names are node options (driver=...,file.filename=...)")
     m.add_argument("-f", metavar="FMT")
@@ -927,6 +948,8 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     m.set_defaults(func=cmd_map)
 
     v = sub.add_parser("convert", help="copy an image, skipping zeroes and holes")
+    v.add_argument("-U", "--force-share", dest="U", action="store_true",
+                   help="open the image even if another process has it in use (read-only)")
     v.add_argument("--image-opts", action="store_true",
                    help="the image names are node options (driver=...,file.filename=...)")
     v.add_argument("-f", metavar="FMT")
@@ -942,6 +965,8 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     v.set_defaults(func=cmd_convert)
 
     q = sub.add_parser("compare", help="compare the content of two images")
+    q.add_argument("-U", "--force-share", dest="U", action="store_true",
+                   help="open the image even if another process has it in use (read-only)")
     q.add_argument("--image-opts", action="store_true",
                    help="the image names are node options (driver=...,file.filename=...)")
     q.add_argument("-f", metavar="FMT")
@@ -964,6 +989,8 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     o.set_defaults(func=cmd_commit)
 
     r = sub.add_parser("rebase", help="change an image's backing file")
+    r.add_argument("-U", "--force-share", dest="U", action="store_true",
+                   help="open the image even if another process has it in use (read-only)")
     r.add_argument("--image-opts", action="store_true",
                    help="the image names are node options (driver=...,file.filename=...)")
     r.add_argument("-f", metavar="FMT")
@@ -986,6 +1013,8 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     z.set_defaults(func=cmd_resize)
 
     s = sub.add_parser("snapshot", help="list, create, apply or delete internal snapshots")
+    s.add_argument("-U", "--force-share", dest="U", action="store_true",
+                   help="open the image even if another process has it in use (read-only)")
     s.add_argument("--image-opts", action="store_true",
                    help="the image names are node options (driver=...,file.filename=...)")
     s.add_argument("-f", metavar="FMT")
@@ -999,7 +1028,7 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
 
 
 _CONVERT_VALUES = {"-f": "f", "-O": "O", "-o": "o", "-B": "B", "-F": "F"}
-_CONVERT_FLAGS = {"-c": "c", "-p": "p", "-q": "q"}
+_CONVERT_FLAGS = {"-c": "c", "-p": "p", "-q": "q", "-U": "U"}
 
 
 def _fast_convert_args(argv: list[str]):
@@ -1010,7 +1039,7 @@ def _fast_convert_args(argv: list[str]):
         return None
     import types
     a = types.SimpleNamespace(f=None, O=None, o=[], c=False, p=False, q=False, B=None, F=None,
-                              image_opts=False,
+                              U=False, image_opts=False,
                               func=cmd_convert, img_command="convert")
     names = []
     i = 1

@@ -50,6 +50,7 @@ from ..aio import FALLOCATE, FLUSH, READ, WRITE, AioRequest, PythonEngine
 from .driver import (FORMATS, ZERO_CHUNK, BlockError, WriteBusy, iov_copy_in, iov_is_zero,
                      iov_length, iov_slice, iov_zero)
 from .graph import image_spec, open_node
+from .locking import disk_use
 
 log = logging.getLogger("pykvm.block")
 
@@ -114,7 +115,9 @@ class BlockBackend:
         self.cache = CACHE_MODES[cache]
         self.cache_name = cache
         spec = image_spec(image, fmt)
-        self.root = open_node(spec, read_only=read_only, direct=self.cache.direct, name=name)
+        # the image locks of a VM's disk, as QEMU takes them (block/locking.py)
+        self.root = open_node(spec, read_only=read_only, direct=self.cache.direct, name=name,
+                              use=disk_use(not read_only))
         self.driver = self.root
         while self.driver.kind == "filter":
             self.driver = self.driver.file

@@ -212,6 +212,16 @@ class BlockDriver:
     def close_node(self) -> None:
         """What this node itself holds (its children are closed by close())."""
 
+    def lock(self, use) -> None:
+        """Take the image locks for users asking ``use`` (locking.Use) of this
+        node: its file and data file get what this format asks of them, its
+        backing what a backing file is asked (protocol nodes take the locks)."""
+        from .locking import backing_use, file_use
+        for role, child in self.children:
+            child.lock(backing_use(use) if role == "backing" else
+                       use if self.kind == "filter" else
+                       file_use(self.format_name, use, not self.read_only))
+
     def abandon(self) -> None:
         """Let go of every file descriptor of the tree without writing anything
         back: what a crash of the process leaves on disk (tests)."""
@@ -251,11 +261,12 @@ def probe_format(path: str) -> str:
 
 
 def open_image(path: str, fmt: str | None = None, read_only: bool = False, direct: bool = False,
-               **opts) -> BlockDriver:
+               use=None, **opts) -> BlockDriver:
     """Open an image file with its format driver (probing when ``fmt`` is None):
     a format node over a file node, with its backing chain (graph.open_node).
     ``open_backing=False``: without the backing file; ``l2_cache_size``: the
-    qcow2 option; other keywords go to the format driver (``repair=False``)."""
+    qcow2 option; ``use``: the image locks to take (locking.Use; None: none);
+    other keywords go to the format driver (``repair=False``)."""
     from .graph import image_spec, open_node
     spec = image_spec(path, fmt)
     if opts.pop("open_backing", True) is False:
@@ -263,7 +274,7 @@ def open_image(path: str, fmt: str | None = None, read_only: bool = False, direc
     if opts.get("l2_cache_size") is not None:
         spec["l2-cache-size"] = opts.pop("l2_cache_size")
     opts.pop("l2_cache_size", None)
-    return open_node(spec, read_only=read_only, direct=direct, **opts)
+    return open_node(spec, read_only=read_only, direct=direct, use=use, **opts)
 
 
 # -- I/O vectors -----------------------------------------------------------------------

@@ -72,7 +72,8 @@ class FileDriver(BlockDriver):
         self.read_only = read_only
         self.direct = direct
         self.aio = aio              # the AIO engine the user asked for on this file (file.aio=)
-        self.locking = locking
+        self.locking = locking      # file.locking=: on | off | auto (QEMU's)
+        self.image_lock = None
         self.fd = self.bfd = -1
         self.fd = open_file(filename, read_only, direct)
         try:
@@ -94,6 +95,15 @@ class FileDriver(BlockDriver):
 
     def _check_kind(self) -> None:
         """driver=file takes either kind of file; host_device only a block device."""
+
+    def lock(self, use) -> None:
+        """Hold what the nodes above ask of this file (locking.Use) as QEMU's
+        lock bytes on its descriptor, or refuse in one line naming what
+        another user holds."""
+        from .locking import ImageLock
+        if self.image_lock is None:
+            self.image_lock = ImageLock()
+        self.image_lock.apply(self.bfd, self.path, use.perms, use.shared, self.locking)
 
     def map(self, offset: int, length: int) -> list[Extent]:
         return [Extent("data", offset, length, self.fd, offset)]
@@ -173,6 +183,8 @@ class FileDriver(BlockDriver):
         self.close_node()
 
     def close_node(self) -> None:
+        if self.image_lock is not None:
+            self.image_lock.release()
         for fd in {self.fd, self.bfd} - {-1}:
             try:
                 os.close(fd)

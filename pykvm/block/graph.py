@@ -137,6 +137,13 @@ def _error(where: str, why: str) -> GraphError:
     return e
 
 
+def _named(where: str, e: BlockError) -> BlockError:
+    """A node's file error, named: "qcow2 node 'disk0': file 'a.qcow2': ..."."""
+    err = type(e)(where, f"file '{e.path}': {e.why}" if e.path else e.why, e.errno)
+    err.node = where
+    return err
+
+
 # -- option values -----------------------------------------------------------------------
 
 def parse_size(text) -> int:
@@ -193,12 +200,14 @@ class Opener:
     qcow2 header's backing file or data file)."""
 
     def __init__(self, children: dict, name: str, read_only: bool, direct: bool,
-                 chain: frozenset):
+                 chain: frozenset, use=None):
         self.children = children        # role -> spec (dict, str, None) as given
         self.name = name
         self.read_only = read_only
         self.direct = direct
         self.chain = chain              # real paths of the images above (backing loops)
+        self.use = use                  # what the node's users ask of it (locking.Use), or None
+        self.driver = ""                # the node's driver, once known
         self.file: BlockDriver | None = None
 
     def given(self, role: str) -> bool:
@@ -213,28 +222,48 @@ class Opener:
         if isinstance(spec, str):
             spec = filename_spec(spec) if role in ("file", "data-file") else image_spec(spec)
         chain = self.chain
-        if role == "backing" and self.file is not None:
-            chain = chain | {os.path.realpath(self.file.filename)}
-        return _open(spec, f"{self.name}/{role}",
-                     self.read_only if read_only is None else read_only,
-                     self.direct if direct is None else direct, chain, {})
+        use = None
+        if role == "backing":
+            if self.file is not None:
+                chain = chain | {os.path.realpath(self.file.filename)}
+            if self.use is not None:
+                from .locking import backing_use
+                use = backing_use(self.use)
+        ro = self.read_only if read_only is None else read_only
+        node = _open(spec, f"{self.name}/{role}", ro, self.direct if direct is None else direct,
+                     chain, {}, use)
+        if role == "data-file" and self.use is not None:
+            try:
+                node.lock(self._file_use())
+            except BaseException:
+                node.close()
+                raise
+        return node
+
+    def _file_use(self):
+        """What this node asks of its file and data file."""
+        from .locking import file_use
+        return self.use if DRIVERS[self.driver].kind == "filter" else \
+            file_use(self.driver, self.use, not self.read_only)
 
 
 def open_node(spec, *, read_only: bool = False, direct: bool = False, name: str = "",
-              chain: frozenset = frozenset(), **internal) -> BlockDriver:
+              chain: frozenset = frozenset(), use=None, **internal) -> BlockDriver:
     """Open the graph ``spec`` describes (a nested dict, a json: filename or
     a plain filename) and return its root. ``direct``: O_DIRECT on the file
     nodes of the image itself (the cache mode's), not on its backing chain.
     ``chain``: real paths of images that would sit above it (a loop through
-    them is refused). ``internal``: keyword arguments for the root driver
+    them is refused). ``use`` (locking.Use): what its users ask of it, taken
+    as QEMU's image locks on every file of the graph before any node writes
+    (None: no locks). ``internal``: keyword arguments for the root driver
     beyond QEMU's options (``repair=False`` for pykvm img)."""
     if isinstance(spec, str):
         spec = image_spec(spec)
-    return _open(spec, name, read_only, direct, chain, internal)
+    return _open(spec, name, read_only, direct, chain, internal, use)
 
 
 def _open(spec: dict, name: str, read_only: bool, direct: bool, chain: frozenset,
-          internal: dict) -> BlockDriver:
+          internal: dict, use=None) -> BlockDriver:
     if not isinstance(spec, dict):
         raise _error(f"node '{name}'", f"a node is described by options, not {spec!r}")
     spec = dict(spec)
@@ -260,12 +289,19 @@ def _open(spec: dict, name: str, read_only: bool, direct: bool, chain: frozenset
     children = {r: spec.pop(r) for r in list(spec) if r in roles}
     if spec.get("backing", 0) is None:
         del spec["backing"]     # "no backing file" holds for any node
-    opener = Opener(children, node_name, read_only, direct, chain)
+    opener = Opener(children, node_name, read_only, direct, chain, use)
     if cls is not None and cls.kind == "protocol":
         if "filename" not in spec:
             raise _error(where, "option 'filename' is missing")
-        return _make(cls, spec, where, node_name, probed, read_only=read_only, direct=direct,
+        node = _make(cls, spec, where, node_name, probed, read_only=read_only, direct=direct,
                      **internal)
+        if use is not None:
+            try:
+                node.lock(use)
+            except BlockError as e:
+                node.close()
+                raise _named(where, e) from None
+        return node
     if "file" not in children or children["file"] in (None, ""):
         raise _error(where, "option 'file' is missing (the node below it)")
     file = opener.child("file")
@@ -284,6 +320,12 @@ def _open(spec: dict, name: str, read_only: bool, direct: bool, chain: frozenset
                 raise _error(where, f"option '{sorted(bad)[0]}' does not apply (a {driver} "
                              f"image has no such child)")
         opener.file = file
+        opener.driver = cls.format_name
+        if use is not None:     # locked before the node reads or writes anything
+            try:
+                file.lock(opener._file_use())
+            except BlockError as e:
+                raise _named(where, e) from None
         kw = dict(internal)
         if cls.opens_children:
             kw["opener"] = opener
@@ -304,9 +346,7 @@ def _make(cls, spec: dict, where: str, node_name: str, probed: bool, **kw) -> Bl
     except BlockError as e:
         if getattr(e, "node", None):
             raise
-        err = type(e)(where, f"file '{e.path}': {e.why}" if e.path else e.why, e.errno)
-        err.node = node_name
-        raise err from None
+        raise _named(where, e) from None
     node.node_name = node_name
     node.probed = probed
     return node

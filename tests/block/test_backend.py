@@ -270,6 +270,7 @@ def test_probed_raw_refuses_a_qcow2_header_in_sector_0(tmp_path, disk_factory, c
     assert p.read_bytes()[:4] == bytes(4)
     assert d.write(512, bytes(hdr)) >= 0       # elsewhere is fine
     assert d.write(0, b"\x01" * 512) >= 0      # and so is any other sector-0 content
+    d.close()                                  # (two writers of one image lock each other out)
     d2 = disk_factory(p, fmt="raw")            # format given: no restriction
     assert d2.write(0, bytes(hdr)) >= 0
 

@@ -8,6 +8,7 @@ import os
 import select
 import shutil
 import subprocess
+import sys
 import uuid
 
 import pytest
@@ -445,3 +446,71 @@ def test_a_bad_mode_and_a_bad_permission_are_one_line(images, locks):
         lk.apply(fd, str(path), {"graph-mod"}, ALL)
     with pytest.raises(ValueError, match="read-only users only"):
         img_use(writes=True, force_share=True)
+
+
+# -- the graph takes them: a disk, its backing and data files, pykvm img --------------------
+
+def _pykvm_img(*args):
+    return subprocess.run([sys.executable, "-m", "pykvm", "img", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_a_disk_locks_every_file_of_its_graph_as_a_qemu_vm_does(images, holder, qemu_system):
+    """What a BlockBackend holds on each file equals what a QEMU VM holds on the
+    same graph (read from the lock bytes of each file)."""
+    from pykvm.block import BlockBackend
+    for image, files in (("top.qcow2", ("top.qcow2", "base.raw")), ("d.qcow2", ("d.qcow2", "d.data")),
+                         ("a.raw", ("a.raw",))):
+        fmt = "raw" if image.endswith(".raw") else "qcow2"
+        vm = holder("vm", *vm_drive(images / image, fmt))
+        theirs = {f: others(images / f) for f in files}
+        vm.kill()
+        vm.wait()
+        b = BlockBackend(str(images / image), fmt=fmt)
+        try:
+            ours = {f: others(images / f) for f in files}
+        finally:
+            b.close()
+        assert ours == theirs, image
+        assert all(others(images / f) == Use(set(), ALL) for f in files)   # all dropped at close
+
+
+def test_a_disk_in_use_refuses_qemu_and_pykvm_img_and_a_second_disk(images, holder):
+    from pykvm.block import BlockBackend, BlockError
+    top = images / "top.qcow2"
+    b = BlockBackend(str(top), name="disk0")
+    try:
+        r = qemu("qemu-img", "info", top)
+        assert r.returncode == 1 and 'Failed to get shared "write" lock' in r.stderr
+        assert qemu("qemu-img", "info", "-U", top).returncode == 0
+        r = qemu("qemu-io", "-f", "raw", "-c", "write 0 512", images / "base.raw")
+        assert r.returncode == 1 and 'Failed to get "write" lock' in r.stderr  # its backing file
+        ours = _pykvm_img("check", top)
+        assert ours.returncode == 1 and ours.stderr.count("\n") == 1
+        assert 'Failed to get shared "write" lock: another user has the image open for ' \
+               '"consistent read, write, resize"' in ours.stderr, ours.stderr
+        assert _pykvm_img("check", "-U", top).returncode == 0
+        assert _pykvm_img("info", "-U", top).returncode == 0
+        with pytest.raises(BlockError, match=r"^qcow2 node 'disk1': file '.*top.qcow2': Failed "
+                                             r"to get \"write\" lock: another user"):
+            BlockBackend(str(top), name="disk1")
+        # file.locking=off takes and checks nothing, as in QEMU
+        BlockBackend({"driver": "qcow2", "file": {"driver": "file", "filename": str(top),
+                                                  "locking": "off"}}, read_only=True).close()
+    finally:
+        b.close()
+    assert _pykvm_img("check", top).returncode == 0
+
+
+def test_a_qemu_writer_keeps_a_disk_off(images, holder):
+    from pykvm.block import BlockBackend, BlockError
+    proc = holder("qemu-io", "-f", "qcow2", images / "a.qcow2")
+    with pytest.raises(BlockError, match=r"Failed to get \"write\" lock"):
+        BlockBackend(str(images / "a.qcow2"))
+    r = subprocess.run([sys.executable, "-m", "pykvm", "fio", "--disk",
+                        f"file={images / 'a.qcow2'}", "--ios", "4"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("pykvm: qcow2 node 'disk0': file ") and "lock" in r.stderr
+    holder.stop(proc)
+    BlockBackend(str(images / "a.qcow2")).close()

@@ -275,3 +275,22 @@ def test_guest_asks_for_more_queues_than_the_disk_has(pykvm, guest, image):
                   "--cmdline", "rw=randread queues=4 iodepth=8 ios=10", timeout=60)
         assert r.returncode == 2, r.stdout
         assert why in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("aio", ["python", "io_uring"])
+def test_raw_window_offset_and_size(pykvm, tmp_path, aio):
+    """driver=raw,offset=,size= on both paths: the guest's disk is the window,
+    what lies around it in the file is never touched."""
+    img = tmp_path / "whole.img"
+    img.write_bytes(b"\xee" * (16 << 20))
+    disk = f"driver=raw,offset=4M,size=8M,file.filename={img},aio={aio},cache=none"
+    for args in (["--rw", "write", "--ios", str((8 << 20) // 4096)],
+                 ["--rw", "randrw", "--ios", "2000", "--seed", "5"]):
+        r = pykvm("fio", "--disk", disk, "--output-format", "json", "--iodepth", "8",
+                  "--verify", "crc32c", *args, timeout=180)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        job = json.loads(r.stdout)["jobs"][0]
+        assert job["error"] == 0 and job["verify_errors"] == 0
+    data = img.read_bytes()
+    assert data[:4 << 20] == b"\xee" * (4 << 20) and data[12 << 20:] == b"\xee" * (4 << 20)
+    assert b"\xee" * 512 not in data[4 << 20:12 << 20]     # every block of the window written

@@ -189,8 +189,10 @@ def test_ext4_survives_a_reboot(kit, tmp_path):
 
 
 def allocated(disk) -> int:
+    """Bytes of the image that hold data; read while pykvm serve has it open,
+    which its image locks allow only with -U (force-share), as QEMU's do."""
     if str(disk).endswith(".qcow2"):
-        out = subprocess.run(["qemu-img", "map", "--output=json", str(disk)],
+        out = subprocess.run(["qemu-img", "map", "-U", "--output=json", str(disk)],
                              capture_output=True, text=True, check=True).stdout
         return sum(e["length"] for e in json.loads(out) if e["data"] and e["depth"] == 0)
     return os.stat(disk).st_blocks * 512
