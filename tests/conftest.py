@@ -118,7 +118,9 @@ def pytest_generate_tests(metafunc):
     if "engine" in values and "cache_mode" in values:
         engines, caches = values.pop("engine"), values.pop("cache_mode")
         pairs = [(e, c) for e in engines for c in caches if engine_cache_valid(e, c)]
-        assert pairs, f"{metafunc.definition.nodeid}: no engine can take these cache modes"
+        if not pairs:
+            raise pytest.UsageError(f"{metafunc.definition.nodeid}: matrix: no engine "
+                                    f"of {engines} takes the cache modes {caches}")
         metafunc.parametrize(("engine", "cache_mode"), pairs, indirect=True,
                              ids=[f"{e}-{c}" for e, c in pairs])
     elif "engine" in values:
