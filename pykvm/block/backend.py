@@ -492,6 +492,11 @@ class BlockBackend:
             self.engine.submit([AioRequest(FALLOCATE, self.driver.fd, offset, token=self._id(p),
                                            mode=mode, length=length)])
             return
+        if offset % self.align or length % self.align:
+            # the zeroes it writes as data would fail (O_DIRECT) after the
+            # driver changed its metadata: refused first, as readv and writev do
+            self._complete_now(token, -errno.EINVAL)
+            return
         self._quiesce()
         p = _Pending(token, WRITE, then_flush=flush)
         try:
@@ -662,4 +667,10 @@ class _Bounce:
 
     def close(self) -> None:
         self.view.release()
-        self.map.close()
+        try:
+            self.map.close()
+        except BufferError:
+            # A mapped request's pieces are slices of ``view``; one may still be
+            # referenced (the completion being handled, an engine's last
+            # request): the mapping goes when the last slice does.
+            pass

@@ -1,6 +1,10 @@
 """Shared helpers for the block-layer tests: qemu-img as the oracle, and a
 synchronous wrapper that drives a BlockBackend through its public API
-(memoryviews over bytearrays, the notifier eventfd, reap)."""
+(memoryviews over bytearrays, the notifier eventfd, reap).
+
+``disk_factory`` opens its disks on the matrix's ``engine`` (tests/conftest.py):
+a test that takes it runs on python, threads, native (cache=none) and io_uring.
+A bare ``Disk(...)`` is on the Python engine unless given ``engine=``."""
 import os
 import select
 import shutil
@@ -53,9 +57,13 @@ def as_raw(path, tmp_path, fmt=None):
     return out.read_bytes()
 
 
-def pattern(n: int, seed: int = 0) -> bytes:
-    period = bytes((i * 7 + seed * 13 + 1) & 0xFF for i in range(251))
-    return (period * (n // 251 + 1))[:n]
+from tests.conftest import pattern  # noqa: E402  (one pattern for the matrix's images too)
+
+
+def granular(disk, n: int) -> int:
+    """``n`` in whole sectors when ``disk`` is opened with O_DIRECT (which takes
+    only whole sectors, as a guest sends them), else ``n`` itself."""
+    return n - n % 512 if disk.b.cache.direct else n
 
 
 class Disk:
@@ -121,10 +129,16 @@ class Disk:
 
 
 @pytest.fixture
-def disk_factory():
+def disk_factory(engine):
+    """``make(path, **kw)``: a Disk on a fresh engine of the matrix, in the
+    engine's cache mode unless ``cache=`` says otherwise (aio=native with a
+    cached mode is refused: such a test must narrow the matrix)."""
     disks = []
 
     def make(path, **kw):
+        kw.setdefault("cache", engine.cache)
+        if "engine" not in kw:
+            kw["engine"] = engine(kw["cache"])
         d = Disk(path, **kw)
         disks.append(d)
         return d

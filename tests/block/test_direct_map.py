@@ -160,8 +160,8 @@ def image(tmp_path):
 
 @needs_qemu
 @pytest.mark.parametrize("op", ["discard", "write_zeroes", "write_zeroes_unmap"])
-def test_discard_and_write_zeroes_leave_the_table_first(image, op):
-    d = Disk(image)
+def test_discard_and_write_zeroes_leave_the_table_first(image, op, disk_factory):
+    d = disk_factory(image)
     drv = d.b.driver
     host = drv.map(MiB, 1)[0].host_offset
     lst = Listener(d.b, watch=lambda: (drv.map(MiB, 1)[0].kind, drv.refcount(host >> 16)))
@@ -184,8 +184,8 @@ def test_discard_and_write_zeroes_leave_the_table_first(image, op):
     assert_clean(image)
 
 
-def test_nothing_published_means_no_call(image):
-    d = Disk(image)
+def test_nothing_published_means_no_call(image, disk_factory):
+    d = disk_factory(image)
     lst = Listener(d.b)
     assert d.discard(3 * MiB, MiB) == 0              # never written: not in the table
     assert lst.calls == []
@@ -226,8 +226,8 @@ def test_snapshot_makes_the_table_read_only_before_refcounts_change(image):
     assert as_raw(image, image.parent)[:2 * MiB] == pattern(2 * MiB, 3)
 
 
-def test_allocations_are_added_rate_limited(image):
-    d = Disk(image)
+def test_allocations_are_added_rate_limited(image, disk_factory):
+    d = disk_factory(image)
     lst = Listener(d.b)
     d.b.MAP_REFRESH_MIN = 3600                        # only the first rebuild is due
     assert d.write(3 * MiB, pattern(4096, 1)) == 4096

@@ -121,7 +121,7 @@ def test_l2_offset_misaligned_or_past_eof(good):
         drv.close()
 
 
-def test_data_cluster_past_eof(good):
+def test_data_cluster_past_eof(good, disk_factory):
     drv = open_image(str(good), "qcow2", read_only=True)
     l2_off = drv.l1[0] & 0x00FFFFFFFFFFFE00
     drv.close()
@@ -130,9 +130,8 @@ def test_data_cluster_past_eof(good):
     with pytest.raises(BlockError, match="outside the file"):
         read_range(drv, 0, 512)
     drv.close()
-    # through the backend: an I/O error, and the device carries on
-    from .conftest import Disk
-    d = Disk(good, fmt="qcow2", read_only=True)
+    # through the backend (on every engine): an I/O error, and the device carries on
+    d = disk_factory(good, fmt="qcow2", read_only=True)
     buf = memoryview(bytearray(512))
     d.b.readv(1, 0, [buf])
     assert d.wait([1])[1] < 0

@@ -72,10 +72,14 @@ class MockVirtq:
     (each at its spec alignment); the rest of RAM from the next page on is the
     ``arena``. ``start_idx`` presets avail->idx and used->idx (the queue from
     ``queue()`` starts at the same index), for wrap-around tests.
+    ``queue_class``: the device side ``queue()`` makes (SplitQueue, or its C
+    twin fastpath.CQueue).
     """
 
-    def __init__(self, mem, size: int, base: int = 0x1000, start_idx: int = 0):
+    def __init__(self, mem, size: int, base: int = 0x1000, start_idx: int = 0,
+                 queue_class=SplitQueue):
         self.mem = mem
+        self.queue_class = queue_class
         self.size = size
         self.desc_table = align_up(base, 16)
         self.avail_ring = self.desc_table + 16 * size
@@ -95,8 +99,8 @@ class MockVirtq:
 
     def queue(self, index: int = 0, *, max_size: int | None = None, event_idx: bool = False,
               indirect: bool = False) -> SplitQueue:
-        """A device-side SplitQueue configured for this layout and activated."""
-        q = SplitQueue(index, max_size or self.size)
+        """A device-side queue (``queue_class``) configured for this layout and activated."""
+        q = self.queue_class(index, max_size or self.size)
         q.size = self.size
         q.desc_table, q.avail_ring, q.used_ring = self.desc_table, self.avail_ring, self.used_ring
         q.event_idx, q.indirect, q.ready = event_idx, indirect, True

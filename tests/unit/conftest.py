@@ -1,14 +1,21 @@
-"""Unit-test collection: a module that reruns another module's tests on a second
-implementation (tests/unit/test_fastpath_*.py) names, in ``not_applicable(item)``,
-the combinations that cannot apply there; those are deselected at collection
-rather than reported as skips."""
+"""Fixtures of the device tests: ``image`` (a raw disk holding a pattern) and
+``rig`` (a VirtioBlk on it behind the matrix's transport, its disk on the
+matrix's engine: tests/conftest.py). test_virtio_blk.py runs the device tests
+on every engine; test_fastpath_blk.py adds what only the C path has."""
+import pytest
 
 
-def pytest_collection_modifyitems(config, items):
-    keep, drop = [], []
-    for item in items:
-        rule = getattr(getattr(item, "module", None), "not_applicable", None)
-        (drop if rule is not None and rule(item) else keep).append(item)
-    if drop:
-        config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+@pytest.fixture
+def image(tmp_path):
+    from tests.unit.test_virtio_blk import DISK, pattern
+    p = tmp_path / "disk.img"
+    p.write_bytes(pattern(DISK))
+    return p
+
+
+@pytest.fixture
+def rig(image, transport, engine):
+    from tests.unit.test_virtio_blk import Rig
+    r = Rig(image, transport, engine)
+    yield r
+    r.close()

@@ -1,9 +1,11 @@
 """The C fast path under AddressSanitizer and UBSan.
 
 Builds pykvm._native with PYKVM_SANITIZE=1 into a temporary directory and
-runs the fast-path tests against it in a child process: the C queue's parity
-tests (hostile rings and the differential fuzz included), the engines, and
-the C I/O thread's device tests on io_uring and threads. Python itself is not
+runs the fast-path tests against it in a child process: the queue tests on
+both twins and the C queue's parity tests (hostile rings and the differential
+fuzz included), the engines, and the device tests on the C I/O thread, on
+io_uring and threads (their Python-path variants, in the same files, run
+too). Python itself is not
 instrumented, so the child preloads libasan (it must come first in the
 process, but not in its children) and does not check leaks (the interpreter
 keeps much for good); any sanitizer report fails the run.
@@ -17,7 +19,8 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-TESTS = ["tests/unit/test_fastpath_parity.py", "tests/unit/test_fastpath_aio.py",
+TESTS = ["tests/unit/test_queue.py", "tests/unit/test_fastpath_parity.py",
+         "tests/unit/test_fastpath_aio.py", "tests/unit/test_virtio_blk.py",
          "tests/unit/test_fastpath_blk.py"]
 SELECT = "not native"  # (time) the other engines cover the C I/O thread
 BOOT = """

@@ -1,11 +1,11 @@
 """virtio-blk over the C fast path (native/blk.c), on every C engine.
 
-Every scenario of tests/unit/test_virtio_blk.py runs again here with the
-disk on aio=threads, native and io_uring, so the C I/O thread serves it
-(aio=native with O_DIRECT: cache=none for writeback, directsync for
-writethrough). Then tests of what only the C path has: its counters,
-batching, the punt queue, forwarded interrupts, the mapping table, and a
-differential run of the same requests through the Python and the C path.
+The device tests of tests/unit/test_virtio_blk.py run on every engine of the
+matrix (tests/conftest.py), the C ones included; here, on the C engines only
+(threads, native with cache=none, io_uring: the C I/O thread serves the
+disk), what only the C path has: its counters, batching, the punt queue,
+forwarded interrupts, the mapping table, and a differential run of the same
+requests through the Python and the C path.
 """
 import errno
 import logging
@@ -16,23 +16,14 @@ import time
 import pytest
 
 from pykvm._native import ffi, lib
-from pykvm.aio.native import NativeEngine
-from pykvm.block import BlockBackend
 from pykvm.virtio import blk as B
 from pykvm.virtio import fastpath
+from tests.conftest import C_ENGINES, Engine
 from tests.helpers.virtio_driver import (T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT,
                                          T_WRITE_ZEROES, wait_fd)
-from tests.unit import test_virtio_blk
-from tests.unit.test_virtio_blk import *  # the device tests, run on C here
-from tests.unit.test_virtio_blk import DISK, Rig, pattern
+from tests.unit.test_virtio_blk import DISK, Rig, exercise_every_queue, pattern
 
-ENGINES = ("threads", "native", "io_uring")
-DIRECT = {"writeback": "none", "writethrough": "directsync", "none": "none",
-          "directsync": "directsync"}
-# these observe the Python path's own calls (os.fdatasync, VirtioBlk.stats);
-# their C-path versions are below
-PYTHON_ONLY = {"test_flush_reaches_fdatasync", "test_guest_toggles_the_write_cache",
-               "test_event_idx_suppresses_interrupts"}
+pytestmark = pytest.mark.matrix(engine=C_ENGINES)
 
 
 def aligned_write(d, sector, data):
@@ -47,30 +38,7 @@ def aligned_read(d, sector, n):
     return status, d.mem.read(gpa, n)
 
 
-def c_backend(engine):
-    def make(path, cache="writeback", **kw):
-        if engine == "native":
-            cache = DIRECT[cache]
-        return BlockBackend(path, cache=cache, engine=NativeEngine(engine, 256), **kw)
-    return make
-
-
-def not_applicable(item) -> bool:
-    """Deselected here (tests/unit/conftest.py): the Python-only observers, and
-    cache=unsafe on aio=native, which needs O_DIRECT."""
-    name = getattr(item, "originalname", item.name)
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    return name in PYTHON_ONLY or (name == "test_unsafe_cache_ignores_flushes"
-                                   and params.get("engine") == "native")
-
-
-@pytest.fixture(params=ENGINES, autouse=True)
-def engine(request, monkeypatch):
-    monkeypatch.setattr(test_virtio_blk, "BlockBackend", c_backend(request.param))
-    return request.param
-
-
-def test_the_shared_tests_do_run_on_c(rig):
+def test_the_c_path_serves_these_tests(rig):
     assert rig.dev._fast is not None
     assert rig.drv.read(0, 512)[0] == B.S_OK
     assert rig.dev.counters()["requests"] == 1
@@ -83,8 +51,8 @@ def test_flush_is_counted(rig):
     assert rig.dev.counters()["flushes"] == 1
 
 
-def test_writethrough_flushes_each_write(image, transport):
-    r = Rig(image, transport)
+def test_writethrough_flushes_each_write(image, transport, engine):
+    r = Rig(image, transport, engine)
     try:
         assert aligned_write(r.drv, 8, bytes(512)) == B.S_OK
         assert r.dev.counters()["flushes"] == 0      # writeback: no flush per write
@@ -97,8 +65,10 @@ def test_writethrough_flushes_each_write(image, transport):
         r.close()
 
 
-def test_unsafe_cache_ignores_flushes(image, transport, engine):
-    mem_rig = Rig(image, transport, cache="unsafe")
+@pytest.mark.matrix(cache_mode="unsafe")     # (not aio=native: it needs O_DIRECT)
+def test_unsafe_cache_ignores_flushes(image, transport, engine, cache_mode):
+    mem_rig = Rig(image, transport, engine)
+    assert mem_rig.backend.cache_name == "unsafe" and mem_rig.dev._fast is not None
     try:
         assert mem_rig.drv.flush() == B.S_OK
         assert mem_rig.dev.counters()["flushes"] == 0
@@ -106,8 +76,8 @@ def test_unsafe_cache_ignores_flushes(image, transport, engine):
         mem_rig.close()
 
 
-def test_event_idx_suppresses_interrupts_in_c(image, transport):
-    r = Rig(image, transport)
+def test_event_idx_suppresses_interrupts_in_c(image, transport, engine):
+    r = Rig(image, transport, engine)
     try:
         d = r.drv
         d.vq.set_used_event(5)
@@ -151,20 +121,20 @@ def test_irq_wait_policy(in_flight, since, limit, wait):
     assert bool(lib.pykvm_blk_irq_wait(in_flight, since, limit)) is wait
 
 
-def test_irq_coalesce_ns_reaches_the_c_path(image):
+def test_irq_coalesce_ns_reaches_the_c_path(image, engine):
     from pykvm.machine import DiskSpec
     spec = DiskSpec.parse(f"file={image},irq-coalesce-ns=250000")
     assert spec.irq_coalesce_ns == 250000 and DiskSpec.parse(str(image)).irq_coalesce_ns is None
-    r = Rig(image, irq_coalesce_ns=spec.irq_coalesce_ns)
+    r = Rig(image, "mmio", engine, irq_coalesce_ns=spec.irq_coalesce_ns)
     try:
         assert r.dev._fast.irq_coalesce_ns == 250000
     finally:
         r.close()
 
 
-def test_coalescing_never_delays_a_lone_request(image, transport):
+def test_coalescing_never_delays_a_lone_request(image, transport, engine):
     import time
-    r = Rig(image, transport, irq_coalesce_ns=2_000_000_000)
+    r = Rig(image, transport, engine, irq_coalesce_ns=2_000_000_000)
     try:
         for i in range(3):   # each completes with the engine idle: interrupted at once
             t0 = time.monotonic()
@@ -176,12 +146,12 @@ def test_coalescing_never_delays_a_lone_request(image, transport):
         r.close()
 
 
-def test_coalescing_takes_many_completions_per_interrupt(image, transport):
+def test_coalescing_takes_many_completions_per_interrupt(image, transport, engine):
     """20 reads at once with 2 s of coalescing: one interrupt at the first
     completion, the rest held back until the engine has nothing left (well
     before the 2 s), then one more."""
     import time
-    r = Rig(image, transport, irq_coalesce_ns=2_000_000_000)
+    r = Rig(image, transport, engine, irq_coalesce_ns=2_000_000_000)
     try:
         d = r.drv
         for i in range(20):
@@ -256,8 +226,8 @@ def test_more_broken_chains_need_reset(rig, case, caplog):
 
 # -- interrupts ---------------------------------------------------------------------------
 
-def test_pci_unmasked_vector_is_written_directly(image):
-    r = Rig(image, "pci")
+def test_pci_unmasked_vector_is_written_directly(image, engine):
+    r = Rig(image, "pci", engine)
     try:
         assert r.dev._fast is not None
         assert r.t.msix.call_fd(0) is not None
@@ -268,8 +238,8 @@ def test_pci_unmasked_vector_is_written_directly(image):
         r.close()
 
 
-def test_pci_masked_vector_is_forwarded_and_left_pending(image):
-    r = Rig(image, "pci")
+def test_pci_masked_vector_is_forwarded_and_left_pending(image, engine):
+    r = Rig(image, "pci", engine)
     try:
         d = r.drv
         fn = r.t
@@ -314,8 +284,8 @@ def mask_then_unmask(r, queue):
     assert wait_fd(d.t.interrupt_fd(queue), 5)            # the pending one, on unmask
 
 
-def test_vector_masked_later_is_forwarded_once_the_device_is_told(image):
-    r = Rig(image, "pci")
+def test_vector_masked_later_is_forwarded_once_the_device_is_told(image, engine):
+    r = Rig(image, "pci", engine)
     try:
         d = r.drv
         mask_then_unmask(r, 0)
@@ -327,8 +297,8 @@ def test_vector_masked_later_is_forwarded_once_the_device_is_told(image):
         r.close()
 
 
-def test_mmio_interrupts_set_interrupt_status(image):
-    r = Rig(image, "mmio")
+def test_mmio_interrupts_set_interrupt_status(image, engine):
+    r = Rig(image, "mmio", engine)
     try:
         d = r.drv
         d.vq.set_used_event(0)
@@ -389,23 +359,17 @@ def shapes():
 
 
 @pytest.mark.parametrize("name", sorted(shapes()))
-def test_same_answers_as_the_python_path(tmp_path, name, engine, transport, monkeypatch):
+def test_same_answers_as_the_python_path(tmp_path, name, engine, transport):
     """The same chain, on twin images: the same status byte, used length,
-    buffer contents and image contents from the Python path and the C path."""
+    buffer contents and image contents from the Python path and the C path
+    (in the same cache mode)."""
     results = []
-    for path_kind in ("python", engine):
-        img = tmp_path / f"{path_kind}.img"
+    for e in (Engine("python", engine.cache), engine):
+        img = tmp_path / f"{e.name}.img"
         img.write_bytes(pattern(DISK))
-        if path_kind == "python":
-            monkeypatch.setattr(test_virtio_blk, "BlockBackend",
-                                lambda p, cache="writeback", **kw: BlockBackend(
-                                    p, cache=DIRECT[cache] if engine == "native" else cache,
-                                    **kw))
-        else:
-            monkeypatch.setattr(test_virtio_blk, "BlockBackend", c_backend(engine))
-        r = Rig(img, transport)
+        r = Rig(img, transport, e)
         try:
-            assert (r.dev._fast is not None) == (path_kind != "python")
+            assert (r.dev._fast is not None) == e.c_path
             d = r.drv
             bufs = shapes()[name](d)
             head = d.submit(bufs)
@@ -441,7 +405,7 @@ def extents(*rows):
     (8192 + 2048, 4096, False, None),     # crosses into another file
     (16384, 1, False, None),              # past the end
 ])
-def test_map_lookup(engine, offset, length, write, expect):
+def test_map_lookup(offset, length, write, expect):
     t = extents((0, 512, 5, 100, 0), (512, 4096 - 512, 5, 612, 1), (12288, 4096, 7, 0, 1))
     fd = ffi.new("int32_t *")
     host = ffi.new("uint64_t *")
@@ -465,7 +429,7 @@ def test_set_map_punts_unmapped_ranges(rig, image):
 
 
 def test_io_error_is_logged_and_reported(image, transport, engine, caplog):
-    r = Rig(image, transport)
+    r = Rig(image, transport, engine)
     try:
         fast = r.dev._fast
         bad = os.open("/dev/null", os.O_RDONLY)
@@ -484,12 +448,13 @@ def test_io_error_is_logged_and_reported(image, transport, engine, caplog):
         pass
 
 
-def test_c_path_that_cannot_start_falls_back_to_python(image, transport, monkeypatch, caplog):
+def test_c_path_that_cannot_start_falls_back_to_python(image, transport, engine, monkeypatch,
+                                                        caplog):
     def refuse(*args, **kw):
         raise fastpath.FastPathError("virtio-blk: the C fast path cannot start: no threads left")
     monkeypatch.setattr(fastpath, "FastPath", refuse)
     with caplog.at_level(logging.WARNING, logger="pykvm"):
-        r = Rig(image, transport)
+        r = Rig(image, transport, engine)
     try:
         assert r.dev._fast is None and r.dev.threads
         assert [m.getMessage() for m in caplog.records] == [
@@ -504,11 +469,11 @@ def test_c_path_that_cannot_start_falls_back_to_python(image, transport, monkeyp
 # -- one C thread per queue (iothread=queue) ------------------------------------------------
 
 @pytest.mark.parametrize("iothread, threads", [("device", 1), ("queue", 4)])
-def test_c_threads_per_device_or_per_queue(image, transport, iothread, threads):
-    r = Rig(image, transport, num_queues=4, iothread=iothread)
+def test_c_threads_per_device_or_per_queue(image, transport, iothread, threads, engine):
+    r = Rig(image, transport, engine, num_queues=4, iothread=iothread)
     try:
         assert r.dev._fast.c_threads == threads
-        test_virtio_blk.exercise_every_queue(r, 4)
+        exercise_every_queue(r, 4)
         c = r.dev.counters()
         assert c["requests"] == 8 and c["bytes_written"] == 4 * 4096   # summed over threads
         assert not r.drv.needs_reset
@@ -516,8 +481,9 @@ def test_c_threads_per_device_or_per_queue(image, transport, iothread, threads):
         r.close()
 
 
-def test_per_queue_threads_only_for_queues_the_driver_set_up(image, transport):
-    r = Rig(image, transport, num_queues=4, iothread="queue", features=~B.F_MQ, driver_queues=1)
+def test_per_queue_threads_only_for_queues_the_driver_set_up(image, transport, engine):
+    r = Rig(image, transport, engine, num_queues=4, iothread="queue", features=~B.F_MQ,
+            driver_queues=1)
     try:
         assert r.dev._fast.c_threads == 1
         assert r.drv.write(8, pattern(512, 5)) == B.S_OK
@@ -525,8 +491,8 @@ def test_per_queue_threads_only_for_queues_the_driver_set_up(image, transport):
         r.close()
 
 
-def test_per_queue_punts_and_logs_come_back_on_their_queue(image, transport, caplog):
-    r = Rig(image, transport, num_queues=3, iothread="queue")
+def test_per_queue_punts_and_logs_come_back_on_their_queue(image, transport, caplog, engine):
+    r = Rig(image, transport, engine, num_queues=3, iothread="queue")
     try:
         d = r.drv
         seg = d.vq.arena.readable(struct.pack("<QII", 0, 8, 0))
@@ -544,8 +510,8 @@ def test_per_queue_punts_and_logs_come_back_on_their_queue(image, transport, cap
         r.close()
 
 
-def test_per_queue_masked_vector_is_forwarded(image):
-    r = Rig(image, "pci", num_queues=3, iothread="queue")
+def test_per_queue_masked_vector_is_forwarded(image, engine):
+    r = Rig(image, "pci", engine, num_queues=3, iothread="queue")
     try:
         mask_then_unmask(r, 2)
         assert len(r.drv.vqs[2].reap()) == 1
@@ -553,8 +519,8 @@ def test_per_queue_masked_vector_is_forwarded(image):
         r.close()
 
 
-def test_per_queue_quiesce_returns_every_request(image, transport):
-    r = Rig(image, transport, num_queues=2, iothread="queue")
+def test_per_queue_quiesce_returns_every_request(image, transport, engine):
+    r = Rig(image, transport, engine, num_queues=2, iothread="queue")
     try:
         d = r.drv
         for k in range(2):

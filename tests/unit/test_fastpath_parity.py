@@ -1,11 +1,11 @@
 """The C virtqueue (native/vq.c) against its Python twin (SplitQueue).
 
-Every test of tests/unit/test_queue.py runs again here with the C queue in
-place of SplitQueue (``fastpath.CQueue``: same interface, same QueueError
-check names and messages), hostile cases included. Then a differential fuzz
-feeds both the same random rings, on twin copies of guest memory, and
-compares every chain, error, used ring, notification decision and byte of
-memory they leave behind.
+Every test of tests/unit/test_queue.py runs on both queue twins (the
+``queue_twin`` fixture: SplitQueue and ``fastpath.CQueue``, same interface,
+same QueueError check names and messages), hostile cases included. Here a
+differential fuzz feeds both the same random rings, on twin copies of guest
+memory, and compares every chain, error, used ring, notification decision and
+byte of memory they leave behind.
 """
 import random
 
@@ -15,32 +15,8 @@ from pykvm._native import ffi, lib
 from pykvm.memory import GuestMemory
 from pykvm.virtio import fastpath
 from pykvm.virtio.queue import QueueError, SplitQueue, vring_need_event
-from tests.helpers import mock_virtq
 from tests.helpers.mock_virtq import MockVirtq
-from tests.unit import test_queue
-from tests.unit.test_queue import *  # the SplitQueue tests, run on C here
-
-RAM = test_queue.RAM
-
-
-def not_applicable(item) -> bool:
-    """Deselected here (tests/unit/conftest.py): a 65-bit queue address cannot
-    reach the C queue (transports write 64 bits)."""
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    over = params.get("over", {})
-    return isinstance(over, dict) and any(isinstance(v, int) and v >= 1 << 64
-                                          for v in over.values())
-
-
-@pytest.fixture(autouse=True)
-def c_walker(request, monkeypatch):
-    """Every SplitQueue the shared tests make is the C one."""
-    monkeypatch.setattr(test_queue, "SplitQueue", fastpath.CQueue)
-    monkeypatch.setattr(mock_virtq, "SplitQueue", fastpath.CQueue)
-
-
-def test_the_shared_tests_do_run_on_c(mem):
-    assert isinstance(MockVirtq(mem, 8).queue(), fastpath.CQueue)
+from tests.unit.test_queue import RAM
 
 
 @pytest.mark.parametrize("event,new,old", [(e, n, o) for e in (0, 1, 2, 6, 65535)

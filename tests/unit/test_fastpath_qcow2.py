@@ -1,31 +1,21 @@
 """A qcow2 disk on the C fast path: allocated data clusters are served in C
 (the driver's direct map), everything else goes to Python, and a cluster
-leaves C's table before Python frees or shares it."""
+leaves C's table before Python frees or shares it. On the C engines of the
+matrix (tests/conftest.py: threads, native with cache=none, io_uring)."""
 import subprocess
 
 import pytest
 
-from pykvm.aio.native import NativeEngine
-from pykvm.block import BlockBackend, open_image
+from pykvm.block import open_image
 from pykvm.block.qcow2 import Qcow2Driver
 from pykvm.virtio import blk as B
+from tests.conftest import C_ENGINES
 from tests.helpers.virtio_driver import T_DISCARD, T_WRITE_ZEROES
-from tests.unit import test_virtio_blk
 from tests.unit.test_fastpath_blk import aligned_read, aligned_write
 from tests.unit.test_virtio_blk import Rig, pattern
 
 MiB = 1 << 20
-ENGINES = ("threads", "native", "io_uring")
-
-
-@pytest.fixture(params=ENGINES)
-def engine(request, monkeypatch):
-    def make(path, cache="writeback", **kw):
-        if request.param == "native":
-            cache = "none"
-        return BlockBackend(path, cache=cache, engine=NativeEngine(request.param, 256), **kw)
-    monkeypatch.setattr(test_virtio_blk, "BlockBackend", make)
-    return request.param
+pytestmark = pytest.mark.matrix(engine=C_ENGINES)
 
 
 @pytest.fixture
@@ -51,7 +41,7 @@ def check_clean(path):
 
 
 def test_allocated_clusters_are_served_in_c(engine, image):
-    r = Rig(image)
+    r = Rig(image, "mmio", engine)
     try:
         assert r.dev._fast is not None
         assert aligned_read(r.drv, 8, 4096) == (B.S_OK, pattern(MiB, 2)[4096:8192])
@@ -76,7 +66,7 @@ def test_allocated_clusters_are_served_in_c(engine, image):
 
 
 def test_after_discard_c_does_not_write_the_freed_cluster(engine, image):
-    r = Rig(image)
+    r = Rig(image, "mmio", engine)
     try:
         d = r.drv
         drv = r.backend.driver
@@ -104,7 +94,7 @@ def test_after_discard_c_does_not_write_the_freed_cluster(engine, image):
 
 
 def test_map_generation_is_reached_after_requests_drain(engine, image):
-    r = Rig(image)
+    r = Rig(image, "mmio", engine)
     try:
         fast = r.dev._fast
         for i in range(5):

@@ -1,18 +1,25 @@
 """virtio-blk end to end without KVM: a Python driver (tests/helpers) on the
 MMIO and PCI register maps, the device's I/O thread, the block backend and a
-real image file."""
+real image file.
+
+On every engine and transport of the matrix (tests/conftest.py): on
+aio=python the device's Python I/O thread serves the queues, on threads,
+native (cache=none) and io_uring the C fast path does (native/blk.c; what
+only it has is in test_fastpath_blk.py). The few tests that watch the Python
+path's own calls run on python only; their C versions are in
+test_fastpath_blk.py."""
 import logging
 import os
 import struct
 
 import pytest
 
-from pykvm.block import BlockBackend
 from pykvm.memory import GuestMemory
 from pykvm.virtio import blk as B
 from pykvm.virtio.device import DEVICE_NEEDS_RESET, DRIVER_OK, VirtioCore
 from pykvm.virtio.transport.mmio import VirtioMmio
 from pykvm.virtio.transport.pci import VirtioPci
+from tests.conftest import Engine
 from tests.helpers.virtio_driver import (T_DISCARD, T_FLUSH, T_IN, T_OUT,
                                          T_WRITE_ZEROES, BlkDriver, MmioDriver, PciDriver, wait_fd)
 
@@ -24,18 +31,16 @@ def pattern(n: int, seed: int = 0) -> bytes:
     return (period * (n // 256 + 1))[:n]
 
 
-@pytest.fixture
-def image(tmp_path):
-    p = tmp_path / "disk.img"
-    p.write_bytes(pattern(DISK))
-    return p
-
-
 class Rig:
-    def __init__(self, path, transport="mmio", cache="writeback", read_only=False, queue=64,
-                 features=None, discard="unmap", driver_queues=None, **device):
+    """A VirtioBlk on ``path`` behind ``transport``, its disk on a fresh engine
+    of ``engine`` (a tests/conftest.py Engine; the Python one by default), in
+    the engine's cache mode unless ``cache`` says otherwise; a BlkDriver on it."""
+
+    def __init__(self, path, transport="mmio", engine=None, cache=None, read_only=False,
+                 queue=64, features=None, discard="unmap", driver_queues=None, **device):
         self.mem = GuestMemory(32 << 20)
-        self.backend = BlockBackend(str(path), cache=cache, read_only=read_only, discard=discard)
+        engine = engine or Engine("python", cache or "writeback")
+        self.backend = engine.backend(path, cache=cache, read_only=read_only, discard=discard)
         self.dev = B.VirtioBlk(self.backend, serial="serial-0123456789abcdefXYZ", queue_size=queue,
                                **device)
         self.core = VirtioCore(self.dev, self.mem)
@@ -53,16 +58,12 @@ class Rig:
         self.mem.close()
 
 
-@pytest.fixture(params=["mmio", "pci"])
-def transport(request):
-    return request.param
-
-
-@pytest.fixture
-def rig(image, transport):
-    r = Rig(image, transport)
-    yield r
-    r.close()
+def test_the_rig_runs_on_the_engine_it_names(rig, engine, transport):
+    assert rig.backend.engine.name == engine.name and rig.backend.cache_name == engine.cache
+    assert (rig.dev._fast is not None) == engine.c_path       # C engines: the C I/O thread
+    assert isinstance(rig.t, VirtioMmio if transport == "mmio" else VirtioPci)
+    assert rig.drv.read(0, 512)[0] == B.S_OK
+    assert rig.dev.counters()["requests"] == 1
 
 
 def test_config_space(rig):
@@ -92,6 +93,7 @@ def test_write_lands_in_the_file(rig, image):
     assert back == data
 
 
+@pytest.mark.matrix(engine="python")     # the C path: test_flush_is_counted
 def test_flush_reaches_fdatasync(rig, monkeypatch):
     calls = []
     real = os.fdatasync
@@ -157,8 +159,8 @@ def test_bad_requests_get_an_error_status(rig, image, build, status, caplog):
     assert rig.drv.read(0, 512)[0] == B.S_OK  # and the device carries on
 
 
-def test_read_only_disk_refuses_writes(image, transport):
-    r = Rig(image, transport, read_only=True)
+def test_read_only_disk_refuses_writes(image, transport, engine):
+    r = Rig(image, transport, engine, read_only=True)
     try:
         assert r.drv.features & B.F_RO
         assert not r.drv.features & (B.F_DISCARD | B.F_WRITE_ZEROES)
@@ -231,8 +233,9 @@ def test_many_in_flight_complete(rig, image):
         assert rig.mem.read(gpa, n) == content[i * 4096:(i + 1) * 4096]
 
 
-def test_event_idx_suppresses_interrupts(image, transport):
-    r = Rig(image, transport)
+@pytest.mark.matrix(engine="python")     # the C path: test_event_idx_suppresses_interrupts_in_c
+def test_event_idx_suppresses_interrupts(image, transport, engine):
+    r = Rig(image, transport, engine)
     try:
         d = r.drv
         assert d.features & (1 << 29)
@@ -246,8 +249,9 @@ def test_event_idx_suppresses_interrupts(image, transport):
         r.close()
 
 
-def test_guest_toggles_the_write_cache(image, transport, monkeypatch):
-    r = Rig(image, transport)
+@pytest.mark.matrix(engine="python")     # the C path: test_writethrough_flushes_each_write
+def test_guest_toggles_the_write_cache(image, transport, monkeypatch, engine):
+    r = Rig(image, transport, engine)
     try:
         calls = []
         real = os.fdatasync
@@ -262,8 +266,8 @@ def test_guest_toggles_the_write_cache(image, transport, monkeypatch):
         r.close()
 
 
-def test_cache_none_bounces_unaligned_buffers(image, transport):
-    r = Rig(image, transport, cache="none")
+def test_cache_none_bounces_unaligned_buffers(image, transport, engine):
+    r = Rig(image, transport, engine, cache="none")
     try:
         d = r.drv
         odd = d.vq.arena.alloc(4096 + 8) + 8  # not 512-aligned in memory
@@ -279,8 +283,8 @@ def test_cache_none_bounces_unaligned_buffers(image, transport):
         r.close()
 
 
-def test_features_not_offered_are_refused(image, transport):
-    r = Rig(image, transport)
+def test_features_not_offered_are_refused(image, transport, engine):
+    r = Rig(image, transport, engine)
     try:
         t = r.drv.t
         t.set_status(0)
@@ -298,8 +302,8 @@ def test_features_not_offered_are_refused(image, transport):
         r.close()
 
 
-def test_bad_queue_configuration_needs_reset(image, transport):
-    r = Rig(image, transport)
+def test_bad_queue_configuration_needs_reset(image, transport, engine):
+    r = Rig(image, transport, engine)
     try:
         t = r.drv.t
         t.set_status(0)
@@ -314,8 +318,8 @@ def test_bad_queue_configuration_needs_reset(image, transport):
         r.close()
 
 
-def test_reset_waits_for_in_flight_io(image, transport):
-    r = Rig(image, transport)
+def test_reset_waits_for_in_flight_io(image, transport, engine):
+    r = Rig(image, transport, engine)
     d = r.drv
     for i in range(16):
         d.submit([d.header(T_IN, i), d.vq.arena.writable(512), d.vq.arena.writable(1)],
@@ -334,8 +338,8 @@ def test_one_queue_offers_no_mq(rig):
     assert rig.drv.t.queue_max(1) == 0
 
 
-def test_mq_config(image, transport):
-    r = Rig(image, transport, num_queues=4)
+def test_mq_config(image, transport, engine):
+    r = Rig(image, transport, engine, num_queues=4)
     try:
         d = r.drv.t
         assert r.drv.features & B.F_MQ
@@ -365,8 +369,8 @@ def exercise_every_queue(r, n):
     assert all(not vq.reap() for vq in d.vqs)   # nothing strayed onto another ring
 
 
-def test_requests_complete_on_their_own_queue(image, transport):
-    r = Rig(image, transport, num_queues=4)
+def test_requests_complete_on_their_own_queue(image, transport, engine):
+    r = Rig(image, transport, engine, num_queues=4)
     try:
         exercise_every_queue(r, 4)
         assert not r.drv.needs_reset
@@ -374,8 +378,8 @@ def test_requests_complete_on_their_own_queue(image, transport):
         r.close()
 
 
-def test_driver_without_mq_drives_queue_zero(image, transport):
-    r = Rig(image, transport, num_queues=4, features=~B.F_MQ, driver_queues=1)
+def test_driver_without_mq_drives_queue_zero(image, transport, engine):
+    r = Rig(image, transport, engine, num_queues=4, features=~B.F_MQ, driver_queues=1)
     try:
         assert not r.drv.features & B.F_MQ
         assert r.drv.write(8, pattern(512, 3)) == B.S_OK
@@ -386,8 +390,8 @@ def test_driver_without_mq_drives_queue_zero(image, transport):
 
 @pytest.mark.parametrize("kw", [{"num_queues": 0}, {"num_queues": B.MAX_QUEUES + 1},
                                 {"iothread": "vcpu"}])
-def test_bad_queue_options(image, kw):
-    backend = BlockBackend(str(image))
+def test_bad_queue_options(image, kw, engine):
+    backend = engine.backend(image)
     try:
         with pytest.raises(ValueError):
             B.VirtioBlk(backend, **kw)
