@@ -31,7 +31,8 @@ from .block.driver import (FORMATS, ZEROES, BlockError, open_image, pread_full, 
                            pwrite_full, read_into, write_range, write_zeroes_range)
 from .block.locking import img_use
 from .block.qcow2 import Qcow2Driver
-from .block.raw import FALLOC_KEEP_SIZE, RawDriver, fallocate
+from .block.file import FALLOC_KEEP_SIZE, fallocate
+from .block.raw import RawDriver
 from .errors import PykvmError
 
 CHUNK = 2 << 20

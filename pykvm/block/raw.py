@@ -7,10 +7,7 @@ file, and the backend serves it on its identity fast path.
 from __future__ import annotations
 
 from .driver import BlockDriver, BlockError, Extent, register
-from .file import (FALLOC_KEEP_SIZE, PUNCH, ZERO_RANGE, FileDriver, fallocate, open_file,  # noqa: F401
-                   preallocate)
-
-__all__ = ["FALLOC_KEEP_SIZE", "PUNCH", "ZERO_RANGE", "RawDriver", "fallocate", "preallocate"]
+from .file import FileDriver
 
 SECTOR = 512
 

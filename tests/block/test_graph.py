@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pykvm.block import BlockBackend, BlockError, GraphError, open_image
+from pykvm.block import BlockBackend, BlockError, GraphError
 from pykvm.block.graph import nest, open_node, parse_json_filename, tree_lines, walk
 from pykvm.block.qcow2 import Qcow2Driver
 from pykvm.machine import DiskSpec

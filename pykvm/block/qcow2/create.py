@@ -7,7 +7,7 @@ import os
 import struct
 
 from ..driver import BlockError, pwrite_full
-from ..raw import preallocate
+from ..file import preallocate
 from .header import (AUTOCLEAR_DATA_RAW, COMPAT_LAZY, COMPRESSION_TYPES, COPIED,
                      INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, MAX_L1_BYTES,
                      Header)

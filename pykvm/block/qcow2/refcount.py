@@ -9,7 +9,7 @@ import os
 import struct
 
 from ..driver import BlockError, pwrite_full
-from ..raw import PUNCH, fallocate
+from ..file import PUNCH, fallocate
 from .header import INCOMPAT_DIRTY, MAX_REFTABLE_BYTES, REFT_MASK
 
 
