@@ -91,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "[,cache=...][,aio=python|threads|native|io_uring][,readonly=on]"
                           "[,discard=ignore|unmap]"
                           "[,detect-zeroes=off|on|unmap][,serial=S][,poll-max-ns=N]"
-                          "[,irq-coalesce-ns=N][,queues=N][,iothread=device|queue] (repeatable)")
+                          "[,irq-coalesce-ns=N][,queues=N][,iothread=device|queue]"
+                          "[,throttling.iops-total|iops-read|iops-write|bps-total|bps-read|"
+                          "bps-write[-max[-length]]=N][,throttling.iops-size=N]"
+                          "[,throttling.group=NAME] (repeatable)")
     _common_vm_args(run)
 
     fio = sub.add_parser("fio", help="run the workload guest against a disk, print fio's output")

@@ -51,7 +51,7 @@ class DiskSpec:
                  cache: str = "writeback", aio: str | None = None, readonly: bool = False,
                  discard: str = "unmap", serial: str = "", detect_zeroes: str = "off",
                  poll_max_ns: int | None = None, irq_coalesce_ns: int | None = None,
-                 queues: int = 1, iothread: str = "device"):
+                 queues: int = 1, iothread: str = "device", throttling=None):
         self.file = file
         self.format = format
         self.transport = transport
@@ -65,12 +65,14 @@ class DiskSpec:
         self.irq_coalesce_ns = irq_coalesce_ns  # None: off, as 0
         self.queues = queues  # request queues (VIRTIO_BLK_F_MQ when > 1)
         self.iothread = iothread  # the C path: one I/O thread per "device" or per "queue"
+        self.throttling = throttling  # a block.throttle.ThrottleConfig, or None
 
     @classmethod
     def parse(cls, text: str) -> "DiskSpec":
         """'file=PATH,format=raw,...' or a bare path; raises ConfigError."""
         from .block import CACHE_MODES, DISCARD_MODES
         opts: dict[str, str] = {}
+        throttling: dict[str, str] = {}   # throttling.KEY=VALUE, QEMU's I/O limits
         for i, item in enumerate(_split_commas(text)):
             key, eq, value = item.partition("=")
             if not eq:
@@ -78,6 +80,9 @@ class DiskSpec:
                     key, value = "file", item
                 else:
                     raise ConfigError(f"--disk {text}: '{item}' is not KEY=VALUE")
+            if key.startswith("throttling."):
+                throttling[key.removeprefix("throttling.")] = value
+                continue
             if key not in cls.KEYS:
                 raise ConfigError(f"--disk {text}: unknown option '{key}' "
                                   f"(one of {', '.join(cls.KEYS)})")
@@ -115,6 +120,11 @@ class DiskSpec:
         if not queues.isdigit() or not 1 <= int(queues) <= MAX_QUEUES:
             raise ConfigError(f"--disk {text}: queues={queues} is not a number from 1 to "
                               f"{MAX_QUEUES}")
+        from .block.throttle import ThrottleConfig, ThrottleError
+        try:
+            limits = ThrottleConfig(throttling) if throttling else None
+        except ThrottleError as e:
+            raise ConfigError(f"--disk {text}: {e}") from None
         return cls(file=opts["file"], format=opts.get("format"),
                    transport=choice("transport", cls.TRANSPORTS, "mmio"),
                    cache=cache, aio=aio, readonly=readonly,
@@ -122,7 +132,7 @@ class DiskSpec:
                    serial=opts.get("serial", ""), detect_zeroes=detect_zeroes,
                    poll_max_ns=nanoseconds("poll-max-ns"),
                    irq_coalesce_ns=nanoseconds("irq-coalesce-ns"), queues=int(queues),
-                   iothread=choice("iothread", IOTHREADS, "device"))
+                   iothread=choice("iothread", IOTHREADS, "device"), throttling=limits)
 
 
 def open_disk(spec: DiskSpec):
@@ -131,13 +141,15 @@ def open_disk(spec: DiskSpec):
     that is not the first choice)."""
     from .aio.native import default_engine, open_engine
     from .block import CACHE_MODES, BlockBackend
+    from .block.throttle import group_for
 
     direct = CACHE_MODES[spec.cache].direct
+    throttle = group_for(spec.throttling, spec.file) if spec.throttling else None
     engine = open_engine(spec.aio or default_engine(direct), direct)
     try:
         return BlockBackend(spec.file, fmt=spec.format, cache=spec.cache,
                             read_only=spec.readonly, discard=spec.discard,
-                            detect_zeroes=spec.detect_zeroes, engine=engine)
+                            detect_zeroes=spec.detect_zeroes, engine=engine, throttle=throttle)
     except BaseException:
         engine.close()
         raise

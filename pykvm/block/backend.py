@@ -49,6 +49,7 @@ from .._native import ffi, lib
 from ..aio import FALLOCATE, FLUSH, READ, WRITE, AioRequest, PythonEngine
 from .driver import (DRIVERS, ZERO_CHUNK, BlockError, WriteBusy, iov_copy_in,
                      iov_is_zero, iov_length, iov_slice, iov_zero, open_image, probe_format)
+from .throttle import ThrottledQueue
 
 log = logging.getLogger("pykvm.block")
 
@@ -90,7 +91,8 @@ class _Pending:
 class BlockBackend:
     def __init__(self, path: str, fmt: str | None = None, cache: str = "writeback",
                  read_only: bool = False, discard: str = "unmap", engine=None,
-                 detect_zeroes: str = "off", l2_cache_size: int | None = None):
+                 detect_zeroes: str = "off", l2_cache_size: int | None = None,
+                 throttle=None):
         if cache not in CACHE_MODES:
             raise BlockError(path, f"unknown cache mode {cache!r} (one of {', '.join(CACHE_MODES)})")
         if discard not in DISCARD_MODES:
@@ -132,6 +134,10 @@ class BlockBackend:
         self._pub_starts: list[int] = []
         self._pub_version = 0
         self._pub_next = 0.0           # no rebuild before this time.monotonic()
+        # throttling.*: a ThrottleGroup (block/throttle.py); reads, writes and
+        # write-zeroes that must wait are held in order until their time
+        self.throttle = throttle
+        self._throttled = ThrottledQueue(throttle, self.notifier) if throttle else None
 
     # -- set-up ------------------------------------------------------------------
 
@@ -263,6 +269,12 @@ class BlockBackend:
         return not self.write_cache and not self.cache.no_flush
 
     def readv(self, token: int, offset: int, iov: list) -> None:
+        if self._throttled and self._throttled.hold(False, iov_length(iov), self._readv,
+                                                    token, offset, iov):
+            return
+        self._readv(token, offset, iov)
+
+    def _readv(self, token: int, offset: int, iov: list) -> None:
         self.stats["read"] += 1
         bounce = None
         if not self._aligned(offset, iov):
@@ -334,6 +346,12 @@ class BlockBackend:
         self.engine.submit(batch)
 
     def writev(self, token: int, offset: int, iov: list) -> None:
+        if self._throttled and self._throttled.hold(True, iov_length(iov), self._writev,
+                                                    token, offset, iov):
+            return
+        self._writev(token, offset, iov)
+
+    def _writev(self, token: int, offset: int, iov: list) -> None:
         self.stats["write"] += 1
         if self.read_only:
             self._complete_now(token, -errno.EROFS)
@@ -346,7 +364,7 @@ class BlockBackend:
         if self.detect_zeroes != "off" and iov_is_zero(iov):
             self.stats["write"] -= 1
             self.stats["detected_zeroes"] += 1
-            self.write_zeroes(token, offset, iov_length(iov), self.detect_zeroes == "unmap")
+            self._write_zeroes(token, offset, iov_length(iov), self.detect_zeroes == "unmap")
             return
         self._write(token, offset, iov)
 
@@ -453,7 +471,14 @@ class BlockBackend:
     def write_zeroes(self, token: int, offset: int, length: int, unmap: bool) -> None:
         """Zero a range: punch a hole when the guest allows unmapping and
         discard=unmap, else allocate zeroes (falling back to writing them).
-        Mapped formats describe whole clusters as zero and write the rest."""
+        Mapped formats describe whole clusters as zero and write the rest.
+        Throttled as a write of ``length`` bytes, as QEMU does."""
+        if self._throttled and self._throttled.hold(True, length, self._write_zeroes,
+                                                    token, offset, length, unmap):
+            return
+        self._write_zeroes(token, offset, length, unmap)
+
+    def _write_zeroes(self, token: int, offset: int, length: int, unmap: bool) -> None:
         self.stats["write_zeroes"] += 1
         if self.read_only:
             self._complete_now(token, -errno.EROFS)
@@ -493,6 +518,10 @@ class BlockBackend:
         """Completed requests as (token, result); never blocks (beyond handing a
         device's I/O thread a new direct map, see set_map_listener)."""
         self._collect()
+        if self._throttled:
+            # held requests whose time has come: after _collect, which reads the
+            # notifier, so a wake-up written since is either seen here or polled
+            self._throttled.release()
         out, self._ready = self._ready, []
         if self._map_listener is not None:
             self.refresh_map()
@@ -598,10 +627,14 @@ class BlockBackend:
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending) + len(self._deferred)
+        return len(self._pending) + len(self._deferred) + \
+            (self._throttled.held if self._throttled else 0)
 
     def drain(self) -> list[tuple[int, int]]:
-        """Wait until nothing is in flight; return what completed meanwhile."""
+        """Wait until nothing is in flight; return what completed meanwhile.
+        Throttled requests held go at once (QEMU's drain does the same)."""
+        if self._throttled:
+            self._throttled.release_all()
         out = self.reap()
         poller = select.poll()
         poller.register(self.notifier, select.POLLIN)
@@ -615,6 +648,8 @@ class BlockBackend:
 
     def close(self) -> None:
         self.drain()
+        if self._throttled:
+            self._throttled.close()
         self.engine.close()
         self.driver.close()
 
