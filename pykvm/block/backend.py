@@ -137,7 +137,7 @@ class BlockBackend:
         # throttling.*: a ThrottleGroup (block/throttle.py); reads, writes and
         # write-zeroes that must wait are held in order until their time
         self.throttle = throttle
-        self._throttled = ThrottledQueue(throttle, self.notifier) if throttle else None
+        self._throttled = ThrottledQueue(throttle, self.notifier, self.stats) if throttle else None
 
     # -- set-up ------------------------------------------------------------------
 

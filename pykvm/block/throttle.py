@@ -383,12 +383,14 @@ class ThrottledQueue:
     write must wait (and then keeps it, in order per direction); ``release()``
     (from reap) starts the ones whose time has come; a wake-up writes the
     backend's notifier eventfd at that time so its device calls reap.
+    ``stats["throttled"]`` counts the requests that had to wait.
     ``clock`` (monotonic nanoseconds) and ``waker`` (``waker(due_ns, fn)``
     calls fn at due_ns) may be injected by tests."""
 
-    def __init__(self, group: ThrottleGroup, notifier: int, clock=time.monotonic_ns,
+    def __init__(self, group: ThrottleGroup, notifier: int, stats=None, clock=time.monotonic_ns,
                  waker=None):
         self.group = group
+        self.stats = stats if stats is not None else collections.Counter()
         self._notifier = notifier
         self._clock = clock
         self._waker = waker or _WAKER.at
@@ -396,7 +398,6 @@ class ThrottledQueue:
         self._due = [0, 0]          # when the first held request asks again; 0: none held
         self._lock = threading.Lock()
         self._closed = False
-        self.throttled = 0          # requests that had to wait
 
     @property
     def held(self) -> int:
@@ -413,7 +414,7 @@ class ThrottledQueue:
                 return False
             self._arm(bool(is_write), now + wait)
         q.append((nbytes, fn, args))
-        self.throttled += 1
+        self.stats["throttled"] += 1    # requests that had to wait
         return True
 
     def _arm(self, d: int, due: int) -> None:
