@@ -499,14 +499,9 @@ def throttle_table(runs: list[dict]) -> str:
                      + " |")
     if not lines:
         return ""
-    return ("
-| throttling | options | limit | model (always waiting) | pykvm C path "
-            "| pykvm Python path | QEMU |
-|---|---|---|---|---|---|---|
-"
-            + "
-".join(lines) + "
-")
+    return ("\n| throttling | options | limit | model (always waiting) | pykvm C path "
+            "| pykvm Python path | QEMU |\n|---|---|---|---|---|---|---|\n"
+            + "\n".join(lines) + "\n")
 
 
 def median_row(rows: list[dict], key: str) -> dict:
