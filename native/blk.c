@@ -829,6 +829,7 @@ static int blk_throttle_hold(struct pykvm_blk *b, struct blk_queue *q, uint16_t 
     const struct pykvm_vq_chain *ch = &q->chain;
     struct blk_req *req = &q->reqs[head];
     int d = req->op == BLK_T_OUT;
+    uint64_t due = 0;
 
     if (!b->held_n[d]) {
         uint64_t now = blk_now_ns();
@@ -836,13 +837,15 @@ static int blk_throttle_hold(struct pykvm_blk *b, struct blk_queue *q, uint16_t 
 
         if (!wait)
             return 0;
-        b->held_due[d] = now + (uint64_t)wait;
+        due = now + (uint64_t)wait;
     }
     if (b->held_n[d] == b->held_cap)
         return 0;  /* cannot happen: the ring holds every head of every queue */
-    req->held_segs = malloc(sizeof(*req->held_segs) * ch->nsegs);
+    req->held_segs = malloc(sizeof(*req->held_segs) * (ch->nsegs ? ch->nsegs : 1));
     if (!req->held_segs)
         return 0;  /* no memory to keep it: it goes now rather than fail */
+    if (due)
+        b->held_due[d] = due;  /* the first one held: when it asks again */
     memcpy(req->held_segs, ch->segs, sizeof(*req->held_segs) * ch->nsegs);
     req->held_nsegs = ch->nsegs;
     req->held_nreadable = ch->nreadable;

@@ -241,7 +241,9 @@ class FastPath:
     ``punt.collect()`` has completions to finish, ``punt.warn(message)`` logs
     a bad request's line. ``fail(message)`` is DEVICE_NEEDS_RESET;
     ``forward(index)`` interrupts for queue ``index`` from Python (for
-    ``call_fds[index]`` None).
+    ``call_fds[index]`` None). ``throttle``: the disk's ThrottleGroup
+    (block/throttle.py) or None; the C threads ask its state before each read
+    or write they submit and hold, in order, what must wait (native/blk.c).
     """
 
     def __init__(self, mem, queues, kicks, call_fds, backend_fd: int, engine_name: str, *,

@@ -2,11 +2,12 @@
 
 Builds pykvm._native with PYKVM_SANITIZE=1 into a temporary directory and
 runs the fast-path tests against it in a child process: the C queue's parity
-tests (hostile rings and the differential fuzz included), the engines, and
-the C I/O thread's device tests on io_uring and threads. Python itself is not
-instrumented, so the child preloads libasan (it must come first in the
-process, but not in its children) and does not check leaks (the interpreter
-keeps much for good); any sanitizer report fails the run.
+tests (hostile rings and the differential fuzz included), the engines, the
+C I/O thread's device tests on io_uring and threads, and throttling (its C
+twin and the requests blk.c holds). Python itself is not instrumented, so
+the child preloads libasan (it must come first in the process, but not in
+its children) and does not check leaks (the interpreter keeps much for
+good); any sanitizer report fails the run.
 """
 import os
 import pathlib
@@ -18,7 +19,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TESTS = ["tests/unit/test_fastpath_parity.py", "tests/unit/test_fastpath_aio.py",
-         "tests/unit/test_fastpath_blk.py"]
+         "tests/unit/test_fastpath_blk.py", "tests/unit/test_throttle.py"]
 SELECT = "not native"  # (time) the other engines cover the C I/O thread
 BOOT = """
 import importlib.util, os, sys
