@@ -491,7 +491,12 @@ def throttle_table(runs: list[dict]) -> str:
         if not any(row):
             continue
         first = next(r for r in row if r)
-        fmt = (lambda v: f"{v:,.0f} IOPS") if first["unit"] == "iops" else             (lambda v: f"{v / 1e6:,.1f} MB/s")
+        if first["unit"] == "iops":
+            def fmt(v):
+                return f"{v:,.0f} IOPS"
+        else:
+            def fmt(v):
+                return f"{v / 1e6:,.1f} MB/s"
         lines.append(f"| {w} | {first['options']} | {fmt(first['limit'])} | "
                      f"{fmt(first['model'])} | "
                      + " | ".join(f"{fmt(r['achieved'])} ({r['vs_limit']:.3f}x limit, "
