@@ -614,6 +614,48 @@ def test_c_path_quiesce_lets_held_requests_go(image):
         r.close()
 
 
+def test_c_path_maps_a_held_request_again(tmp_path):
+    """A read held in C while Python frees its qcow2 cluster, which the next
+    allocation then reuses, is mapped again when it goes: it reads what the
+    disk holds now (zeroes), not the old host cluster (another range's data)."""
+    from pykvm.block.driver import write_range
+    from pykvm.block.qcow2 import Qcow2Driver
+    from tests.helpers.virtio_driver import T_DISCARD
+    mib = 1 << 20
+    (tmp_path / "base.raw").write_bytes(pattern(4 * mib, 1))
+    top = tmp_path / "top.qcow2"
+    Qcow2Driver.create(str(top), 4 * mib, backing_file="base.raw", backing_fmt="raw")
+    d0 = Qcow2Driver(str(top))
+    write_range(d0, 0, pattern(mib, 2))             # clusters 0..15 allocated
+    d0.close()
+    g = group({"iops-read": 1})
+    r = c_rig(top, "threads", g)
+    try:
+        d, drv = r.drv, r.backend.driver
+        for _ in range(10):                         # ten seconds of reads done
+            g.account(False, 512, time.monotonic_ns())
+        old_host = drv.map(256 << 10, 1)[0].host_offset
+        buf = d.vq.arena.writable(4096)
+        held = d.submit([d.header(T_IN, (256 << 10) // 512), buf, d.vq.arena.writable(1)])
+        deadline = time.monotonic() + 30
+        while r.dev.counters()["throttled"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert r.dev.counters()["punts"] == 0       # mapped in C, then held
+        # meanwhile (neither discard nor writes are limited here): the cluster
+        # is freed, and an allocating write elsewhere takes it
+        assert d.ranged(T_DISCARD, (256 << 10) // 512, (64 << 10) // 512) == B.S_OK
+        assert d.write(3 * mib // 512, pattern(4096, 6)) == B.S_OK
+        assert drv.map(3 * mib, 1)[0].host_offset == old_host
+        g.configure(g.config)        # empty again: the punted read need not wait long
+        assert r.dev.quiesce(10.0)   # lets the held read go now
+        assert [h for h, _ in d.vq.reap()] == [held]
+        assert r.mem.read(buf[0], 4096) == bytes(4096)
+        assert r.dev.counters()["punts"] >= 3       # the discard, the write, the read
+    finally:
+        r.close()
+
+
 # one operation a second, and a bucket of 10 (iops-total-max=10 for one
 # second): 11 of the 40 reads below go, 29 wait; with a bucket each, 18 would
 SHARED = {"iops-total": 1, "iops-total-max": 10}
