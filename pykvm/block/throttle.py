@@ -52,6 +52,9 @@ the same mutex, with the same floating-point operations in the same order.
 
 What QEMU does and this does not: QEMU hands a group's budget to its members
 in turn (round robin); here whoever asks first when time has come goes first.
+And a request the C thread held that no longer maps in C when it goes (its
+qcow2 range left the mapping table meanwhile) is handed to Python, which asks
+the group again: it is counted twice.
 """
 from __future__ import annotations
 
