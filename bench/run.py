@@ -31,6 +31,11 @@ Workloads so far:
   mq           the workload guest on 2 and 4 request queues (VIRTIO_BLK_F_MQ):
                pykvm's C path with one I/O thread per device against one per
                queue (iothread=device|queue), and QEMU with one iothread
+  throttle     throttling.iops-total=500 and 5000, bps-total=50M and a burst
+               (iops-total-max) on the C path, the Python path and QEMU's
+               -drive throttling.*: the rate each achieves over the run against
+               the limit, and against what the rule allows a guest that always
+               waits in that time (the first bucket goes at once)
 """
 from __future__ import annotations
 
@@ -302,11 +307,12 @@ def _bench_io(runtime: float, engines: list[str], workloads: dict, rounds: int,
 
 
 def qemu_io_cmd(img: pathlib.Path, aio: str, transport: str, guest_opts: str,
-                queues: int = 1, fmt: str = "raw") -> list[str]:
+                queues: int = 1, fmt: str = "raw", drive_opts: str = "") -> list[str]:
     """QEMU running the workload guest on ``img`` (format ``fmt``, cache=none,
     ``aio``, one iothread): microvm with virtio-blk-device for mmio, pc with
-    virtio-blk-pci for pci; ``queues`` request queues."""
-    drive = f"id=d0,file={img},format={fmt},if=none,cache=none,aio={aio}"
+    virtio-blk-pci for pci; ``queues`` request queues; ``drive_opts`` more
+    -drive options (",throttling.iops-total=500")."""
+    drive = f"id=d0,file={img},format={fmt},if=none,cache=none,aio={aio}{drive_opts}"
     common = ["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "256M",
               "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
               "-device", "isa-debug-exit,iobase=0x501,iosize=1",
@@ -399,6 +405,107 @@ def mq_table(runs: list[dict]) -> str:
     return ("\n| several queues | transport | pykvm, thread per device (IOPS) | thread per queue "
             "| per queue / per device | QEMU, one iothread | per device / QEMU "
             "| CPU us/IO (device / queue / QEMU) |\n|---|---|---|---|---|---|---|---|\n"
+            + "\n".join(lines) + "\n")
+
+
+THROTTLE_CASES = {
+    # name: (throttling options as --disk spells them, rw, bs, iodepth, the limited unit)
+    "throttle-iops500": ({"iops-total": "500"}, "randread", 4096, 32, "iops"),
+    "throttle-iops5000": ({"iops-total": "5000"}, "randread", 4096, 32, "iops"),
+    "throttle-bps50M": ({"bps-total": "50M"}, "randread", 64 << 10, 8, "bw_bytes"),
+    "throttle-burst": ({"iops-total": "500", "iops-total-max": "2000",
+                        "iops-total-max-length": "2"}, "randread", 4096, 32, "iops"),
+}
+
+
+def throttle_model(options: dict, bs: int, runtime: float, unit: str) -> float:
+    """The rate (IOPS or bytes/s) the rule lets a guest that always has a
+    request waiting reach in ``runtime`` seconds (the Python twin, on its
+    own clock)."""
+    sys.path.insert(0, str(ROOT))
+    from pykvm.block.throttle import ThrottleConfig, ThrottleGroup
+    g = ThrottleGroup("model", ThrottleConfig(options))
+    now, n, end = 0, 0, int(runtime * 1e9)
+    while now < end:
+        wait = g.admit(False, bs, now)
+        if wait:
+            now += wait
+        else:
+            n += 1
+    return n / runtime * (bs if unit == "bw_bytes" else 1)
+
+
+def bench_throttle(runtime: float, samples: int) -> list[dict]:
+    """throttling.* on pykvm's C path (io_uring), its Python path and QEMU
+    (-drive throttling.*, io_uring, iothread), MMIO, the same workload guest
+    and image; alternated, the median of ``samples``."""
+    sys.path.insert(0, str(ROOT))
+    from pykvm import fio
+    from pykvm.block.throttle import ThrottleConfig
+
+    img = RESULTS.parent / "bench.img"
+    make_image(img)
+    tsc = host_tsc_khz()
+    runs = []
+    for wname, (options, rw, bs, qd, unit) in THROTTLE_CASES.items():
+        cfg = ThrottleConfig(options)
+        kind = next(k for k in ("iops-total", "bps-total") if k in options)
+        limit = cfg.rate[kind]
+        model = throttle_model(options, bs, runtime, unit)
+        spec = "".join(f",throttling.{k}={v}" for k, v in options.items())
+        # QEMU takes plain numbers only (50M is ours)
+        qemu_opts = "".join(f",throttling.{k}={v}" for k, v in cfg.given.items())
+        guest_opts = f"rw={rw} bs={bs} iodepth={qd} runtime={runtime:g} tsc_khz={tsc}"
+        systems = {}
+        for engine in ("io_uring", "python"):
+            systems[f"pykvm-{engine}"] = PYKVM + [
+                "fio", "--disk", f"file={img},cache=none,aio={engine}{spec}", f"--rw={rw}",
+                f"--bs={bs}", f"--iodepth={qd}", f"--runtime={runtime:g}",
+                "--output-format=json"]
+        systems["qemu-io_uring"] = qemu_io_cmd(img, "io_uring", "mmio", guest_opts,
+                                               drive_opts=qemu_opts)
+        got: dict = {key: [] for key in systems}
+        for _ in range(samples):
+            for system, cmd in systems.items():
+                if system.startswith("qemu"):
+                    m = measure(cmd, 1)
+                    row = io_result(fio.parse_result(m["stdout"]), system, "mmio", wname, m)
+                else:
+                    row = fio_row(measure(cmd, 0), system, "mmio", wname)
+                row.update(limit=limit, unit=unit, model=model, achieved=row[unit],
+                           vs_limit=row[unit] / limit, vs_model=row[unit] / model,
+                           options=qemu_opts.lstrip(","))
+                got[system].append(row)
+                print(f"  {wname:<18} {system:<14} {row[unit]:>12,.0f} "
+                      f"{'IOPS' if unit == 'iops' else 'B/s'}  {row['vs_limit']:.3f}x limit "
+                      f"{row['vs_model']:.3f}x model", file=sys.stderr)
+        runs += [median_row(rows, "achieved") for rows in got.values()]
+    return runs
+
+
+def throttle_table(runs: list[dict]) -> str:
+    get = {(r["system"], r["workload"]): r for r in runs if r.get("suite") == "throttle"}
+    lines = []
+    for w in THROTTLE_CASES:
+        row = [get.get((s, w)) for s in ("pykvm-io_uring", "pykvm-python", "qemu-io_uring")]
+        if not any(row):
+            continue
+        first = next(r for r in row if r)
+        if first["unit"] == "iops":
+            def fmt(v):
+                return f"{v:,.0f} IOPS"
+        else:
+            def fmt(v):
+                return f"{v / 1e6:,.1f} MB/s"
+        lines.append(f"| {w} | {first['options']} | {fmt(first['limit'])} | "
+                     f"{fmt(first['model'])} | "
+                     + " | ".join(f"{fmt(r['achieved'])} ({r['vs_limit']:.3f}x limit, "
+                                  f"{r['vs_model']:.3f}x model)" if r else "-" for r in row)
+                     + " |")
+    if not lines:
+        return ""
+    return ("\n| throttling | options | limit | model (always waiting) | pykvm C path "
+            "| pykvm Python path | QEMU |\n|---|---|---|---|---|---|---|\n"
             + "\n".join(lines) + "\n")
 
 
@@ -722,7 +829,7 @@ def qcow2_table(runs: list[dict]) -> str:
 
 
 def io_table(runs: list[dict]) -> str:
-    rows = [r for r in runs if "iops" in r]
+    rows = [r for r in runs if "iops" in r and r.get("suite") != "throttle"]
     if not rows:
         return ""
     lines = ["", "| workload | system | transport | IOPS | MB/s | p50 us | p99 us | "
@@ -803,10 +910,12 @@ def suite_of(workload: str) -> str:
         return "vhost"
     if workload.startswith("mq"):
         return "mq"
+    if workload.startswith("throttle-"):
+        return "throttle"
     return "io"
 
 
-SUITES = ["boot", "pio", "io", "qcow2", "vhost", "mq"]
+SUITES = ["boot", "pio", "io", "qcow2", "vhost", "mq", "throttle"]
 
 
 def main() -> int:
@@ -854,6 +963,8 @@ def main() -> int:
         "qcow2": lambda: bench_qcow2(0.5 if args.quick else 5.0, 1 if args.quick else 5),
         "vhost": lambda: bench_vhost(1.0 if args.quick else 3.0, 1 if args.quick else 5),
         "mq": lambda: bench_mq(0.5 if args.quick else 3.0, 1 if args.quick else 3),
+        # full: the brief's 5 s runs (a limit is a rate over time), median of 3
+        "throttle": lambda: bench_throttle(1.0 if args.quick else 5.0, 1 if args.quick else 3),
     }
     # some suites (or some io engines/workloads) only: the latest results of
     # the others stay, marked as older
@@ -888,7 +999,8 @@ def save(runs: list[dict], final: bool) -> None:
     text = json.dumps(result, indent=2) + "\n"
     (RESULTS / "latest.json").write_text(text)
     (RESULTS / f"{_STAMP}.json").write_text(text)
-    md = table(runs) + io_table(runs) + qcow2_table(runs) + vhost_table(runs) + mq_table(runs)
+    md = table(runs) + io_table(runs) + qcow2_table(runs) + vhost_table(runs) + mq_table(runs) + \
+        throttle_table(runs)
     plot(runs, RESULTS / "latest.png")
     (RESULTS / "latest.md").write_text(md)
     if final:

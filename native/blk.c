@@ -73,6 +73,7 @@ struct pykvm_blk_config {
     uint32_t irq_coalesce_ns;
     const struct pykvm_blk_extent *map;
     uint32_t nmap;
+    struct pykvm_throttle *throttle;
 };
 
 struct pykvm_blk_counters {
@@ -91,6 +92,7 @@ struct pykvm_blk_counters {
     uint64_t poll_hits;
     uint64_t sleeps;
     uint64_t interrupts_deferred;
+    uint64_t throttled;
 };
 
 struct pykvm_blk_punt {
@@ -122,6 +124,7 @@ struct pykvm_blk_punt {
 #define REQ_FREE 0
 #define REQ_IO 1        /* with the engine */
 #define REQ_PYTHON 2    /* with Python (punted, or waiting for its log line) */
+#define REQ_HELD 3      /* mapped, waiting for its throttle group (b->held) */
 #define OP_FLUSH_AFTER 0xFF  /* writethrough: the flush after a write */
 
 #define REQ_INLINE_IOV 8
@@ -142,6 +145,11 @@ struct blk_req {
     uint32_t niov;
     struct iovec *iov;
     struct iovec small[REQ_INLINE_IOV];
+    /* REQ_HELD: the guest offset, and the chain in case it must be punted
+     * once its time comes (the mapping table changed meanwhile) */
+    uint64_t offset;
+    struct pykvm_vq_seg *held_segs;
+    uint32_t held_nsegs, held_nreadable;
 };
 
 struct blk_queue {
@@ -213,6 +221,14 @@ struct pykvm_blk {
     int stopping;
     int quiescing;              /* no more pops: pykvm_blk_quiesce waits for quiet */
     int quiet;                  /* every request taken is back in the used ring (under lock) */
+    /* throttling: the group asked before a read or write goes to the engine;
+     * those that wait are held in order per direction (reads, writes), as
+     * tokens in a ring of every head's capacity; held_due[d]: when the first
+     * one asks again (0: none held) */
+    struct pykvm_throttle *throttle;
+    uint32_t *held[2];
+    uint32_t held_first[2], held_n[2], held_cap;
+    uint64_t held_due[2];
     struct pykvm_blk_counters c;
 };
 
@@ -618,25 +634,31 @@ static int blk_bad(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, uint
     return 0;
 }
 
-static int blk_punt(struct pykvm_blk *b, struct blk_queue *q)
+static int blk_punt_segs(struct pykvm_blk *b, struct blk_queue *q, uint16_t head,
+                         const struct pykvm_vq_seg *segs, uint32_t nreadable, uint32_t nsegs)
 {
-    const struct pykvm_vq_chain *ch = &q->chain;
     struct pykvm_blk_punt p = {.kind = PYKVM_BLK_PUNT_SERVE, .queue = q->index,
-                               .head = ch->head, .nreadable = ch->nreadable,
-                               .nsegs = ch->nsegs};
+                               .head = head, .nreadable = nreadable, .nsegs = nsegs};
 
-    p.segs = malloc(sizeof(*p.segs) * (ch->nsegs ? ch->nsegs : 1));
+    p.segs = malloc(sizeof(*p.segs) * (nsegs ? nsegs : 1));
     if (!p.segs)
         return blk_fatal(b, q, "internal error: out of memory handing a request to Python");
-    memcpy(p.segs, ch->segs, sizeof(*p.segs) * ch->nsegs);
-    q->reqs[ch->head].state = REQ_PYTHON;
+    memcpy(p.segs, segs, sizeof(*p.segs) * nsegs);
+    q->reqs[head].state = REQ_PYTHON;
     if (blk_punt_push(b, &p) < 0) {
         free(p.segs);
-        q->reqs[ch->head].state = REQ_FREE;
+        q->reqs[head].state = REQ_FREE;
         return blk_fatal(b, q, "internal error: out of memory handing a request to Python");
     }
     CNT_ADD(b, punts, 1);
     return 0;
+}
+
+static int blk_punt(struct pykvm_blk *b, struct blk_queue *q)
+{
+    const struct pykvm_vq_chain *ch = &q->chain;
+
+    return blk_punt_segs(b, q, ch->head, ch->segs, ch->nreadable, ch->nsegs);
 }
 
 static int blk_complete_now(struct pykvm_blk *b, struct blk_queue *q, uint16_t head,
@@ -687,6 +709,11 @@ static int blk_aligned(const struct pykvm_blk *b, uint64_t offset, const struct 
             return 0;
     return 1;
 }
+
+static int blk_rw_go(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, int32_t fd,
+                     uint64_t host_offset);
+static int blk_throttle_hold(struct pykvm_blk *b, struct blk_queue *q, uint16_t head,
+                             uint64_t offset);
 
 static int blk_rw(struct pykvm_blk *b, struct blk_queue *q, uint32_t type, uint64_t sector,
                    uint8_t *status, uint32_t rout_first, uint32_t rout_skip, uint32_t rout_count,
@@ -761,6 +788,19 @@ static int blk_rw(struct pykvm_blk *b, struct blk_queue *q, uint32_t type, uint6
     req->op = (uint8_t)type;
     req->status = status;
     req->nbytes = (uint32_t)nbytes;
+    if (b->throttle && blk_throttle_hold(b, q, head, offset))
+        return 0;
+    return blk_rw_go(b, q, head, fd, host_offset);
+}
+
+/* A mapped read or write (op, status, nbytes and iov set) goes to the engine. */
+static int blk_rw_go(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, int32_t fd,
+                     uint64_t host_offset)
+{
+    struct blk_req *req = &q->reqs[head];
+    uint32_t type = req->op;
+    uint64_t nbytes = req->nbytes;
+
     req->fd = fd;
     if (type == BLK_T_IN) {
         req->used_len = (uint32_t)nbytes + 1;
@@ -777,6 +817,134 @@ static int blk_rw(struct pykvm_blk *b, struct blk_queue *q, uint32_t type, uint6
         return blk_fatal(b, q, "internal error: submission queue full");
     }
     return 0;
+}
+
+/* -- throttling: pykvm/block/throttle.py's rule (throttle.c), and the held requests -- */
+
+/* Ask the group for the mapped read or write at head (nothing held in its
+ * direction yet) or queue it behind those held: 1 when it waits. */
+static int blk_throttle_hold(struct pykvm_blk *b, struct blk_queue *q, uint16_t head,
+                             uint64_t offset)
+{
+    const struct pykvm_vq_chain *ch = &q->chain;
+    struct blk_req *req = &q->reqs[head];
+    int d = req->op == BLK_T_OUT;
+    uint64_t due = 0;
+
+    if (!b->held_n[d]) {
+        uint64_t now = blk_now_ns();
+        int64_t wait = pykvm_throttle_admit(b->throttle, d, req->nbytes, (int64_t)now);
+
+        if (!wait)
+            return 0;
+        due = now + (uint64_t)wait;
+    }
+    if (b->held_n[d] == b->held_cap)
+        return 0;  /* cannot happen: the ring holds every head of every queue */
+    req->held_segs = malloc(sizeof(*req->held_segs) * (ch->nsegs ? ch->nsegs : 1));
+    if (!req->held_segs)
+        return 0;  /* no memory to keep it: it goes now rather than fail */
+    if (due)
+        b->held_due[d] = due;  /* the first one held: when it asks again */
+    memcpy(req->held_segs, ch->segs, sizeof(*req->held_segs) * ch->nsegs);
+    req->held_nsegs = ch->nsegs;
+    req->held_nreadable = ch->nreadable;
+    req->offset = offset;
+    req->state = REQ_HELD;
+    b->held[d][(b->held_first[d] + b->held_n[d]) % b->held_cap] =
+        ((uint32_t)q->index << 16) | head;
+    b->held_n[d]++;
+    CNT_ADD(b, throttled, 1);
+    return 1;
+}
+
+/* A held request's time has come: map it again (the table may have changed
+ * while it waited) and submit it, or punt it when it no longer maps. */
+static void blk_throttle_resume(struct pykvm_blk *b, struct blk_queue *q, uint16_t head)
+{
+    struct blk_req *req = &q->reqs[head];
+    struct pykvm_vq_seg *segs = req->held_segs;
+    uint64_t host_offset;
+    int32_t fd;
+
+    req->held_segs = NULL;
+    if (!pykvm_blk_map_lookup(b->map, b->nmap, req->offset, req->nbytes, req->op == BLK_T_OUT,
+                              &fd, &host_offset) ||
+        !blk_aligned(b, host_offset, req->iov, req->niov)) {
+        blk_req_free_iov(req);
+        blk_punt_segs(b, q, head, segs, req->held_nreadable, req->held_nsegs);
+    } else {
+        blk_rw_go(b, q, head, fd, host_offset);
+    }
+    free(segs);
+}
+
+/* Release what may go now, in order per direction (``force``: all of it,
+ * accounted without asking: the thread is quiescing); the number released. */
+static int blk_throttle_release(struct pykvm_blk *b, int force)
+{
+    int work = 0;
+
+    for (int d = 0; d < 2; d++) {
+        uint64_t now;
+
+        if (!b->held_n[d])
+            continue;
+        now = blk_now_ns();
+        if (!force && now < b->held_due[d])
+            continue;
+        while (b->held_n[d]) {
+            uint32_t token = b->held[d][b->held_first[d]];
+            struct blk_queue *q = &b->queues[token >> 16];
+            uint16_t head = (uint16_t)(token & 0xFFFF);
+
+            if (force) {
+                pykvm_throttle_account(b->throttle, d, q->reqs[head].nbytes, (int64_t)now);
+            } else {
+                int64_t wait = pykvm_throttle_admit(b->throttle, d, q->reqs[head].nbytes,
+                                                    (int64_t)now);
+
+                if (wait) {
+                    b->held_due[d] = now + (uint64_t)wait;
+                    break;
+                }
+            }
+            b->held_first[d] = (b->held_first[d] + 1) % b->held_cap;
+            b->held_n[d]--;
+            blk_throttle_resume(b, q, head);
+            work++;
+        }
+        if (!b->held_n[d])
+            b->held_due[d] = 0;
+    }
+    return work;
+}
+
+/* The earliest time a held request asks again, 0 when none is held. */
+static uint64_t blk_throttle_due(const struct pykvm_blk *b)
+{
+    uint64_t r = b->held_due[0], w = b->held_due[1];
+
+    return !r ? w : !w ? r : r < w ? r : w;
+}
+
+/* Stopping: held requests are dropped with the rest (the queues are reset). */
+static void blk_throttle_drop(struct pykvm_blk *b)
+{
+    for (int d = 0; d < 2; d++) {
+        while (b->held_n[d]) {
+            uint32_t token = b->held[d][b->held_first[d]];
+            struct blk_req *req = &b->queues[token >> 16].reqs[token & 0xFFFF];
+
+            b->held_first[d] = (b->held_first[d] + 1) % b->held_cap;
+            b->held_n[d]--;
+            free(req->held_segs);
+            req->held_segs = NULL;
+            blk_req_free_iov(req);
+            req->state = REQ_FREE;
+        }
+        b->held_due[d] = 0;
+    }
 }
 
 static int blk_get_id(struct pykvm_blk *b, struct blk_queue *q, uint8_t *status)
@@ -1132,6 +1300,8 @@ static int blk_round(struct pykvm_blk *b, int engine_fired)
     if (__atomic_load_n(&b->map_changed, __ATOMIC_ACQUIRE))
         blk_apply_map(b);
     work += blk_take_returns(b);
+    if (b->throttle)
+        work += blk_throttle_release(b, __atomic_load_n(&b->quiescing, __ATOMIC_ACQUIRE));
     if (!__atomic_load_n(&b->quiescing, __ATOMIC_ACQUIRE))
         for (uint32_t i = 0; i < b->nqueues; i++)
             work += blk_pop_all(b, &b->queues[i]);
@@ -1227,8 +1397,13 @@ static void *blk_thread(void *arg)
         if ((!quiescing && blk_kicks_on(b)) || pykvm_aio_ready(b->aio) || b->nsub)
             continue;
         due = blk_irq_due(b);
+        if (b->throttle) {
+            uint64_t held = blk_throttle_due(b);
+
+            due = !due ? held : !held ? due : held < due ? held : due;
+        }
         if (due && due <= now)
-            continue;  /* a deferred interrupt decision: blk_round makes it */
+            continue;  /* a deferred interrupt decision or a held request: blk_round */
         CNT_ADD(b, sleeps, 1);
         n = blk_wait(b, events, 16, due ? due - now : 0);
         if (b->poll_max_ns)
@@ -1249,6 +1424,7 @@ static void *blk_thread(void *arg)
         idle_since = blk_now_ns();
     }
     blk_notify(b, 0);  /* no decision stays deferred */
+    blk_throttle_drop(b);
     /* stopping: let the engine finish what it has (results dropped) */
     while (pykvm_aio_in_flight(b->aio)) {
         struct pollfd pfd = {.fd = pykvm_aio_notifier(b->aio), .events = POLLIN};
@@ -1268,8 +1444,10 @@ static void blk_free(struct pykvm_blk *b)
     for (uint32_t i = 0; b->queues && i < b->nqueues; i++) {
         struct blk_queue *q = &b->queues[i];
 
-        for (uint32_t h = 0; q->reqs && h < q->nreqs; h++)
+        for (uint32_t h = 0; q->reqs && h < q->nreqs; h++) {
             blk_req_free_iov(&q->reqs[h]);
+            free(q->reqs[h].held_segs);
+        }
         free(q->reqs);
         free(q->chain.segs);
     }
@@ -1287,6 +1465,8 @@ static void blk_free(struct pykvm_blk *b)
     free(b->next_map);
     free(b->sub);
     free(b->done);
+    free(b->held[0]);
+    free(b->held[1]);
     if (b->epfd >= 0)
         close(b->epfd);
     if (b->wake_fd >= 0)
@@ -1366,6 +1546,14 @@ static struct pykvm_blk *pykvm_blk_start(const struct pykvm_blk_config *cfg, cha
     b->done = calloc(depth, sizeof(*b->done));
     if (!b->sub || !b->done)
         goto nomem;
+    b->throttle = cfg->throttle;
+    if (b->throttle) {
+        b->held_cap = depth;
+        b->held[0] = calloc(depth, sizeof(*b->held[0]));
+        b->held[1] = calloc(depth, sizeof(*b->held[1]));
+        if (!b->held[0] || !b->held[1])
+            goto nomem;
+    }
     b->aio = pykvm_aio_open(cfg->engine, depth, err, errlen);
     if (!b->aio)
         goto fail;

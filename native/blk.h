@@ -55,6 +55,8 @@ struct pykvm_blk_config {
                                    engine has requests; 0: an interrupt per round */
     const struct pykvm_blk_extent *map;
     uint32_t nmap;
+    struct pykvm_throttle *throttle;  /* NULL, or the disk's throttle group (throttle.h),
+                                         which must outlive the thread */
 };
 
 struct pykvm_blk_counters {
@@ -73,6 +75,7 @@ struct pykvm_blk_counters {
     uint64_t poll_hits;             /* work found while polling, no sleep needed */
     uint64_t sleeps;                /* waits on the eventfds */
     uint64_t interrupts_deferred;   /* decisions put off by irq_coalesce_ns */
+    uint64_t throttled;             /* reads and writes that waited for their throttle group */
 };
 
 #define PYKVM_BLK_PUNT_SERVE 1      /* Python parses and serves the chain */

@@ -16,7 +16,7 @@ import sysconfig
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-UNITS = ["kvm", "memory", "file", "vq", "aio", "blk"]
+UNITS = ["kvm", "memory", "file", "vq", "aio", "throttle", "blk"]
 
 ffibuilder = FFI()
 for unit in UNITS:

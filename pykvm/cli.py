@@ -66,7 +66,37 @@ def _disk(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _object(text: str):
+    """--object TYPE,id=ID,...: QEMU's objects; a throttle group (kept alive by
+    the parsed arguments for the whole run)."""
+    import argparse
+
+    from .block.graph import split_commas
+    from .block.throttle import ThrottleError, group_object
+    kind, *items = split_commas(text)
+    if kind != "throttle-group":
+        raise argparse.ArgumentTypeError(f"--object {text}: unknown object type '{kind}' "
+                                         f"(throttle-group)")
+    opts = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"--object {text}: '{item}' is not KEY=VALUE")
+        opts[key] = value
+    try:
+        return group_object(opts)
+    except ThrottleError as e:
+        raise argparse.ArgumentTypeError(f"--object {text}: {e}") from None
+
+
+def _object_arg(p) -> None:
+    p.add_argument("--object", type=_object, action="append", default=[], metavar="OBJ",
+                   help="throttle-group,id=NAME,limits.iops-total=N,... (QEMU's): limits "
+                        "that disks share (throttling.group=NAME, driver=throttle)")
+
+
 def _common_vm_args(p: argparse.ArgumentParser) -> None:
+    _object_arg(p)
     p.add_argument("--mem", type=parse_size, default=256 << 20, metavar="SIZE",
                    help="guest RAM (default 256M; a bare number is MiB)")
     p.add_argument("--timeout", type=_positive_float, metavar="S",
@@ -93,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "[,cache=...][,aio=python|threads|native|io_uring][,readonly=on]"
                           "[,discard=ignore|unmap]"
                           "[,detect-zeroes=off|on|unmap][,serial=S][,poll-max-ns=N]"
-                          "[,irq-coalesce-ns=N][,queues=N][,iothread=device|queue] (repeatable)")
+                          "[,irq-coalesce-ns=N][,queues=N][,iothread=device|queue]"
+                          "[,throttling.iops-total|iops-read|iops-write|bps-total|bps-read|"
+                          "bps-write[-max[-length]]=N][,throttling.iops-size=N]"
+                          "[,throttling.group=NAME] (repeatable)")
     _common_vm_args(run)
 
     fio = sub.add_parser("fio", help="run the workload guest against a disk, print fio's output")
@@ -124,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "vhost-user-blk-pci, for one) until SIGTERM")
     serve.add_argument("--vhost-user-blk", required=True, metavar="SOCKET",
                        help="Unix socket to listen on (replaced if a stale one is there)")
+    _object_arg(serve)
     serve.add_argument("--disk", type=_disk, required=True, metavar="SPEC",
                        help="as for run (transport= does not apply)")
     serve.add_argument("--verbose", "-v", action="count", default=0,

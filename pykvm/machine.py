@@ -57,7 +57,8 @@ class DiskSpec:
                  cache: str = "writeback", aio: str | None = None, readonly: bool = False,
                  discard: str = "unmap", serial: str = "", detect_zeroes: str = "off",
                  poll_max_ns: int | None = None, irq_coalesce_ns: int | None = None,
-                 queues: int = 1, iothread: str = "device", node: dict | None = None):
+                 queues: int = 1, iothread: str = "device", node: dict | None = None,
+                 throttling=None):
         from .block.graph import image_spec
         self.node = node if node is not None else image_spec(file, format)
         self.file = file or _node_filename(self.node)   # for messages
@@ -73,6 +74,7 @@ class DiskSpec:
         self.irq_coalesce_ns = irq_coalesce_ns  # None: off, as 0
         self.queues = queues  # request queues (VIRTIO_BLK_F_MQ when > 1)
         self.iothread = iothread  # the C path: one I/O thread per "device" or per "queue"
+        self.throttling = throttling  # a block.throttle.ThrottleConfig, or None
 
     @classmethod
     def parse(cls, text: str) -> "DiskSpec":
@@ -81,6 +83,7 @@ class DiskSpec:
         from .block.graph import image_spec, nest, split_commas
         opts: dict[str, str] = {}
         node: dict[str, str] = {}
+        throttling: dict[str, str] = {}   # throttling.KEY=VALUE, QEMU's I/O limits
         for i, item in enumerate(split_commas(text)):
             key, eq, value = item.partition("=")
             if not eq:
@@ -88,7 +91,9 @@ class DiskSpec:
                     key, value = "file", item
                 else:
                     raise ConfigError(f"--disk {text}: '{item}' is not KEY=VALUE")
-            if key in cls.KEYS:
+            if key.startswith("throttling."):
+                throttling[key.removeprefix("throttling.")] = value
+            elif key in cls.KEYS:
                 opts[key] = value
             else:
                 node["driver" if key == "format" else key] = value
@@ -143,6 +148,11 @@ class DiskSpec:
         if not queues.isdigit() or not 1 <= int(queues) <= MAX_QUEUES:
             raise ConfigError(f"--disk {text}: queues={queues} is not a number from 1 to "
                               f"{MAX_QUEUES}")
+        from .block.throttle import ThrottleConfig, ThrottleError
+        try:
+            limits = ThrottleConfig(throttling) if throttling else None
+        except ThrottleError as e:
+            raise ConfigError(f"--disk {text}: {e}") from None
         return cls(node=spec, format=spec.get("driver"),
                    transport=choice("transport", cls.TRANSPORTS, "mmio"),
                    cache=cache, aio=aio, readonly=readonly,
@@ -150,7 +160,7 @@ class DiskSpec:
                    serial=opts.get("serial", ""), detect_zeroes=detect_zeroes,
                    poll_max_ns=nanoseconds("poll-max-ns"),
                    irq_coalesce_ns=nanoseconds("irq-coalesce-ns"), queues=int(queues),
-                   iothread=choice("iothread", IOTHREADS, "device"))
+                   iothread=choice("iothread", IOTHREADS, "device"), throttling=limits)
 
 
 def _node_filename(node) -> str:
@@ -166,18 +176,19 @@ def open_disk(spec: DiskSpec, name: str = "disk0"):
     """The BlockBackend of a --disk: its block graph (root node ``name``),
     cache mode and AIO engine (no aio= given: the fastest engine that works
     here, with one log line when that is not the first choice)."""
-    from .aio.native import default_engine, open_engine
-    from .block import CACHE_MODES, BlockBackend
-
     import logging
 
+    from .aio.native import default_engine, open_engine
+    from .block import CACHE_MODES, BlockBackend
     from .block.graph import tree_lines
+    from .block.throttle import group_for
     direct = CACHE_MODES[spec.cache].direct
+    throttle = group_for(spec.throttling, name) if spec.throttling else None
     engine = open_engine(spec.aio or default_engine(direct), direct)
     try:
         backend = BlockBackend(spec.node, cache=spec.cache, read_only=spec.readonly,
                                discard=spec.discard, detect_zeroes=spec.detect_zeroes,
-                               engine=engine, name=name)
+                               engine=engine, name=name, throttle=throttle)
     except BaseException:
         engine.close()
         raise

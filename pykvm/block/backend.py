@@ -47,10 +47,11 @@ import time
 
 from .._native import ffi, lib
 from ..aio import FALLOCATE, FLUSH, READ, WRITE, AioRequest, PythonEngine
-from .driver import (FORMATS, ZERO_CHUNK, BlockError, WriteBusy, iov_copy_in, iov_is_zero,
-                     iov_length, iov_slice, iov_zero)
+from .driver import (FORMATS, ZERO_CHUNK, BlockError, GraphError, WriteBusy, iov_copy_in,
+                     iov_is_zero, iov_length, iov_slice, iov_zero)
 from .graph import image_spec, open_node
 from .locking import disk_use
+from .throttle import ThrottledQueue
 
 log = logging.getLogger("pykvm.block")
 
@@ -101,7 +102,7 @@ class BlockBackend:
 
     def __init__(self, image, fmt: str | None = None, cache: str = "writeback",
                  read_only: bool = False, discard: str = "unmap", engine=None,
-                 detect_zeroes: str = "off", name: str = ""):
+                 detect_zeroes: str = "off", name: str = "", throttle=None):
         what = image if isinstance(image, str) else f"node '{name}'"
         if cache not in CACHE_MODES:
             raise BlockError(what, f"unknown cache mode {cache!r} (one of {', '.join(CACHE_MODES)})")
@@ -119,8 +120,18 @@ class BlockBackend:
         self.root = open_node(spec, read_only=read_only, direct=self.cache.direct, name=name,
                               use=disk_use(not read_only))
         self.driver = self.root
+        groups = []
         while self.driver.kind == "filter":
+            if self.driver.format_name == "throttle":
+                groups.append(self.driver)
             self.driver = self.driver.file
+        if groups and (throttle is not None or len(groups) > 1):
+            self.root.close()
+            raise GraphError(groups[0].describe(), "a disk takes one throttle group: a "
+                             "throttle node and throttling.*, or two throttle nodes, are not "
+                             "supported together")
+        if groups:
+            throttle = groups[0].group
         self.format = self.driver.format_name
         self.path = self.driver.filename
         self.read_only = read_only
@@ -148,6 +159,10 @@ class BlockBackend:
         self._pub_starts: list[int] = []
         self._pub_version = 0
         self._pub_next = 0.0           # no rebuild before this time.monotonic()
+        # throttling.*: a ThrottleGroup (block/throttle.py); reads, writes and
+        # write-zeroes that must wait are held in order until their time
+        self.throttle = throttle
+        self._throttled = ThrottledQueue(throttle, self.notifier, self.stats) if throttle else None
 
     # -- set-up ------------------------------------------------------------------
 
@@ -283,6 +298,12 @@ class BlockBackend:
         return not self.write_cache and not self.cache.no_flush
 
     def readv(self, token: int, offset: int, iov: list) -> None:
+        if self._throttled and self._throttled.hold(False, iov_length(iov), self._readv,
+                                                    token, offset, iov):
+            return
+        self._readv(token, offset, iov)
+
+    def _readv(self, token: int, offset: int, iov: list) -> None:
         self.stats["read"] += 1
         bounce = None
         if not self._aligned(offset, iov):
@@ -354,6 +375,12 @@ class BlockBackend:
         self.engine.submit(batch)
 
     def writev(self, token: int, offset: int, iov: list) -> None:
+        if self._throttled and self._throttled.hold(True, iov_length(iov), self._writev,
+                                                    token, offset, iov):
+            return
+        self._writev(token, offset, iov)
+
+    def _writev(self, token: int, offset: int, iov: list) -> None:
         self.stats["write"] += 1
         if self.read_only:
             self._complete_now(token, -errno.EROFS)
@@ -366,7 +393,7 @@ class BlockBackend:
         if self.detect_zeroes != "off" and iov_is_zero(iov):
             self.stats["write"] -= 1
             self.stats["detected_zeroes"] += 1
-            self.write_zeroes(token, offset, iov_length(iov), self.detect_zeroes == "unmap")
+            self._write_zeroes(token, offset, iov_length(iov), self.detect_zeroes == "unmap")
             return
         self._write(token, offset, iov)
 
@@ -473,7 +500,14 @@ class BlockBackend:
     def write_zeroes(self, token: int, offset: int, length: int, unmap: bool) -> None:
         """Zero a range: punch a hole when the guest allows unmapping and
         discard=unmap, else allocate zeroes (falling back to writing them).
-        Mapped formats describe whole clusters as zero and write the rest."""
+        Mapped formats describe whole clusters as zero and write the rest.
+        Throttled as a write of ``length`` bytes, as QEMU does."""
+        if self._throttled and self._throttled.hold(True, length, self._write_zeroes,
+                                                    token, offset, length, unmap):
+            return
+        self._write_zeroes(token, offset, length, unmap)
+
+    def _write_zeroes(self, token: int, offset: int, length: int, unmap: bool) -> None:
         self.stats["write_zeroes"] += 1
         if self.read_only:
             self._complete_now(token, -errno.EROFS)
@@ -518,6 +552,10 @@ class BlockBackend:
         """Completed requests as (token, result); never blocks (beyond handing a
         device's I/O thread a new direct map, see set_map_listener)."""
         self._collect()
+        if self._throttled:
+            # held requests whose time has come: after _collect, which reads the
+            # notifier, so a wake-up written since is either seen here or polled
+            self._throttled.release()
         out, self._ready = self._ready, []
         if self._map_listener is not None:
             self.refresh_map()
@@ -623,10 +661,14 @@ class BlockBackend:
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending) + len(self._deferred)
+        return len(self._pending) + len(self._deferred) + \
+            (self._throttled.held if self._throttled else 0)
 
     def drain(self) -> list[tuple[int, int]]:
-        """Wait until nothing is in flight; return what completed meanwhile."""
+        """Wait until nothing is in flight; return what completed meanwhile.
+        Throttled requests held go at once (QEMU's drain does the same)."""
+        if self._throttled:
+            self._throttled.release_all()
         out = self.reap()
         poller = select.poll()
         poller.register(self.notifier, select.POLLIN)
@@ -640,6 +682,8 @@ class BlockBackend:
 
     def close(self) -> None:
         self.drain()
+        if self._throttled:
+            self._throttled.close()
         self.engine.close()
         self.root.close()
 

@@ -357,6 +357,8 @@ class VirtioBlk(VirtioDevice):
         for k, v in fast.items():
             out[k] = out.get(k, 0) + v
         out["requests"] -= self._punted  # a punted request was counted on both sides
+        if self.backend.stats["throttled"]:  # requests the Python path held (throttling.*)
+            out["throttled"] = out.get("throttled", 0) + self.backend.stats["throttled"]
         return out
 
     def warn(self, msg: str) -> None:

@@ -24,12 +24,15 @@ from .queue import QueueError, SplitQueue
 
 # the device counters a one-line summary shows (pykvm fio, pykvm serve -v)
 SUMMARY_COUNTERS = ("requests", "batches", "interrupts", "interrupts_suppressed", "punts",
-                    "errors")
+                    "errors", "throttled")
+# shown only when not 0 (a disk without throttling.* limits never has any)
+_IF_ANY = ("throttled",)
 
 
 def counters_summary(counters: dict) -> str:
     """'requests=N, batches=N, ...' for the SUMMARY_COUNTERS a device keeps."""
-    return ", ".join(f"{k}={counters[k]}" for k in SUMMARY_COUNTERS if k in counters)
+    return ", ".join(f"{k}={counters[k]}" for k in SUMMARY_COUNTERS
+                     if k in counters and (counters[k] or k not in _IF_ANY))
 
 log = logging.getLogger("pykvm.virtio")
 

@@ -44,7 +44,7 @@ C_ENGINES = ("threads", "native", "io_uring")
 POLL_MAX_NS = int(os.environ.get("PYKVM_POLL_MAX_NS", "32768"))
 COUNTERS = ("requests", "bytes_read", "bytes_written", "errors", "submitted", "flushes",
             "batches", "completions", "completion_batches", "interrupts", "interrupts_suppressed",
-            "punts", "poll_hits", "sleeps", "interrupts_deferred")
+            "punts", "poll_hits", "sleeps", "interrupts_deferred", "throttled")
 EXTENT_WRITABLE = lib.PYKVM_BLK_EXTENT_WRITABLE
 
 
@@ -241,7 +241,9 @@ class FastPath:
     ``punt.collect()`` has completions to finish, ``punt.warn(message)`` logs
     a bad request's line. ``fail(message)`` is DEVICE_NEEDS_RESET;
     ``forward(index)`` interrupts for queue ``index`` from Python (for
-    ``call_fds[index]`` None).
+    ``call_fds[index]`` None). ``throttle``: the disk's ThrottleGroup
+    (block/throttle.py) or None; the C threads ask its state before each read
+    or write they submit and hold, in order, what must wait (native/blk.c).
     """
 
     def __init__(self, mem, queues, kicks, call_fds, backend_fd: int, engine_name: str, *,
@@ -249,7 +251,7 @@ class FastPath:
                  write_cache: bool = True, no_flush: bool = False, align: int = 1,
                  serial: bytes = b"", flush_fd: int | None = None, extents=None,
                  poll_max_ns: int = POLL_MAX_NS, irq_coalesce_ns: int = 0, isr=None,
-                 isr_bit: int = 1, per_queue: bool = False,
+                 isr_bit: int = 1, per_queue: bool = False, throttle=None,
                  name: str = "virtio-blk"):
         if engine_name not in C_ENGINES:
             raise FastPathError(f"aio={engine_name} is not a C engine")
@@ -268,6 +270,9 @@ class FastPath:
         self._map = _extent_table(extents)
         self._engine = ffi.new("char[]", engine_name.encode())
         self.irq_coalesce_ns = irq_coalesce_ns
+        # a ThrottleGroup (block/throttle.py) whose C state the threads ask; kept
+        # referenced here, so it outlives them
+        self._throttle = throttle
         # groups[g]: the queue indices (of ``queues``) C thread g serves, in
         # its own order; where[i]: (g, i's index within group g)
         groups = [[i] for i, q in enumerate(queues) if q.ready] if per_queue else []
@@ -306,6 +311,7 @@ class FastPath:
             cfg.irq_coalesce_ns = irq_coalesce_ns
             cfg.map = self._map
             cfg.nmap = len(extents)
+            cfg.throttle = throttle.state if throttle is not None else ffi.NULL
             err = ffi.new("char[256]")
             blk = lib.pykvm_blk_start(cfg, err, len(err))
             if blk == ffi.NULL:
@@ -384,7 +390,7 @@ class FastPath:
     def counters(self) -> dict:
         """requests, bytes_read, bytes_written, errors, submitted, flushes, batches,
         completions, completion_batches, interrupts, interrupts_suppressed,
-        punts, poll_hits, sleeps, interrupts_deferred: since start, summed over
+        punts, poll_hits, sleeps, interrupts_deferred, throttled: since start, summed over
         the C threads (final once stopped)."""
         with self._lock:
             if not self._blks:
@@ -571,7 +577,8 @@ def start(dev, mem, queues, features: int, kicks, interrupt, fail) -> FastPath:
         no_flush=backend.cache.no_flush, align=backend.align, serial=dev.serial,
         flush_fd=flush_fd, extents=extents, isr=isr, name=dev.name,
         poll_max_ns=POLL_MAX_NS if dev.poll_max_ns is None else dev.poll_max_ns,
-        irq_coalesce_ns=dev.irq_coalesce_ns, per_queue=dev.iothread == "queue")
+        irq_coalesce_ns=dev.irq_coalesce_ns, per_queue=dev.iothread == "queue",
+        throttle=backend.throttle)
     if backend.driver.direct_map and not backend.driver.identity_mapped:
         # from now on the backend replaces the table (and waits for the C
         # thread to let go of the old one) before a cluster C may use changes

@@ -34,13 +34,16 @@ def pattern(n: int, seed: int = 0) -> bytes:
 class Rig:
     """A VirtioBlk on ``path`` behind ``transport``, its disk on a fresh engine
     of ``engine`` (a tests/conftest.py Engine; the Python one by default), in
-    the engine's cache mode unless ``cache`` says otherwise; a BlkDriver on it."""
+    the engine's cache mode unless ``cache`` says otherwise; a BlkDriver on it.
+    ``backend``: more BlockBackend keywords (``throttle=``)."""
 
     def __init__(self, path, transport="mmio", engine=None, cache=None, read_only=False,
-                 queue=64, features=None, discard="unmap", driver_queues=None, **device):
+                 queue=64, features=None, discard="unmap", driver_queues=None, backend=None,
+                 **device):
         self.mem = GuestMemory(32 << 20)
         engine = engine or Engine("python", cache or "writeback")
-        self.backend = engine.backend(path, cache=cache, read_only=read_only, discard=discard)
+        self.backend = engine.backend(path, cache=cache, read_only=read_only, discard=discard,
+                                      **(backend or {}))
         self.dev = B.VirtioBlk(self.backend, serial="serial-0123456789abcdefXYZ", queue_size=queue,
                                **device)
         self.core = VirtioCore(self.dev, self.mem)
