@@ -99,6 +99,14 @@ class DiskSpec:
                 node["driver" if key == "format" else key] = value
         if not node.get("file") and not any(k.startswith("file.") for k in node):
             raise ConfigError(f"--disk {text}: no file given")
+        from .block.graph import node_keys
+        known = node_keys()
+        for key in node:
+            if "." not in key and key not in known:
+                raise ConfigError(f"--disk {text}: unknown option '{key}' (the device's: "
+                                  f"{', '.join(cls.KEYS)}, throttling.*; the image's: "
+                                  f"{', '.join(sorted(known))}, and a child's as "
+                                  f"file.*, backing.*, data-file.*)")
         if "file" in node and any(k.startswith("file.") for k in node) and \
                 not node["file"].startswith("json:"):
             # -drive file=PATH,file.locking=off: PATH is the file node's filename

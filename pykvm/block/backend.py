@@ -199,6 +199,21 @@ class BlockBackend:
             ext = [e._replace(writable=False) if e.writable else e for e in ext]
         return ext
 
+    def c_path_punts(self) -> list[str]:
+        """What a device's own I/O thread sends to Python on this disk, by node
+        and why (the graph's nodes, then the backend's own rules)."""
+        from .graph import walk
+        out = ["discard and write-zeroes (holes and their fallbacks are the backend's)"]
+        out += [f"{node.describe()}: {why}" for path, _r, node in walk(self.root)
+                if "/backing" not in path for why in node.c_path_punts()]   # (backing: Python's)
+        if self.detect_zeroes != "off":
+            out.append(f"detect-zeroes={self.detect_zeroes}: every write (Python looks for "
+                       f"zeroes)")
+        if self._guard_sector0:
+            out.append(f"{self.driver.describe()}: writes to sector 0 (a probed raw image: "
+                       f"Python refuses another format's header there)")
+        return out
+
     def set_map_listener(self, listener, published=()) -> None:
         """A device's own I/O thread serves what ``published`` (direct_extents())
         maps. ``listener(extents, wait)`` installs a new table; it returns once

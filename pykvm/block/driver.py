@@ -167,6 +167,11 @@ class BlockDriver:
         in both guest and host with the same writability (direct_map drivers)."""
         return []
 
+    def c_path_punts(self) -> list[str]:
+        """What of this node's requests a device's own I/O thread (the C path)
+        sends to Python, and why: the log line at the thread's start."""
+        return []
+
     def _unmapping(self, offset: int, length: int, writes_only: bool = False) -> None:
         """About to change [offset, offset+length): returns once nothing reads or
         writes (``writes_only``: writes) it through an older direct map."""

@@ -352,6 +352,15 @@ def _make(cls, spec: dict, where: str, node_name: str, probed: bool, **kw) -> Bl
     return node
 
 
+def node_keys() -> set[str]:
+    """Every option some node takes at its own level (COMMON, the drivers'
+    options, the child roles)."""
+    keys = set(COMMON)
+    for cls in DRIVERS.values():
+        keys |= set(cls.options) | set(cls.child_roles)
+    return keys
+
+
 # -- what a user sees --------------------------------------------------------------------
 
 def walk(node: BlockDriver, path: str = ""):

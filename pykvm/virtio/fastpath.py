@@ -583,6 +583,7 @@ def start(dev, mem, queues, features: int, kicks, interrupt, fail) -> FastPath:
         # from now on the backend replaces the table (and waits for the C
         # thread to let go of the old one) before a cluster C may use changes
         backend.set_map_listener(fast.publish_map, extents)
+    log.info("%s: served in C, but for: %s", dev.name, "; ".join(backend.c_path_punts()))
     return fast
 
 

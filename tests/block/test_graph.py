@@ -169,6 +169,9 @@ def test_disk_spec_errors():
         DiskSpec.parse("file=json:{},file.driver=file")
     with pytest.raises(ConfigError, match="no file given"):
         DiskSpec.parse("format=raw")
+    with pytest.raises(ConfigError, match=r"unknown option 'transprot' \(the device's: "
+                                          r"transport, .*the image's: .*offset"):
+        DiskSpec.parse("file=a.img,transprot=pci")
     spec = DiskSpec.parse("file=a.img,file.aio=threads")
     assert spec.aio == "threads" and spec.node == {"file": {"filename": "a.img",
                                                               "aio": "threads"}}
@@ -258,3 +261,26 @@ def test_host_device_discard_and_zeroes(loopdev):
     assert data[MiB:2 * MiB] == bytes(MiB) and data[:MiB] == pattern(8 * MiB, 5)[:MiB]
     with pytest.raises(BlockError, match="'host_device' driver requires a block device"):
         open_node({"driver": "host_device", "filename": str(img)})
+
+
+def test_c_path_punts_name_the_nodes(chain, tmp_path):
+    """What the C path's start logs: what goes to Python, node by node."""
+    base, top = chain
+    b = BlockBackend(str(top), name="disk0", detect_zeroes="on")
+    try:
+        punts = b.c_path_punts()
+    finally:
+        b.close()
+    assert punts[0].startswith("discard and write-zeroes")
+    assert any(p.startswith("qcow2 node 'disk0': allocating writes") for p in punts)
+    assert "qcow2 node 'disk0': reads of clusters it does not hold (from raw node " \
+           "'disk0/backing')" in punts
+    assert punts[-1].startswith("detect-zeroes=on: every write")
+    raw = tmp_path / "plain.img"
+    raw.write_bytes(bytes(MiB))
+    b = BlockBackend(str(raw), name="disk1")
+    try:
+        assert b.c_path_punts()[1:] == ["raw node 'disk1': writes to sector 0 (a probed raw "
+                                        "image: Python refuses another format's header there)"]
+    finally:
+        b.close()

@@ -253,6 +253,14 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
         data = self.h.pack(self.cluster_size)
         pwrite_full(self.mfd, data + bytes(self.cluster_size - len(data)), 0)
 
+    def c_path_punts(self) -> list[str]:
+        out = ["compressed and zero clusters"] if self.read_only else \
+            ["allocating writes and writes to shared clusters (they change metadata), "
+             "compressed and zero clusters"]
+        if self.backing is not None:
+            out.append(f"reads of clusters it does not hold (from {self.backing.describe()})")
+        return out
+
     @property
     def sync_fds(self) -> list[int]:
         return [self.fd, self.mfd] if self.data_fd >= 0 else [self.fd]
