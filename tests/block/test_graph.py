@@ -150,7 +150,8 @@ def test_cli_bad_graph_exits_2_with_one_line(chain):
     base, top = chain
     before = _digest(base, top)
     for disk, message in [
-        (f"file={top},format=qcow2,foo=bar", "qcow2 node 'disk0': option 'foo' does not apply"),
+        (f"file={top},format=qcow2,offset=1M", "qcow2 node 'disk0': option 'offset' does not "
+                                               "apply"),
         (f"driver=nope,file={top}", "node 'disk0': unknown driver 'nope'"),
         (f"file={top},backing.driver=raw,backing.file.filename={top}",
          "raw node 'disk0/backing': backing file loop"),
@@ -162,6 +163,15 @@ def test_cli_bad_graph_exits_2_with_one_line(chain):
             r.stderr.strip().startswith(f"pykvm: {message}"), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert _digest(base, top) == before
+
+
+def test_cli_unknown_disk_option_is_a_usage_error(chain):
+    base, top = chain
+    r = subprocess.run([sys.executable, "-m", "pykvm", "fio", "--disk", f"file={top},foo=bar"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines()[-1].startswith(
+        f"pykvm fio: error: argument --disk: --disk file={top},foo=bar: unknown option 'foo'")
 
 
 def test_disk_spec_errors():
