@@ -81,7 +81,7 @@ bench: setup guests bench-deps
 bench-quick: setup guests bench-deps
 	$(PY) bench/run.py --quick
 
-# Coverage-guided fuzzing (tests/fuzz/README.md): the fuzzer from the optional
+# Coverage-guided fuzzing (tests/fuzz/harness.py): the fuzzer from the optional
 # extra 'fuzz'; each target runs FUZZ_SECONDS, new corpus entries and crashers
 # are kept under tests/fuzz/corpus/TARGET/ and tests/fuzz/crashers/TARGET/.
 FUZZ_SECONDS ?= 120
@@ -92,9 +92,9 @@ fuzz-deps: setup
 		--config-settings editable_mode=compat
 
 fuzz: setup fuzz-deps
-	@for t in $(FUZZ_TARGETS); do \
-		$(PY) -m tests.fuzz.run $${t#fuzz_} --seconds $(FUZZ_SECONDS) --keep || exit $$?; \
-	done
+	@rc=0; for t in $(FUZZ_TARGETS); do \
+		$(PY) -m tests.fuzz.run $${t#fuzz_} --seconds $(FUZZ_SECONDS) --keep || rc=1; \
+	done; exit $$rc
 
 clean:
 	$(MAKE) -C guest clean

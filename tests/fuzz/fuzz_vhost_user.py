@@ -14,7 +14,6 @@ the session is closed. ``serve()`` answers every bad message itself (one log
 line, the connection closed), so nothing at all may escape it.
 """
 import atexit
-import logging
 import os
 import shutil
 import socket
@@ -29,7 +28,6 @@ EXPECTED = ()
 MAX_FDS = 64
 MEMFD_SIZE = 1 << 20
 
-logging.getLogger("pykvm").setLevel(logging.CRITICAL)   # one line per refused message
 DIR = tempfile.mkdtemp(prefix="fuzz-vhost-user-")
 atexit.register(shutil.rmtree, DIR, True)
 with open(os.path.join(DIR, "disk.img"), "wb") as f:

@@ -14,8 +14,10 @@ runs it).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,16 +34,25 @@ HANG_SECONDS = 20
 
 def child(name: str, args: list[str]) -> None:
     import atheris
+    logging.disable(logging.CRITICAL)   # the one line per refused input, times a million
     with atheris.instrument_imports(include=["pykvm"]):
         target = harness.load(name)
-    atheris.Setup([sys.argv[0], *args], harness.bounded(target))
+    # libFuzzer runs argv[0] again for -merge: the parent's wrapper script
+    atheris.Setup([os.environ.get("PYKVM_FUZZ_ARGV0", sys.argv[0]), *args],
+                  harness.bounded(target))
     atheris.Fuzz()
 
 
-def libfuzzer(name: str, args: list[str]) -> tuple[int, str]:
-    cmd = [sys.executable, "-m", "tests.fuzz.run", name, "--child", "--", *args]
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, errors="replace")
+def libfuzzer(name: str, args: list[str], tmp: str) -> tuple[int, str]:
+    wrapper = os.path.join(tmp, f"fuzz-{name}")
+    if not os.path.exists(wrapper):
+        with open(wrapper, "w") as f:
+            f.write(f'#!/bin/sh\ncd {shlex.quote(ROOT)} && exec {shlex.quote(sys.executable)} '
+                    f'-m tests.fuzz.run {name} --child -- "$@"\n')
+        os.chmod(wrapper, 0o755)
+    p = subprocess.Popen([wrapper, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, errors="replace",
+                         env={**os.environ, "PYKVM_FUZZ_ARGV0": wrapper})
     out = []
     for line in p.stdout:
         out.append(line)
@@ -93,15 +104,16 @@ def main(argv=None) -> int:
                 shutil.copy(path, os.path.join(work, os.path.basename(path)))
             dirs = [work]
         t0 = time.monotonic()
-        rc, log = libfuzzer(a.name, common + [f"-artifact_prefix={artifacts}/"] + dirs)
+        rc, log = libfuzzer(a.name, common + [f"-artifact_prefix={artifacts}/"] + dirs, tmp)
         took = time.monotonic() - t0
         stats = summary(log)
         if a.keep and rc == 0:
             # minimize: only the entries that add coverage stay
             merged = os.path.join(tmp, "merged")
             os.makedirs(merged)
-            mrc, _ = libfuzzer(a.name, [f"-timeout={HANG_SECONDS}", "-merge=1", merged, corpus])
-            if mrc == 0:
+            mrc, _ = libfuzzer(a.name, [f"-timeout={HANG_SECONDS}", "-merge=1", merged, corpus],
+                               tmp)
+            if mrc == 0 and os.listdir(merged):
                 shutil.rmtree(corpus)
                 shutil.copytree(merged, corpus)
         found = sorted(os.listdir(artifacts)) if os.path.isdir(artifacts) else []
