@@ -231,8 +231,33 @@ def vhost_user(out: str) -> None:
             f.write(data)
 
 
+def blk(out: str) -> None:
+    """One request of each type, good and bad, in fuzz_blk.py's layout."""
+    def req(rtype, flags, sector, status_len, bufs):
+        data = bytes([rtype, flags]) + struct.pack("<Q", sector) + bytes([status_len])
+        for writable, length, content in bufs:
+            data += struct.pack("<H", length) + bytes([writable]) + content
+        return data
+    seg = struct.Struct("<QII").pack
+    # rtype: an index into fuzz_blk.TYPES (IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES, 99)
+    seeds = {"read": req(0, 0, 3, 1, [(1, 4096, b"")]),
+             "write": req(1, 0, 9, 1, [(0, 1024, b"\x5a" * 1024)]),
+             "write-indirect": req(1, 2, 9, 1, [(0, 512, b"\x11" * 512), (0, 512, b"\x22" * 512)]),
+             "flush": req(2, 0, 0, 1, []),
+             "get-id": req(3, 0, 0, 1, [(1, 20, b"")]),
+             "discard": req(4, 0, 0, 1, [(0, 16, seg(8, 8, 0))]),
+             "write-zeroes": req(5, 0, 0, 1, [(0, 16, seg(32, 4, 1))]),
+             "unknown": req(6, 0, 0, 1, [(1, 4, b"")]),
+             "header-with-data": req(1, 4, 12, 1, [(0, 512, b"\x33" * 512)]),
+             "past-end": req(0, 0, 2047, 1, [(1, 1024, b"")]),
+             "no-status": req(0, 0, 0, 0, [(1, 512, b"")])}
+    for name, data in seeds.items():
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(data)
+
+
 SEED_MAKERS = {"qcow2": qcow2, "disk": disk, "boot": boot, "queue": queue,
-               "vhost_user": vhost_user}
+               "vhost_user": vhost_user, "blk": blk}
 
 
 def main(argv) -> None:
