@@ -103,6 +103,7 @@ def main(argv=None) -> int:
             for path in harness.inputs(a.name):
                 shutil.copy(path, os.path.join(work, os.path.basename(path)))
             dirs = [work]
+        known = set(os.listdir(artifacts))
         t0 = time.monotonic()
         rc, log = libfuzzer(a.name, common + [f"-artifact_prefix={artifacts}/"] + dirs, tmp)
         took = time.monotonic() - t0
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
             if mrc == 0 and os.listdir(merged):
                 shutil.rmtree(corpus)
                 shutil.copytree(merged, corpus)
-        found = sorted(os.listdir(artifacts)) if os.path.isdir(artifacts) else []
+        found = sorted(set(os.listdir(artifacts)) - known)
         n_corpus = len(os.listdir(corpus)) if os.path.isdir(corpus) else 0
         print(f"fuzz {a.name}: {stats.get('execs', '?')} executions in {took:.0f} s, "
               f"cov {stats.get('cov', '?')}, ft {stats.get('ft', '?')}, "
