@@ -3,7 +3,7 @@
 The bytes are the image file, opened read-only as qcow2
 (``pykvm.block.open_image``) in a folder that also holds what the seeds name
 (``base.raw``, ``base.qcow2`` as backing files, ``data.raw`` as an external
-data file; ``seeds/qcow2/README`` says how they were made). Then: the map of
+data file; tests/fuzz/make_seeds.py makes them all). Then: the map of
 its first 16 MiB, a read of its first 64 KiB and of up to 8 mapped pieces
 (64 KiB each, through backing files and compressed clusters), ``check()``.
 A BlockError is the driver refusing the image.
