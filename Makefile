@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := gcc make libc6-dev liburing-dev qemu-system-x86 qemu-utils fio acpica-tools lz4
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup deps guests linux-kernel linux-kit run test test-unit test-integration bench bench-deps bench-quick clean distclean
+.PHONY: all setup deps guests linux-kernel linux-kit run test test-unit test-integration bench bench-deps bench-quick fuzz fuzz-deps clean distclean
 
 all: setup guests
 
@@ -62,7 +62,7 @@ linux-kernel: setup
 linux-kit: setup linux-kernel
 	$(PY) -m tests.helpers.linux_kit
 
-test: setup guests linux-kernel linux-kit
+test: setup guests linux-kernel linux-kit fuzz-deps
 	$(VENV)/bin/pytest -q tests
 
 test-unit: setup guests linux-kernel
@@ -80,6 +80,21 @@ bench: setup guests bench-deps
 
 bench-quick: setup guests bench-deps
 	$(PY) bench/run.py --quick
+
+# Coverage-guided fuzzing (tests/fuzz/harness.py): the fuzzer from the optional
+# extra 'fuzz'; each target runs FUZZ_SECONDS, new corpus entries and crashers
+# are kept under tests/fuzz/corpus/TARGET/ and tests/fuzz/crashers/TARGET/.
+FUZZ_SECONDS ?= 120
+FUZZ_TARGETS ?= $(notdir $(basename $(wildcard tests/fuzz/fuzz_*.py)))
+
+fuzz-deps: setup
+	$(PY) -c "import atheris" 2>/dev/null || $(PY) -m pip install -q -e '.[test,fuzz]' \
+		--config-settings editable_mode=compat
+
+fuzz: setup fuzz-deps
+	@rc=0; for t in $(FUZZ_TARGETS); do \
+		$(PY) -m tests.fuzz.run $${t#fuzz_} --seconds $(FUZZ_SECONDS) --keep || rc=1; \
+	done; exit $$rc
 
 clean:
 	$(MAKE) -C guest clean

@@ -269,7 +269,11 @@ def _open(spec: dict, name: str, read_only: bool, direct: bool, chain: frozenset
     spec = dict(spec)
     driver = spec.pop("driver", None)
     node_name = spec.pop("node-name", None) or name
+    if not isinstance(node_name, str):     # json: gives any JSON value
+        raise _error(f"node '{name}'", "option 'node-name' takes a string")
     where = f"node '{node_name}'" if node_name else "node"
+    if driver is not None and not isinstance(driver, str):
+        raise _error(where, "option 'driver' takes a string")
     if "read-only" in spec:
         read_only = _value("bool", "read-only", spec.pop("read-only"), where) or read_only
     probed = False

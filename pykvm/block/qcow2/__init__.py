@@ -89,6 +89,9 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
         """A qcow2 node over its ``file`` child; ``opener`` (graph.Opener) opens
         the data file and backing file the header names, or those its options
         give instead. The node opens no file itself."""
+        if file.kind != "protocol":     # its metadata is read through file.bfd
+            raise BlockError(file.filename, f"a qcow2 node's file must be a protocol node "
+                             f"(driver=file or host_device), not a {file.format_name} node")
         self.file = file
         self.data_file = None
         self.path = file.filename
