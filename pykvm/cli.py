@@ -109,7 +109,14 @@ def _common_vm_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     import argparse
-    p = argparse.ArgumentParser(prog="pykvm", description="A KVM hypervisor harness.")
+
+    class _Parser(argparse.ArgumentParser):
+        """Usage errors in one line (the subcommands' parsers are of this class too)."""
+
+        def error(self, message):
+            self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+    p = _Parser(prog="pykvm", description="A KVM hypervisor harness.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="boot a kernel (PVH ELF or Linux bzImage) and run it "
@@ -172,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_machine(args, kernel: str, cmdline: str, disks, serial_out=None, initrd=None):
+def _run_machine(args, kernel: str, cmdline: str, disks, serial_out=None, initrd=None,
+                 check=None):
+    """Build and run the machine; ``check(machine)``, if given, runs before the guest does
+    (it raises for what the guest would only fail on)."""
     from .machine import Machine, MachineConfig
     from .vcpu import print_exit_counts
 
@@ -181,6 +191,8 @@ def _run_machine(args, kernel: str, cmdline: str, disks, serial_out=None, initrd
                         cpus=getattr(args, "cpus", 1), trace=trace, disks=disks,
                         serial_out=serial_out, initrd=initrd)
     with Machine(cfg) as machine:
+        if check is not None:
+            check(machine)
         try:
             result = machine.run(timeout=args.timeout)
         finally:
@@ -225,7 +237,17 @@ def cmd_fio(args) -> int:
     out = io.BytesIO()
     timeout = args.timeout or (args.runtime + 60 if not args.ios else None)
     args.timeout = timeout
-    result, stats = _run_machine(args, kernel, " ".join(opts), [args.disk], serial_out=out)
+
+
+    def fits(machine) -> None:
+        capacity = machine.disks[0].core.device.backend.size
+        end = args.offset + (args.size or 0)
+        if args.offset >= capacity or end > capacity:
+            what = f"--size {args.size} at " if args.size else ""
+            raise ConfigError(f"{what}--offset {args.offset}: does not fit the disk "
+                              f"{args.disk.file} ({capacity} bytes)")
+    result, stats = _run_machine(args, kernel, " ".join(opts), [args.disk], serial_out=out,
+                                 check=fits)
     text = out.getvalue().decode(errors="replace")
     for line in text.splitlines():
         if line.startswith("workload:"):

@@ -34,6 +34,18 @@ PCI_MMIO_START = 0xE000_0000
 MAX_CPUS = 64
 
 
+def _host_mem_mib() -> int:
+    """MemTotal of /proc/meminfo in MiB (0 if unreadable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) >> 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def host_is_pvm() -> bool:
     """True when /dev/kvm is provided by kvm_pvm (CPL 0 emulated; see guest/README.md, "kvm_pvm findings")."""
     return os.path.isdir("/sys/module/kvm_pvm")
@@ -277,7 +289,11 @@ class Machine:
         self.vm.create_irqchip()
         self.vm.create_pit2()
 
-        self.mem = GuestMemory(cfg.mem_size, hugepages=cfg.hugepages)
+        try:
+            self.mem = GuestMemory(cfg.mem_size, hugepages=cfg.hugepages)
+        except OSError as e:   # ENOMEM: more than the host will map (overcommit rules)
+            raise ConfigError(f"--mem {cfg.mem_size >> 20}M: cannot map that much guest RAM "
+                              f"({e.strerror}; this host has {_host_mem_mib()} MiB)") from None
         self._closers.append(self.mem.close)
         for slot, r in enumerate(self.mem.regions):
             self.vm.set_user_memory_region(slot, r.gpa, r.size, r.hva)

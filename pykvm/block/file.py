@@ -37,6 +37,8 @@ def open_file(path: str, read_only: bool, direct: bool) -> int:
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
     if direct:
         flags |= os.O_DIRECT
+    if "\0" in path:   # a backing file name read from an image may hold one
+        raise BlockError(path.replace("\0", "\\0"), "file name holds a NUL byte")
     try:
         return os.open(path, flags)
     except OSError as e:
