@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--initrd", metavar="FILE", help="initial ramdisk for the kernel")
     run.add_argument("--cmdline", default="", help="kernel command line")
     run.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
+    run.add_argument("--boot", choices=["auto", "linux", "pvh"], default="auto",
+                     help="auto (default): a PVH ELF by its note, a bzImage by the Linux boot "
+                          "protocol; linux: a bzImage by the boot protocol; pvh: the ELF inside "
+                          "a bzImage's payload (or an ELF) by its PVH note, decompressed on the "
+                          "host")
     run.add_argument("--disk", type=_disk, action="append", default=[], metavar="SPEC",
                      help="a virtio-blk disk: file=PATH[,format=raw][,transport=mmio|pci]"
                           "[,cache=...][,aio=python|threads|native|io_uring][,readonly=on]"
@@ -189,7 +194,7 @@ def _run_machine(args, kernel: str, cmdline: str, disks, serial_out=None, initrd
     trace = sys.stderr if "exits" in args.trace else None
     cfg = MachineConfig(kernel=kernel, cmdline=cmdline, mem_size=args.mem,
                         cpus=getattr(args, "cpus", 1), trace=trace, disks=disks,
-                        serial_out=serial_out, initrd=initrd)
+                        serial_out=serial_out, initrd=initrd, boot=getattr(args, "boot", "auto"))
     with Machine(cfg) as machine:
         if check is not None:
             check(machine)

@@ -72,6 +72,8 @@ RUN_CASES = MEM_CASES + [
     (["--initrd", "{d}/nope.img"], "nope.img: No such file or directory"),
     (["--object", "bogus"], "unknown object type 'bogus'"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--boot", "bios"], "argument --boot: invalid choice: 'bios'"),
+    (["--boot", "linux"], "--boot=linux needs a bzImage; this is an ELF"),
 ]
 
 
@@ -85,9 +87,11 @@ def test_run_bad_values(pykvm, guest, files, args, message):
 @pytest.mark.parametrize("kernel,message", [
     ("nope.elf", "No such file or directory"),
     ("small.raw", "not an ELF file nor a Linux bzImage"),
+    ("small.raw --boot=pvh", "not an ELF file nor a Linux bzImage"),
 ])
 def test_run_bad_kernels(pykvm, files, kernel, message):
-    r = pykvm("run", files / kernel, timeout=60)
+    name, *args = kernel.split()
+    r = pykvm("run", files / name, *args, timeout=60)
     assert message in one_line(r)
 
 
