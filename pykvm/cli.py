@@ -56,6 +56,17 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _socket_mode(text: str) -> int:
+    import argparse
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"want an octal mode from 0000 to 0777, not {text!r}")
+    return mode
+
+
 def _disk(text: str):
     import argparse
 
@@ -169,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "vhost-user-blk-pci, for one) until SIGTERM")
     serve.add_argument("--vhost-user-blk", required=True, metavar="SOCKET",
                        help="Unix socket to listen on (replaced if a stale one is there)")
+    serve.add_argument("--socket-mode", type=_socket_mode, default=0o600, metavar="OCTAL",
+                       help="permissions of the socket (default 0600: only this user may "
+                            "connect; e.g. 0660 for the group too)")
     _object_arg(serve)
     serve.add_argument("--disk", type=_disk, required=True, metavar="SPEC",
                        help="as for run (transport= does not apply)")
@@ -288,7 +302,8 @@ def cmd_serve(args) -> int:
                     poll_max_ns=poll, irq_coalesce_ns=args.disk.irq_coalesce_ns,
                     num_queues=args.disk.queues, iothread=args.disk.iothread)
     try:
-        server = VhostUserServer(dev, args.vhost_user_blk, name="vhost-user-blk")
+        server = VhostUserServer(dev, args.vhost_user_blk, name="vhost-user-blk",
+                                 mode=args.socket_mode)
     except BaseException:
         dev.close()
         raise
