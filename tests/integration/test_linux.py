@@ -17,8 +17,8 @@ one bound, SILENCE, catches a hang (no serial line for that long), not a slow
 host. On this machine KVM is kvm_pvm: the kernel's CPL-0 code is emulated
 (~1000x slower) and it stops, about a minute of kernel time in, at an
 instruction the emulator lacks, after the markers. Measured here (boot to the
-last marker): --boot=linux ~100 s (the decompressor alone, emulated and silent,
-~80 s), --boot=pvh ~28 s. On a VMX/SVM host (no kvm_pvm module) the kernel runs
+last marker, 2 CPUs shared with other work): --boot=linux 176 s, of which the
+decompressor, emulated and silent, took 162 s; --boot=pvh 30-38 s. On a VMX/SVM host (no kvm_pvm module) the kernel runs
 at speed and the test also waits for it to start the initramfs's /init.
 """
 from __future__ import annotations
