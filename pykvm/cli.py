@@ -56,6 +56,17 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _socket_mode(text: str) -> int:
+    import argparse
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"want an octal mode from 0000 to 0777, not {text!r}")
+    return mode
+
+
 def _disk(text: str):
     import argparse
 
@@ -109,7 +120,14 @@ def _common_vm_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     import argparse
-    p = argparse.ArgumentParser(prog="pykvm", description="A KVM hypervisor harness.")
+
+    class _Parser(argparse.ArgumentParser):
+        """Usage errors in one line (the subcommands' parsers are of this class too)."""
+
+        def error(self, message):
+            self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+    p = _Parser(prog="pykvm", description="A KVM hypervisor harness.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="boot a kernel (PVH ELF or Linux bzImage) and run it "
@@ -118,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--initrd", metavar="FILE", help="initial ramdisk for the kernel")
     run.add_argument("--cmdline", default="", help="kernel command line")
     run.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
+    run.add_argument("--boot", choices=["auto", "linux", "pvh"], default="auto",
+                     help="auto (default): a PVH ELF by its note, a bzImage by the Linux boot "
+                          "protocol; linux: a bzImage by the boot protocol; pvh: the ELF inside "
+                          "a bzImage's payload (or an ELF) by its PVH note, decompressed on the "
+                          "host")
     run.add_argument("--disk", type=_disk, action="append", default=[], metavar="SPEC",
                      help="a virtio-blk disk: file=PATH[,format=raw][,transport=mmio|pci]"
                           "[,cache=...][,aio=python|threads|native|io_uring][,readonly=on]"
@@ -157,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "vhost-user-blk-pci, for one) until SIGTERM")
     serve.add_argument("--vhost-user-blk", required=True, metavar="SOCKET",
                        help="Unix socket to listen on (replaced if a stale one is there)")
+    serve.add_argument("--socket-mode", type=_socket_mode, default=0o600, metavar="OCTAL",
+                       help="permissions of the socket (default 0600: only this user may "
+                            "connect; e.g. 0660 for the group too)")
     _object_arg(serve)
     serve.add_argument("--disk", type=_disk, required=True, metavar="SPEC",
                        help="as for run (transport= does not apply)")
@@ -172,15 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_machine(args, kernel: str, cmdline: str, disks, serial_out=None, initrd=None):
+def _run_machine(args, kernel: str, cmdline: str, disks, serial_out=None, initrd=None,
+                 check=None):
+    """Build and run the machine; ``check(machine)``, if given, runs before the guest does
+    (it raises for what the guest would only fail on)."""
     from .machine import Machine, MachineConfig
     from .vcpu import print_exit_counts
 
     trace = sys.stderr if "exits" in args.trace else None
     cfg = MachineConfig(kernel=kernel, cmdline=cmdline, mem_size=args.mem,
                         cpus=getattr(args, "cpus", 1), trace=trace, disks=disks,
-                        serial_out=serial_out, initrd=initrd)
+                        serial_out=serial_out, initrd=initrd, boot=getattr(args, "boot", "auto"))
     with Machine(cfg) as machine:
+        if check is not None:
+            check(machine)
         try:
             result = machine.run(timeout=args.timeout)
         finally:
@@ -225,7 +256,17 @@ def cmd_fio(args) -> int:
     out = io.BytesIO()
     timeout = args.timeout or (args.runtime + 60 if not args.ios else None)
     args.timeout = timeout
-    result, stats = _run_machine(args, kernel, " ".join(opts), [args.disk], serial_out=out)
+
+
+    def fits(machine) -> None:
+        capacity = machine.disks[0].core.device.backend.size
+        end = args.offset + (args.size or 0)
+        if args.offset >= capacity or end > capacity:
+            what = f"--size {args.size} at " if args.size else ""
+            raise ConfigError(f"{what}--offset {args.offset}: does not fit the disk "
+                              f"{args.disk.file} ({capacity} bytes)")
+    result, stats = _run_machine(args, kernel, " ".join(opts), [args.disk], serial_out=out,
+                                 check=fits)
     text = out.getvalue().decode(errors="replace")
     for line in text.splitlines():
         if line.startswith("workload:"):
@@ -261,7 +302,8 @@ def cmd_serve(args) -> int:
                     poll_max_ns=poll, irq_coalesce_ns=args.disk.irq_coalesce_ns,
                     num_queues=args.disk.queues, iothread=args.disk.iothread)
     try:
-        server = VhostUserServer(dev, args.vhost_user_blk, name="vhost-user-blk")
+        server = VhostUserServer(dev, args.vhost_user_blk, name="vhost-user-blk",
+                                 mode=args.socket_mode)
     except BaseException:
         dev.close()
         raise

@@ -1120,6 +1120,10 @@ def main_img(argv: list[str]) -> int:
     args = _fast_convert_args(argv)
     if args is not None:
         return cmd_img(args)
+    if argv[:1] == ["resize"] and len(argv) >= 3 and argv[-1][:1] == "-" and "--" not in argv:
+        # qemu-img takes resize's last argument as the size before it parses
+        # options, so "-1G" shrinks (with --shrink) rather than being an option
+        argv = argv[:-1] + ["--", argv[-1]]
     p = _parser_class()(prog="pykvm img")
     build_img_parser(p)
     try:

@@ -15,12 +15,12 @@ import threading
 
 from .boot.acpi import SLEEP_PORT, SLP_TYP_S5, write_acpi
 from .boot.e820 import build_e820
-from .boot.linux import image_kind, load_bzimage, load_initrd
+from .boot.linux import image_kind, load_bzimage, load_initrd, payload_elf
 from .boot.pvh import load_pvh, write_start_info
 from .bus import Bus
 from .devices import (DEBUG_EXIT_PORT, SERIAL_IRQ, SERIAL_PORT, AcpiSleep, DebugExit,
                       Serial16550)
-from .errors import ConfigError, GuestFault, GuestTimeout, PykvmError
+from .errors import BootError, ConfigError, GuestFault, GuestTimeout, PykvmError
 from .kvm import Kvm, lib
 from .memory import GuestMemory
 from .vcpu import CPUID_1_ECX_CX16, CPUID_1_ECX_XSAVE, CPUID_1_ECX_OSXSAVE, Vcpu, VcpuStop, build_cpuid
@@ -32,6 +32,18 @@ VIRTIO_MMIO_BASE = 0xD000_0000
 VIRTIO_MMIO_FIRST_GSI = 5
 PCI_MMIO_START = 0xE000_0000
 MAX_CPUS = 64
+
+
+def _host_mem_mib() -> int:
+    """MemTotal of /proc/meminfo in MiB (0 if unreadable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) >> 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def host_is_pvm() -> bool:
@@ -207,16 +219,25 @@ def open_disk(spec: DiskSpec, name: str = "disk0"):
     return backend
 
 
+BOOT_MODES = ("auto", "linux", "pvh")
+
+
 class MachineConfig:
     """What to build. ``kernel``: a PVH ELF (our guests, a vmlinux) or a Linux
     bzImage, told apart by content; ``initrd``: a file for the kernel's initrd
     (None: none); ``serial_out``: binary file for the UART (None: stdout);
     ``trace``: text file for per-exit trace lines (None: no trace); ``disks``:
-    DiskSpecs, each a virtio-blk device."""
+    DiskSpecs, each a virtio-blk device; ``boot``: 'auto' (by content: an ELF by its
+    PVH note, a bzImage by the Linux boot protocol), 'linux' (a bzImage by the boot
+    protocol) or 'pvh' (an ELF, or the ELF inside a bzImage's payload, by its PVH
+    note: the bzImage's decompressor does not run)."""
 
     def __init__(self, kernel: str, cmdline: str = "", mem_size: int = 256 << 20, cpus: int = 1,
                  serial_out=None, trace=None, hugepages: bool = True, disks=None,
-                 initrd: str | None = None):
+                 initrd: str | None = None, boot: str = "auto"):
+        if boot not in BOOT_MODES:
+            raise ConfigError(f"--boot={boot}: not one of {', '.join(BOOT_MODES)}")
+        self.boot = boot
         self.disks = list(disks or [])
         self.initrd = initrd
         self.kernel = kernel
@@ -277,7 +298,11 @@ class Machine:
         self.vm.create_irqchip()
         self.vm.create_pit2()
 
-        self.mem = GuestMemory(cfg.mem_size, hugepages=cfg.hugepages)
+        try:
+            self.mem = GuestMemory(cfg.mem_size, hugepages=cfg.hugepages)
+        except OSError as e:   # ENOMEM: more than the host will map (overcommit rules)
+            raise ConfigError(f"--mem {cfg.mem_size >> 20}M: cannot map that much guest RAM "
+                              f"({e.strerror}; this host has {_host_mem_mib()} MiB)") from None
         self._closers.append(self.mem.close)
         for slot, r in enumerate(self.mem.regions):
             self.vm.set_user_memory_region(slot, r.gpa, r.size, r.hva)
@@ -291,6 +316,13 @@ class Machine:
         self.pio.register(SLEEP_PORT, 1, AcpiSleep(lambda: self._on_debug_exit(0), SLP_TYP_S5))
 
         self.kernel_kind = image_kind(cfg.kernel)
+        pvh_data = None
+        if cfg.boot == "linux" and self.kernel_kind != "bzimage":
+            raise BootError(cfg.kernel, "--boot=linux needs a bzImage; this is an ELF "
+                            "(boot it by its PVH note: --boot=pvh or auto)")
+        if cfg.boot == "pvh" and self.kernel_kind == "bzimage":
+            pvh_data = payload_elf(cfg.kernel)
+            self.kernel_kind = "elf"
         self.e820 = build_e820(self.mem)
         self.disks: list = []
         self.mmio_windows: list[tuple[int, int, int]] = []   # (base, size, gsi), for ACPI
@@ -302,7 +334,7 @@ class Machine:
             self.image = load_bzimage(cfg.kernel, self.mem, self.cmdline, self.e820,
                                       initrd=cfg.initrd, rsdp=self.rsdp)
         else:
-            self.image = load_pvh(cfg.kernel, self.mem)
+            self.image = load_pvh(cfg.kernel, self.mem, data=pvh_data)
             modules = []
             if cfg.initrd is not None:
                 lowest = max(p + n for p, n in self.image.segments)

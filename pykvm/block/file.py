@@ -34,11 +34,11 @@ ZERO_RANGE = lib.FALLOC_FL_ZERO_RANGE | lib.FALLOC_FL_KEEP_SIZE
 
 def open_file(path: str, read_only: bool, direct: bool) -> int:
     """Open an image file; O_DIRECT refused by the file system is one clear line."""
-    if "\0" in path:   # a qcow2 header's backing file name, a json: filename
-        raise BlockError(path.replace("\0", "\\0"), "a file name cannot hold a NUL byte")
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
     if direct:
         flags |= os.O_DIRECT
+    if "\0" in path:   # a qcow2 header's backing file name, a json: filename
+        raise BlockError(path.replace("\0", "\\0"), "file name holds a NUL byte")
     try:
         return os.open(path, flags)
     except OSError as e:

@@ -105,6 +105,8 @@ OFF_KERNEL_ALIGNMENT = 0x230
 OFF_RELOCATABLE = 0x234
 OFF_XLOADFLAGS = 0x236
 OFF_CMDLINE_SIZE = 0x238
+OFF_PAYLOAD_OFFSET = 0x248          # 2.08: the compressed kernel, from the pm kernel's start
+OFF_PAYLOAD_LENGTH = 0x24C
 OFF_PREF_ADDRESS = 0x258
 OFF_INIT_SIZE = 0x260
 HDR_MIN_END = OFF_INIT_SIZE + 4    # every field we read lies below this
@@ -204,6 +206,8 @@ class SetupHeader:
         self.cmdline_size = u32(OFF_CMDLINE_SIZE)
         self.pref_address = struct.unpack_from("<Q", data, OFF_PREF_ADDRESS)[0]
         self.init_size = u32(OFF_INIT_SIZE)
+        self.payload_offset = u32(OFF_PAYLOAD_OFFSET)
+        self.payload_length = u32(OFF_PAYLOAD_LENGTH)
         if self.relocatable and (self.kernel_alignment == 0
                                  or self.kernel_alignment & (self.kernel_alignment - 1)):
             fail(f"kernel_alignment {self.kernel_alignment:#x} is not a power of two")
@@ -344,3 +348,55 @@ def load_bzimage(path: str, mem: GuestMemory, cmdline: str, e820: list[E820Entry
     write_identity_map(mem)
     mem.fill(BOOT_STACK & ~(PAGE - 1), PAGE, 0)
     return image
+
+
+# -- the payload: the kernel ELF inside a bzImage --------------------------------------
+
+def _decompress(path: str, payload: bytes) -> bytes:
+    """The payload by its magic (boot.rst, payload_offset); the build appends the
+    uncompressed size as 4 bytes, which the formats' own readers do not want."""
+    body, magic = payload[:-4], payload[:2]
+    try:
+        if magic == b"\x02\x21":                        # LZ4 legacy frame (Debian's kernels)
+            import subprocess
+            try:
+                r = subprocess.run(["lz4", "-dc"], input=body, capture_output=True)
+            except FileNotFoundError:
+                raise BootError(path, "payload is LZ4-compressed and the lz4 tool is not "
+                                "installed (Debian package lz4)") from None
+            if r.returncode != 0:
+                raise BootError(path, f"lz4 -dc: {r.stderr.decode(errors='replace').strip()}")
+            return r.stdout
+        if magic in (b"\x1f\x8b", b"\x1f\x9e"):
+            import gzip
+            return gzip.decompress(body)
+        if magic in (b"\xfd\x37", b"\x5d\x00"):
+            import lzma
+            fmt = lzma.FORMAT_XZ if magic == b"\xfd\x37" else lzma.FORMAT_ALONE
+            return lzma.decompress(body, format=fmt)
+        if magic == b"\x42\x5a":
+            import bz2
+            return bz2.decompress(body)
+    except (OSError, EOFError, ValueError) as e:        # gzip, lzma and bz2 say why here
+        raise BootError(path, f"payload does not decompress: {e}") from None
+    raise BootError(path, f"payload compression with magic {magic.hex()} is not one pykvm "
+                    f"decodes (gzip, xz, lzma, bzip2, lz4)")
+
+
+def payload_elf(path: str) -> bytes:
+    """The uncompressed kernel (an ELF, with a PVH note if the kernel has one) that a
+    bzImage's decompressor would unpack: ``payload_length`` bytes at ``payload_offset``
+    into the protected-mode kernel, decompressed here on the host."""
+    data = _read(path)
+    hdr = SetupHeader(data, path)
+    start = hdr.pm_offset + hdr.payload_offset
+    payload = data[start:start + hdr.payload_length]
+    if hdr.payload_length < 8 or len(payload) != hdr.payload_length:
+        raise BootError(path, f"payload [{hdr.payload_offset:#x}, +{hdr.payload_length:#x}) "
+                        f"does not lie inside the protected-mode kernel ({hdr.pm_size:#x} bytes)")
+    size = struct.unpack("<I", payload[-4:])[0]
+    elf = _decompress(path, payload)
+    if elf[:4] != b"\x7fELF" or len(elf) != size:
+        raise BootError(path, f"payload decompressed to {len(elf)} bytes, not the ELF of {size} "
+                        f"bytes its trailer names")
+    return elf

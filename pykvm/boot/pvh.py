@@ -46,13 +46,15 @@ def find_pvh_entry(elf: ElfImage, path: str) -> int | None:
     return None
 
 
-def load_pvh(path: str, mem: GuestMemory) -> LoadedImage:
-    """Load the PT_LOAD segments of a PVH ELF into guest memory."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise BootError(path, e.strerror or str(e)) from None
+def load_pvh(path: str, mem: GuestMemory, data: bytes | None = None) -> LoadedImage:
+    """Load the PT_LOAD segments of a PVH ELF into guest memory; ``data``: the ELF
+    itself when it is not the file at ``path`` (a bzImage's payload)."""
+    if data is None:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise BootError(path, e.strerror or str(e)) from None
     try:
         elf = ElfImage(data)
         if elf.machine not in (EM_X86_64, EM_386):

@@ -159,9 +159,8 @@ def test_cli_bad_graph_exits_2_with_one_line(chain):
         r = subprocess.run([sys.executable, "-m", "pykvm", "fio", "--disk", disk, "--runtime",
                             "0.1"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2, r.stderr
-        assert r.stderr.strip() == f"pykvm: {message}" or \
-            r.stderr.strip().startswith(f"pykvm: {message}"), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.stderr.startswith("pykvm") and message in r.stderr, r.stderr
     assert _digest(base, top) == before
 
 
@@ -169,9 +168,9 @@ def test_cli_unknown_disk_option_is_a_usage_error(chain):
     base, top = chain
     r = subprocess.run([sys.executable, "-m", "pykvm", "fio", "--disk", f"file={top},foo=bar"],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.splitlines()[-1].startswith(
-        f"pykvm fio: error: argument --disk: --disk file={top},foo=bar: unknown option 'foo'")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(
+        f"pykvm fio: argument --disk: --disk file={top},foo=bar: unknown option 'foo'")
 
 
 def test_disk_spec_errors():

@@ -9,9 +9,9 @@ boot/vmlinuz-* and boot/config-* (and lib/modules/<version>/ as modules/, for
 the Linux test kit; ``fetch_modules``). Nothing is installed on the host.
 
 ``extract_vmlinux`` takes the uncompressed kernel (an ELF with a PVH note)
-out of the bzImage's payload (boot.rst: payload_offset/payload_length; the
-build appends the uncompressed size as 4 bytes) and caches it beside it.
-Debian's kernels use LZ4, which needs the lz4 tool (Debian package lz4).
+out of the bzImage's payload, as ``pykvm run --boot=pvh`` does
+(pykvm.boot.linux.payload_elf), and caches it beside it. Debian's kernels use
+LZ4, which needs the lz4 tool (Debian package lz4).
 
 The cache is build/linux/<package>_<version>/ and build/linux/current names
 the one in use. Once something is cached it is used as it is, with no network
@@ -180,52 +180,18 @@ def fetch_kernel(refresh: bool = False) -> pathlib.Path:
     return found
 
 
-def _decompress(payload: bytes, size: int) -> bytes:
-    """The payload by its magic (boot.rst lists them); ``size``: the appended length."""
-    import bz2
-    import gzip
-    import lzma
-    body = payload[:-4]
-    magic = payload[:2]
-    if magic == b"\x02\x21":                       # LZ4 legacy frame
-        try:
-            r = subprocess.run(["lz4", "-dc"], input=body, capture_output=True, timeout=300)
-        except FileNotFoundError:
-            raise FetchError("the kernel is LZ4-compressed: install Debian's lz4") from None
-        if r.returncode != 0:
-            raise FetchError(f"lz4 -dc failed: {r.stderr.decode(errors='replace').strip()}")
-        return r.stdout
-    if magic in (b"\x1f\x8b", b"\x1f\x9e"):
-        return gzip.decompress(body)
-    if magic == b"\xfd\x37":
-        return lzma.decompress(body, format=lzma.FORMAT_XZ)
-    if magic == b"\x5d\x00":
-        return lzma.decompress(body, format=lzma.FORMAT_ALONE)
-    if magic == b"\x42\x5a":
-        return bz2.decompress(body)
-    if magic == b"\x28\xb5":
-        import zstandard
-        return zstandard.ZstdDecompressor().decompress(body, max_output_size=size)
-    raise FetchError(f"unknown payload compression (magic {magic.hex()})")
-
-
 def extract_vmlinux(bzimage: pathlib.Path) -> pathlib.Path:
-    """The uncompressed ELF kernel inside ``bzimage``, cached as vmlinux beside it."""
-    import struct
+    """The uncompressed ELF kernel inside ``bzimage`` (pykvm's ``--boot=pvh`` loader
+    takes it out), cached as vmlinux beside it."""
+    from pykvm.boot.linux import payload_elf
+    from pykvm.errors import BootError
     out = bzimage.with_name("vmlinux")
     if out.exists():
         return out
-    data = bzimage.read_bytes()
-    pm_offset = ((data[0x1F1] or 4) + 1) * 512
-    offset, length = struct.unpack_from("<II", data, 0x248)
-    payload = data[pm_offset + offset:pm_offset + offset + length]
-    if len(payload) != length or length < 8:
-        raise FetchError(f"{bzimage}: payload [{offset:#x}, +{length:#x}) is outside the file")
-    size = struct.unpack("<I", payload[-4:])[0]
-    elf = _decompress(payload, size)
-    if elf[:4] != b"\x7fELF" or len(elf) != size:
-        raise FetchError(f"{bzimage}: payload decompressed to {len(elf)} bytes "
-                         f"(expected an ELF of {size})")
+    try:
+        elf = payload_elf(str(bzimage))
+    except BootError as e:
+        raise FetchError(str(e)) from None
     tmp = out.with_suffix(".tmp")
     tmp.write_bytes(elf)
     os.replace(tmp, out)

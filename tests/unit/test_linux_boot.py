@@ -274,3 +274,55 @@ def test_pvh_start_info_carries_rsdp_and_initrd_module(tmp_path, mem):
     assert HVM_MODLIST_ENTRY.unpack(mem.read(modlist, 32)) == (0x2000000, 0x1234, 0, 0)
     assert mem.read(cmd_pa, 2) == b"x\0"
     assert not base <= 0x2000000 < base + 4096
+
+
+# -- --boot=pvh: the ELF inside the payload -------------------------------------------
+
+def with_payload(elf: bytes, compress, *, trailer: int | None = None, length_delta: int = 0):
+    """A bzImage whose protected-mode part is 0x200 bytes of code, then the payload
+    (compressed ELF + its uncompressed size as 4 bytes, as the kernel's build appends)."""
+    payload = compress(elf) + struct.pack("<I", len(elf) if trailer is None else trailer)
+    pm = b"\x90" * 0x200 + payload
+    image = bytearray(make_bzimage(pm=pm + b"\0" * (-len(pm) % 16)))
+    struct.pack_into("<II", image, 0x248, 0x200, len(payload) + length_delta)
+    return bytes(image)
+
+
+def _lz4(data: bytes) -> bytes:
+    import subprocess
+    return subprocess.run(["lz4", "-l", "-c"], input=data, capture_output=True,
+                          check=True).stdout
+
+
+@pytest.mark.parametrize("compress", [
+    pytest.param(lambda d: __import__("gzip").compress(d), id="gzip"),
+    pytest.param(lambda d: __import__("lzma").compress(d), id="xz"),
+    pytest.param(lambda d: __import__("bz2").compress(d), id="bzip2"),
+    pytest.param(_lz4, id="lz4-legacy"),
+])
+def test_payload_elf_is_the_compressed_kernel(tmp_path, mem, compress):
+    elf = code_elf(b"\xbe\x01\x00\x00\x00\xf4" * 100)
+    p = tmp_path / "bzImage"
+    p.write_bytes(with_payload(elf, compress))
+    assert linux.payload_elf(str(p)) == elf
+    image = load_pvh(str(p), mem, data=linux.payload_elf(str(p)))  # and it boots by its note
+    assert image.segments and image.entry
+
+
+@pytest.mark.parametrize("image,why", [
+    (lambda elf: with_payload(elf, __import__("gzip").compress, trailer=5),
+     "payload decompressed to .* not the ELF of 5 bytes"),
+    (lambda elf: with_payload(elf, __import__("gzip").compress, length_delta=1 << 20),
+     "does not lie inside the protected-mode kernel"),
+    (lambda elf: with_payload(elf, lambda d: b"\x28\xb5" + d),
+     "magic 28b5 is not one pykvm decodes"),
+    (lambda elf: with_payload(elf, lambda d: b"\x1f\x8b" + d),
+     "payload does not decompress"),
+    (lambda elf: with_payload(b"not an ELF", __import__("gzip").compress),
+     "not the ELF"),
+])
+def test_payload_elf_refuses_a_bad_payload(tmp_path, image, why):
+    p = tmp_path / "bzImage"
+    p.write_bytes(image(code_elf(b"\xf4")))
+    with pytest.raises(BootError, match=why):
+        linux.payload_elf(str(p))

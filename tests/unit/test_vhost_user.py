@@ -357,6 +357,38 @@ def _serve(tmp_path, opts=""):
     return p, str(sock), img
 
 
+@pytest.mark.parametrize("args,mode", [([], 0o600), (["--socket-mode", "0660"], 0o660),
+                                       (["--socket-mode", "600"], 0o600),
+                                       (["--socket-mode", "0"], 0o000)])
+def test_serve_socket_mode(tmp_path, args, mode):
+    """The socket is 0600 (only this user may connect) unless --socket-mode says
+    otherwise, whatever the umask the server was started with."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(DISK))
+    sock = tmp_path / "serve.sock"
+    p = subprocess.Popen([sys.executable, "-m", "pykvm", "serve", "--vhost-user-blk", str(sock),
+                          "--disk", f"file={img}", *args], stderr=subprocess.PIPE, cwd=ROOT,
+                         preexec_fn=lambda: os.umask(0o000))
+    try:
+        line = p.stderr.readline().decode()   # printed once the socket is listening
+        assert line.startswith("pykvm: serving "), line + p.stderr.read().decode()
+        assert os.stat(sock).st_mode & 0o777 == mode
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+
+
+@pytest.mark.parametrize("value", ["rw", "0999", "1777", "-1"])
+def test_serve_bad_socket_mode_is_one_line(tmp_path, value):
+    r = subprocess.run([sys.executable, "-m", "pykvm", "serve", "--vhost-user-blk",
+                        str(tmp_path / "s.sock"), "--disk", f"file={tmp_path}/d.img",
+                        "--socket-mode", value], capture_output=True, text=True, cwd=ROOT,
+                       timeout=30)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "argument --socket-mode: want an octal mode" in lines[0], r.stderr
+
+
 def test_serve_exits_cleanly_on_sigterm(tmp_path):
     p, sock, _ = _serve(tmp_path)
     try:

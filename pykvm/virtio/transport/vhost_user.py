@@ -744,9 +744,13 @@ _HANDLERS = {
 
 
 class VhostUserServer:
-    """Listen on ``path`` and serve ``device`` to one front-end at a time."""
+    """Listen on ``path`` and serve ``device`` to one front-end at a time.
 
-    def __init__(self, device, path: str, name: str = "vhost-user"):
+    The socket is created with ``mode`` (default 0600: only this user may connect,
+    since a front-end gets the whole disk); it is bound under a umask that leaves
+    no moment with wider permissions, then set to ``mode``."""
+
+    def __init__(self, device, path: str, name: str = "vhost-user", mode: int = 0o600):
         self.device = device
         self.path = path
         self.name = name
@@ -761,11 +765,15 @@ class VhostUserServer:
                 raise ConfigError(f"{path}: exists and is not a socket")
             os.unlink(path)  # a socket left by an earlier server
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o777 & ~(mode & 0o600))   # never wider than mode, nor than 0600
         try:
             self.sock.bind(path)
+            os.chmod(path, mode)
         except OSError as e:
             self.sock.close()
             raise ConfigError(f"{path}: cannot listen: {e.strerror}") from None
+        finally:
+            os.umask(old_umask)
         self.sock.listen(1)
 
     def stop(self) -> None:
