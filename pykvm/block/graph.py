@@ -86,15 +86,7 @@ def parse_json_filename(text: str) -> dict:
 
 
 def _nest_json(value: dict, what: str) -> dict:
-    flat: dict = {}
-    for k, v in value.items():
-        v = _nest_json(v, what) if isinstance(v, dict) else v
-        if "." in k:
-            flat[k] = v
-        elif isinstance(v, dict) and isinstance(flat.get(k), dict):
-            flat[k].update(v)
-        else:
-            flat[k] = v
+    flat = {k: _nest_json(v, what) if isinstance(v, dict) else v for k, v in value.items()}
     dotted = {k: v for k, v in flat.items() if "." in k}
     if not dotted:
         return flat

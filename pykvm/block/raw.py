@@ -6,7 +6,7 @@ file, and the backend serves it on its identity fast path.
 """
 from __future__ import annotations
 
-from .driver import BlockDriver, BlockError, Extent, register
+from .driver import BlockDriver, BlockError, DirectExtent, Extent, register
 from .file import FileDriver
 
 SECTOR = 512
@@ -62,7 +62,6 @@ class RawDriver(BlockDriver):
         return self.base + offset
 
     def direct_extents(self):
-        from .driver import DirectExtent
         return [DirectExtent(0, self.size, self.fd, self.base, not self.read_only)]
 
     def discard(self, offset: int, length: int, punch: bool) -> None:
