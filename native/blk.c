@@ -74,6 +74,8 @@ struct pykvm_blk_config {
     const struct pykvm_blk_extent *map;
     uint32_t nmap;
     struct pykvm_throttle *throttle;
+    struct pykvm_inject *inject;
+    struct pykvm_trace *trace;
 };
 
 struct pykvm_blk_counters {
@@ -93,6 +95,7 @@ struct pykvm_blk_counters {
     uint64_t sleeps;
     uint64_t interrupts_deferred;
     uint64_t throttled;
+    uint64_t injected;
 };
 
 struct pykvm_blk_punt {
@@ -125,6 +128,8 @@ struct pykvm_blk_punt {
 #define REQ_IO 1        /* with the engine */
 #define REQ_PYTHON 2    /* with Python (punted, or waiting for its log line) */
 #define REQ_HELD 3      /* mapped, waiting for its throttle group (b->held) */
+#define REQ_DELAYED 4   /* mapped, waiting out a blkdebug delay or hang (b->delayed) */
+#define REQ_DONE_HELD 5 /* done, its completion held by a blkdebug rule (b->holds) */
 #define OP_FLUSH_AFTER 0xFF  /* writethrough: the flush after a write */
 
 #define REQ_INLINE_IOV 8
@@ -150,6 +155,21 @@ struct blk_req {
     uint64_t offset;
     struct pykvm_vq_seg *held_segs;
     uint32_t held_nsegs, held_nreadable;
+    /* blkdebug (inject.h): what the rule that fired asks of the rest of the
+     * request, and for REQ_DELAYED, until when (UINT64_MAX: a hang, released
+     * when the engine's release generation moves past hang_gen) */
+    uint8_t inj_action;
+    int16_t rule;
+    int32_t inj_value;
+    uint32_t inj_order;
+    uint64_t inj_seed;
+    uint64_t inj_timeout_ns;
+    uint64_t due_ns;
+    uint64_t hang_gen;
+    /* the trace record's fields */
+    uint8_t type;
+    uint64_t sector;
+    uint64_t submit_ns;
 };
 
 struct blk_queue {
@@ -229,6 +249,15 @@ struct pykvm_blk {
     uint32_t *held[2];
     uint32_t held_first[2], held_n[2], held_cap;
     uint64_t held_due[2];
+    /* blkdebug: the rule engine; requests waiting out a delay or a hang, and
+     * completions held, as tokens (each ring holds every head); how held
+     * completions go back (the first held one's rule decides) */
+    struct pykvm_inject *inject;
+    uint32_t *delayed, ndelayed;
+    uint32_t *holds, nholds, hold_count, hold_order;
+    uint64_t hold_seed, hold_due;
+    int release_all;            /* Python: let held completions go now */
+    struct pykvm_trace *trace;
     struct pykvm_blk_counters c;
 };
 
@@ -613,6 +642,28 @@ static void blk_req_free_iov(struct blk_req *req)
     req->niov = 0;
 }
 
+/* The trace record of a request about to go back with `status`. */
+static void blk_trace(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, uint8_t status)
+{
+    const struct blk_req *req = &q->reqs[head];
+    struct pykvm_trace_rec rec;
+
+    if (!b->trace)
+        return;
+    rec.submit_ns = req->submit_ns;
+    rec.complete_ns = blk_now_ns();
+    rec.sector = req->sector;
+    rec.length = req->nbytes;
+    rec.queue = q->vq->index;
+    rec.head = head;
+    rec.type = req->type;
+    rec.status = status;
+    rec.rule = req->rule;
+    rec.path = PYKVM_TRACE_PATH_C;
+    rec.pad = 0;
+    pykvm_trace_push(b->trace, &rec);
+}
+
 /* A request the device answers with a status instead of serving it
  * (_BadRequest): the status byte now, the used element after the log line. */
 static int blk_bad(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, uint8_t *status,
@@ -630,6 +681,7 @@ static int blk_bad(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, uint
     snprintf(message, sizeof(message), "queue %u, chain %u: %s", q->vq->index, head, why);
     CNT_ADD(b, errors, 1);
     *status = value;
+    blk_trace(b, q, head, value);
     blk_log_then_complete(b, q, head, 1, message);
     return 0;
 }
@@ -665,6 +717,7 @@ static int blk_complete_now(struct pykvm_blk *b, struct blk_queue *q, uint16_t h
                              uint8_t *status, uint32_t used_len)
 {
     *status = BLK_S_OK;
+    blk_trace(b, q, head, BLK_S_OK);
     pykvm_vq_add_used(q->vq, &b->mem, head, used_len);
     return 0;
 }
@@ -714,6 +767,8 @@ static int blk_rw_go(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, in
                      uint64_t host_offset);
 static int blk_throttle_hold(struct pykvm_blk *b, struct blk_queue *q, uint16_t head,
                              uint64_t offset);
+static int blk_inject(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, uint8_t *status,
+                      uint32_t op, uint64_t offset);
 
 static int blk_rw(struct pykvm_blk *b, struct blk_queue *q, uint32_t type, uint64_t sector,
                    uint8_t *status, uint32_t rout_first, uint32_t rout_skip, uint32_t rout_count,
@@ -755,6 +810,7 @@ static int blk_rw(struct pykvm_blk *b, struct blk_queue *q, uint32_t type, uint6
         return blk_bad(b, q, head, status, BLK_S_IOERR, "sectors [%" PRIu64 ", +%" PRIu64
                        ") beyond the capacity of %" PRIu64, sector, nsect, b->capacity);
     offset = sector * BLK_SECTOR;
+    req->nbytes = (uint32_t)nbytes;
 
     /* the I/O vector: the data buffers that are not empty */
     req->iov = last - first <= REQ_INLINE_IOV ? req->small
@@ -787,7 +843,9 @@ static int blk_rw(struct pykvm_blk *b, struct blk_queue *q, uint32_t type, uint6
     }
     req->op = (uint8_t)type;
     req->status = status;
-    req->nbytes = (uint32_t)nbytes;
+    if (b->inject && blk_inject(b, q, head, status, type == BLK_T_IN ? PYKVM_INJ_OP_READ
+                                                                     : PYKVM_INJ_OP_WRITE, offset))
+        return 0;
     if (b->throttle && blk_throttle_hold(b, q, head, offset))
         return 0;
     return blk_rw_go(b, q, head, fd, host_offset);
@@ -947,6 +1005,294 @@ static void blk_throttle_drop(struct pykvm_blk *b)
     }
 }
 
+/* -- blkdebug: pykvm/block/filters/blkdebug.py's rules (inject.c) applied ---------- */
+
+/* An injected outcome: the request goes back now with `value`. */
+static int blk_inject_done(struct pykvm_blk *b, struct blk_queue *q, uint16_t head,
+                           uint8_t *status, uint8_t value, uint32_t used_len)
+{
+    struct blk_req *req = &q->reqs[head];
+
+    blk_req_free_iov(req);
+    if (value != BLK_S_OK)
+        CNT_ADD(b, errors, 1);
+    *status = value;
+    req->state = REQ_FREE;
+    blk_trace(b, q, head, value);
+    pykvm_vq_add_used(q->vq, &b->mem, head, used_len);
+    return 1;
+}
+
+/* Keep only the first `keep` bytes of a write's I/O vector (a torn write). */
+static void blk_tear(struct blk_req *req, uint64_t keep)
+{
+    uint64_t pos = 0;
+    uint32_t i;
+
+    for (i = 0; i < req->niov && pos < keep; i++) {
+        if (pos + req->iov[i].iov_len > keep)
+            req->iov[i].iov_len = keep - pos;
+        pos += req->iov[i].iov_len;
+    }
+    req->niov = i;
+}
+
+/* Flip the rule's bits in what a read returned (the image is untouched). */
+static void blk_corrupt(struct blk_req *req)
+{
+    uint64_t pos[64];
+    uint32_t left = req->inj_value > 0 ? (uint32_t)req->inj_value : 0;
+    uint64_t seed = req->inj_seed;
+
+    while (left) {
+        uint32_t n = left < 64 ? left : 64;
+
+        pykvm_inject_flip_positions(seed++, n, req->nbytes, pos);
+        for (uint32_t k = 0; k < n; k++) {
+            uint64_t byte = pos[k] / 8, at = 0;
+
+            for (uint32_t i = 0; i < req->niov; i++) {
+                if (byte < at + req->iov[i].iov_len) {
+                    ((uint8_t *)req->iov[i].iov_base)[byte - at] ^= (uint8_t)(1u << (pos[k] % 8));
+                    break;
+                }
+                at += req->iov[i].iov_len;
+            }
+        }
+        left -= n;
+    }
+}
+
+/* A mapped request (or a flush) waits until req->due_ns, or, for a hang,
+ * until the engine's release generation moves. The chain is kept in case
+ * it no longer maps once its time comes. */
+static int blk_delay(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, uint64_t offset)
+{
+    const struct pykvm_vq_chain *ch = &q->chain;
+    struct blk_req *req = &q->reqs[head];
+
+    req->held_segs = malloc(sizeof(*req->held_segs) * (ch->nsegs ? ch->nsegs : 1));
+    if (!req->held_segs || b->ndelayed == b->subcap) {
+        free(req->held_segs);
+        req->held_segs = NULL;
+        return 0;  /* no memory to keep it: it goes now */
+    }
+    memcpy(req->held_segs, ch->segs, sizeof(*req->held_segs) * ch->nsegs);
+    req->held_nsegs = ch->nsegs;
+    req->held_nreadable = ch->nreadable;
+    req->offset = offset;
+    req->state = REQ_DELAYED;
+    b->delayed[b->ndelayed++] = ((uint32_t)q->index << 16) | head;
+    return 1;
+}
+
+/* 1 when a rule took care of the request (it went back, or it waits); 0:
+ * serve it, as the rule changed it (a torn write, a read to corrupt, a
+ * completion to hold). */
+static int blk_inject(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, uint8_t *status,
+                      uint32_t op, uint64_t offset)
+{
+    struct blk_req *req = &q->reqs[head];
+    struct pykvm_inject_hit hit;
+    uint64_t keep;
+
+    if (!pykvm_inject_check(b->inject, op, offset, req->nbytes, (int32_t)q->vq->index,
+                            PYKVM_INJ_GUEST, &hit))
+        return 0;
+    /* what an action does not apply to (the rules file refuses it) does nothing */
+    if ((op == PYKVM_INJ_OP_GET_ID && hit.action != PYKVM_INJ_ERROR &&
+         hit.action != PYKVM_INJ_STATUS) ||
+        ((hit.action == PYKVM_INJ_ZERO || hit.action == PYKVM_INJ_CORRUPT) &&
+         op != PYKVM_INJ_OP_READ) ||
+        (hit.action == PYKVM_INJ_TORN && op != PYKVM_INJ_OP_WRITE) ||
+        (hit.action == PYKVM_INJ_DROP && op != PYKVM_INJ_OP_WRITE && op != PYKVM_INJ_OP_FLUSH))
+        return 0;
+    CNT_ADD(b, injected, 1);
+    req->rule = (int16_t)hit.rule;
+    req->status = status;
+    switch (hit.action) {
+    case PYKVM_INJ_ERROR:
+        return blk_inject_done(b, q, head, status, BLK_S_IOERR, 1);
+    case PYKVM_INJ_STATUS:
+        return blk_inject_done(b, q, head, status, (uint8_t)hit.value, 1);
+    case PYKVM_INJ_DROP:
+        return blk_inject_done(b, q, head, status, BLK_S_OK, 1);
+    case PYKVM_INJ_ZERO:
+        for (uint32_t i = 0; i < req->niov; i++)
+            memset(req->iov[i].iov_base, 0, req->iov[i].iov_len);
+        return blk_inject_done(b, q, head, status, BLK_S_OK, req->nbytes + 1);
+    case PYKVM_INJ_TORN:
+        keep = (uint64_t)(hit.value > 0 ? hit.value : 0) * BLK_SECTOR / b->align * b->align;
+        if (!keep)
+            return blk_inject_done(b, q, head, status, BLK_S_OK, 1);
+        blk_tear(req, keep);
+        return 0;
+    case PYKVM_INJ_CORRUPT:
+    case PYKVM_INJ_HOLD:
+        req->inj_action = (uint8_t)hit.action;
+        req->inj_value = hit.value;
+        req->inj_seed = hit.seed;
+        req->inj_order = hit.order;
+        req->inj_timeout_ns = hit.timeout_ns;
+        return 0;
+    case PYKVM_INJ_DELAY:
+    case PYKVM_INJ_HANG:
+        req->due_ns = hit.action == PYKVM_INJ_HANG ? UINT64_MAX : blk_now_ns() + hit.delay_ns;
+        req->hang_gen = pykvm_inject_release_gen(b->inject);
+        return blk_delay(b, q, head, offset);
+    default:
+        return 0;
+    }
+}
+
+/* A delayed request's time has come: a flush goes to the engine; a read or
+ * write is mapped again (the table may have changed) and submitted, or
+ * punted when it no longer maps. (It is not throttled: it was not yet.) */
+static void blk_delay_resume(struct pykvm_blk *b, struct blk_queue *q, uint16_t head)
+{
+    struct blk_req *req = &q->reqs[head];
+    struct pykvm_vq_seg *segs = req->held_segs;
+    uint64_t host_offset;
+    int32_t fd;
+
+    req->held_segs = NULL;
+    if (req->op == BLK_T_FLUSH) {
+        if (blk_queue_io(b, q, head, PYKVM_AIO_FLUSH, req->fd, 0) < 0)
+            blk_fatal(b, q, "internal error: submission queue full");
+    } else if (!pykvm_blk_map_lookup(b->map, b->nmap, req->offset, req->nbytes,
+                                     req->op == BLK_T_OUT, &fd, &host_offset) ||
+               !blk_aligned(b, host_offset, req->iov, req->niov)) {
+        blk_req_free_iov(req);
+        blk_punt_segs(b, q, head, segs, req->held_nreadable, req->held_nsegs);
+    } else {
+        blk_rw_go(b, q, head, fd, host_offset);
+    }
+    free(segs);
+}
+
+/* Resume the delayed requests that are due (``force``: all of them, and the
+ * hung ones: the thread is quiescing); the number resumed. */
+static int blk_delay_release(struct pykvm_blk *b, int force)
+{
+    uint64_t now = blk_now_ns(), gen = pykvm_inject_release_gen(b->inject);
+    int work = 0;
+
+    for (uint32_t i = 0; i < b->ndelayed;) {
+        uint32_t token = b->delayed[i];
+        struct blk_queue *q = &b->queues[token >> 16];
+        struct blk_req *req = &q->reqs[token & 0xFFFF];
+
+        if (force || req->due_ns <= now || (req->due_ns == UINT64_MAX && req->hang_gen != gen)) {
+            b->delayed[i] = b->delayed[--b->ndelayed];
+            blk_delay_resume(b, q, (uint16_t)(token & 0xFFFF));
+            work++;
+        } else {
+            i++;
+        }
+    }
+    return work;
+}
+
+/* The earliest delayed request's time (hangs have none), 0 when none. */
+static uint64_t blk_delay_due(const struct pykvm_blk *b)
+{
+    uint64_t due = 0;
+
+    for (uint32_t i = 0; i < b->ndelayed; i++) {
+        uint32_t token = b->delayed[i];
+        uint64_t d = b->queues[token >> 16].reqs[token & 0xFFFF].due_ns;
+
+        if (d != UINT64_MAX && (!due || d < due))
+            due = d;
+    }
+    if (b->hold_due && (!due || b->hold_due < due))
+        due = b->hold_due;
+    return due;
+}
+
+/* Held completions go back to the guest, in the order the first held one's
+ * rule asks for. */
+static int blk_release_holds(struct pykvm_blk *b)
+{
+    uint32_t n = b->nholds;
+
+    if (b->hold_order == PYKVM_INJ_ORDER_RANDOM)
+        pykvm_inject_shuffle(b->hold_seed, b->holds, n);
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t token = b->holds[b->hold_order == PYKVM_INJ_ORDER_REVERSE ? n - 1 - k : k];
+        struct blk_queue *q = &b->queues[token >> 16];
+        uint16_t head = (uint16_t)(token & 0xFFFF);
+        struct blk_req *req = &q->reqs[head];
+
+        *req->status = BLK_S_OK;
+        req->state = REQ_FREE;
+        blk_trace(b, q, head, BLK_S_OK);
+        pykvm_vq_add_used(q->vq, &b->mem, head, req->used_len);
+    }
+    b->nholds = 0;
+    b->hold_due = 0;
+    return (int)n;
+}
+
+/* A request done with success whose rule holds its completion. */
+static void blk_hold(struct pykvm_blk *b, struct blk_queue *q, uint16_t head)
+{
+    struct blk_req *req = &q->reqs[head];
+
+    if (!b->nholds) {
+        b->hold_count = req->inj_value > 0 ? (uint32_t)req->inj_value : 1;
+        b->hold_order = req->inj_order;
+        b->hold_seed = req->inj_seed;
+        b->hold_due = req->inj_timeout_ns ? blk_now_ns() + req->inj_timeout_ns : 0;
+    }
+    req->state = REQ_DONE_HELD;
+    b->holds[b->nholds++] = ((uint32_t)q->index << 16) | head;
+    if (b->nholds >= b->hold_count)
+        blk_release_holds(b);
+}
+
+/* blkdebug's work in a round: due delays and hangs released, held
+ * completions whose time came (quiescing: everything goes now). */
+static int blk_inject_round(struct pykvm_blk *b, int quiescing)
+{
+    int work = 0;
+
+    if (b->ndelayed)
+        work += blk_delay_release(b, quiescing);
+    if (b->nholds && (quiescing || __atomic_exchange_n(&b->release_all, 0, __ATOMIC_ACQ_REL) ||
+                      (b->hold_due && blk_now_ns() >= b->hold_due)))
+        work += blk_release_holds(b);
+    return work;
+}
+
+/* Python: hung requests (after pykvm_inject_release) and held completions go now. */
+static void pykvm_blk_release(struct pykvm_blk *b)
+{
+    __atomic_store_n(&b->release_all, 1, __ATOMIC_RELEASE);
+    eventfd_write(b->wake_fd, 1);
+}
+
+/* Stopping: delayed requests and held completions are dropped with the rest. */
+static void blk_inject_drop(struct pykvm_blk *b)
+{
+    for (uint32_t i = 0; i < b->ndelayed; i++) {
+        uint32_t token = b->delayed[i];
+        struct blk_req *req = &b->queues[token >> 16].reqs[token & 0xFFFF];
+
+        free(req->held_segs);
+        req->held_segs = NULL;
+        blk_req_free_iov(req);
+        req->state = REQ_FREE;
+    }
+    for (uint32_t i = 0; i < b->nholds; i++) {
+        uint32_t token = b->holds[i];
+
+        b->queues[token >> 16].reqs[token & 0xFFFF].state = REQ_FREE;
+    }
+    b->ndelayed = b->nholds = 0;
+    b->hold_due = 0;
+}
+
 static int blk_get_id(struct pykvm_blk *b, struct blk_queue *q, uint8_t *status)
 {
     const struct pykvm_vq_chain *ch = &q->chain;
@@ -972,6 +1318,7 @@ static int blk_submit_chain(struct pykvm_blk *b, struct blk_queue *q)
     uint32_t nwritable = ch->nsegs - ch->nreadable, need = BLK_HEADER, k = 0, skip = 0;
     uint32_t rout_count, win_count, type;
     uint64_t sector;
+    struct blk_req *req;
     char message[200];
 
     CNT_ADD(b, requests, 1);
@@ -987,6 +1334,14 @@ static int blk_submit_chain(struct pykvm_blk *b, struct blk_queue *q)
     }
     last = &ch->segs[ch->nsegs - 1];
     status = (uint8_t *)(uintptr_t)(last->hva + last->len - 1);
+    req = &q->reqs[head];
+    req->type = 0xFF;   /* (no header yet) */
+    req->sector = 0;
+    req->nbytes = 0;
+    req->rule = -1;
+    req->inj_action = PYKVM_INJ_NONE;
+    if (b->trace)
+        req->submit_ns = blk_now_ns();
     win_count = nwritable - 1 + (last->len > 1);
     /* _split(readable, 16): the header, then what follows it */
     while (need && k < ch->nreadable) {
@@ -1009,6 +1364,8 @@ static int blk_submit_chain(struct pykvm_blk *b, struct blk_queue *q)
     type = le32toh(type);
     memcpy(&sector, hdr + 8, 8);
     sector = le64toh(sector);
+    req->type = (uint8_t)type;
+    req->sector = sector;
     if (type != BLK_T_IN && type != BLK_T_OUT && type != BLK_T_FLUSH && type != BLK_T_GET_ID &&
         type != BLK_T_DISCARD && type != BLK_T_WRITE_ZEROES)
         return blk_bad(b, q, head, status, BLK_S_UNSUPP, "unsupported request type 0x%x", type);
@@ -1019,12 +1376,8 @@ static int blk_submit_chain(struct pykvm_blk *b, struct blk_queue *q)
         return blk_bad(b, q, head, status, BLK_S_IOERR,
                        "type %u request with unexpected data buffers", type);
     if (type == BLK_T_FLUSH) {
-        struct blk_req *req = &q->reqs[head];
-
         if (b->flush_fd < 0)
             return blk_punt(b, q);
-        if (b->no_flush)
-            return blk_complete_now(b, q, head, status, 1);
         req->op = BLK_T_FLUSH;
         req->status = status;
         req->used_len = 1;
@@ -1033,12 +1386,26 @@ static int blk_submit_chain(struct pykvm_blk *b, struct blk_queue *q)
         req->niov = 0;
         req->iov = NULL;
         req->fd = b->flush_fd;
+        if (b->inject && blk_inject(b, q, head, status, PYKVM_INJ_OP_FLUSH, 0))
+            return 0;
+        if (b->no_flush) {
+            if (req->inj_action == PYKVM_INJ_HOLD) {
+                blk_hold(b, q, head);
+                return 0;
+            }
+            return blk_complete_now(b, q, head, status, 1);
+        }
         if (blk_queue_io(b, q, head, PYKVM_AIO_FLUSH, b->flush_fd, 0) < 0)
             return blk_fatal(b, q, "internal error: submission queue full");
         return 0;
     }
-    if (type == BLK_T_GET_ID)
+    if (type == BLK_T_GET_ID) {
+        req->niov = 0;
+        req->iov = NULL;
+        if (b->inject && blk_inject(b, q, head, status, PYKVM_INJ_OP_GET_ID, 0))
+            return 0;
         return blk_get_id(b, q, status);
+    }
     return blk_punt(b, q);  /* discard, write zeroes: BlockBackend (holes, fallbacks) */
 }
 
@@ -1083,6 +1450,7 @@ static void blk_flush_submissions(struct pykvm_blk *b)
                 blk_req_free_iov(req);
                 CNT_ADD(b, errors, 1);
                 *req->status = BLK_S_IOERR;
+                blk_trace(b, q, (uint16_t)(r->token & 0xFFFF), BLK_S_IOERR);
                 blk_log_then_complete(b, q, (uint16_t)(r->token & 0xFFFF), req->used_len,
                                       message);
             }
@@ -1150,6 +1518,8 @@ static void blk_finish(struct pykvm_blk *b, uint64_t token, int64_t result)
         blk_zero_tail(req, (uint64_t)result);
         result = req->nbytes;
     }
+    if (req->inj_action == PYKVM_INJ_CORRUPT && result >= 0)
+        blk_corrupt(req);
     blk_req_free_iov(req);
     if (result < 0) {
         char message[200];
@@ -1157,10 +1527,16 @@ static void blk_finish(struct pykvm_blk *b, uint64_t token, int64_t result)
         snprintf(message, sizeof(message), "I/O error: %s", strerror((int)-result));
         CNT_ADD(b, errors, 1);
         *req->status = BLK_S_IOERR;
+        blk_trace(b, q, head, BLK_S_IOERR);
         blk_log_then_complete(b, q, head, req->used_len, message);
         return;
     }
+    if (req->inj_action == PYKVM_INJ_HOLD) {
+        blk_hold(b, q, head);
+        return;
+    }
     *req->status = BLK_S_OK;
+    blk_trace(b, q, head, BLK_S_OK);
     req->state = REQ_FREE;
     pykvm_vq_add_used(q->vq, &b->mem, head, req->used_len);
 }
@@ -1302,6 +1678,8 @@ static int blk_round(struct pykvm_blk *b, int engine_fired)
     work += blk_take_returns(b);
     if (b->throttle)
         work += blk_throttle_release(b, __atomic_load_n(&b->quiescing, __ATOMIC_ACQUIRE));
+    if (b->inject)
+        work += blk_inject_round(b, __atomic_load_n(&b->quiescing, __ATOMIC_ACQUIRE));
     if (!__atomic_load_n(&b->quiescing, __ATOMIC_ACQUIRE))
         for (uint32_t i = 0; i < b->nqueues; i++)
             work += blk_pop_all(b, &b->queues[i]);
@@ -1402,6 +1780,11 @@ static void *blk_thread(void *arg)
 
             due = !due ? held : !held ? due : held < due ? held : due;
         }
+        if (b->inject) {
+            uint64_t held = blk_delay_due(b);
+
+            due = !due ? held : !held ? due : held < due ? held : due;
+        }
         if (due && due <= now)
             continue;  /* a deferred interrupt decision or a held request: blk_round */
         CNT_ADD(b, sleeps, 1);
@@ -1425,6 +1808,7 @@ static void *blk_thread(void *arg)
     }
     blk_notify(b, 0);  /* no decision stays deferred */
     blk_throttle_drop(b);
+    blk_inject_drop(b);
     /* stopping: let the engine finish what it has (results dropped) */
     while (pykvm_aio_in_flight(b->aio)) {
         struct pollfd pfd = {.fd = pykvm_aio_notifier(b->aio), .events = POLLIN};
@@ -1467,6 +1851,8 @@ static void blk_free(struct pykvm_blk *b)
     free(b->done);
     free(b->held[0]);
     free(b->held[1]);
+    free(b->delayed);
+    free(b->holds);
     if (b->epfd >= 0)
         close(b->epfd);
     if (b->wake_fd >= 0)
@@ -1552,6 +1938,14 @@ static struct pykvm_blk *pykvm_blk_start(const struct pykvm_blk_config *cfg, cha
         b->held[0] = calloc(depth, sizeof(*b->held[0]));
         b->held[1] = calloc(depth, sizeof(*b->held[1]));
         if (!b->held[0] || !b->held[1])
+            goto nomem;
+    }
+    b->inject = cfg->inject;
+    b->trace = cfg->trace;
+    if (b->inject) {
+        b->delayed = calloc(depth, sizeof(*b->delayed));
+        b->holds = calloc(depth, sizeof(*b->holds));
+        if (!b->delayed || !b->holds)
             goto nomem;
     }
     b->aio = pykvm_aio_open(cfg->engine, depth, err, errlen);

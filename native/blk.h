@@ -57,6 +57,9 @@ struct pykvm_blk_config {
     uint32_t nmap;
     struct pykvm_throttle *throttle;  /* NULL, or the disk's throttle group (throttle.h),
                                          which must outlive the thread */
+    struct pykvm_inject *inject;      /* NULL, or a blkdebug node's rule engine (inject.h),
+                                         which must outlive the thread */
+    struct pykvm_trace *trace;        /* NULL, or this thread's trace ring (trace.h) */
 };
 
 struct pykvm_blk_counters {
@@ -76,6 +79,7 @@ struct pykvm_blk_counters {
     uint64_t sleeps;                /* waits on the eventfds */
     uint64_t interrupts_deferred;   /* decisions put off by irq_coalesce_ns */
     uint64_t throttled;             /* reads and writes that waited for their throttle group */
+    uint64_t injected;              /* requests a blkdebug rule fired on */
 };
 
 #define PYKVM_BLK_PUNT_SERVE 1      /* Python parses and serves the chain */
@@ -129,6 +133,9 @@ uint64_t pykvm_blk_set_map(struct pykvm_blk *blk, const struct pykvm_blk_extent 
 uint64_t pykvm_blk_map_generation(const struct pykvm_blk *blk);
 int pykvm_blk_wait_map(struct pykvm_blk *blk, uint64_t gen, uint32_t timeout_ms);
 int pykvm_blk_quiesce(struct pykvm_blk *blk, uint32_t timeout_ms);
+/* blkdebug: requests hung until released (after pykvm_inject_release) and
+ * held completions go now. */
+void pykvm_blk_release(struct pykvm_blk *blk);
 /* 1 when [offset, offset+length) lies inside one extent (writable, for a
  * write): *fd and *host_offset say where; 0: punt it. */
 int pykvm_blk_map_lookup(const struct pykvm_blk_extent *map, uint32_t n, uint64_t offset,

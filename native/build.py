@@ -16,7 +16,7 @@ import sysconfig
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-UNITS = ["kvm", "memory", "file", "vq", "aio", "throttle", "blk"]
+UNITS = ["kvm", "memory", "file", "vq", "aio", "throttle", "inject", "trace", "blk"]
 
 ffibuilder = FFI()
 for unit in UNITS:
@@ -24,7 +24,7 @@ for unit in UNITS:
 
 extra_compile_args = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unused-function"]
 extra_link_args = []
-libraries = ["pthread"]
+libraries = ["pthread", "m"]
 define_macros = []
 
 

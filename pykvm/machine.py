@@ -63,14 +63,14 @@ class DiskSpec:
     TRANSPORTS = ("mmio", "pci")
     AIO = ("python", "threads", "native", "io_uring")
     KEYS = ("transport", "cache", "aio", "readonly", "discard", "detect-zeroes",
-            "serial", "poll-max-ns", "irq-coalesce-ns", "queues", "iothread")
+            "serial", "poll-max-ns", "irq-coalesce-ns", "queues", "iothread", "trace")
 
     def __init__(self, file: str = "", format: str | None = None, transport: str = "mmio",
                  cache: str = "writeback", aio: str | None = None, readonly: bool = False,
                  discard: str = "unmap", serial: str = "", detect_zeroes: str = "off",
                  poll_max_ns: int | None = None, irq_coalesce_ns: int | None = None,
                  queues: int = 1, iothread: str = "device", node: dict | None = None,
-                 throttling=None):
+                 throttling=None, trace: str | None = None):
         from .block.graph import image_spec
         self.node = node if node is not None else image_spec(file, format)
         self.file = file or _node_filename(self.node)   # for messages
@@ -87,6 +87,7 @@ class DiskSpec:
         self.queues = queues  # request queues (VIRTIO_BLK_F_MQ when > 1)
         self.iothread = iothread  # the C path: one I/O thread per "device" or per "queue"
         self.throttling = throttling  # a block.throttle.ThrottleConfig, or None
+        self.trace = trace  # a file for the per-request trace (block/trace.py), or None
 
     @classmethod
     def parse(cls, text: str) -> "DiskSpec":
@@ -180,7 +181,8 @@ class DiskSpec:
                    serial=opts.get("serial", ""), detect_zeroes=detect_zeroes,
                    poll_max_ns=nanoseconds("poll-max-ns"),
                    irq_coalesce_ns=nanoseconds("irq-coalesce-ns"), queues=int(queues),
-                   iothread=choice("iothread", IOTHREADS, "device"), throttling=limits)
+                   iothread=choice("iothread", IOTHREADS, "device"), throttling=limits,
+                   trace=opts.get("trace") or None)
 
 
 def _node_filename(node) -> str:
@@ -380,9 +382,18 @@ class Machine:
         next_pci_bar = PCI_MMIO_START
         for i, spec in enumerate(specs):
             backend = open_disk(spec, name=f"disk{i}")
+            trace = None
+            if spec.trace:
+                from .block.trace import Trace
+                try:
+                    trace = Trace(spec.trace)
+                except OSError as e:
+                    backend.close()
+                    raise ConfigError(f"--disk ...,trace={spec.trace}: {e.strerror}") from None
+                self._closers.append(trace.close)   # after the device's (closers go last first)
             dev = VirtioBlk(backend, serial=spec.serial or f"pykvm-disk{i}", name=f"virtio-blk{i}",
                             poll_max_ns=spec.poll_max_ns, irq_coalesce_ns=spec.irq_coalesce_ns,
-                            num_queues=spec.queues, iothread=spec.iothread)
+                            num_queues=spec.queues, iothread=spec.iothread, trace=trace)
             core = VirtioCore(dev, self.mem, name=dev.name)
             if spec.transport == "mmio":
                 n = sum(1 for d in self.disks if d.transport == "mmio")

@@ -51,7 +51,7 @@ from .driver import (FORMATS, ZERO_CHUNK, BlockError, GraphError, WriteBusy, iov
                      iov_is_zero, iov_length, iov_slice, iov_zero)
 from .graph import image_spec, open_node
 from .locking import disk_use
-from .throttle import ThrottledQueue
+from .throttle import _WAKER, ThrottledQueue
 
 log = logging.getLogger("pykvm.block")
 
@@ -132,6 +132,15 @@ class BlockBackend:
                              "supported together")
         if groups:
             throttle = groups[0].group
+        # a blkdebug node anywhere in the image's graph (not its backing chain):
+        # its rules apply to the guest's requests, on both paths
+        from .graph import walk
+        debug = [n for path, _r, n in walk(self.root)
+                 if n.format_name == "blkdebug" and "/backing" not in path]
+        if len(debug) > 1:
+            self.root.close()
+            raise GraphError(debug[1].describe(), "a disk takes one blkdebug node")
+        self.inject = debug[0].injector if debug else None
         self.format = self.driver.format_name
         self.path = self.driver.filename
         self.read_only = read_only
@@ -163,6 +172,22 @@ class BlockBackend:
         # write-zeroes that must wait are held in order until their time
         self.throttle = throttle
         self._throttled = ThrottledQueue(throttle, self.notifier, self.stats) if throttle else None
+        # blkdebug on the Python path: requests waiting out a delay or a hang
+        # [(due_ns or None, release generation, fn, args)], the hits whose
+        # rule acts on the completion {token: (hit, iov)}, completions held
+        # [(token, result)] with the first one's hit, and (for a trace) the
+        # rule that fired on each request {token: rule}
+        self._delayed: list = []
+        self._marks: dict = {}
+        self._held_done: list = []
+        self._hold_hit = None
+        self._hold_due = 0
+        self._release_all = False
+        self._draining = False
+        self._closed = False
+        self.fired: dict | None = None
+        if self.inject is not None:
+            self.inject.on_release.append(self._released)
 
     # -- set-up ------------------------------------------------------------------
 
@@ -312,7 +337,134 @@ class BlockBackend:
     def _flush_needed(self) -> bool:
         return not self.write_cache and not self.cache.no_flush
 
-    def readv(self, token: int, offset: int, iov: list) -> None:
+    # -- blkdebug (block/inject.py) on the Python path ------------------------------
+
+    def _injected(self, token: int, op: str, offset: int, length: int, queue: int, iov,
+                  fn, *args) -> bool:
+        """Ask the rules about a request; True when a rule took care of it
+        (completed it, or keeps it waiting; ``fn(*args)`` starts it later)."""
+        hit = self.inject.check(op, offset, length, queue)
+        if hit is None:
+            return False
+        self.stats["injected"] += 1
+        if self.fired is not None:
+            self.fired[token] = hit.rule
+        a = hit.action
+        if a == "error":
+            self._complete_now(token, -(hit.value or errno.EIO))
+        elif a == "status":
+            self._complete_now(token, -errno.EOPNOTSUPP if hit.value == 2 else -errno.EIO)
+        elif a == "drop":
+            self._complete_now(token, length)
+        elif a == "zero":
+            iov_zero(iov)
+            self._complete_now(token, length)
+        elif a == "torn":
+            keep = hit.value * SECTOR // self.align * self.align
+            if not keep:
+                self._complete_now(token, length)
+            elif keep >= length:
+                return False
+            else:
+                fn(token, offset, iov_slice(iov, 0, keep))
+        elif a in ("corrupt", "hold"):
+            self._marks[token] = (hit, iov)
+            return False
+        elif a in ("delay", "hang"):
+            due = time.monotonic_ns() + hit.delay_ns if a == "delay" else None
+            self._delayed.append((due, self.inject.release_gen, fn, args))
+            if due is not None:
+                _WAKER.at(due, self._wake)
+        return True
+
+    def _wake(self) -> None:
+        if not self._closed:
+            os.eventfd_write(self.notifier, 1)
+
+    def _released(self) -> None:
+        """Injector.release(): hung requests and held completions go."""
+        self._release_all = True
+        self._wake()
+
+    def _run_delayed(self, force: bool = False) -> None:
+        now = time.monotonic_ns()
+        gen = self.inject.release_gen
+        go, keep = [], []
+        for item in self._delayed:
+            due, g, fn, args = item
+            (go if force or (due is not None and due <= now) or (due is None and g != gen)
+             else keep).append(item)
+        self._delayed = keep
+        for _due, _g, fn, args in go:
+            fn(*args)
+
+    def _apply_marks(self, done: list) -> list:
+        """Completions of requests a corrupt or hold rule fired on."""
+        from .inject import flip_positions
+        out = []
+        for token, result in done:
+            mark = self._marks.pop(token, None)
+            if mark is None or result < 0:
+                out.append((token, result))
+                continue
+            hit, iov = mark
+            if hit.action == "corrupt":
+                _flip(iov, flip_positions(hit.seed, hit.value, iov_length(iov)))
+                out.append((token, result))
+            elif self._draining:
+                out.append((token, result))
+            else:
+                if not self._held_done:
+                    self._hold_hit = hit
+                    self._hold_due = time.monotonic_ns() + hit.timeout_ns if hit.timeout_ns else 0
+                    if self._hold_due:
+                        _WAKER.at(self._hold_due, self._wake)
+                self._held_done.append((token, result))
+                if len(self._held_done) >= max(1, self._hold_hit.value):
+                    out += self._release_held()
+        return out
+
+    def _release_held(self) -> list:
+        from .inject import ORDERS, shuffle
+        held, self._held_done = self._held_done, []
+        order = self._hold_hit.order
+        if order == ORDERS["reverse"]:
+            held.reverse()
+        elif order == ORDERS["random"]:
+            held = [held[i] for i in shuffle(self._hold_hit.seed, len(held))]
+        self._hold_due = 0
+        return held
+
+    def _inject_reap(self, out: list) -> list:
+        if self._delayed:
+            self._run_delayed(self._draining or self._release_all)
+            self._collect()
+            out += self._ready
+            self._ready = []
+        if self._marks:
+            out = self._apply_marks(out)
+        if self._held_done and (self._draining or self._release_all or
+                                (self._hold_due and time.monotonic_ns() >= self._hold_due)):
+            out += self._release_held()
+        self._release_all = False
+        return out
+
+    def get_id_injected(self, token: int, queue: int = 0) -> bool:
+        """A GET_ID request: True when a rule answers it (an error or a status,
+        completing as ``token``); False: the device answers with its serial."""
+        return self._injected(token, "get-id", 0, 0, queue, [], None)
+
+    # -- requests ---------------------------------------------------------------------
+
+    def readv(self, token: int, offset: int, iov: list, queue: int = 0) -> None:
+        """Read into ``iov``; ``queue``: the device queue it came from (rules match it)."""
+        if self.inject is not None and self._injected(token, "read", offset, iov_length(iov),
+                                                      queue, iov, self._read, token, offset,
+                                                      iov):
+            return
+        self._read(token, offset, iov)
+
+    def _read(self, token: int, offset: int, iov: list) -> None:
         if self._throttled and self._throttled.hold(False, iov_length(iov), self._readv,
                                                     token, offset, iov):
             return
@@ -389,7 +541,14 @@ class BlockBackend:
             batch.append(AioRequest(op, fd, host, sub, self._id(p, sub, iov_length(sub))))
         self.engine.submit(batch)
 
-    def writev(self, token: int, offset: int, iov: list) -> None:
+    def writev(self, token: int, offset: int, iov: list, queue: int = 0) -> None:
+        if self.inject is not None and self._injected(token, "write", offset, iov_length(iov),
+                                                      queue, iov, self._writev_go, token,
+                                                      offset, iov):
+            return
+        self._writev_go(token, offset, iov)
+
+    def _writev_go(self, token: int, offset: int, iov: list) -> None:
         if self._throttled and self._throttled.hold(True, iov_length(iov), self._writev,
                                                     token, offset, iov):
             return
@@ -467,7 +626,13 @@ class BlockBackend:
         return any(cls.probe(head, self.path) > 1 for name, cls in FORMATS.items()
                    if name != "raw")
 
-    def flush(self, token: int) -> None:
+    def flush(self, token: int, queue: int = 0) -> None:
+        if self.inject is not None and self._injected(token, "flush", 0, 0, queue, [],
+                                                      self._flush_go, token):
+            return
+        self._flush_go(token)
+
+    def _flush_go(self, token: int) -> None:
         self.stats["flush"] += 1
         if self.cache.no_flush:
             self._complete_now(token, 0)
@@ -486,9 +651,16 @@ class BlockBackend:
         p.remaining = len(fds)
         self.engine.submit([AioRequest(FLUSH, fd, token=self._id(p)) for fd in fds])
 
-    def discard(self, token: int, offset: int, length: int) -> None:
+    def discard(self, token: int, offset: int, length: int, queue: int = 0) -> None:
         """Give the range back to the host (discard=unmap); advisory, never fails
         for lack of support."""
+        if self.inject is not None and self._injected(token, "discard", offset, length, queue,
+                                                      [], self._discard_go, token, offset,
+                                                      length):
+            return
+        self._discard_go(token, offset, length)
+
+    def _discard_go(self, token: int, offset: int, length: int) -> None:
         self.stats["discard"] += 1
         if self.read_only:
             self._complete_now(token, -errno.EROFS)
@@ -512,11 +684,19 @@ class BlockBackend:
             result = -errno.EIO
         self._complete_now(token, result)
 
-    def write_zeroes(self, token: int, offset: int, length: int, unmap: bool) -> None:
+    def write_zeroes(self, token: int, offset: int, length: int, unmap: bool,
+                     queue: int = 0) -> None:
         """Zero a range: punch a hole when the guest allows unmapping and
         discard=unmap, else allocate zeroes (falling back to writing them).
         Mapped formats describe whole clusters as zero and write the rest.
         Throttled as a write of ``length`` bytes, as QEMU does."""
+        if self.inject is not None and self._injected(token, "write-zeroes", offset, length,
+                                                      queue, [], self._write_zeroes_go, token,
+                                                      offset, length, unmap):
+            return
+        self._write_zeroes_go(token, offset, length, unmap)
+
+    def _write_zeroes_go(self, token: int, offset: int, length: int, unmap: bool) -> None:
         if self._throttled and self._throttled.hold(True, length, self._write_zeroes,
                                                     token, offset, length, unmap):
             return
@@ -572,6 +752,8 @@ class BlockBackend:
             # notifier, so a wake-up written since is either seen here or polled
             self._throttled.release()
         out, self._ready = self._ready, []
+        if self.inject is not None:
+            out = self._inject_reap(out)
         if self._map_listener is not None:
             self.refresh_map()
         return out
@@ -676,31 +858,49 @@ class BlockBackend:
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending) + len(self._deferred) + \
-            (self._throttled.held if self._throttled else 0)
+        return len(self._pending) + len(self._deferred) + len(self._delayed) + \
+            len(self._held_done) + (self._throttled.held if self._throttled else 0)
 
     def drain(self) -> list[tuple[int, int]]:
         """Wait until nothing is in flight; return what completed meanwhile.
         Throttled requests held go at once (QEMU's drain does the same)."""
         if self._throttled:
             self._throttled.release_all()
-        out = self.reap()
-        poller = select.poll()
-        poller.register(self.notifier, select.POLLIN)
-        while self._pending or self._deferred:
-            if not self._pending:
-                self._retry_deferred()
-            else:
-                poller.poll(1000)
-            out += self.reap()
-        return out
+        self._draining = True       # delayed, hung and held requests go at once
+        try:
+            out = self.reap()
+            poller = select.poll()
+            poller.register(self.notifier, select.POLLIN)
+            while self._pending or self._deferred or self._delayed or self._held_done:
+                if not self._pending and self._deferred:
+                    self._retry_deferred()
+                elif self._pending:
+                    poller.poll(1000)
+                out += self.reap()
+            return out
+        finally:
+            self._draining = False
 
     def close(self) -> None:
         self.drain()
+        self._closed = True
+        if self.inject is not None and self._released in self.inject.on_release:
+            self.inject.on_release.remove(self._released)
         if self._throttled:
             self._throttled.close()
         self.engine.close()
         self.root.close()
+
+
+def _flip(iov, positions) -> None:
+    """Flip the bits at ``positions`` (bit numbers from the start) of an I/O vector."""
+    for pos in positions:
+        byte = pos // 8
+        for b in iov:
+            if byte < len(b):
+                b[byte] ^= 1 << pos % 8
+                break
+            byte -= len(b)
 
 
 def _zero_iov(length: int) -> list:

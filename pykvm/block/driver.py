@@ -201,6 +201,15 @@ class BlockDriver:
     def flush_metadata(self) -> None:
         """Make format metadata durable (called before an fdatasync)."""
 
+    # a format raises its metadata events on its file child and asks it before
+    # each metadata write; a blkdebug node below answers (filters pass them down)
+    def debug_event(self, name: str) -> None:
+        """A format's event (QEMU's BLKDBG_EVENT): l2_update, cow_write, ..."""
+
+    def meta_error(self, offset: int, length: int) -> int:
+        """The errno a format's metadata write at ``offset`` must fail with (0: none)."""
+        return 0
+
     _closed = False
 
     def close(self) -> None:

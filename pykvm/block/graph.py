@@ -103,9 +103,19 @@ def _nest_json(value: dict, what: str) -> dict:
 
 
 def filename_spec(filename: str) -> dict:
-    """The node a filename stands for: json: options, else a file node."""
+    """The node a filename stands for: json: options, a blkdebug node
+    (``blkdebug:RULES:IMAGE``, QEMU's spelling), else a file node."""
     if filename.startswith("json:"):
         return parse_json_filename(filename)
+    if filename.startswith("blkdebug:"):
+        config, sep, image = filename[9:].partition(":")
+        if not sep or not image:
+            raise GraphError(filename[:40], "blkdebug: needs both a rules file and an image "
+                             "(blkdebug:RULES:IMAGE)")
+        spec = {"driver": "blkdebug", "image": filename_spec(image)}
+        if config:
+            spec["config"] = config
+        return spec
     return {"driver": "file", "filename": filename}
 
 
@@ -213,6 +223,9 @@ class Opener:
             return None
         if isinstance(spec, str):
             spec = filename_spec(spec) if role in ("file", "data-file") else image_spec(spec)
+        elif role == "image" and "driver" not in spec and "filename" in spec:
+            # a filter's image.filename=: the image's format is probed (QEMU's rule)
+            spec = {"file": spec}
         chain = self.chain
         use = None
         if role == "backing":
@@ -298,16 +311,17 @@ def _open(spec: dict, name: str, read_only: bool, direct: bool, chain: frozenset
                 node.close()
                 raise _named(where, e) from None
         return node
-    if "file" not in children or children["file"] in (None, ""):
-        raise _error(where, "option 'file' is missing (the node below it)")
-    file = opener.child("file")
+    primary = roles[0]      # file, or a blkdebug node's image
+    if primary not in children or children[primary] in (None, ""):
+        raise _error(where, f"option '{primary}' is missing (the node below it)")
+    file = opener.child(primary)
     chain_path = os.path.realpath(file.filename)
     try:
         if chain_path in chain:
             raise _error(where, f"backing file loop: '{file.filename}' is its own "
                              f"(indirect) backing file")
         if cls is None:
-            head = os.pread(file.bfd, 4096, 0) if file.kind == "protocol" else b""
+            head = os.pread(file.bfd, 4096, 0) if file.kind != "format" else b""
             driver = probe_header(head, file.filename)
             cls = FORMATS[driver]
             where = f"{driver} {where}"

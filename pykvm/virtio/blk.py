@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import logging
 import os
+import errno
 import select
 import struct
 import threading
+import time
 
 from . import fastpath
 from .device import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, ID_BLOCK, VirtioDevice
@@ -63,13 +65,18 @@ CONFIG_WRITEBACK = 32
 
 
 class _Request:
-    __slots__ = ("queue", "head", "status_gpa", "used_len")
+    __slots__ = ("queue", "head", "status_gpa", "used_len", "rtype", "sector", "nbytes", "t0")
 
-    def __init__(self, queue, head: int, status_gpa: int, used_len: int):
+    def __init__(self, queue, head: int, status_gpa: int, used_len: int, rtype: int = 0,
+                 sector: int = 0, nbytes: int = 0, t0: int = 0):
         self.queue = queue
         self.head = head
         self.status_gpa = status_gpa
         self.used_len = used_len
+        self.rtype = rtype          # the trace record's fields
+        self.sector = sector
+        self.nbytes = nbytes
+        self.t0 = t0
 
 
 class _BadRequest(Exception):
@@ -85,12 +92,15 @@ class VirtioBlk(VirtioDevice):
 
     def __init__(self, backend, serial: str = "", queue_size: int = 256, name: str = "virtio-blk",
                  poll_max_ns: int | None = None, irq_coalesce_ns: int | None = None,
-                 num_queues: int = 1, iothread: str = "device"):
+                 num_queues: int = 1, iothread: str = "device", trace=None):
         if not 1 <= num_queues <= MAX_QUEUES:
             raise ValueError(f"{num_queues} queues (1 to {MAX_QUEUES})")
         if iothread not in IOTHREADS:
             raise ValueError(f"iothread={iothread} (one of {', '.join(IOTHREADS)})")
         self.backend = backend
+        self.trace = trace                # a block.trace.Trace, or None
+        if trace is not None and backend.inject is not None:
+            backend.fired = {}            # the rule that fired on each request, for the trace
         self.num_queues = num_queues
         self.iothread = iothread          # the C path's threads: per device or per queue
         self.poll_max_ns = poll_max_ns    # the C path's polling limit (None: its default)
@@ -319,10 +329,13 @@ class VirtioBlk(VirtioDevice):
             req = self._inflight.pop(token, None)
             if req is None:
                 continue
+            status = S_OK if result >= 0 else S_UNSUPP if result == -errno.EOPNOTSUPP else S_IOERR
             if result < 0:
                 self.stats["errors"] += 1
                 self._warn(f"I/O error: {os.strerror(-result)}")
-            mem.write_u(req.status_gpa, 1, S_OK if result >= 0 else S_IOERR)
+            mem.write_u(req.status_gpa, 1, status)
+            if self.trace is not None:
+                self._trace(req, token, status)
             req.queue.add_used(mem, req.head, req.used_len)
             touched.add(req.queue)
         if notify:
@@ -345,6 +358,11 @@ class VirtioBlk(VirtioDevice):
         """Finish the handed-over requests the backend has completed."""
         self._complete(self.backend.reap(), notify=False)
 
+    def _trace(self, req: _Request, token: int, status: int) -> None:
+        fired = self.backend.fired
+        self.trace.add(req.queue.index, req.head, req.rtype, req.sector, req.nbytes, req.t0,
+                       time.monotonic_ns(), status, fired.pop(token, -1) if fired else -1)
+
     def counters(self) -> dict:
         """The device's counters: the Python path's ``stats`` plus, when the C
         path ran, its counters (requests, bytes, batches, interrupts sent and
@@ -357,6 +375,8 @@ class VirtioBlk(VirtioDevice):
         for k, v in fast.items():
             out[k] = out.get(k, 0) + v
         out["requests"] -= self._punted  # a punted request was counted on both sides
+        if self.backend.inject is not None:  # requests a blkdebug rule fired on, both paths
+            out["injected"] = out.get("injected", 0) + self.backend.stats["injected"]
         if self.backend.stats["throttled"]:  # requests the Python path held (throttling.*)
             out["throttled"] = out.get("throttled", 0) + self.backend.stats["throttled"]
         return out
@@ -391,6 +411,8 @@ class VirtioBlk(VirtioDevice):
         last_gpa, last_len = chain.writable[-1]
         status_gpa = last_gpa + last_len - 1
         win = chain.writable[:-1] + ([(last_gpa, last_len - 1)] if last_len > 1 else [])
+        t0 = time.monotonic_ns() if self.trace is not None else 0
+        rtype, sector = 0xFF, 0
         try:
             header, rout = _split(chain.readable, HEADER.size)
             if header is None:
@@ -403,15 +425,22 @@ class VirtioBlk(VirtioDevice):
             if rtype not in KNOWN_TYPES:
                 raise _BadRequest(S_UNSUPP, f"unsupported request type {rtype:#x}")
             if rtype == T_IN or rtype == T_OUT:
-                return self._rw(q, chain.head, token, rtype, sector, rout, win, status_gpa)
+                return self._rw(q, chain.head, token, rtype, sector, rout, win, status_gpa, t0)
             if rout and rtype not in (T_DISCARD, T_WRITE_ZEROES) or \
                     win and rtype not in (T_GET_ID,):
                 raise _BadRequest(S_IOERR, f"type {rtype} request with unexpected data buffers")
             if rtype == T_FLUSH:
-                self._inflight[token] = _Request(q, chain.head, status_gpa, 1)
-                self.backend.flush(token)
+                self._inflight[token] = _Request(q, chain.head, status_gpa, 1, T_FLUSH, sector, 0,
+                                                 t0)
+                self.backend.flush(token, q.index)
                 return False
             if rtype == T_GET_ID:
+                if self.backend.inject is not None:
+                    self._inflight[token] = _Request(q, chain.head, status_gpa, 1, T_GET_ID,
+                                                     sector, 0, t0)
+                    if self.backend.get_id_injected(token, q.index):
+                        return False        # a rule answers it (completes through reap)
+                    del self._inflight[token]
                 n = min(ID_BYTES, _total(win))
                 data = self.serial.ljust(ID_BYTES, b"\0")[:n]
                 pos = 0
@@ -421,13 +450,19 @@ class VirtioBlk(VirtioDevice):
                         mem.write(gpa, chunk)
                     pos += len(chunk)
                 mem.write_u(status_gpa, 1, S_OK)
+                if self.trace is not None:
+                    self._trace(_Request(q, chain.head, status_gpa, n + 1, T_GET_ID, sector, 0, t0),
+                                -1, S_OK)
                 q.add_used(mem, chain.head, n + 1)
                 return True
-            return self._discard(q, chain.head, token, rtype, rout, status_gpa)
+            return self._discard(q, chain.head, token, rtype, rout, status_gpa, t0)
         except _BadRequest as bad:
             self.stats["errors"] += 1
             self._warn(f"queue {q.index}, chain {chain.head}: {bad.why}")
             mem.write_u(status_gpa, 1, bad.status)
+            if self.trace is not None:
+                self._trace(_Request(q, chain.head, status_gpa, 1, rtype, sector, 0, t0), -1,
+                            bad.status)
             q.add_used(mem, chain.head, 1)
             return True
 
@@ -440,7 +475,7 @@ class VirtioBlk(VirtioDevice):
                               f"capacity of {capacity}")
         return sector * SECTOR
 
-    def _rw(self, q, head, token, rtype, sector, rout, win, status_gpa) -> bool:
+    def _rw(self, q, head, token, rtype, sector, rout, win, status_gpa, t0=0) -> bool:
         mem = self.mem
         if rtype == T_IN:
             if rout:
@@ -458,16 +493,17 @@ class VirtioBlk(VirtioDevice):
         offset = self._check_range(sector, nbytes)
         iov = [mem.view(gpa, n) for gpa, n in data if n]
         if rtype == T_IN:
-            self._inflight[token] = _Request(q, head, status_gpa, nbytes + 1)
+            self._inflight[token] = _Request(q, head, status_gpa, nbytes + 1, rtype, sector,
+                                             nbytes, t0)
             self.stats["bytes_read"] += nbytes
-            self.backend.readv(token, offset, iov)
+            self.backend.readv(token, offset, iov, q.index)
         else:
-            self._inflight[token] = _Request(q, head, status_gpa, 1)
+            self._inflight[token] = _Request(q, head, status_gpa, 1, rtype, sector, nbytes, t0)
             self.stats["bytes_written"] += nbytes
-            self.backend.writev(token, offset, iov)
+            self.backend.writev(token, offset, iov, q.index)
         return False
 
-    def _discard(self, q, head, token, rtype, rout, status_gpa) -> bool:
+    def _discard(self, q, head, token, rtype, rout, status_gpa, t0=0) -> bool:
         mem = self.mem
         if self.backend.read_only:
             raise _BadRequest(S_IOERR, "discard or write-zeroes on a read-only disk")
@@ -485,11 +521,12 @@ class VirtioBlk(VirtioDevice):
         if num > limit:
             raise _BadRequest(S_IOERR, f"{num} sectors exceed the limit of {limit}")
         offset = self._check_range(sector, num * SECTOR)
-        self._inflight[token] = _Request(q, head, status_gpa, 1)
+        self._inflight[token] = _Request(q, head, status_gpa, 1, rtype, sector, num * SECTOR, t0)
         if rtype == T_DISCARD:
-            self.backend.discard(token, offset, num * SECTOR)
+            self.backend.discard(token, offset, num * SECTOR, q.index)
         else:
-            self.backend.write_zeroes(token, offset, num * SECTOR, bool(flags & WRITE_ZEROES_UNMAP))
+            self.backend.write_zeroes(token, offset, num * SECTOR, bool(flags & WRITE_ZEROES_UNMAP),
+                                      q.index)
         return False
 
 

@@ -44,7 +44,7 @@ C_ENGINES = ("threads", "native", "io_uring")
 POLL_MAX_NS = int(os.environ.get("PYKVM_POLL_MAX_NS", "32768"))
 COUNTERS = ("requests", "bytes_read", "bytes_written", "errors", "submitted", "flushes",
             "batches", "completions", "completion_batches", "interrupts", "interrupts_suppressed",
-            "punts", "poll_hits", "sleeps", "interrupts_deferred", "throttled")
+            "punts", "poll_hits", "sleeps", "interrupts_deferred", "throttled", "injected")
 EXTENT_WRITABLE = lib.PYKVM_BLK_EXTENT_WRITABLE
 
 
@@ -251,8 +251,8 @@ class FastPath:
                  write_cache: bool = True, no_flush: bool = False, align: int = 1,
                  serial: bytes = b"", flush_fd: int | None = None, extents=None,
                  poll_max_ns: int = POLL_MAX_NS, irq_coalesce_ns: int = 0, isr=None,
-                 isr_bit: int = 1, per_queue: bool = False, throttle=None,
-                 name: str = "virtio-blk"):
+                 isr_bit: int = 1, per_queue: bool = False, throttle=None, inject=None,
+                 trace=None, name: str = "virtio-blk"):
         if engine_name not in C_ENGINES:
             raise FastPathError(f"aio={engine_name} is not a C engine")
         self.name = name
@@ -273,6 +273,11 @@ class FastPath:
         # a ThrottleGroup (block/throttle.py) whose C state the threads ask; kept
         # referenced here, so it outlives them
         self._throttle = throttle
+        # a blkdebug Injector (block/inject.py) and a block.trace.Trace, each
+        # kept referenced here so that they outlive the threads; a trace ring per thread
+        self._inject = inject
+        self._trace = trace
+        self._rings = []
         # groups[g]: the queue indices (of ``queues``) C thread g serves, in
         # its own order; where[i]: (g, i's index within group g)
         groups = [[i] for i, q in enumerate(queues) if q.ready] if per_queue else []
@@ -312,6 +317,10 @@ class FastPath:
             cfg.map = self._map
             cfg.nmap = len(extents)
             cfg.throttle = throttle.state if throttle is not None else ffi.NULL
+            cfg.inject = inject.c if inject is not None else ffi.NULL
+            if trace is not None:
+                self._rings.append(trace.ring())
+                cfg.trace = self._rings[-1]
             err = ffi.new("char[256]")
             blk = lib.pykvm_blk_start(cfg, err, len(err))
             if blk == ffi.NULL:
@@ -319,10 +328,14 @@ class FastPath:
                     lib.pykvm_blk_stop(b)
                 os.close(self._stop_fd)
                 self._blks = []
+                for ring in self._rings:
+                    trace.retire(ring)
                 raise FastPathError(f"{name}: the C fast path cannot start: "
                                     f"{ffi.string(err).decode()}")
             self._cqueues.append(cqueues)
             self._blks.append(blk)
+        if inject is not None:
+            inject.on_release.append(self.release)
         self._helper = threading.Thread(target=self._serve, name=f"{name}-fastpath", daemon=True)
         self.threads = (self._helper,)
         self._helper.start()
@@ -333,6 +346,13 @@ class FastPath:
         return len(self._groups)
 
     # -- control --------------------------------------------------------------
+
+    def release(self) -> None:
+        """blkdebug: requests hung until released (Injector.release moved the
+        generation first) and held completions go, on every C thread."""
+        with self._lock:
+            for blk in self._blks:
+                lib.pykvm_blk_release(blk)
 
     def set_write_cache(self, on: bool) -> None:
         with self._lock:
@@ -434,6 +454,11 @@ class FastPath:
         for blk in blks:
             lib.pykvm_blk_stop(blk)  # joins its C thread (the GIL is released meanwhile)
         os.close(self._stop_fd)
+        if self._inject is not None and self.release in self._inject.on_release:
+            self._inject.on_release.remove(self.release)
+        for ring in self._rings:
+            self._trace.retire(ring)
+        self._rings = []
 
     # -- the helper thread -----------------------------------------------------
 
@@ -451,9 +476,16 @@ class FastPath:
         for fd in (self._stop_fd, self._punt.notifier, *punt_fds, *forward_fds):
             poller.register(fd, select.POLLIN)
         entry = ffi.new("struct pykvm_blk_punt *")
+        timeout = None
+        if self._trace is not None:
+            from ..block.trace import DRAIN_SECONDS
+            timeout = DRAIN_SECONDS * 1000
         try:
             while True:
-                for fd, _ in poller.poll():
+                ready = poller.poll(timeout)
+                if self._trace is not None:
+                    self._trace.drain()
+                for fd, _ in ready:
                     if fd == self._stop_fd:
                         return
                     if fd in punt_fds:
@@ -578,7 +610,7 @@ def start(dev, mem, queues, features: int, kicks, interrupt, fail) -> FastPath:
         flush_fd=flush_fd, extents=extents, isr=isr, name=dev.name,
         poll_max_ns=POLL_MAX_NS if dev.poll_max_ns is None else dev.poll_max_ns,
         irq_coalesce_ns=dev.irq_coalesce_ns, per_queue=dev.iothread == "queue",
-        throttle=backend.throttle)
+        throttle=backend.throttle, inject=backend.inject, trace=dev.trace)
     if backend.driver.direct_map and not backend.driver.identity_mapped:
         # from now on the backend replaces the table (and waits for the C
         # thread to let go of the old one) before a cluster C may use changes

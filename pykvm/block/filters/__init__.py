@@ -25,6 +25,7 @@ class FilterDriver(BlockDriver):
     # what the node below is, the filter is
     size = property(lambda self: self.file.size)
     fd = property(lambda self: self.file.fd)
+    bfd = property(lambda self: self.file.bfd)
     backing = property(lambda self: self.file.backing)
     identity_mapped = property(lambda self: self.file.identity_mapped)
     direct_map = property(lambda self: self.file.direct_map)
@@ -64,3 +65,9 @@ class FilterDriver(BlockDriver):
 
     def flush_metadata(self):
         self.file.flush_metadata()
+
+    def debug_event(self, name):
+        self.file.debug_event(name)
+
+    def meta_error(self, offset, length):
+        return self.file.meta_error(offset, length)

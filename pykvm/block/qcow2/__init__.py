@@ -89,9 +89,10 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
         """A qcow2 node over its ``file`` child; ``opener`` (graph.Opener) opens
         the data file and backing file the header names, or those its options
         give instead. The node opens no file itself."""
-        if file.kind != "protocol":     # its metadata is read through file.bfd
+        if file.kind == "format":       # its metadata is read through file.bfd
             raise BlockError(file.filename, f"a qcow2 node's file must be a protocol node "
-                             f"(driver=file or host_device), not a {file.format_name} node")
+                             f"(driver=file or host_device) or a filter over one, not a "
+                             f"{file.format_name} node")
         self.file = file
         self.data_file = None
         self.path = file.filename
@@ -245,7 +246,24 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
     # -- header updates (single fields; everything else stays as read) ------------------
 
     def _write_header_field(self, offset: int, fmt: str, *values) -> None:
-        os.pwrite(self.mfd, struct.pack(fmt, *values), offset)
+        self._meta_write(None, struct.pack(fmt, *values), offset)
+
+    def _meta_write(self, event: str | None, data, offset: int, fd: int | None = None) -> None:
+        """One write of metadata (or of copy-on-write data, to ``fd``) at host
+        ``offset``: ``event`` is raised on the file node first, as QEMU's
+        BLKDBG_EVENT, and a blkdebug node there may fail the write; a failed
+        write is a BlockError that names it."""
+        what = event or "metadata"
+        if event:
+            self.file.debug_event(event)
+        if fd is None or fd == self.mfd:
+            err = self.file.meta_error(offset, len(data))
+            if err:
+                raise BlockError(self.path, f"{what} write at {offset:#x} failed (injected)", err)
+        try:
+            pwrite_full(self.mfd if fd is None else fd, data, offset)
+        except OSError as e:
+            raise BlockError(self.path, f"{what} write at {offset:#x}", e.errno) from None
 
     def _set_incompat(self, value: int) -> None:
         self.h.incompat = value

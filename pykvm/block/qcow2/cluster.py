@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import struct
 
-from ..driver import BlockError, DirectExtent, Extent, pwrite_full
+from ..driver import BlockError, DirectExtent, Extent
 from .header import COMPRESSED, COPIED, MAX_L1_BYTES, OFFSET_MASK, ZERO
 
 
@@ -275,7 +275,7 @@ class ClusterMap:
                 table = [x & ~COPIED if i % 2 == 0 else x for i, x in enumerate(table)]
         else:
             table = [0] * (self.l2_entries * self.entry_words)
-        pwrite_full(self.mfd, struct.pack(f">{len(table)}Q", *table), new)
+        self._meta_write("l2_alloc.write", struct.pack(f">{len(table)}Q", *table), new)
         self._l2[new] = table
         self._set_l1(l1i, new | COPIED)
         if off:
@@ -285,21 +285,30 @@ class ClusterMap:
 
     def _set_l1(self, i: int, value: int) -> None:
         self._dx_changed(i)
-        self.l1[i] = value
-        os.pwrite(self.mfd, struct.pack(">Q", value), self.h.l1_offset + i * 8)
+        old, self.l1[i] = self.l1[i], value
+        try:
+            self._meta_write("l1_update", struct.pack(">Q", value), self.h.l1_offset + i * 8)
+        except BlockError:
+            self.l1[i] = old      # the table says what the file says
+            raise
 
     def _set_l2(self, ci: int, entry: int, bitmap: int | None = None) -> None:
         l2, idx = self._l2_writable(ci)
         l1e = self.l1[ci >> self.l2_bits] & OFFSET_MASK
         self._dx_changed(ci >> self.l2_bits)
+        old = l2[idx:idx + self.entry_words]
         l2[idx] = entry
-        if self.extl2:
-            if bitmap is None:
-                bitmap = l2[idx + 1]
-            l2[idx + 1] = bitmap
-            os.pwrite(self.mfd, struct.pack(">QQ", entry, bitmap), l1e + idx * 8)
-        else:
-            os.pwrite(self.mfd, struct.pack(">Q", entry), l1e + idx * 8)
+        try:
+            if self.extl2:
+                if bitmap is None:
+                    bitmap = l2[idx + 1]
+                l2[idx + 1] = bitmap
+                self._meta_write("l2_update", struct.pack(">QQ", entry, bitmap), l1e + idx * 8)
+            else:
+                self._meta_write("l2_update", struct.pack(">Q", entry), l1e + idx * 8)
+        except BlockError:
+            l2[idx:idx + self.entry_words] = old    # the cache says what the file says
+            raise
 
     def _set_l2_many(self, updates) -> None:
         """Several L2 entries; one write per run of neighbours in a table."""
@@ -309,9 +318,11 @@ class ClusterMap:
             return
         w = self.entry_words
         runs: list = []
+        undo: list = []
         for ci, entry, bitmap in sorted(updates):
             l2, idx = self._l2_writable(ci)
             self._dx_changed(ci >> self.l2_bits)
+            undo.append((l2, idx, l2[idx:idx + w]))
             l2[idx] = entry
             if w == 2:
                 l2[idx + 1] = bitmap if bitmap is not None else l2[idx + 1]
@@ -320,8 +331,14 @@ class ClusterMap:
                 runs[-1][2] = idx + w
             else:
                 runs.append([off, idx, idx + w, l2])
-        for off, lo, hi, l2 in runs:
-            os.pwrite(self.mfd, struct.pack(f">{hi - lo}Q", *l2[lo:hi]), off + lo * 8)
+        try:
+            for off, lo, hi, l2 in runs:
+                self._meta_write("l2_update", struct.pack(f">{hi - lo}Q", *l2[lo:hi]),
+                                 off + lo * 8)
+        except BlockError:
+            for l2, idx, old in reversed(undo):     # the cache says what the file says
+                l2[idx:idx + w] = old               # (runs written before stay: a leak at most)
+            raise
 
     # -- resize ------------------------------------------------------------------------
 
@@ -345,9 +362,10 @@ class ClusterMap:
         n = -(-len(entries) * 8 // cs) or 1
         new = self.alloc_clusters(n)
         data = struct.pack(f">{len(entries)}Q", *entries)
-        pwrite_full(self.mfd, data + bytes(n * cs - len(data)), new)
+        self._meta_write("l1_grow.write_table", data + bytes(n * cs - len(data)), new)
         os.fdatasync(self.mfd)
         old_off, old_n = self.h.l1_offset, -(-self.h.l1_size * 8 // cs)
+        self.file.debug_event("l1_grow.activate_table")
         self._write_header_field(36, ">IQ", len(entries), new)
         self.h.l1_offset, self.h.l1_size = new, len(entries)
         self.l1 = list(entries)

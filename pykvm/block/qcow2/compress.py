@@ -42,6 +42,7 @@ class Compression:
         if coff + clen > self.eof + 512:
             raise BlockError(self.path, f"compressed cluster at {coff:#x} is past the end of "
                              f"the file")
+        self.file.debug_event("read_compressed")
         raw = os.pread(self.mfd, clen, coff)
         cs = self.cluster_size
         try:

@@ -100,7 +100,7 @@ class Refcounts:
             self._rc_batch[boff] = (min(lo, span[0]), max(hi, span[1])) if span else (lo, hi)
         else:
             lo, hi = rc_span(bi, self.rc_order)
-            os.pwrite(self.mfd, blk[lo:hi], boff + lo)
+            self._meta_write("refblock_update", blk[lo:hi], boff + lo)
         if value == 0 and ci < self._free_hint:
             self._free_hint = ci
 
@@ -115,11 +115,12 @@ class Refcounts:
                 rc_set(blk, f % self.rb_entries, self.rc_order, 1)
             else:
                 self._set_refcount(f, 1)
-            pwrite_full(self.mfd, blk, f * cs)
+            self._meta_write("refblock_alloc", blk, f * cs)
             self._grew(f * cs + cs)
             self._rb[f * cs] = blk
             self.reftable[ti] = f * cs
-            os.pwrite(self.mfd, struct.pack(">Q", f * cs), self.h.rt_offset + ti * 8)
+            self._meta_write("reftable_update", struct.pack(">Q", f * cs),
+                             self.h.rt_offset + ti * 8)
         finally:
             self._claimed.discard(f)
             self._rc_batch = batch
@@ -274,7 +275,7 @@ class Refcounts:
             batch, self._rc_batch = self._rc_batch, None
             for boff, (lo, hi) in batch.items():
                 blk = self._rb.get(boff) or self._refblock(boff)
-                os.pwrite(self.mfd, blk[lo:hi], boff + lo)
+                self._meta_write("refblock_update", blk[lo:hi], boff + lo)
             self._claimed -= claim
         self._free_hint = ci + n
         self._grew((ci + n) * self.cluster_size)

@@ -206,6 +206,7 @@ class WriteAllocation:
             elif ci in self._prealloc:
                 host = self._prealloc.pop(ci)
             else:
+                self.file.debug_event("cluster_alloc")
                 host = self.alloc_clusters(1)
         fresh = not reuse and self.data_fd < 0 and self._fresh
         # the old content of this guest cluster, for the part the write does not cover
@@ -218,8 +219,9 @@ class WriteAllocation:
                 if bitmap & 0xFFFFFFFF:
                     # shared with a snapshot: copy every allocated subcluster over
                     data = bytearray(cs)
+                    self.file.debug_event("cow_read")
                     pread_full(self.bfd, memoryview(data), old_host)
-                    pwrite_full(self.bfd, data, host)
+                    self._meta_write("cow_write", data, host, self.bfd)
                 alloc.release.append(e)
             for s in (s0, s1) if s0 != s1 else (s0,):
                 if bitmap >> s & 1:
@@ -237,6 +239,7 @@ class WriteAllocation:
             return host
         # standard entries: fill head [0, in_c) and tail [in_c+n, cs)
         if in_c or in_c + n < cs:
+            self.file.debug_event("cow_read")
             if e & COMPRESSED:
                 old = self._decompress(e)
             elif e & ZERO:
@@ -254,9 +257,9 @@ class WriteAllocation:
                     continue
                 if old is None:
                     if not fresh:
-                        pwrite_full(self.bfd, bytes(hi - lo), host + lo)
+                        self._meta_write("cow_write", bytes(hi - lo), host + lo, self.bfd)
                 elif not fresh or any(memoryview(old)[lo:hi]):
-                    pwrite_full(self.bfd, memoryview(old)[lo:hi], host + lo)
+                    self._meta_write("cow_write", memoryview(old)[lo:hi], host + lo, self.bfd)
         if not reuse and e and (e & COMPRESSED or e & OFFSET_MASK) and self.data_fd < 0:
             alloc.release.append(e)
         alloc.updates.append((ci, host | COPIED, 0xFFFFFFFF if self.extl2 else 0))
@@ -271,7 +274,7 @@ class WriteAllocation:
             read_into(self.backing, gstart + lo, memoryview(old))
         for a, b in ((lo, min(hi, in_c)), (max(lo, in_c + n), hi)):
             if b > a and (not fresh or any(old[a - lo:b - lo])):
-                pwrite_full(self.bfd, memoryview(old)[a - lo:b - lo], host + a)
+                self._meta_write("cow_write", memoryview(old)[a - lo:b - lo], host + a, self.bfd)
 
     def commit(self, alloc) -> None:
         if alloc is None:
