@@ -36,6 +36,11 @@ Workloads so far:
                -drive throttling.*: the rate each achieves over the run against
                the limit, and against what the rule allows a guest that always
                waits in that time (the first bucket goes at once)
+  inject       the blkdebug node and the per-request trace on the C path, 4K
+               randread QD32: 16 rules that never fire and the trace, each
+               against the same disk without them (target: >= 0.95x), and a
+               1 ms delay on every read against QD / 1 ms, or the plain
+               disk's rate if that is lower (target: within 5%)
 """
 from __future__ import annotations
 
@@ -898,6 +903,71 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+INJECT_CASES = {
+    # name: (the disk's extra options, the rules file's text or None, what it is compared to)
+    "inject-none": ("", None, None),
+    "inject-16-rules": ("", "".join(
+        f"[fault]\nop = read\noffset = {(1 << 40) + i * 4096}\nlength = 4096\naction = error\n"
+        for i in range(15)) + "[inject-error]\nevent = \"l2_update\"\n", "inject-none"),
+    "inject-trace": (",trace={trace}", None, "inject-none"),
+    "inject-delay-1ms": ("", "[fault]\nop = read\naction = delay\ndelay = 1ms\n", "model"),
+}
+
+
+def bench_inject(runtime: float, samples: int) -> list[dict]:
+    """blkdebug and the trace on the C path (io_uring, cache=none), 4K randread
+    QD32: the disk without a node, with 16 rules that never fire, with the
+    trace on, and with a 1 ms delay on every read (expected: QD / 1 ms, less
+    the time a request spends elsewhere); alternated, the median of ``samples``."""
+    img = RESULTS.parent / "bench.img"
+    make_image(img)
+    work = RESULTS.parent / "bench-inject"
+    work.mkdir(exist_ok=True)
+    systems = {}
+    for name, (extra, rules, _base) in INJECT_CASES.items():
+        disk = f"file={img}"
+        if rules is not None:
+            conf = work / f"{name}.conf"
+            conf.write_text(rules)
+            disk = f"file=blkdebug:{conf}:{img}"
+        systems[name] = PYKVM + [
+            "fio", "--disk", f"{disk},format=raw,cache=none,aio=io_uring"
+            + extra.format(trace=work / "trace.jsonl"), "--rw=randread", "--bs=4096",
+            "--iodepth=32", f"--runtime={runtime:g}", "--output-format=json"]
+    got: dict = {k: [] for k in systems}
+    for _ in range(samples):
+        for name, cmd in systems.items():
+            row = fio_row(measure(cmd, 0), f"pykvm-{name}", "mmio", name)
+            got[name].append(row)
+            print(f"  {name:<18} {row['iops']:>10,.0f} IOPS  p50 {row['lat_ns_p50'] / 1e3:.0f} us",
+                  file=sys.stderr)
+    runs = [median_row(rows, "iops") for rows in got.values()]
+    by = {r["workload"]: r for r in runs}
+    for r in runs:
+        base = INJECT_CASES[r["workload"]][2]
+        if base == "model":
+            # Little's law: QD / 1 ms, unless the disk without the rule is slower
+            r["expected_iops"] = min(32 / 1e-3, by["inject-none"]["iops"])
+            r["vs_expected"] = r["iops"] / r["expected_iops"]
+        elif base:
+            r["vs_baseline"] = r["iops"] / by[base]["iops"]
+    return runs
+
+
+def inject_table(runs: list[dict]) -> str:
+    rows = [r for r in runs if r.get("suite") == "inject"]
+    if not rows:
+        return ""
+    lines = []
+    for r in rows:
+        cmp = f"{r['vs_baseline']:.3f}x without" if "vs_baseline" in r else \
+            f"{r['vs_expected']:.3f}x expected ({r['expected_iops']:,.0f})" \
+            if "vs_expected" in r else "-"
+        lines.append(f"| {r['workload']} | {r['iops']:,.0f} | {cmp} |")
+    return ("\n| blkdebug and trace, C path, 4K randread QD32 | IOPS | ratio |\n|---|---|---|\n"
+            + "\n".join(lines) + "\n")
+
+
 def suite_of(workload: str) -> str:
     """The suite a result belongs to (for results written before runs named it)."""
     if workload == "boot-hello":
@@ -912,10 +982,12 @@ def suite_of(workload: str) -> str:
         return "mq"
     if workload.startswith("throttle-"):
         return "throttle"
+    if workload.startswith("inject-"):
+        return "inject"
     return "io"
 
 
-SUITES = ["boot", "pio", "io", "qcow2", "vhost", "mq", "throttle"]
+SUITES = ["boot", "pio", "io", "qcow2", "vhost", "mq", "throttle", "inject"]
 
 
 def main() -> int:
@@ -965,6 +1037,7 @@ def main() -> int:
         "mq": lambda: bench_mq(0.5 if args.quick else 3.0, 1 if args.quick else 3),
         # full: the brief's 5 s runs (a limit is a rate over time), median of 3
         "throttle": lambda: bench_throttle(1.0 if args.quick else 5.0, 1 if args.quick else 3),
+        "inject": lambda: bench_inject(0.5 if args.quick else 2.0, 1 if args.quick else 5),
     }
     # some suites (or some io engines/workloads) only: the latest results of
     # the others stay, marked as older
@@ -1000,7 +1073,7 @@ def save(runs: list[dict], final: bool) -> None:
     (RESULTS / "latest.json").write_text(text)
     (RESULTS / f"{_STAMP}.json").write_text(text)
     md = table(runs) + io_table(runs) + qcow2_table(runs) + vhost_table(runs) + mq_table(runs) + \
-        throttle_table(runs)
+        throttle_table(runs) + inject_table(runs)
     plot(runs, RESULTS / "latest.png")
     (RESULTS / "latest.md").write_text(md)
     if final:

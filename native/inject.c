@@ -67,6 +67,29 @@ struct pykvm_inject *pykvm_inject_new(const struct pykvm_inject_rule *rules, uin
     return inj;
 }
 
+int32_t pykvm_inject_add(struct pykvm_inject *inj, const struct pykvm_inject_rule *rule)
+{
+    struct inj_rule *rules;
+    uint32_t *active;
+    int32_t i = -1;
+
+    pthread_mutex_lock(&inj->lock);     /* every use of the tables holds it */
+    rules = realloc(inj->rules, sizeof(*rules) * (inj->nrules + 1));
+    if (rules)
+        inj->rules = rules;
+    active = realloc(inj->active, sizeof(*active) * (inj->nrules + 1));
+    if (active)
+        inj->active = active;
+    if (rules && active) {
+        i = (int32_t)inj->nrules++;
+        memset(&inj->rules[i], 0, sizeof(inj->rules[i]));
+        inj->rules[i].r = *rule;
+        inj->rules[i].rng = rule->seed;
+    }
+    pthread_mutex_unlock(&inj->lock);
+    return i;
+}
+
 void pykvm_inject_free(struct pykvm_inject *inj)
 {
     if (!inj)

@@ -105,6 +105,9 @@ struct pykvm_inject;
 /* An engine with these rules (copied), state 1; NULL out of memory. */
 struct pykvm_inject *pykvm_inject_new(const struct pykvm_inject_rule *rules, uint32_t n);
 void pykvm_inject_free(struct pykvm_inject *inj);
+/* Add a rule while threads may be asking (the API's inject()); its index, or
+ * -1 out of memory. */
+int32_t pykvm_inject_add(struct pykvm_inject *inj, const struct pykvm_inject_rule *rule);
 /* Raise an event (QEMU's blkdebug_debug_event). */
 void pykvm_inject_event(struct pykvm_inject *inj, uint32_t event);
 /* 1 when a rule fired on the request (``hit`` filled), else 0. */

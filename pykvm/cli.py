@@ -189,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--verbose", "-v", action="count", default=0,
                        help="log connections and restarts (-vv: every message)")
 
+    trace = sub.add_parser("trace", help="read a per-request trace (--disk ...,trace=FILE)")
+    tsub = trace.add_subparsers(dest="trace_command", metavar="summary|plot", required=True)
+    summary = tsub.add_parser("summary", help="counts, IOPS, latency percentiles by op, "
+                                              "queue depth")
+    summary.add_argument("file")
+    summary.add_argument("--output-format", choices=["human", "json"], default="human")
+    plot = tsub.add_parser("plot", help="latency and IOPS over time, as a PNG (matplotlib)")
+    plot.add_argument("file")
+    plot.add_argument("-o", "--output", required=True, metavar="PNG")
+
     # `pykvm img ...` is dispatched in main() before this parser runs, so that
     # `pykvm run` does not pay for importing the image-format code; this entry
     # only lists it in --help.
@@ -330,6 +340,32 @@ def _prefix_formatter():
     return _Prefix()
 
 
+def cmd_trace(args) -> int:
+    import json
+
+    from .block import trace
+    try:
+        records = trace.read(args.file)
+    except OSError as e:
+        raise PykvmError(f"{args.file}: {e.strerror}") from None
+    except ValueError as e:
+        raise PykvmError(str(e)) from None
+    if args.trace_command == "summary":
+        s = trace.summary(records)
+        if args.output_format == "json":
+            print(json.dumps(s, indent=2))
+        else:
+            print("\n".join(trace.summary_lines(s)))
+        return 0
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise PykvmError("trace plot needs matplotlib (make bench-deps, or pip install "
+                         "matplotlib)") from None
+    trace.plot(records, args.output)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["img"]:
@@ -352,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_fio(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "trace":
+            return cmd_trace(args)
     except GuestFault as e:
         print(e.report, file=sys.stderr)
         print(f"pykvm: {e}", file=sys.stderr)

@@ -463,6 +463,17 @@ class Injector:
         self._lock = threading.Lock()
         self.on_release: list = []
 
+    def add(self, rule: Rule) -> int:
+        """Add a rule now (the paths may be serving); its index."""
+        r = ffi.new("struct pykvm_inject_rule *")
+        rule.c(r)
+        with self._lock:
+            i = lib.pykvm_inject_add(self.c, r)
+            if i < 0:
+                raise MemoryError("out of memory for a rule")
+            self.rules.append(rule)
+        return i
+
     def check(self, op: str, offset: int, length: int, queue: int = 0,
               guest: bool = True) -> Hit | None:
         with self._lock:
@@ -501,6 +512,21 @@ class Injector:
 
     def events(self) -> dict:
         return {name: lib.pykvm_inject_event_count(self.c, i) for i, name in enumerate(EVENTS)}
+
+
+# Engines the API made (pykvm.testing), for the node option x-injector=NAME:
+# rules added and released from a test reach the disk a VM opens.
+_NAMED: dict[str, Injector] = {}
+
+
+def name_injector(inj: Injector) -> str:
+    name = f"injector{len(_NAMED)}"
+    _NAMED[name] = inj
+    return name
+
+
+def named_injector(name: str) -> Injector | None:
+    return _NAMED.get(name)
 
 
 def flip_positions(seed: int, bits: int, nbytes: int) -> list[int]:

@@ -388,7 +388,7 @@ def test_convert_io_error_mid_copy(tmp_path, capsys, monkeypatch, fmt, side):
     else:   # raw output writes through img, qcow2 output through the driver
         monkeypatch.setattr(m, "pwrite_full", failing)
         import pykvm.block.qcow2 as q     # each part of the package imports it
-        for part in (q, q.cluster, q.compress, q.create, q.refcount, q.snapshot, q.write):
+        for part in (q, q.compress, q.create, q.refcount, q.snapshot, q.write):
             monkeypatch.setattr(part, "pwrite_full", failing)
     before = threading.active_count()
     rc, _, err = img(capsys, "convert", "-f", "raw", "-O", fmt, src, tmp_path / f"out.{fmt}")

@@ -14,7 +14,7 @@ metadata events on it (``debug_event``) and asks before each metadata write
 from __future__ import annotations
 
 from ..driver import GraphError, register
-from ..inject import Injector, Rule, read_rules, rule_from
+from ..inject import Injector, Rule, named_injector, read_rules, rule_from
 from . import FilterDriver
 
 
@@ -22,15 +22,23 @@ from . import FilterDriver
 class BlkdebugDriver(FilterDriver):
     format_name = "blkdebug"
     child_roles = ("image",)
-    options = {"config": "str"}
+    # x-injector: the name of an engine the API made (pykvm.testing), which
+    # this node then uses instead of one of its own (QEMU's x- prefix: internal)
+    options = {"config": "str", "x-injector": "str"}
 
     def __init__(self, file, read_only: bool = False, config: str | None = None,
-                 rules: list[Rule] | None = None):
+                 x_injector: str | None = None):
         super().__init__(file, read_only)
         self.config = config
-        if rules is None:
-            rules = read_rules(config) if config else []
-        self.injector = Injector(rules)
+        if x_injector is not None:
+            if config:
+                raise GraphError("", "options 'config' and 'x-injector' exclude each other")
+            inj = named_injector(x_injector)
+            if inj is None:
+                raise GraphError("", f"no rule engine named '{x_injector}'")
+            self.injector = inj
+        else:
+            self.injector = Injector(read_rules(config) if config else [])
 
     @property
     def children(self):

@@ -1,0 +1,170 @@
+"""pykvm's experiment API and pytest plugin (registered as ``pytest11``: any
+test session with pykvm installed gets the fixtures).
+
+A driver experiment in a few lines::
+
+    def test_eio_on_the_third_write(vm, image):
+        disk = Disk(image("raw", "16M"))
+        disk.inject("error", op="write", nth=3)
+        run = vm(disk).fio(rw="randwrite", ios=100, iodepth=4)
+        assert run.device["errors"] == 1
+        assert [r["op"] for r in disk.trace() if r["status"] != "ok"] == ["write"]
+
+Fixtures:
+
+- ``image``: ``image(fmt="raw"|"qcow2", size="16M", backing=None, **qemu_img_o)``
+  makes an image in the test's temporary folder with qemu-img and returns its path.
+- ``vm``: ``vm(disk, **disk_options)`` returns a ``VM`` that boots the workload
+  guest (guest/guests/workload.c) on ``disk`` (a ``Disk`` or a path) under
+  KVM; ``VM.fio(**options)`` runs it once (``pykvm fio``'s options, as
+  keywords) and returns a ``Run``.
+
+A ``Disk`` is an image with a blkdebug node and a trace, both live across
+runs: ``inject(action, **keys)`` adds a rule (the rules file's ``[fault]``
+keys, ``_`` for ``-``; ``kind="inject-error"`` or ``"set-state"`` for QEMU's
+sections), ``release()`` lets hung requests and held completions go (from
+another thread while a run blocks), ``trace()`` the trace records so far,
+``rules()`` how often each rule matched and fired, ``counters()`` the device's
+counters of the last run.
+
+Stability: the names above are the API; anything else here may change.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+
+from .block.inject import Injector, name_injector, rule_from
+from .block.trace import read as read_trace
+
+__all__ = ["Disk", "Run", "VM", "image", "vm"]
+
+
+class Disk:
+    """An image under a blkdebug node whose rules the test adds (see module doc)."""
+
+    def __init__(self, path, fmt: str | None = None, trace: str | os.PathLike | None = None):
+        self.path = str(path)
+        self.format = fmt
+        self.injector = Injector([])
+        self._name = name_injector(self.injector)
+        self.trace_path = str(trace) if trace is not None else self.path + ".trace.jsonl"
+        open(self.trace_path, "w").close()
+        self.last_counters: dict = {}
+        self._traces: list[dict] = []
+
+    def spec(self, **options) -> str:
+        """The --disk spec that opens this disk (the node under the format)."""
+        fmt = f"driver={self.format}," if self.format else ""
+        extra = "".join(f",{k.replace('_', '-')}={v}" for k, v in options.items())
+        return (f"{fmt}file.driver=blkdebug,file.x-injector={self._name},"
+                f"file.image.driver=file,file.image.filename={self.path},"
+                f"trace={self.trace_path}{extra}")
+
+    def inject(self, action: str, kind: str = "fault", **keys) -> int:
+        """Add a rule now (it applies at once, also during a run); its index."""
+        items = {k.replace("_", "-") if k != "new_state" else k: v for k, v in keys.items()}
+        if kind == "fault":
+            items["action"] = action
+        return self.injector.add(rule_from(kind, items, "inject()"))
+
+    def release(self) -> None:
+        self.injector.release()
+
+    def rules(self) -> list[dict]:
+        return self.injector.counts()
+
+    def trace(self) -> list[dict]:
+        """Every trace record of every run so far, in the order written."""
+        return self._traces + (read_trace(self.trace_path)
+                               if os.path.getsize(self.trace_path) else [])
+
+    def _keep_trace(self) -> None:
+        # each run rewrites the file: keep what the earlier runs wrote
+        self._traces = self.trace()
+        open(self.trace_path, "w").close()
+
+    def counters(self) -> dict:
+        return dict(self.last_counters)
+
+
+class Run:
+    """One boot of the workload guest: ``job`` (fio's JSON job: ``read``,
+    ``write``, ``error``, ``verify_errors``), ``device`` (its counters),
+    ``status`` (the guest's exit status), ``stderr`` (the VMM's log lines)."""
+
+    def __init__(self, doc: dict, status: int, stderr: str):
+        self.doc = doc
+        self.job = doc["jobs"][0]
+        self.device = doc.get("pykvm", {}).get("device", {})
+        self.status = status
+        self.stderr = stderr
+
+    @property
+    def errors(self) -> int:
+        return self.device.get("errors", 0)
+
+
+class VM:
+    """The workload guest on one disk (see module doc)."""
+
+    def __init__(self, disk, **disk_options):
+        self.disk = disk if isinstance(disk, Disk) else Disk(disk)
+        self.disk_options = disk_options
+
+    def fio(self, **options) -> Run:
+        """Boot the workload guest once with ``pykvm fio``'s options (``rw=``,
+        ``bs=``, ``iodepth=``, ``ios=``, ``runtime=``, ``verify=``, ...)."""
+        from . import cli
+        argv = ["fio", "--disk", self.disk.spec(**self.disk_options), "--output-format", "json"]
+        for k, v in options.items():
+            flag = "--" + k.replace("_", "-")
+            argv += [flag] if v is True else [] if v is False else [flag, str(v)]
+        out, err = io.StringIO(), io.StringIO()
+        if os.path.getsize(self.disk.trace_path):
+            self.disk._keep_trace()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            args = cli.build_parser().parse_args(argv)
+            status = cli.cmd_fio(args)
+        doc = json.loads(out.getvalue())
+        run = Run(doc, status, err.getvalue())
+        self.disk.last_counters = run.device
+        return run
+
+
+def make_image(folder, fmt: str = "raw", size="16M", backing=None, name=None, **opts) -> str:
+    """An image made by qemu-img (``opts``: its -o options, as qemu-img spells them)."""
+    make_image.count = getattr(make_image, "count", 0) + 1
+    path = os.path.join(str(folder), name or f"disk{make_image.count}.{fmt}")
+    cmd = ["qemu-img", "create", "-q", "-f", fmt]
+    o = [f"{k}={v}" for k, v in opts.items()]
+    if backing is not None:
+        cmd += ["-b", str(backing), "-F", "qcow2" if str(backing).endswith(".qcow2") else "raw"]
+    if o:
+        cmd += ["-o", ",".join(o)]
+    subprocess.run(cmd + [path] + ([str(size)] if size is not None else []), check=True)
+    return path
+
+
+# -- the pytest plugin ------------------------------------------------------------------
+
+try:
+    import pytest
+except ImportError:     # the API works without pytest; the fixtures need it
+    pytest = None
+
+if pytest is not None:
+    @pytest.fixture
+    def image(tmp_path):
+        """``image(fmt="raw", size="16M", backing=None, **qemu_img_o)`` -> path."""
+        def make(fmt="raw", size="16M", backing=None, **opts):
+            return make_image(tmp_path, fmt, size, backing, **opts)
+        return make
+
+    @pytest.fixture
+    def vm():
+        """``vm(disk, **disk_options)`` -> VM (the workload guest under KVM)."""
+        return VM
