@@ -63,7 +63,7 @@ linux-kit: setup linux-kernel
 	$(PY) -m tests.helpers.linux_kit
 
 test: setup guests linux-kernel linux-kit fuzz-deps
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q tests examples
 
 test-unit: setup guests linux-kernel
 	$(VENV)/bin/pytest -q tests/unit

@@ -88,3 +88,25 @@ def test_a_hung_request_until_released(vm, image):
     run = vm(disk).fio(rw="randread", ios=50, iodepth=2, size="4M")
     hung = [r for r in disk.trace() if r["rule"] == 0]
     assert run.errors == 0 and len(hung) == 1 and hung[0]["latency_ns"] >= 0.4e9
+
+
+EXT4_EIO = """
+mkfs.ext4 -q -F /dev/vda 12288                      # 48 MiB of the 64 MiB disk
+mount -o errors=remount-ro /dev/vda /mnt
+dd if=/dev/vda of=/dev/null bs=4096 skip=14336 count=1 2>/dev/null   # the marker
+for i in 1 2 3 4 5 6 7 8; do (echo data$i > /mnt/f$i; sync) 2>/dev/null; done
+sleep 1; touch /mnt/after 2>&1; dmesg | grep -E 'I/O error|read-only'
+"""
+
+
+def test_ext4_remounts_read_only_on_eio_at_the_third_write_after_mount(linux_guest, image):
+    """Linux's ext4 meets EIO at the 3rd write after mount (a read of a marker
+    sector past the file system arms the rule): it logs the I/O error and,
+    with errors=remount-ro, goes read-only; the VMM serves on."""
+    disk = Disk(image("raw", "64M"))
+    disk.inject("pass", op="read", offset="56M", length="4k", new_state=2)
+    disk.inject("error", op="write", state=2, nth=3)
+    run = linux_guest(disk, EXT4_EIO)
+    assert "I/O error, dev vda" in run.output and "Read-only file system" in run.output
+    assert "Remounting filesystem read-only" in run.output
+    assert disk.rules()[1]["fired"] == 1 and run.device["errors"] == 1

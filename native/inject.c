@@ -235,7 +235,9 @@ int pykvm_inject_check(struct pykvm_inject *inj, uint32_t op, uint64_t offset, u
             continue;
         x->fired++;
         inj_fill(x, i, hit);
-        found = 1;
+        if (r->new_state)
+            inj->state = r->new_state;
+        found = r->action != PYKVM_INJ_NONE;  /* pass: the request goes on */
     }
     pthread_mutex_unlock(&inj->lock);
     return found;

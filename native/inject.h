@@ -43,7 +43,7 @@
 #define PYKVM_INJ_RULE_SET_STATE 2      /* QEMU's [set-state] */
 #define PYKVM_INJ_RULE_FAULT 3          /* [fault] */
 
-#define PYKVM_INJ_NONE 0
+#define PYKVM_INJ_NONE 0        /* fault "pass": counted, moves the state, nothing else */
 #define PYKVM_INJ_ERROR 1       /* value: errno */
 #define PYKVM_INJ_STATUS 2      /* value: virtio status (IOERR 1, UNSUPP 2) */
 #define PYKVM_INJ_DELAY 3       /* delay_ns */
@@ -69,7 +69,7 @@ struct pykvm_inject_rule {
     uint32_t kind;
     uint32_t event;             /* inject-error, set-state */
     int32_t state;              /* 0: any state */
-    int32_t new_state;          /* set-state */
+    int32_t new_state;          /* set-state; fault: the state it moves to when it fires (0: none) */
     uint32_t ops;               /* mask of 1 << PYKVM_INJ_OP_* */
     int64_t offset;             /* -1: anywhere; else the bytes [offset, offset + length) */
     uint64_t length;            /* inject-error: 0 (the request must cover offset) */

@@ -297,37 +297,19 @@ def cmd_fio(args) -> int:
 def cmd_serve(args) -> int:
     import signal
 
-    from .machine import open_disk
-    from .virtio.blk import VirtioBlk
-    from .virtio.transport.vhost_user import VhostUserServer
+    from .serve import VhostUserExport
 
-    backend = open_disk(args.disk)
-    # No polling unless asked: the front-end's vCPUs run in another process,
-    # most likely on the same host CPUs, and a polling back-end takes CPU time
-    # from them (two quick bench runs with QEMU TCG on 2 CPUs: 15.6 us of CPU
-    # per request without polling, 21.2 us with, and fewer IOPS).
-    # qemu-storage-daemon does not poll either unless given an iothread.
-    poll = 0 if args.disk.poll_max_ns is None else args.disk.poll_max_ns
-    dev = VirtioBlk(backend, serial=args.disk.serial or "pykvm-vhost0", name="vhost-user-blk",
-                    poll_max_ns=poll, irq_coalesce_ns=args.disk.irq_coalesce_ns,
-                    num_queues=args.disk.queues, iothread=args.disk.iothread)
-    try:
-        server = VhostUserServer(dev, args.vhost_user_blk, name="vhost-user-blk",
-                                 mode=args.socket_mode)
-    except BaseException:
-        dev.close()
-        raise
-    old = {sig: signal.signal(sig, lambda *_: server.stop())
+    export = VhostUserExport(args.disk, args.vhost_user_blk, mode=args.socket_mode)
+    old = {sig: signal.signal(sig, lambda *_: export.stop())
            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     print(f"pykvm: serving {args.disk.file} on {args.vhost_user_blk}", file=sys.stderr,
           flush=True)
     try:
-        server.serve_forever()
+        export.serve_forever()
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-        server.close()
-        dev.close()
+        export.close()
     return 0
 
 

@@ -18,6 +18,12 @@ Fixtures:
   guest (guest/guests/workload.c) on ``disk`` (a ``Disk`` or a path) under
   KVM; ``VM.fio(**options)`` runs it once (``pykvm fio``'s options, as
   keywords) and returns a ``Run``.
+- ``linux_guest``: ``linux_guest(disk, script, timeout=300, **disk_options)``
+  boots the Linux kit (``make linux-kit``) in QEMU (TCG) with ``disk`` as
+  /dev/vda through a vhost-user-blk device whose back-end (``pykvm serve``'s
+  VhostUserExport) runs in a thread of the test, runs ``script`` with busybox
+  sh, and returns a ``LinuxRun`` (``rc``: the script's exit status,
+  ``output``: what it printed, ``console``: the whole console).
 
 A ``Disk`` is an image with a blkdebug node and a trace, both live across
 runs: ``inject(action, **keys)`` adds a rule (the rules file's ``[fault]``
@@ -36,11 +42,12 @@ import io
 import json
 import os
 import subprocess
+import tempfile
 
 from .block.inject import Injector, name_injector, rule_from
 from .block.trace import read as read_trace
 
-__all__ = ["Disk", "Run", "VM", "image", "vm"]
+__all__ = ["Disk", "LinuxRun", "Run", "VM", "image", "linux_guest", "run_linux", "vm"]
 
 
 class Disk:
@@ -135,6 +142,47 @@ class VM:
         return run
 
 
+class LinuxRun:
+    """The Linux kit's run: ``rc``, ``output``, ``console``, ``device`` (counters)."""
+
+    def __init__(self, result, device: dict):
+        self.rc = result.rc
+        self.output = result.output
+        self.console = result.console
+        self.device = device
+
+
+def run_linux(disk, script: str, timeout: float = 300, **disk_options) -> LinuxRun:
+    """Boot the Linux kit on ``disk`` (see ``linux_guest``)."""
+    import threading
+
+    from .machine import DiskSpec
+    from .serve import VhostUserExport
+    from tests.helpers import linux_kit     # the kit lives with pykvm's tests (make linux-kit)
+    disk = disk if isinstance(disk, Disk) else Disk(disk)
+    if os.path.getsize(disk.trace_path):
+        disk._keep_trace()
+    folder = tempfile.mkdtemp(prefix="pykvm-vu-")     # short: a socket path has 108 bytes
+    sock = os.path.join(folder, "vu.sock")
+    export = VhostUserExport(DiskSpec.parse(disk.spec(**disk_options)), sock)
+    thread = threading.Thread(target=export.serve_forever, name="linux-guest-export",
+                              daemon=True)
+    thread.start()
+    try:
+        result = linux_kit.run_tcg(linux_kit.kit(), script, shared_mem=True, timeout=timeout,
+                                   qemu_args=["-chardev", f"socket,id=vu,path={sock},reconnect=1",
+                                              "-device", "vhost-user-blk-pci,chardev=vu,"
+                                              "num-queues=1"])
+    finally:
+        export.stop()
+        thread.join(30)
+        device = export.counters()
+        export.close()
+        os.rmdir(folder)
+    disk.last_counters = device
+    return LinuxRun(result, device)
+
+
 def make_image(folder, fmt: str = "raw", size="16M", backing=None, name=None, **opts) -> str:
     """An image made by qemu-img (``opts``: its -o options, as qemu-img spells them)."""
     make_image.count = getattr(make_image, "count", 0) + 1
@@ -168,3 +216,8 @@ if pytest is not None:
     def vm():
         """``vm(disk, **disk_options)`` -> VM (the workload guest under KVM)."""
         return VM
+
+    @pytest.fixture
+    def linux_guest():
+        """``linux_guest(disk, script, timeout=300, **disk_options)`` -> LinuxRun."""
+        return run_linux

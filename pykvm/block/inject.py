@@ -20,7 +20,9 @@ A rules file is QEMU's config format: ``[section]`` lines, then ``key =
   requests fire: ``after`` N (skip the first N), ``every`` N (then every
   Nth), ``nth`` N (only the Nth: after N-1, times 1), ``times`` N (at most N
   firings), ``once`` (times 1), ``probability`` P in [0, 1] with ``seed``.
+  ``new_state`` N: the state machine moves to N when the rule fires.
   Action (``action``, required):
+    pass      nothing: the rule only counts (and moves the state)
     error     ``errno`` (default EIO): the guest sees IOERR
     status    ``status`` = ioerr | unsupp: that virtio status
     delay     ``delay`` (10ms, 250us, 1s...), ``distribution`` fixed |
@@ -75,11 +77,11 @@ OPS = {"read": lib.PYKVM_INJ_OP_READ, "write": lib.PYKVM_INJ_OP_WRITE,
        "flush": lib.PYKVM_INJ_OP_FLUSH, "discard": lib.PYKVM_INJ_OP_DISCARD,
        "write-zeroes": lib.PYKVM_INJ_OP_WRITE_ZEROES, "get-id": lib.PYKVM_INJ_OP_GET_ID}
 QEMU_IOTYPES = ("read", "write", "write-zeroes", "discard", "flush")
-ACTIONS = {"error": lib.PYKVM_INJ_ERROR, "status": lib.PYKVM_INJ_STATUS,
+ACTIONS = {"pass": lib.PYKVM_INJ_NONE, "error": lib.PYKVM_INJ_ERROR, "status": lib.PYKVM_INJ_STATUS,
            "delay": lib.PYKVM_INJ_DELAY, "hang": lib.PYKVM_INJ_HANG,
            "corrupt": lib.PYKVM_INJ_CORRUPT, "torn": lib.PYKVM_INJ_TORN,
            "drop": lib.PYKVM_INJ_DROP, "zero": lib.PYKVM_INJ_ZERO, "hold": lib.PYKVM_INJ_HOLD}
-ACTION_NAMES = {v: k for k, v in ACTIONS.items()}
+ACTION_NAMES = {v: k for k, v in ACTIONS.items()}     # 0: pass
 # the ops an action applies to (the default op list), and may be given
 ACTION_OPS = {"corrupt": ("read",), "zero": ("read",), "torn": ("write",),
               "drop": ("write", "flush")}
@@ -98,7 +100,8 @@ SECTOR = 512
 KEYS = {
     "inject-error": ("event", "state", "errno", "sector", "once", "immediately", "iotype"),
     "set-state": ("event", "state", "new_state"),
-    "fault": ("op", "sector", "nsectors", "offset", "length", "queue", "state", "after",
+    "fault": ("op", "sector", "nsectors", "offset", "length", "queue", "state", "new_state",
+              "after",
               "every", "nth", "times", "once", "probability", "seed", "action", "errno",
               "status", "delay", "delay-max", "distribution", "bits", "sectors", "count",
               "order", "timeout"),
@@ -280,6 +283,7 @@ def rule_from(kind: str, items: dict, where: str) -> Rule:
     kw["offset"], kw["length"] = start, length
     kw["queue"] = get("queue", _int_range(0, 65535), -1)
     kw["state"] = get("state", _int_range(0, 1 << 31), 0)
+    kw["new_state"] = get("new_state", _int_range(0, 1 << 31), 0)
     if "nth" in items and ("after" in items or "every" in items or "times" in items):
         raise err("nth", "nth is after/times in one: give it alone")
     nth = get("nth", _int_range(1, 1 << 62))
