@@ -21,7 +21,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TESTS = ["tests/unit/test_queue.py", "tests/unit/test_fastpath_parity.py",
          "tests/unit/test_fastpath_aio.py", "tests/unit/test_virtio_blk.py",
-         "tests/unit/test_fastpath_blk.py", "tests/unit/test_throttle.py"]
+         "tests/unit/test_fastpath_blk.py", "tests/unit/test_throttle.py",
+         "tests/unit/test_blkdebug.py"]
 SELECT = "not native"  # (time) the other engines cover the C I/O thread
 BOOT = """
 import importlib.util, os, sys
