@@ -189,6 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--verbose", "-v", action="count", default=0,
                        help="log connections and restarts (-vv: every message)")
 
+    wlog = sub.add_parser("log", help="write logs (blklogwrites, dm-log-writes format)")
+    lsub = wlog.add_subparsers(dest="log_command", metavar="info|replay", required=True)
+    linfo = lsub.add_parser("info", help="the log's sector size, entries, flushes and marks")
+    linfo.add_argument("log")
+    linfo.add_argument("--output-format", choices=["human", "json"], default="human")
+    replay = lsub.add_parser("replay", help="apply a log's entries to a raw image "
+                                            "(xfstests' replay-log)")
+    replay.add_argument("log")
+    replay.add_argument("image")
+    stop = replay.add_mutually_exclusive_group()
+    stop.add_argument("--limit", type=int, metavar="N", help="the first N entries")
+    stop.add_argument("--end-mark", metavar="MARK", help="up to and including this mark")
+    stop.add_argument("--next-flush", action="store_true", help="up to the next flush")
+    replay.add_argument("--start-entry", type=int, default=0, metavar="N",
+                        help="begin with entry N (0-based)")
+
     trace = sub.add_parser("trace", help="read a per-request trace (--disk ...,trace=FILE)")
     tsub = trace.add_subparsers(dest="trace_command", metavar="summary|plot", required=True)
     summary = tsub.add_parser("summary", help="counts, IOPS, latency percentiles by op, "
@@ -322,6 +338,31 @@ def _prefix_formatter():
     return _Prefix()
 
 
+def cmd_log(args) -> int:
+    import json
+
+    from .block import writelog
+    if args.log_command == "info":
+        i = writelog.info(args.log)
+        if args.output_format == "json":
+            print(json.dumps(i, indent=2))
+            return 0
+        print(f"log: {args.log}\nsector size: {i['sector_size']}\nentries: {i['entries']} "
+              f"({i['writes']} writes, {i['fua']} of them FUA, {i['discards']} discards, "
+              f"{i['flushes']} flushes, {len(i['marks'])} marks)\ndata: {i['bytes']} bytes\n"
+              f"marks: " + (", ".join(f"{m['name']} (entry {m['entry']})" for m in i["marks"])
+                            or "none"))
+        return 0
+    if args.limit is not None and args.limit < 0 or args.start_entry < 0:
+        raise PykvmError("--limit and --start-entry take a number of entries (0 or more)")
+    done = writelog.replay(args.log, args.image, limit=args.limit, end_mark=args.end_mark,
+                           next_flush=args.next_flush, start=args.start_entry)
+    print(f"replayed {done['entries']} entries ({done['writes']} writes, {done['discards']} "
+          f"discards, {done['flushes']} flushes, {done['marks']} marks; {done['bytes']} bytes)"
+          + (f", the last entry {done['last']}" if done["last"] is not None else ""))
+    return 0
+
+
 def cmd_trace(args) -> int:
     import json
 
@@ -372,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "trace":
             return cmd_trace(args)
+        if args.command == "log":
+            return cmd_log(args)
     except GuestFault as e:
         print(e.report, file=sys.stderr)
         print(f"pykvm: {e}", file=sys.stderr)

@@ -141,6 +141,16 @@ class BlockBackend:
             self.root.close()
             raise GraphError(debug[1].describe(), "a disk takes one blkdebug node")
         self.inject = debug[0].injector if debug else None
+        logs = [n for path, _r, n in walk(self.root)
+                if n.format_name == "blklogwrites" and "/backing" not in path]
+        if len(logs) > 1 or (logs and read_only):
+            self.root.close()
+            raise GraphError(logs[-1].describe(), "a disk takes one blklogwrites node, and "
+                             "not read-only")
+        # blklogwrites: the log node, and what each request in flight will log
+        # once it completes {token: (kind, offset, data or length, durable)}
+        self.wlog = logs[0] if logs else None
+        self._wlog_ops: dict = {}
         self.format = self.driver.format_name
         self.path = self.driver.filename
         self.read_only = read_only
@@ -215,12 +225,17 @@ class BlockBackend:
     MAP_REFRESH_MIN = 0.05
     MAP_REFRESH_SHARE = 20
 
+    @property
+    def c_may_write(self) -> bool:
+        """May a device's own I/O thread write (and flush) without Python? Not
+        on a read-only disk, with detect-zeroes, or while writes are logged."""
+        return not self.read_only and self.detect_zeroes == "off" and self.wlog is None
+
     def direct_extents(self) -> list:
         """The driver's direct extents (driver.DirectExtent) under this backend's
-        rules: none writable on a read-only disk or with detect-zeroes (such
-        writes need the backend)."""
+        rules: none writable unless c_may_write (other writes need the backend)."""
         ext = self.driver.direct_extents()
-        if self.read_only or self.detect_zeroes != "off":
+        if not self.c_may_write:
             ext = [e._replace(writable=False) if e.writable else e for e in ext]
         return ext
 
@@ -449,6 +464,25 @@ class BlockBackend:
         self._release_all = False
         return out
 
+    def _wlog_reap(self, done: list) -> None:
+        """blklogwrites: hand the node what completed (block/filters/blklogwrites.py)."""
+        w = self.wlog
+        for token, result in done:
+            op = self._wlog_ops.pop(token, None)
+            if op is None:
+                continue
+            kind, offset, x, durable = op
+            if kind == "f":
+                w.flush_done(x, result >= 0)
+            elif result < 0:
+                continue
+            elif kind == "w":
+                w.completed_write(offset, x, durable)
+            elif kind == "z":
+                w.completed_zeroes(offset, x, durable)
+            else:
+                w.completed_discard(offset, x)
+
     def get_id_injected(self, token: int, queue: int = 0) -> bool:
         """A GET_ID request: True when a rule answers it (an error or a status,
         completing as ``token``); False: the device answers with its serial."""
@@ -549,6 +583,8 @@ class BlockBackend:
         self._writev_go(token, offset, iov)
 
     def _writev_go(self, token: int, offset: int, iov: list) -> None:
+        if self.wlog is not None:
+            self._wlog_ops[token] = ("w", offset, bytes(_joined(iov)), self._flush_needed())
         if self._throttled and self._throttled.hold(True, iov_length(iov), self._writev,
                                                     token, offset, iov):
             return
@@ -633,6 +669,8 @@ class BlockBackend:
         self._flush_go(token)
 
     def _flush_go(self, token: int) -> None:
+        if self.wlog is not None and not self.cache.no_flush:   # (unsafe: never durable)
+            self._wlog_ops[token] = ("f", 0, self.wlog.flush_started(), False)
         self.stats["flush"] += 1
         if self.cache.no_flush:
             self._complete_now(token, 0)
@@ -661,6 +699,8 @@ class BlockBackend:
         self._discard_go(token, offset, length)
 
     def _discard_go(self, token: int, offset: int, length: int) -> None:
+        if self.wlog is not None and self.discard_mode == "unmap":
+            self._wlog_ops[token] = ("d", offset, length, False)
         self.stats["discard"] += 1
         if self.read_only:
             self._complete_now(token, -errno.EROFS)
@@ -697,6 +737,8 @@ class BlockBackend:
         self._write_zeroes_go(token, offset, length, unmap)
 
     def _write_zeroes_go(self, token: int, offset: int, length: int, unmap: bool) -> None:
+        if self.wlog is not None:
+            self._wlog_ops[token] = ("z", offset, length, self._flush_needed())
         if self._throttled and self._throttled.hold(True, length, self._write_zeroes,
                                                     token, offset, length, unmap):
             return
@@ -754,6 +796,8 @@ class BlockBackend:
         out, self._ready = self._ready, []
         if self.inject is not None:
             out = self._inject_reap(out)
+        if self._wlog_ops:
+            self._wlog_reap(out)
         if self._map_listener is not None:
             self.refresh_map()
         return out

@@ -222,7 +222,8 @@ class Opener:
         if spec is None or spec == "":
             return None
         if isinstance(spec, str):
-            spec = filename_spec(spec) if role in ("file", "data-file") else image_spec(spec)
+            spec = filename_spec(spec) if role in ("file", "data-file", "log") else \
+                image_spec(spec)
         elif role == "image" and "driver" not in spec and "filename" in spec:
             # a filter's image.filename=: the image's format is probed (QEMU's rule)
             spec = {"file": spec}

@@ -588,11 +588,12 @@ def disk_extents(backend) -> tuple[list, int]:
     if not drv.identity_mapped:
         return (backend.direct_extents() if drv.direct_map else []), -1
     size = backend.size // 512 * 512
-    writable = not backend.read_only and getattr(backend, "detect_zeroes", "off") == "off"
+    writable = backend.c_may_write
     extents = [Extent(0, min(512, size), drv.fd, 0, False)]
     if size > 512:
         extents.append(Extent(512, size - 512, drv.fd, 512, writable))
-    flush_fd = drv.fd if list(getattr(drv, "sync_fds", [drv.fd])) == [drv.fd] else -1
+    flush_fd = drv.fd if list(getattr(drv, "sync_fds", [drv.fd])) == [drv.fd] and \
+        backend.wlog is None else -1      # (a logged flush is Python's)
     return extents, flush_fd
 
 
