@@ -151,6 +151,17 @@ class BlockBackend:
         # once it completes {token: (kind, offset, data or length, durable)}
         self.wlog = logs[0] if logs else None
         self._wlog_ops: dict = {}
+        # a volatile node (power-cut experiments): what it must learn of each
+        # request in flight {token: (kind, seq or flushed set, durable)}
+        vols = [n for path, _r, n in walk(self.root)
+                if n.format_name == "volatile" and "/backing" not in path]
+        if len(vols) > 1 or (vols and (read_only or self.cache.direct)):
+            self.root.close()
+            raise GraphError(vols[-1].describe(), "a disk takes one volatile node, not "
+                             "read-only, and with a cache mode of the page cache (writeback, "
+                             "writethrough or unsafe: it emulates a volatile write cache)")
+        self.volatile = vols[0] if vols else None
+        self._vol_ops: dict = {}
         self.format = self.driver.format_name
         self.path = self.driver.filename
         self.read_only = read_only
@@ -229,7 +240,8 @@ class BlockBackend:
     def c_may_write(self) -> bool:
         """May a device's own I/O thread write (and flush) without Python? Not
         on a read-only disk, with detect-zeroes, or while writes are logged."""
-        return not self.read_only and self.detect_zeroes == "off" and self.wlog is None
+        return not self.read_only and self.detect_zeroes == "off" and self.wlog is None and \
+            self.volatile is None
 
     def direct_extents(self) -> list:
         """The driver's direct extents (driver.DirectExtent) under this backend's
@@ -483,6 +495,38 @@ class BlockBackend:
             else:
                 w.completed_discard(offset, x)
 
+    def _vol_zeroes(self, token: int, offset: int, length: int) -> None:
+        """Discard and write-zeroes, for the volatile node: writes of zeroes
+        (one legal outcome), held as any write; a range larger than the node
+        may hold is made durable at once (one log line)."""
+        if length > self.volatile.max:
+            log.warning("%s: a %d-byte discard or write-zeroes is more than volatile-max: "
+                        "it is durable at once", self.volatile.describe(), length)
+            return
+        self._vol_ops[token] = (self.volatile.before_write(self.driver, offset, bytes(length)),
+                                self._flush_needed())
+
+    def _vol_reap(self, done: list) -> None:
+        v = self.volatile
+        for token, result in done:
+            op = self._vol_ops.pop(token, None)
+            if op is None:
+                continue
+            x, durable = op
+            if durable is None:
+                v.flush_done(x, result >= 0)
+            else:
+                v.completed(x, result >= 0, durable)
+
+    def power_cut(self, keep: str = "flushed", seed: int = 0, torn: bool = False) -> dict:
+        """The disk loses power (its device stopped): the volatile node leaves
+        the image in a crash state the model allows (block/filters/volatile.py)."""
+        if self.volatile is None:
+            raise GraphError(self.root.describe(), "power_cut needs a volatile node "
+                             "(driver=volatile)")
+        self.drain()
+        return self.volatile.power_cut(self.driver, keep, seed, torn)
+
     def get_id_injected(self, token: int, queue: int = 0) -> bool:
         """A GET_ID request: True when a rule answers it (an error or a status,
         completing as ``token``); False: the device answers with its serial."""
@@ -585,6 +629,10 @@ class BlockBackend:
     def _writev_go(self, token: int, offset: int, iov: list) -> None:
         if self.wlog is not None:
             self._wlog_ops[token] = ("w", offset, bytes(_joined(iov)), self._flush_needed())
+        if self.volatile is not None:
+            self._vol_ops[token] = (self.volatile.before_write(self.driver, offset,
+                                                               bytes(_joined(iov))),
+                                    self._flush_needed())
         if self._throttled and self._throttled.hold(True, iov_length(iov), self._writev,
                                                     token, offset, iov):
             return
@@ -671,6 +719,8 @@ class BlockBackend:
     def _flush_go(self, token: int) -> None:
         if self.wlog is not None and not self.cache.no_flush:   # (unsafe: never durable)
             self._wlog_ops[token] = ("f", 0, self.wlog.flush_started(), False)
+        if self.volatile is not None and not self.cache.no_flush:
+            self._vol_ops[token] = (self.volatile.flush_started(), None)
         self.stats["flush"] += 1
         if self.cache.no_flush:
             self._complete_now(token, 0)
@@ -701,6 +751,8 @@ class BlockBackend:
     def _discard_go(self, token: int, offset: int, length: int) -> None:
         if self.wlog is not None and self.discard_mode == "unmap":
             self._wlog_ops[token] = ("d", offset, length, False)
+        if self.volatile is not None and self.discard_mode == "unmap":
+            self._vol_zeroes(token, offset, length)
         self.stats["discard"] += 1
         if self.read_only:
             self._complete_now(token, -errno.EROFS)
@@ -739,6 +791,8 @@ class BlockBackend:
     def _write_zeroes_go(self, token: int, offset: int, length: int, unmap: bool) -> None:
         if self.wlog is not None:
             self._wlog_ops[token] = ("z", offset, length, self._flush_needed())
+        if self.volatile is not None:
+            self._vol_zeroes(token, offset, length)
         if self._throttled and self._throttled.hold(True, length, self._write_zeroes,
                                                     token, offset, length, unmap):
             return
@@ -798,6 +852,8 @@ class BlockBackend:
             out = self._inject_reap(out)
         if self._wlog_ops:
             self._wlog_reap(out)
+        if self._vol_ops:
+            self._vol_reap(out)
         if self._map_listener is not None:
             self.refresh_map()
         return out
@@ -927,6 +983,8 @@ class BlockBackend:
 
     def close(self) -> None:
         self.drain()
+        if self.volatile is not None and self.volatile.cut is not None:
+            self.volatile.last_cut = self.power_cut(*self.volatile.cut)   # planned: at close
         self._closed = True
         if self.inject is not None and self._released in self.inject.on_release:
             self.inject.on_release.remove(self._released)
