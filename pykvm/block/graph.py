@@ -25,6 +25,9 @@ from .driver import DRIVERS, FORMATS, BlockDriver, BlockError, GraphError, probe
 
 # options every node takes (QEMU's BlockdevOptions base), besides its driver's
 COMMON = ("driver", "node-name", "read-only")
+# Backing files below an image, at most (README.md, "Limits"; QEMU sets none). Opening
+# a node and reading through the chain recurse once a level.
+MAX_BACKING_DEPTH = 100
 SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
                  "p": 1 << 50, "e": 1 << 60}
 
@@ -218,6 +221,10 @@ class Opener:
         if role == "backing":
             if self.file is not None:
                 chain = chain | {os.path.realpath(self.file.filename)}
+            if len(chain) > MAX_BACKING_DEPTH:   # the image's doing, not the options'
+                raise BlockError(self.file.filename if self.file is not None else self.name,
+                                 f"backing chain too deep (more than {MAX_BACKING_DEPTH} "
+                                 f"backing files)")
             if self.use is not None:
                 from .locking import backing_use
                 use = backing_use(self.use)
