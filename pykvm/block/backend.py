@@ -421,7 +421,10 @@ class BlockBackend:
                 self._complete_now(token, -errno.EINVAL)
                 return
             bounce = _Bounce(total, self.align)
-            iov_copy_in([bounce.view], _joined(iov))
+            pos = 0
+            for buf in iov:     # piece by piece: no joined copy of a large request
+                bounce.view[pos:pos + len(buf)] = buf
+                pos += len(buf)
         run = [bounce.view] if bounce else iov
         if self._fast:
             p = _Pending(token, WRITE, bounce=bounce, then_flush=flush)

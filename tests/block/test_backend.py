@@ -144,6 +144,29 @@ def test_unaligned_buffer_read_across_extents(disk_factory, engine, cache_mode, 
         assert bytes(view) == expect[off:off + 200192], hex(off)
 
 
+@pytest.mark.matrix(cache_mode=DIRECT_CACHE_MODES, image_format=("raw",))
+def test_unaligned_write_is_bounced_without_a_joined_copy(disk_factory, engine, cache_mode,
+                                                          image_format):
+    """An O_DIRECT write from unaligned guest buffers is copied into its bounce
+    buffer piece by piece: no Python copy of the request's data (it was joined
+    into one bytes object first, twice the request's size)."""
+    import tracemalloc
+    d = disk_factory(image_format.path, fmt=image_format.format)
+    n = 4 * MiB
+    raw = bytearray(n + 7)
+    raw[7:] = pattern(n, 5)
+    view = memoryview(raw)[7:]
+    pieces = [view[:MiB], view[MiB:]]
+    tracemalloc.start()
+    t = d._tok()
+    d.b.writev(t, 0, pieces)
+    assert d.wait([t])[t] == n
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < MiB, peak
+    assert d.read(0, n) == pattern(n, 5)
+
+
 @needs_qemu
 @pytest.mark.matrix(cache_mode=DIRECT_CACHE_MODES, image_format=("qcow2", "qcow2-backing"))
 def test_o_direct_write_zeroes_of_part_of_a_sector_is_refused_first(
