@@ -303,3 +303,43 @@ def test_check_walks_a_shared_table_once(tmp_path):
     drv.close()
     assert result["corruptions"] > 0
     assert any("references; refcounts overflow" in e for e in result["errors"])
+
+
+def test_json_filename_nested_too_deep(tmp_path):
+    """A json: filename nested 5000 deep is one line (it was a RecursionError's
+    traceback); brackets inside strings do not count."""
+    from pykvm.block.graph import MAX_JSON_NESTING
+    deep = "json:" + '{"a":' * 5000 + "1" + "}" * 5000
+    rc, err, _ = run("img", "info", deep)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"json: filename nested too deep (more than {MAX_JSON_NESTING} levels)" in err
+    p = tmp_path / "d.raw"
+    p.write_bytes(bytes(MiB))
+    ok = 'json:{"driver": "raw", "file": {"driver": "file", "filename": "%s"}, ' \
+         '"node-name": "[[[[{{{{%s"}' % (p, "[" * 1000)
+    rc, err, _ = run("img", "info", ok)
+    assert rc == 0, err
+
+
+def test_graph_deeper_than_the_limit(tmp_path):
+    """Nodes nested deeper than MAX_GRAPH_DEPTH (here raw over raw over ...) are
+    one GraphError; at the limit the graph opens and reads."""
+    from pykvm.block import GraphError
+    from pykvm.block.driver import read_range
+    from pykvm.block.graph import MAX_GRAPH_DEPTH, open_node
+    p = tmp_path / "d.raw"
+    p.write_bytes(b"\x07" * MiB)
+
+    def spec(n):
+        s = {"driver": "file", "filename": str(p)}
+        for _ in range(n):
+            s = {"driver": "raw", "file": s}
+        return s
+    drv = open_node(spec(MAX_GRAPH_DEPTH), read_only=True)
+    assert read_range(drv, 0, 512) == b"\x07" * 512
+    drv.close()
+    for n in (MAX_GRAPH_DEPTH + 1, 3000):
+        with pytest.raises(GraphError, match=f"graph too deep \\(more than {MAX_GRAPH_DEPTH} "
+                                             f"nodes from the root\\)") as e:
+            open_node(spec(n), read_only=True)
+        assert "\n" not in str(e.value)
