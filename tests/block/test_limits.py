@@ -16,6 +16,8 @@ from pykvm.block.qcow2 import OFFSET_MASK, Qcow2Driver
 from pykvm.block.qcow2.header import (MAX_HEADER_EXTENSIONS, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
                                       MAX_SNAPSHOT_TABLE, MAX_SNAPSHOTS)
 
+from .conftest import needs_qemu
+
 MiB = 1 << 20
 CS = 65536
 # what a refused image may cost beyond opening a good one
@@ -343,3 +345,40 @@ def test_graph_deeper_than_the_limit(tmp_path):
                                              f"nodes from the root\\)") as e:
             open_node(spec(n), read_only=True)
         assert "\n" not in str(e.value)
+
+
+def bitmap_image(tmp_path):
+    from .conftest import qemu_img, qemu_io
+    p = tmp_path / "bm.qcow2"
+    qemu_img("create", "-f", "qcow2", p, "64M")
+    for name in ("b0", "b1"):
+        qemu_img("bitmap", "--add", p, name)
+    qemu_io(p, "write 0 1M")
+    return p
+
+
+@needs_qemu
+def test_check_counts_bitmaps(tmp_path):
+    """Bitmap tables and data are referenced once each: qemu-img's bitmaps check clean."""
+    p = bitmap_image(tmp_path)
+    drv = open_image(str(p), "qcow2", read_only=True)
+    r = drv.check()
+    drv.close()
+    assert (r["leaks"], r["corruptions"]) == (0, 0), r
+
+
+@needs_qemu
+def test_bitmap_directory_too_large_is_reported(tmp_path):
+    """A bitmaps extension claiming more bitmaps than QEMU allows is an error of
+    check, not a directory silently left unchecked (its clusters then looked
+    leaked, and a repair would free them)."""
+    from pykvm.block.qcow2.header import MAX_BITMAPS
+    p = bitmap_image(tmp_path)
+    data = p.read_bytes()
+    i = data.find(struct.pack(">I", 0x23852875))
+    assert 0 < i < CS
+    patch(p, i + 8, ">I", MAX_BITMAPS + 1)
+    drv = open_image(str(p), "qcow2", read_only=True)
+    r = drv.check()
+    drv.close()
+    assert any("bitmap directory too large" in e for e in r["errors"]), r

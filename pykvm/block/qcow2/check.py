@@ -10,8 +10,8 @@ import os
 import struct
 
 from ..driver import BlockError
-from .header import (COMPAT_LAZY, COMPRESSED, COPIED, INCOMPAT_CORRUPT, MAX_CHECK_ERRORS,
-                     MAX_L1_BYTES, OFFSET_MASK, REFT_MASK, ZERO)
+from .header import (COMPAT_LAZY, COMPRESSED, COPIED, INCOMPAT_CORRUPT, MAX_BITMAP_DIRECTORY,
+                     MAX_BITMAPS, MAX_CHECK_ERRORS, MAX_L1_BYTES, OFFSET_MASK, REFT_MASK, ZERO)
 
 
 class CheckRepair:
@@ -108,19 +108,25 @@ class CheckRepair:
                     ref(host, 1, "data cluster", times)
         if h.bitmaps_ext is not None and len(h.bitmaps_ext) >= 24:
             nb, _, dsize, doff = struct.unpack(">IIQQ", h.bitmaps_ext[:24])
-            if dsize <= (1 << 20) and ref(doff, -(-dsize // cs), "bitmap directory"):
+            if dsize > MAX_BITMAP_DIRECTORY or nb > MAX_BITMAPS:
+                fail(f"bitmap directory too large ({nb} bitmaps, {dsize} bytes; at most "
+                     f"{MAX_BITMAPS}, {MAX_BITMAP_DIRECTORY})")
+            elif ref(doff, -(-dsize // cs), "bitmap directory"):
                 d = os.pread(self.mfd, dsize, doff)
                 pos = 0
-                for _ in range(min(nb, 65535)):
+                tables = collections.Counter()      # each distinct table read once
+                for _ in range(nb):
                     if pos + 24 > len(d):
                         break
                     toff, tsize, _, _, _, nsize, esize = struct.unpack_from(">QIIBBHI", d, pos)
                     if tsize * 8 <= MAX_L1_BYTES and ref(toff, -(-tsize * 8 // cs), "bitmap table"):
-                        for be in struct.unpack(f">{tsize}Q", os.pread(self.mfd, tsize * 8, toff)):
-                            if be & OFFSET_MASK:
-                                ref(be & OFFSET_MASK, 1, "bitmap data")
+                        tables[toff, tsize] += 1
                     pos += 24 + esize + nsize
                     pos += -pos % 8
+                for (toff, tsize), times in tables.items():
+                    for be in struct.unpack(f">{tsize}Q", os.pread(self.mfd, tsize * 8, toff)):
+                        if be & OFFSET_MASK:
+                            ref(be & OFFSET_MASK, 1, "bitmap data", times)
         # compare
         leaks, corruptions = [], []
         top = max([nclusters] + [c + 1 for c in want])

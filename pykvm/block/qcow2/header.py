@@ -42,6 +42,8 @@ MAX_HEADER_EXTENSIONS = 1024    # QEMU: none (the first cluster bounds them)
 MAX_BACKING_NAME = 1023         # QEMU's, in qcow2_do_open
 MAX_BACKING_FMT = 15            # QEMU's (BlockDriverState.backing_format[16])
 L2_CACHE_DEFAULT_MAX = 32 << 20  # QEMU's DEFAULT_L2_CACHE_MAX_SIZE (Linux)
+MAX_BITMAPS = 65535             # QEMU's QCOW2_MAX_BITMAPS (bitmaps are kept, counted by check)
+MAX_BITMAP_DIRECTORY = 1024 * MAX_BITMAPS   # QEMU's QCOW2_MAX_BITMAP_DIRECTORY_SIZE
 MAX_CHECK_ERRORS = 1000         # messages check() keeps (it counts them all)
 FEATURE_NAMES = [(0, 0, "dirty bit"), (0, 1, "corrupt bit"), (0, 2, "external data file"),
                  (0, 3, "compression type"), (0, 4, "extended L2 entries"),
