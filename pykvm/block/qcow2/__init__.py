@@ -50,8 +50,9 @@ from .header import (AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, COMPAT_LAZY, COMPRES
                      COMPRESSION_TYPES, COPIED, EXT_BACKING_FMT, EXT_BITMAPS, EXT_CRYPTO,
                      EXT_DATA_FILE, EXT_END, EXT_FEATURES, FEATURE_NAMES, HDR_V2, HDR_V3,
                      INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
-                     INCOMPAT_EXTL2, INCOMPAT_KNOWN, L2_CACHE_DEFAULT_MAX, MAGIC, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
-                     MAX_SNAPSHOT_TABLE, MAX_SNAPSHOTS, OFFSET_MASK, REFT_MASK, ZERO, Header)
+                     INCOMPAT_EXTL2, INCOMPAT_KNOWN, L2_CACHE_DEFAULT_MAX, MAGIC, MAX_L1_BYTES,
+                     MAX_REFTABLE_BYTES, MAX_SNAPSHOT_TABLE, MAX_SNAPSHOTS, OFFSET_MASK,
+                     REFT_MASK, ZERO, Header)
 from .refcount import Refcounts, rc_get, rc_set, rc_span
 from .snapshot import Snapshot, Snapshots
 from .write import WriteAllocation, _Alloc
