@@ -122,7 +122,10 @@ struct pykvm_blk_punt {
 #define BLK_SECTOR 512
 #define BLK_HEADER 16
 #define BLK_ID_BYTES 20
-#define BLK_MAX_REQUEST_BYTES (256ull << 20)
+/* A guest request's limits; blk.h declares them, blk.py has the same (MAX_REQUEST_BYTES,
+ * MAX_SEGMENTS; tests/unit/test_fastpath_blk.py checks that they agree) */
+#define PYKVM_BLK_MAX_REQUEST_BYTES (256ull << 20)
+#define PYKVM_BLK_MAX_SEGMENTS 1024
 
 #define REQ_FREE 0
 #define REQ_IO 1        /* with the engine */
@@ -778,7 +781,7 @@ static int blk_rw(struct pykvm_blk *b, struct blk_queue *q, uint32_t type, uint6
     uint16_t head = ch->head;
     struct blk_req *req = &q->reqs[head];
     uint64_t nbytes, nsect, offset, host_offset;
-    uint32_t first, last, niov = 0;
+    uint32_t first, last, niov = 0, nbuf = 0;
     int32_t fd;
 
     if (type == BLK_T_IN) {
@@ -798,9 +801,22 @@ static int blk_rw(struct pykvm_blk *b, struct blk_queue *q, uint32_t type, uint6
         first = rout_first;
         last = ch->nreadable;
     }
-    if (nbytes > BLK_MAX_REQUEST_BYTES)
+    if (nbytes > PYKVM_BLK_MAX_REQUEST_BYTES)
         return blk_bad(b, q, head, status, BLK_S_IOERR, "request of %" PRIu64
-                       " bytes exceeds %llu", nbytes, BLK_MAX_REQUEST_BYTES);
+                       " bytes exceeds %llu", nbytes, PYKVM_BLK_MAX_REQUEST_BYTES);
+    /* its data buffers that are not empty, counted before an I/O vector is allocated */
+    for (uint32_t i = first; i < last; i++) {
+        uint64_t len = ch->segs[i].len;
+
+        if (i == first && type == BLK_T_OUT)
+            len -= rout_skip;
+        if (i == ch->nsegs - 1)
+            len -= 1;
+        nbuf += len != 0;
+    }
+    if (nbuf > PYKVM_BLK_MAX_SEGMENTS)
+        return blk_bad(b, q, head, status, BLK_S_IOERR, "request of %" PRIu32
+                       " data buffers exceeds %d", nbuf, PYKVM_BLK_MAX_SEGMENTS);
     /* _check_range */
     if (nbytes % BLK_SECTOR)
         return blk_bad(b, q, head, status, BLK_S_IOERR,
@@ -813,8 +829,7 @@ static int blk_rw(struct pykvm_blk *b, struct blk_queue *q, uint32_t type, uint6
     req->nbytes = (uint32_t)nbytes;
 
     /* the I/O vector: the data buffers that are not empty */
-    req->iov = last - first <= REQ_INLINE_IOV ? req->small
-                                              : malloc(sizeof(struct iovec) * (last - first));
+    req->iov = nbuf <= REQ_INLINE_IOV ? req->small : malloc(sizeof(struct iovec) * nbuf);
     if (!req->iov)
         return blk_fatal(b, q, "internal error: out of memory for an I/O vector");
     for (uint32_t i = first; i < last; i++) {

@@ -18,6 +18,9 @@
  */
 
 #define PYKVM_BLK_EXTENT_WRITABLE 1
+/* A guest request's limits (blk.c; blk.py MAX_REQUEST_BYTES, MAX_SEGMENTS) */
+#define PYKVM_BLK_MAX_REQUEST_BYTES 268435456
+#define PYKVM_BLK_MAX_SEGMENTS 1024
 
 /* Virtual disk bytes [offset, offset+length) live in fd at host_offset. */
 struct pykvm_blk_extent {

@@ -66,6 +66,10 @@ CACHE_MODES = {
 DISCARD_MODES = ("ignore", "unmap")
 DETECT_ZEROES_MODES = ("off", "on", "unmap")
 SECTOR = 512
+# Bounce buffers (O_DIRECT, unaligned guest buffers) in flight at once, in bytes
+# (README.md, "Limits"): a request that would pass it waits for those before it.
+# One request alone always goes (a guest request is at most 256 MiB).
+MAX_BOUNCE_BYTES = 256 << 20
 # Zeroes written as data go through O_DIRECT too: a page-aligned buffer
 # (an anonymous mapping) rather than a bytes object, which is not aligned.
 _ZEROES = mmap.mmap(-1, ZERO_CHUNK, prot=mmap.PROT_READ)
@@ -180,6 +184,7 @@ class BlockBackend:
         self.align = self._probe_alignment() if self.cache.direct else 1
         self._pending: dict[int, tuple] = {}
         self._deferred: collections.deque = collections.deque()
+        self._bounced = 0               # bytes of bounce buffers in flight
         self._next = 1
         self._ready: list[tuple[int, int]] = []
         self.stats = collections.Counter()
@@ -556,7 +561,10 @@ class BlockBackend:
             if offset % self.align or total % self.align:
                 self._complete_now(token, -errno.EINVAL)  # smaller than the advertised block size
                 return
-            bounce = _Bounce(total, self.align)
+            if self._bounce_waits(total, ("read", token, offset, iov)):
+                self.stats["read"] -= 1
+                return
+            bounce = self._bounce(total)
         run = [bounce.view] if bounce else iov
         if self._fast:
             p = _Pending(token, READ, iov=iov, bounce=bounce)
@@ -579,7 +587,7 @@ class BlockBackend:
         except BlockError as e:
             self._warn(e)
             if bounce:
-                bounce.close()
+                self._unbounce(bounce)
             self._complete_now(token, -errno.EIO)
             return
         self._launch(p, reqs)
@@ -663,8 +671,13 @@ class BlockBackend:
             if offset % self.align or total % self.align:
                 self._complete_now(token, -errno.EINVAL)
                 return
-            bounce = _Bounce(total, self.align)
-            iov_copy_in([bounce.view], _joined(iov))
+            if self._bounce_waits(total, ("write", token, offset, iov)):
+                return
+            bounce = self._bounce(total)
+            pos = 0
+            for buf in iov:     # piece by piece: no joined copy of a large request
+                bounce.view[pos:pos + len(buf)] = buf
+                pos += len(buf)
         run = [bounce.view] if bounce else iov
         if self._fast:
             p = _Pending(token, WRITE, bounce=bounce, then_flush=flush)
@@ -685,13 +698,13 @@ class BlockBackend:
             reqs = self._map_write(p, offset, run)
         except WriteBusy:
             if bounce:
-                bounce.close()
+                self._unbounce(bounce)
             self._deferred.append(("write", token, offset, iov))
             return
         except BlockError as e:
             self._warn(e)
             if bounce:
-                bounce.close()
+                self._unbounce(bounce)
             self._complete_now(token, -errno.EIO)
             return
         self._launch(p, reqs)
@@ -884,11 +897,11 @@ class BlockBackend:
             if p.bounce is not None:
                 if result >= 0:
                     iov_copy_in(p.iov, p.bounce.view)
-                p.bounce.close()
+                self._unbounce(p.bounce, retry=True)
             return p.token, result if result < 0 else p.length
         if p.op == WRITE:
             if p.bounce is not None:
-                p.bounce.close()
+                self._unbounce(p.bounce, retry=True)
                 p.bounce = None
             if p.allocs:
                 for a in p.allocs:
@@ -927,10 +940,34 @@ class BlockBackend:
         return p.token, result
 
     def _retry_deferred(self) -> None:
-        """Writes that waited for an allocation to commit: try them again, in order."""
+        """Writes that waited for an allocation to commit, and requests that waited
+        for bounce buffers: try them again, in order."""
         for _ in range(len(self._deferred)):
             kind, token, offset, iov = self._deferred.popleft()
-            self._write(token, offset, iov)
+            if kind == "read":
+                self._readv(token, offset, iov)
+            else:
+                self._write(token, offset, iov)
+
+    def _bounce_waits(self, size: int, request: tuple) -> bool:
+        """True (the request is deferred) if a bounce buffer of ``size`` would take
+        those in flight past MAX_BOUNCE_BYTES."""
+        if self._bounced and self._bounced + size > MAX_BOUNCE_BYTES:
+            self._deferred.append(request)
+            return True
+        return False
+
+    def _bounce(self, size: int) -> "_Bounce":
+        self._bounced += size
+        return _Bounce(size, self.align)
+
+    def _unbounce(self, bounce: "_Bounce", retry: bool = False) -> None:
+        """A bounce buffer is done; with ``retry`` (a completion) the requests that
+        waited for one go again."""
+        self._bounced -= len(bounce.view)
+        bounce.close()
+        if retry and self._deferred:
+            self._retry_deferred()
 
     def _quiesce(self) -> None:
         """Wait until no I/O is in flight (completions are kept for reap())."""

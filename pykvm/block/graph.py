@@ -25,6 +25,13 @@ from .driver import DRIVERS, FORMATS, BlockDriver, BlockError, GraphError, probe
 
 # options every node takes (QEMU's BlockdevOptions base), besides its driver's
 COMMON = ("driver", "node-name", "read-only")
+# Backing files below an image, at most (README.md, "Limits"; QEMU sets none). Opening
+# a node and reading through the chain recurse once a level.
+MAX_BACKING_DEPTH = 100
+# Nodes from the root to the deepest leaf, and JSON nesting in a json: filename (QEMU's
+# JSON parser takes 1024 levels; here each level is a few Python frames).
+MAX_GRAPH_DEPTH = MAX_BACKING_DEPTH + 16
+MAX_JSON_NESTING = 2 * MAX_GRAPH_DEPTH
 SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
                  "p": 1 << 50, "e": 1 << 60}
 
@@ -76,6 +83,9 @@ def nest(flat: dict, what: str = "options") -> dict:
 def parse_json_filename(text: str) -> dict:
     """A ``json:{...}`` filename: the node's options as one JSON object, whose
     keys may be dotted too (QEMU flattens and nests them again)."""
+    if _json_nesting(text[5:]) > MAX_JSON_NESTING:
+        raise GraphError(text[:40], f"json: filename nested too deep (more than "
+                         f"{MAX_JSON_NESTING} levels)")
     try:
         value = json.loads(text[5:])
     except ValueError as e:
@@ -83,6 +93,29 @@ def parse_json_filename(text: str) -> dict:
     if not isinstance(value, dict):
         raise GraphError(text[:40], "a json: filename must hold a JSON object")
     return _nest_json(value, text[:40])
+
+
+def _json_nesting(text: str) -> int:
+    """How deep the objects and arrays of a JSON text nest (brackets in strings
+    do not count)."""
+    depth = most = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            most = max(most, depth)
+        elif ch in "]}":
+            depth -= 1
+    return most
 
 
 def _nest_json(value: dict, what: str) -> dict:
@@ -211,6 +244,7 @@ class Opener:
         self.use = use                  # what the node's users ask of it (locking.Use), or None
         self.driver = ""                # the node's driver, once known
         self.file: BlockDriver | None = None
+        self.depth = 0                  # nodes above this one (MAX_GRAPH_DEPTH)
 
     def given(self, role: str) -> bool:
         return role in self.children
@@ -232,12 +266,16 @@ class Opener:
         if role == "backing":
             if self.file is not None:
                 chain = chain | {os.path.realpath(self.file.filename)}
+            if len(chain) > MAX_BACKING_DEPTH:   # the image's doing, not the options'
+                raise BlockError(self.file.filename if self.file is not None else self.name,
+                                 f"backing chain too deep (more than {MAX_BACKING_DEPTH} "
+                                 f"backing files)")
             if self.use is not None:
                 from .locking import backing_use
                 use = backing_use(self.use)
         ro = self.read_only if read_only is None else read_only
         node = _open(spec, f"{self.name}/{role}", ro, self.direct if direct is None else direct,
-                     chain, {}, use)
+                     chain, {}, use, self.depth + 1)
         if role == "data-file" and self.use is not None:
             try:
                 node.lock(self._file_use())
@@ -269,7 +307,7 @@ def open_node(spec, *, read_only: bool = False, direct: bool = False, name: str 
 
 
 def _open(spec: dict, name: str, read_only: bool, direct: bool, chain: frozenset,
-          internal: dict, use=None) -> BlockDriver:
+          internal: dict, use=None, depth: int = 0) -> BlockDriver:
     if not isinstance(spec, dict):
         raise _error(f"node '{name}'", f"a node is described by options, not {spec!r}")
     spec = dict(spec)
@@ -299,7 +337,10 @@ def _open(spec: dict, name: str, read_only: bool, direct: bool, chain: frozenset
     children = {r: spec.pop(r) for r in list(spec) if r in roles}
     if spec.get("backing", 0) is None:
         del spec["backing"]     # "no backing file" holds for any node
+    if depth > MAX_GRAPH_DEPTH:
+        raise _error(where, f"graph too deep (more than {MAX_GRAPH_DEPTH} nodes from the root)")
     opener = Opener(children, node_name, read_only, direct, chain, use)
+    opener.depth = depth
     if cls is not None and cls.kind == "protocol":
         if "filename" not in spec:
             raise _error(where, "option 'filename' is missing")

@@ -55,7 +55,10 @@ ID_BYTES = 20
 SIZE_MAX = 4 << 20                      # largest single data segment we advertise
 MAX_QUEUES = 16                         # request queues one device may have (VIRTIO_BLK_F_MQ)
 IOTHREADS = ("device", "queue")         # the C path: one thread per device, or per queue
-MAX_REQUEST_BYTES = 256 << 20           # a request larger than this is refused
+# Limits on a guest request (README.md, "Limits"; native/blk.c has the same): past one,
+# the request completes with IOERR and a log line, before anything is allocated for it.
+MAX_REQUEST_BYTES = 256 << 20           # data bytes of one read or write
+MAX_SEGMENTS = 1024                     # its non-empty data buffers (IOV_MAX: one preadv)
 MAX_DISCARD_SECTORS = (1 << 30) // SECTOR
 MAX_WRITE_ZEROES_SECTORS = (1 << 30) // SECTOR
 
@@ -144,7 +147,7 @@ class VirtioBlk(VirtioDevice):
         bs = self.block_size
         return CONFIG.pack(
             self.backend.size // SECTOR,          # capacity, in 512-byte sectors
-            SIZE_MAX, self.queue_size - 2,        # size_max, seg_max
+            SIZE_MAX, min(self.queue_size - 2, MAX_SEGMENTS),  # size_max, seg_max
             0, 0, 0,                              # geometry
             bs,                                   # blk_size
             (bs // SECTOR).bit_length() - 1, 0,   # physical_block_exp, alignment_offset
@@ -490,6 +493,9 @@ class VirtioBlk(VirtioDevice):
         nbytes = _total(data)
         if nbytes > MAX_REQUEST_BYTES:
             raise _BadRequest(S_IOERR, f"request of {nbytes} bytes exceeds {MAX_REQUEST_BYTES}")
+        nsegs = sum(1 for _, n in data if n)
+        if nsegs > MAX_SEGMENTS:
+            raise _BadRequest(S_IOERR, f"request of {nsegs} data buffers exceeds {MAX_SEGMENTS}")
         offset = self._check_range(sector, nbytes)
         iov = [mem.view(gpa, n) for gpa, n in data if n]
         if rtype == T_IN:
@@ -510,10 +516,11 @@ class VirtioBlk(VirtioDevice):
         feature = F_DISCARD if rtype == T_DISCARD else F_WRITE_ZEROES
         if not self._features & feature:
             raise _BadRequest(S_UNSUPP, f"type {rtype} without its feature negotiated")
+        nraw = _total(rout)     # checked before anything is read: the guest chose it
+        if nraw != SEGMENT.size:
+            raise _BadRequest(S_IOERR if nraw % SEGMENT.size else S_UNSUPP,
+                              f"{nraw} bytes of range segments (exactly one is supported)")
         raw = b"".join(mem.read(g, n) for g, n in rout)
-        if len(raw) != SEGMENT.size:
-            raise _BadRequest(S_IOERR if len(raw) % SEGMENT.size else S_UNSUPP,
-                              f"{len(raw)} bytes of range segments (exactly one is supported)")
         sector, num, flags = SEGMENT.unpack(raw)
         limit = MAX_DISCARD_SECTORS if rtype == T_DISCARD else MAX_WRITE_ZEROES_SECTORS
         if flags & ~WRITE_ZEROES_UNMAP or (rtype == T_DISCARD and flags):

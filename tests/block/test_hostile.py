@@ -46,7 +46,7 @@ CASES = {
     "l1 past eof": (40, ">Q", 1 << 40, "past the end of the file"),
     "reftable misaligned": (48, ">Q", 0x10008, "not cluster-aligned"),
     "reftable past eof": (48, ">Q", 1 << 40, "past the end"),
-    "reftable huge": (56, ">I", 1 << 20, "invalid refcount table size"),
+    "reftable huge": (56, ">I", 1 << 20, "refcount table too large"),
     "reftable empty": (56, ">I", 0, "invalid refcount table size"),
     "too many snapshots": (60, ">I", 1 << 30, "too many snapshots"),
     "snapshots past eof": (60, ">IQ", 1, 1 << 40, "past the end"),
@@ -54,7 +54,7 @@ CASES = {
     "refcount_order 7": (96, ">I", 7, "invalid refcount_order 7"),
     "header_length odd": (100, ">I", 107, "invalid qcow2 header length"),
     "header_length huge": (100, ">I", 1 << 20, "invalid qcow2 header length"),
-    "backing name too long": (8, ">QI", 512, 5000, "invalid backing file name"),
+    "backing name too long": (8, ">QI", 512, 5000, "backing file name too long"),
     "compression type without bit": (104, ">B", 1, "compression type"),
 }
 

@@ -56,3 +56,14 @@ def test_bounds_and_errors():
     keep = []
     with pytest.raises(harness.BoundExceeded, match="peak RSS"):
         harness.bounded(_Target(lambda data: keep.append(b"\1" * (100 << 20))))(b"x")
+
+
+def test_an_earlier_peak_hides_no_later_growth():
+    """Each input is measured from its own start: one that frees 100 MiB leaves a
+    high lifetime peak, and the next one's 80 MiB is still caught."""
+    run = harness.bounded(_Target(lambda data: len(b"\1" * (data[0] << 20))))
+    with pytest.raises(harness.BoundExceeded):
+        run(bytes([100]))
+    with pytest.raises(harness.BoundExceeded, match="peak RSS by (79|8[0-9]) MiB"):
+        run(bytes([80]))
+    run(bytes([8]))                             # small: within the bound

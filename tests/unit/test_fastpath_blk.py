@@ -538,3 +538,43 @@ def test_per_queue_quiesce_returns_every_request(image, transport, engine):
         assert [len(vq.reap()) for vq in d.vqs] == [8, 8]
     finally:
         r.close()
+
+
+# -- request limits: the same on both paths ------------------------------------------------
+
+def test_request_limits_are_the_same_in_c():
+    assert lib.PYKVM_BLK_MAX_SEGMENTS == B.MAX_SEGMENTS
+    assert lib.PYKVM_BLK_MAX_REQUEST_BYTES == B.MAX_REQUEST_BYTES
+
+
+@pytest.mark.parametrize("nsegs,rtype", [(B.MAX_SEGMENTS, T_IN), (B.MAX_SEGMENTS + 1, T_IN),
+                                         (B.MAX_SEGMENTS + 1, T_OUT)])
+def test_segment_limit_on_both_paths(tmp_path, engine, caplog, nsegs, rtype):
+    """A read or write of more data buffers than MAX_SEGMENTS is IOERR with one log
+    line on either path (empty buffers do not count); one at the limit is served."""
+    results = []
+    for e in (Engine("python", engine.cache), engine):
+        img = tmp_path / f"{e.name}.img"
+        img.write_bytes(pattern(DISK))
+        r = Rig(img, "mmio", e, queue=2048)
+        caplog.clear()
+        try:
+            d = r.drv
+            one = d.vq.arena.writable(512) if rtype == T_IN else \
+                d.vq.arena.readable(pattern(512, 3))
+            bufs = [d.header(rtype, 0)] + [one] * nsegs + [(one[0], 0, one[2])] + \
+                [d.vq.arena.writable(1)]
+            with caplog.at_level(logging.WARNING, logger="pykvm"):
+                d.submit(bufs)
+                used = d.wait_used()
+            status = r.mem.read_u(bufs[-1][0], 1)
+            results.append((status, used[0][1], [m.getMessage() for m in caplog.records]))
+        finally:
+            r.close()
+    assert results[0] == results[1]
+    status, used, logs = results[0]
+    if nsegs > B.MAX_SEGMENTS:
+        assert (status, used) == (B.S_IOERR, 1)
+        assert len(logs) == 1 and f"request of {nsegs} data buffers exceeds 1024" in logs[0]
+    else:
+        assert (status, used, logs) == (B.S_OK, nsegs * 512 + 1, [])

@@ -400,3 +400,36 @@ def test_bad_queue_options(image, kw, engine):
             B.VirtioBlk(backend, **kw)
     finally:
         backend.close()
+
+
+def test_seg_max_is_the_segment_limit_on_large_queues(tmp_path):
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(DISK))
+    for queue, seg_max in ((64, 62), (4096, B.MAX_SEGMENTS)):
+        r = Rig(img, queue=queue)
+        try:
+            assert r.dev.read_config(12, 4) == seg_max
+        finally:
+            r.close()
+
+
+def test_discard_segment_length_is_checked_before_it_is_read(tmp_path, caplog):
+    """A discard whose range-segment buffer is large is refused before a byte
+    of it is copied out of guest memory."""
+    import tracemalloc
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(DISK))
+    r = Rig(img)
+    try:
+        d = r.drv
+        big = (d.vq.arena.writable(1)[0] + 4096, 24 << 20, False)   # 24 MiB, readable
+        tracemalloc.start()
+        with caplog.at_level(logging.WARNING, logger="pykvm"):
+            status, used = d.request([d.header(T_DISCARD), big, d.vq.arena.writable(1)])
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert (status, used) == (B.S_UNSUPP, 1)     # a multiple of 16: several segments
+        assert peak < 4 << 20, peak
+        assert any(f"{24 << 20} bytes of range segments" in m.getMessage() for m in caplog.records)
+    finally:
+        r.close()

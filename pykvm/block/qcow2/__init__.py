@@ -50,8 +50,9 @@ from .header import (AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, COMPAT_LAZY, COMPRES
                      COMPRESSION_TYPES, COPIED, EXT_BACKING_FMT, EXT_BITMAPS, EXT_CRYPTO,
                      EXT_DATA_FILE, EXT_END, EXT_FEATURES, FEATURE_NAMES, HDR_V2, HDR_V3,
                      INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
-                     INCOMPAT_EXTL2, INCOMPAT_KNOWN, MAGIC, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
-                     MAX_SNAPSHOT_TABLE, MAX_SNAPSHOTS, OFFSET_MASK, REFT_MASK, ZERO, Header)
+                     INCOMPAT_EXTL2, INCOMPAT_KNOWN, L2_CACHE_DEFAULT_MAX, MAGIC, MAX_L1_BYTES,
+                     MAX_REFTABLE_BYTES, MAX_SNAPSHOT_TABLE, MAX_SNAPSHOTS, OFFSET_MASK,
+                     REFT_MASK, ZERO, Header)
 from .refcount import Refcounts, rc_get, rc_set, rc_span
 from .snapshot import Snapshot, Snapshots
 from .write import WriteAllocation, _Alloc
@@ -144,16 +145,21 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
             raise BlockError(path, f"absurd virtual size {h.size}")
         need_l1 = -(-h.size // (cs * self.l2_entries))
         if h.l1_size * 8 > MAX_L1_BYTES:
-            raise BlockError(path, f"L1 table too large ({h.l1_size} entries)")
+            raise BlockError(path, f"L1 table too large ({h.l1_size} entries, more than "
+                             f"{MAX_L1_BYTES} bytes)")
         if h.l1_size < need_l1:
             raise BlockError(path, f"L1 table ({h.l1_size} entries) too small for the virtual "
                              f"size {h.size}")
         self._check_table(h.l1_offset, h.l1_size * 8, "L1 table")
-        if h.rt_clusters * cs > MAX_REFTABLE_BYTES or h.rt_clusters == 0:
-            raise BlockError(path, f"invalid refcount table size ({h.rt_clusters} clusters)")
+        if h.rt_clusters * cs > MAX_REFTABLE_BYTES:
+            raise BlockError(path, f"refcount table too large ({h.rt_clusters} clusters, more "
+                             f"than {MAX_REFTABLE_BYTES} bytes)")
+        if h.rt_clusters == 0:
+            raise BlockError(path, "invalid refcount table size (0 clusters)")
         self._check_table(h.rt_offset, h.rt_clusters * cs, "refcount table")
         if h.nb_snapshots > MAX_SNAPSHOTS:
-            raise BlockError(path, f"too many snapshots ({h.nb_snapshots})")
+            raise BlockError(path, f"too many snapshots ({h.nb_snapshots}, at most "
+                             f"{MAX_SNAPSHOTS})")
         if h.nb_snapshots:
             self._check_table(h.snapshots_offset, 0, "snapshot table")
         read_only = self.read_only
@@ -166,8 +172,10 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
         self.reftable = list(struct.unpack(f">{self.rt_cap}Q",
                                            self._read_meta(h.rt_offset, h.rt_clusters * cs)))
         self.snapshots = self._read_snapshots()
-        cache = l2_cache_size if l2_cache_size is not None else \
-            min(32 << 20, max(1 << 20, need_l1 * cs))
+        # QEMU's rule: by default enough for the whole disk, at most 32 MiB; a size
+        # given is never more than what covers the whole disk
+        cache = min(l2_cache_size, max(1, h.l1_size) * cs) if l2_cache_size is not None else \
+            min(L2_CACHE_DEFAULT_MAX, max(1 << 20, need_l1 * cs))
         self.l2_cache_max = max(2, cache // cs)
         self._l2 = collections.OrderedDict()           # L2 offset -> list of entries
         self._rb = collections.OrderedDict()           # refblock offset -> bytearray

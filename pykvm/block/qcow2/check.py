@@ -10,8 +10,8 @@ import os
 import struct
 
 from ..driver import BlockError
-from .header import (COMPAT_LAZY, COMPRESSED, COPIED, INCOMPAT_CORRUPT, MAX_L1_BYTES,
-                     OFFSET_MASK, REFT_MASK, ZERO)
+from .header import (COMPAT_LAZY, COMPRESSED, COPIED, INCOMPAT_CORRUPT, MAX_BITMAP_DIRECTORY,
+                     MAX_BITMAPS, MAX_CHECK_ERRORS, MAX_L1_BYTES, OFFSET_MASK, REFT_MASK, ZERO)
 
 
 class CheckRepair:
@@ -26,18 +26,25 @@ class CheckRepair:
         h = self.h
         nclusters = -(-self.eof // cs)
         want = collections.Counter()
-        errors = []
+        errors = []             # at most MAX_CHECK_ERRORS kept; ``more`` counts the rest
+        more = 0
         stats = collections.Counter()
 
-        def ref(off: int, n: int, what: str) -> bool:
+        def fail(message: str, times: int = 1) -> None:
+            nonlocal more
+            keep = max(0, min(times, MAX_CHECK_ERRORS - len(errors)))
+            errors.extend([message] * keep)
+            more += times - keep
+
+        def ref(off: int, n: int, what: str, times: int = 1) -> bool:
             if off % cs:
-                errors.append(f"{what} at {off:#x} is not cluster-aligned")
+                fail(f"{what} at {off:#x} is not cluster-aligned", times)
                 return False
             if off + n * cs > nclusters * cs:
-                errors.append(f"{what} at {off:#x} is past the end of the file")
+                fail(f"{what} at {off:#x} is past the end of the file", times)
                 return False
             for k in range(n):
-                want[off // cs + k] += 1
+                want[off // cs + k] += times
             return True
 
         ref(0, 1, "header")
@@ -49,64 +56,77 @@ class CheckRepair:
         ref(h.l1_offset, -(-h.l1_size * 8 // cs) or 0, "L1 table")
         if self.snapshots:
             ref(h.snapshots_offset, -(-self._snap_len // cs), "snapshot table")
-        trees = [self.l1]
+        # Every reference is counted, but each L1 table (snapshots may share one)
+        # and each L2 table is read and walked once, its references counted as
+        # often as it is referenced: the work is bounded by the distinct tables
+        # in the file, not by how often a hostile image points at the same one.
+        l1s = collections.Counter()
         for s in self.snapshots:
             if ref(s.l1_offset, -(-s.l1_size * 8 // cs), f"snapshot {s.name!r} L1 table"):
-                trees.append(self._read_l1(s))
-        seen_l2 = set()
-        for tree_no, l1 in enumerate(trees):
+                l1s[s.l1_offset, s.l1_size] += 1
+        l2s = collections.Counter()          # L2 table offset -> references to it
+        active = set()                       # L2 tables of the active image
+        for tree_no, (l1, times) in enumerate(self._check_trees(l1s)):
             for l1e in l1:
                 off = l1e & OFFSET_MASK
                 if not off:
                     continue
-                if not ref(off, 1, "L2 table"):
+                if not ref(off, 1, "L2 table", times):
                     continue
                 if tree_no == 0 and l1e & COPIED and self.refcount(off // cs) != 1:
-                    errors.append(f"L2 table at {off:#x} has COPIED set but refcount "
-                                  f"{self.refcount(off // cs)}")
-                try:
-                    table = self._load_l2(off)
-                except BlockError as e:
-                    errors.append(str(e))
+                    fail(f"L2 table at {off:#x} has COPIED set but refcount "
+                         f"{self.refcount(off // cs)}")
+                l2s[off] += times
+                if tree_no == 0:
+                    active.add(off)
+        for off, times in l2s.items():
+            try:
+                table = self._load_l2(off)
+            except BlockError as e:
+                fail(str(e), times)
+                continue
+            counted = off in active
+            for j in range(0, len(table), self.entry_words):
+                e = table[j]
+                if not e:
                     continue
-                first_visit = off not in seen_l2
-                seen_l2.add(off)
-                for j in range(0, len(table), self.entry_words):
-                    e = table[j]
-                    if not e:
-                        continue
-                    if e & COMPRESSED:
-                        if first_visit and tree_no == 0:
-                            stats["compressed"] += 1
-                            stats["allocated"] += 1
-                        coff, clen = self._compressed_span(e)
-                        for c in range(coff >> cb, (coff + clen - 1 >> cb) + 1):
-                            if c >= nclusters:
-                                errors.append(f"compressed cluster at {coff:#x} is past the end")
-                                break
-                            want[c] += 1
-                        continue
-                    host = e & OFFSET_MASK
-                    if tree_no == 0 and first_visit and (host or e & COPIED) and \
-                            not (e & ZERO and not self.extl2):
+                if e & COMPRESSED:
+                    if counted:
+                        stats["compressed"] += 1
                         stats["allocated"] += 1
-                    if host and self.data_fd < 0:
-                        ref(host, 1, "data cluster")
+                    coff, clen = self._compressed_span(e)
+                    for c in range(coff >> cb, (coff + clen - 1 >> cb) + 1):
+                        if c >= nclusters:
+                            fail(f"compressed cluster at {coff:#x} is past the end", times)
+                            break
+                        want[c] += times
+                    continue
+                host = e & OFFSET_MASK
+                if counted and (host or e & COPIED) and not (e & ZERO and not self.extl2):
+                    stats["allocated"] += 1
+                if host and self.data_fd < 0:
+                    ref(host, 1, "data cluster", times)
         if h.bitmaps_ext is not None and len(h.bitmaps_ext) >= 24:
             nb, _, dsize, doff = struct.unpack(">IIQQ", h.bitmaps_ext[:24])
-            if dsize <= (1 << 20) and ref(doff, -(-dsize // cs), "bitmap directory"):
+            if dsize > MAX_BITMAP_DIRECTORY or nb > MAX_BITMAPS:
+                fail(f"bitmap directory too large ({nb} bitmaps, {dsize} bytes; at most "
+                     f"{MAX_BITMAPS}, {MAX_BITMAP_DIRECTORY})")
+            elif ref(doff, -(-dsize // cs), "bitmap directory"):
                 d = os.pread(self.mfd, dsize, doff)
                 pos = 0
-                for _ in range(min(nb, 65535)):
+                tables = collections.Counter()      # each distinct table read once
+                for _ in range(nb):
                     if pos + 24 > len(d):
                         break
                     toff, tsize, _, _, _, nsize, esize = struct.unpack_from(">QIIBBHI", d, pos)
                     if tsize * 8 <= MAX_L1_BYTES and ref(toff, -(-tsize * 8 // cs), "bitmap table"):
-                        for be in struct.unpack(f">{tsize}Q", os.pread(self.mfd, tsize * 8, toff)):
-                            if be & OFFSET_MASK:
-                                ref(be & OFFSET_MASK, 1, "bitmap data")
+                        tables[toff, tsize] += 1
                     pos += 24 + esize + nsize
                     pos += -pos % 8
+                for (toff, tsize), times in tables.items():
+                    for be in struct.unpack(f">{tsize}Q", os.pread(self.mfd, tsize * 8, toff)):
+                        if be & OFFSET_MASK:
+                            ref(be & OFFSET_MASK, 1, "bitmap data", times)
         # compare
         leaks, corruptions = [], []
         top = max([nclusters] + [c + 1 for c in want])
@@ -115,7 +135,7 @@ class CheckRepair:
             boff &= REFT_MASK
             if boff and (boff % cs or boff + cs > self.eof):
                 bad_blocks.add(ti)
-                errors.append(f"refcount block {ti} at {boff:#x} is misaligned or past the end")
+                fail(f"refcount block {ti} at {boff:#x} is misaligned or past the end")
         for c in range(top):
             ti = c // self.rb_entries
             if ti in bad_blocks:
@@ -133,8 +153,11 @@ class CheckRepair:
                 corruptions.append((c, w))
         for c, w in want.items():
             if w > self.rc_max:
-                errors.append(f"cluster {c} has {w} references; refcounts overflow")
-        result = {"leaks": len(leaks), "corruptions": len(corruptions) + len(errors),
+                fail(f"cluster {c} has {w} references; refcounts overflow")
+        if len(errors) > MAX_CHECK_ERRORS:
+            more += len(errors) - MAX_CHECK_ERRORS
+            del errors[MAX_CHECK_ERRORS:]
+        result = {"leaks": len(leaks), "corruptions": len(corruptions) + len(errors) + more,
                   "errors": errors, "total_clusters": -(-self.size // cs),
                   "allocated_clusters": stats["allocated"], "compressed_clusters":
                   stats["compressed"], "image_end_offset": self.eof,
@@ -155,6 +178,14 @@ class CheckRepair:
             self.flush_metadata()
             os.fdatasync(self.mfd)
         return result
+
+    def _check_trees(self, l1s):
+        """(L1 table, how many snapshots share it): the active image's first, then
+        each distinct snapshot L1 table, read one at a time."""
+        yield self.l1, 1
+        for (offset, size), times in l1s.items():
+            self._check_table(offset, size * 8, "snapshot L1 table")
+            yield list(struct.unpack(f">{size}Q", self._read_meta(offset, size * 8))), times
 
     # -- info --------------------------------------------------------------------------
 

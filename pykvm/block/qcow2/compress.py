@@ -19,6 +19,20 @@ def _zstd():
     return zstandard
 
 
+def _zstd_cluster(zstandard, raw: bytes, cs: int) -> bytes:
+    """At most ``cs`` bytes out of a zstd stream: decoding stops at one cluster
+    (as zlib's ``max_length``), so a frame that claims or holds more allocates
+    nothing past it."""
+    out = bytearray()
+    with zstandard.ZstdDecompressor().stream_reader(raw) as r:
+        while len(out) < cs:
+            chunk = r.read(cs - len(out))
+            if not chunk:
+                break
+            out += chunk
+    return bytes(out)
+
+
 class Compression:
     """Compressed clusters: reading them (zlib, zstd) and writing one (convert -c)."""
 
@@ -54,7 +68,7 @@ class Compression:
                 if zstandard is None:
                     raise BlockError(self.path, "zstd-compressed clusters need the 'zstandard' "
                                      "module")
-                out = zstandard.ZstdDecompressor().decompressobj().decompress(raw)[:cs]
+                out = _zstd_cluster(zstandard, raw, cs)
         except (zlib.error, Exception) as exc:
             if isinstance(exc, BlockError):
                 raise

@@ -31,10 +31,20 @@ COPIED = 1 << 63
 COMPRESSED = 1 << 62
 ZERO = 1
 
-MAX_L1_BYTES = 32 << 20        # QEMU's limits: bounded memory on hostile images
-MAX_REFTABLE_BYTES = 8 << 20
-MAX_SNAPSHOTS = 65536
-MAX_SNAPSHOT_TABLE = 64 << 20
+# Limits on what an image may ask for (README.md, "Limits"): past one, the image is
+# refused in one line before anything of that size is read or allocated.
+MAX_L1_BYTES = 32 << 20         # QEMU's QCOW_MAX_L1_SIZE
+MAX_REFTABLE_BYTES = 8 << 20    # QEMU's QCOW_MAX_REFTABLE_SIZE
+MAX_SNAPSHOTS = 65536           # QEMU's QCOW_MAX_SNAPSHOTS
+MAX_SNAPSHOT_TABLE = 64 << 20   # QEMU's QCOW_MAX_SNAPSHOTS_SIZE (1 KiB a snapshot)
+MAX_SNAPSHOT_EXTRA = 1024       # QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA
+MAX_HEADER_EXTENSIONS = 1024    # QEMU: none (the first cluster bounds them)
+MAX_BACKING_NAME = 1023         # QEMU's, in qcow2_do_open
+MAX_BACKING_FMT = 15            # QEMU's (BlockDriverState.backing_format[16])
+L2_CACHE_DEFAULT_MAX = 32 << 20  # QEMU's DEFAULT_L2_CACHE_MAX_SIZE (Linux)
+MAX_BITMAPS = 65535             # QEMU's QCOW2_MAX_BITMAPS (bitmaps are kept, counted by check)
+MAX_BITMAP_DIRECTORY = 1024 * MAX_BITMAPS   # QEMU's QCOW2_MAX_BITMAP_DIRECTORY_SIZE
+MAX_CHECK_ERRORS = 1000         # messages check() keeps (it counts them all)
 FEATURE_NAMES = [(0, 0, "dirty bit"), (0, 1, "corrupt bit"), (0, 2, "external data file"),
                  (0, 3, "compression type"), (0, 4, "extended L2 entries"),
                  (1, 0, "lazy refcounts"), (2, 0, "bitmaps"), (2, 1, "raw external data")]
@@ -110,15 +120,25 @@ class Header:
         if h.compression_type not in (0, 1):
             raise BlockError(path, f"unknown compression type {h.compression_type}")
         # header extensions
+        # they end before the backing file name, or with the first cluster (QEMU's rule)
         pos = h.header_length
+        ext_end = min(cs, len(buf), bf_off) if bf_off > pos else min(cs, len(buf))
         end_of_exts = None
-        while pos + 8 <= min(cs, len(buf)):
+        count = 0
+        while pos + 8 <= ext_end:
             etype, elen = struct.unpack_from(">II", buf, pos)
             if etype == EXT_END:
                 end_of_exts = pos
                 break
-            if pos + 8 + elen > min(cs, len(buf)):
-                raise BlockError(path, f"header extension {etype:#x} runs past the first cluster")
+            if pos + 8 + elen > ext_end:
+                raise BlockError(path, f"header extension {etype:#x} too large: runs past the "
+                                 f"header area ({ext_end} bytes)")
+            count += 1
+            if count > MAX_HEADER_EXTENSIONS:
+                raise BlockError(path, f"more than {MAX_HEADER_EXTENSIONS} header extensions")
+            if etype == EXT_BACKING_FMT and elen > MAX_BACKING_FMT:
+                raise BlockError(path, f"backing format name too long ({elen} bytes, at most "
+                                 f"{MAX_BACKING_FMT})")
             data = bytes(buf[pos + 8:pos + 8 + elen])
             if etype == EXT_BACKING_FMT:
                 h.backing_fmt = data.decode(errors="replace")
@@ -141,7 +161,10 @@ class Header:
             raise BlockError(path, f"unsupported incompatible qcow2 feature(s): "
                              f"{', '.join(names)}; refusing to open")
         if bf_off:
-            if bf_size > 1023 or bf_off + bf_size > min(cs, file_size):
+            if bf_size > MAX_BACKING_NAME:
+                raise BlockError(path, f"backing file name too long ({bf_size} bytes, at most "
+                                 f"{MAX_BACKING_NAME})")
+            if bf_off + bf_size > min(cs, file_size):
                 raise BlockError(path, f"invalid backing file name (offset {bf_off:#x}, "
                                  f"length {bf_size})")
             h.backing_file = bytes(buf[bf_off:bf_off + bf_size]).decode(errors="replace")

@@ -8,7 +8,8 @@ import struct
 import time
 
 from ..driver import BlockError, pwrite_full
-from .header import COMPRESSED, COPIED, MAX_L1_BYTES, MAX_SNAPSHOT_TABLE, OFFSET_MASK
+from .header import (COMPRESSED, COPIED, MAX_L1_BYTES, MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOT_TABLE,
+                     OFFSET_MASK)
 
 
 class Snapshot:
@@ -31,18 +32,31 @@ class Snapshots:
     """The snapshot table; create, apply, delete."""
 
     def _read_snapshots(self) -> list[Snapshot]:
+        """The snapshot table, in two passes: the entries' fixed parts first (their
+        sizes add up to at most MAX_SNAPSHOT_TABLE, or the image is refused before
+        any name or extra data is read), then their variable parts."""
         h = self.h
-        out = []
+        heads = []
         pos = h.snapshots_offset
         limit = pos + MAX_SNAPSHOT_TABLE
         for _ in range(h.nb_snapshots):
-            if pos + 40 > min(self.eof, limit):
+            if pos + 40 > self.eof:
                 raise BlockError(self.path, "snapshot table runs past the end of the file")
-            (l1_off, l1_size, id_len, name_len, sec, nsec, clock, vmsize,
-             extra_len) = struct.unpack(">QIHHIIQII", self._read_meta(pos, 40))
-            if extra_len > 1024:
-                raise BlockError(self.path, f"snapshot extra data too large ({extra_len})")
-            body = self._read_meta(pos + 40, extra_len + id_len + name_len)
+            head = struct.unpack(">QIHHIIQII", self._read_meta(pos, 40))
+            id_len, name_len, extra_len = head[2], head[3], head[8]
+            if extra_len > MAX_SNAPSHOT_EXTRA:
+                raise BlockError(self.path, f"snapshot extra data too large ({extra_len} bytes, "
+                                 f"at most {MAX_SNAPSHOT_EXTRA})")
+            heads.append((pos, head))
+            pos += 40 + extra_len + id_len + name_len
+            pos += -pos % 8
+            if pos > limit:
+                raise BlockError(self.path, f"snapshot table too large (more than "
+                                 f"{MAX_SNAPSHOT_TABLE} bytes)")
+        out = []
+        for epos, (l1_off, l1_size, id_len, name_len, sec, nsec, clock, vmsize,
+                   extra_len) in heads:
+            body = self._read_meta(epos + 40, extra_len + id_len + name_len)
             s = Snapshot()
             s.l1_offset, s.l1_size = l1_off, l1_size
             s.date_sec, s.date_nsec, s.vm_clock_nsec = sec, nsec, clock
@@ -55,8 +69,6 @@ class Snapshots:
             if l1_size * 8 > MAX_L1_BYTES or l1_off % self.cluster_size:
                 raise BlockError(self.path, f"snapshot {s.name!r} has an invalid L1 table")
             out.append(s)
-            pos += 40 + extra_len + id_len + name_len
-            pos += -pos % 8
         self._snap_len = pos - h.snapshots_offset
         return out
 
