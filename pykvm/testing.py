@@ -44,6 +44,7 @@ import os
 import subprocess
 import tempfile
 
+from .block.filters.volatile import new_plan
 from .block.inject import Injector, name_injector, rule_from
 from .block.trace import read as read_trace
 
@@ -53,9 +54,14 @@ __all__ = ["Disk", "LinuxRun", "Run", "VM", "image", "linux_guest", "run_linux",
 class Disk:
     """An image under a blkdebug node whose rules the test adds (see module doc)."""
 
-    def __init__(self, path, fmt: str | None = None, trace: str | os.PathLike | None = None):
+    def __init__(self, path, fmt: str | None = None, trace: str | os.PathLike | None = None,
+                 volatile: bool = False, volatile_max: str | None = None):
         self.path = str(path)
         self.format = fmt
+        # volatile: a volatile node on top, so that power_cut() may lose writes
+        self.volatile = volatile
+        self.volatile_max = volatile_max
+        self._plan = new_plan() if volatile else None
         self.injector = Injector([])
         self._name = name_injector(self.injector)
         self.trace_path = str(trace) if trace is not None else self.path + ".trace.jsonl"
@@ -67,9 +73,29 @@ class Disk:
         """The --disk spec that opens this disk (the node under the format)."""
         fmt = f"driver={self.format}," if self.format else ""
         extra = "".join(f",{k.replace('_', '-')}={v}" for k, v in options.items())
-        return (f"{fmt}file.driver=blkdebug,file.x-injector={self._name},"
-                f"file.image.driver=file,file.image.filename={self.path},"
-                f"trace={self.trace_path}{extra}")
+        spec = (f"{fmt}file.driver=blkdebug,file.x-injector={self._name},"
+                f"file.image.driver=file,file.image.filename={self.path}")
+        if self.volatile:   # the same, one level down, under the volatile node
+            spec = "driver=volatile," + f"x-plan={self._plan}," + \
+                (f"volatile-max={self.volatile_max}," if self.volatile_max else "") + \
+                ",".join("file." + item for item in spec.split(","))
+        return f"{spec},trace={self.trace_path}{extra}"
+
+    def power_cut(self, keep: str = "flushed", seed: int = 0, torn: bool = False) -> None:
+        """Cut the power at the end of the current (or next) run: when the VM
+        stops, its volatile writes are lost as ``keep`` says (flushed: all of
+        them; all: none; random: a seeded subset, ``torn``: sector by sector).
+        ``cut_result()`` then says what was lost."""
+        from .block.filters.volatile import KEEP, PLANS
+        if not self.volatile:
+            raise ValueError("power_cut needs Disk(..., volatile=True)")
+        if keep not in KEEP:
+            raise ValueError(f"keep={keep!r} is not one of {', '.join(KEEP)}")
+        PLANS[self._plan]["cut"] = (keep, seed, torn)
+
+    def cut_result(self) -> dict | None:
+        from .block.filters.volatile import PLANS
+        return PLANS[self._plan]["result"] if self._plan else None
 
     def inject(self, action: str, kind: str = "fault", **keys) -> int:
         """Add a rule now (it applies at once, also during a run); its index."""
@@ -122,10 +148,21 @@ class VM:
         self.disk = disk if isinstance(disk, Disk) else Disk(disk)
         self.disk_options = disk_options
 
-    def fio(self, **options) -> Run:
+    def fio(self, cut_after: float | None = None, **options) -> Run:
         """Boot the workload guest once with ``pykvm fio``'s options (``rw=``,
-        ``bs=``, ``iodepth=``, ``ios=``, ``runtime=``, ``verify=``, ...)."""
+        ``bs=``, ``iodepth=``, ``ios=``, ``runtime=``, ``verify=``, ...).
+        ``cut_after``: the power goes after that many seconds (the VM stops
+        at once; with a volatile disk, the cut planned by power_cut(), or
+        keep="flushed", applies); the Run then has status None."""
         from . import cli
+        from .errors import PykvmError
+        if cut_after is not None:
+            if self.disk.volatile:
+                from .block.filters.volatile import PLANS
+                plan = PLANS[self.disk._plan]
+                plan["cut"] = plan["cut"] or ("flushed", 0, False)
+                plan["result"] = None
+            options["timeout"] = cut_after
         argv = ["fio", "--disk", self.disk.spec(**self.disk_options), "--output-format", "json"]
         for k, v in options.items():
             flag = "--" + k.replace("_", "-")
@@ -135,7 +172,14 @@ class VM:
             self.disk._keep_trace()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             args = cli.build_parser().parse_args(argv)
-            status = cli.cmd_fio(args)
+            try:
+                status = cli.cmd_fio(args)
+            except PykvmError:
+                if cut_after is None:
+                    raise
+                status = None       # cut: the guest printed no result
+        if status is None:
+            return Run({"jobs": [{}]}, None, err.getvalue())
         doc = json.loads(out.getvalue())
         run = Run(doc, status, err.getvalue())
         self.disk.last_counters = run.device

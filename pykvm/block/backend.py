@@ -1020,8 +1020,13 @@ class BlockBackend:
 
     def close(self) -> None:
         self.drain()
-        if self.volatile is not None and self.volatile.cut is not None:
-            self.volatile.last_cut = self.power_cut(*self.volatile.cut)   # planned: at close
+        v = self.volatile
+        if v is not None and v.plan is not None and v.plan["cut"] is not None:
+            v.cut, v.plan["cut"] = v.plan["cut"], None
+        if v is not None and v.cut is not None:
+            v.last_cut = self.power_cut(*v.cut)         # planned: at close
+            if v.plan is not None:
+                v.plan["result"] = v.last_cut
         self._closed = True
         if self.inject is not None and self._released in self.inject.on_release:
             self.inject.on_release.remove(self._released)

@@ -31,6 +31,14 @@ from ..driver import GraphError, read_range, register, write_range
 from . import FilterDriver
 
 log = logging.getLogger("pykvm.block")
+# cuts the API plans, by name: {"cut": (keep, seed, torn) or None, "result": dict or None}
+PLANS: dict[str, dict] = {}
+
+
+def new_plan() -> str:
+    name = f"plan{len(PLANS)}"
+    PLANS[name] = {"cut": None, "result": None}
+    return name
 SECTOR = 512
 KEEP = ("flushed", "all", "random")
 
@@ -38,10 +46,18 @@ KEEP = ("flushed", "all", "random")
 @register
 class VolatileDriver(FilterDriver):
     format_name = "volatile"
-    options = {"volatile-max": "size"}
+    # x-plan: the name of a cut the API plans (pykvm.testing): applied when the
+    # disk closes, its outcome written back (QEMU's x- prefix: internal)
+    options = {"volatile-max": "size", "x-plan": "str"}
 
-    def __init__(self, file, read_only: bool = False, volatile_max: int = 256 << 20):
+    def __init__(self, file, read_only: bool = False, volatile_max: int = 256 << 20,
+                 x_plan: str | None = None):
         super().__init__(file, read_only)
+        self.plan = None
+        if x_plan is not None:
+            self.plan = PLANS.get(x_plan)
+            if self.plan is None:
+                raise GraphError("", f"no power-cut plan named '{x_plan}'")
         if read_only:
             raise GraphError("", "a volatile node holds writes: it cannot be read-only")
         self.max = volatile_max
