@@ -402,8 +402,8 @@ def cmd_crashtest(args) -> int:
         for f in s["failed"]:
             ws = ", ".join(f"entry {w['entry']} (sector {w['sector']}, {w['sectors']} sectors)"
                            for w in f["minimal"]) or "none: the durable writes alone"
-            print(f"FAILED epoch {f['epoch']} ({f['kind']}, {f['why'][:120]}): minimal write "
-                  f"set: {ws}")
+            why = " / ".join(line.strip() for line in f["why"].splitlines() if line.strip())
+            print(f"FAILED epoch {f['epoch']} ({f['kind']}, {why[:100]}): minimal write set: {ws}")
         print(f"{s['states']} states checked, {s['failures']} failed, "
               f"{s['skipped_duplicates']} duplicates skipped, in {s['seconds']:.1f} s")
     return 1 if s["failures"] else 0

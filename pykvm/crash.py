@@ -243,6 +243,7 @@ class Crashtest:
                 pass
         self._lock = threading.Lock()
         self._local = threading.local()
+        self.materialise_s = self.check_s = 0.0
         self._spaces: list[Workspace] = []
 
     def _raw_base(self) -> int:
@@ -283,12 +284,14 @@ class Crashtest:
 
     def _run_check(self, k: int, sectors: dict[int, bytes]) -> tuple[bool, str]:
         """Materialise durable prefix + ``sectors``, check, put the sectors back."""
+        t0 = time.monotonic()
         ws = self._space()
         ws.advance_to(self.epochs, k)
         saved = {s: ws.read(s) for s in sectors}
         for s, data in sectors.items():
             _pwrite(ws.fd, data, s * SECTOR)
         before = os.fstat(ws.fd).st_mtime_ns
+        t1 = time.monotonic()
         cmd = self.check.replace("{image}", shlex.quote(ws.path))
         p = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, start_new_session=True)
@@ -296,16 +299,20 @@ class Crashtest:
             out, _ = p.communicate(timeout=self.timeout)
             ok, why = p.returncode == 0, f"exit {p.returncode}"
             if not ok:
-                why += ": " + out.decode(errors="replace").strip()[-300:]
+                why += ": " + out.decode(errors="replace").strip()[:300]
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)      # the command and what it started
             p.communicate()
             ok, why = False, f"timeout: the check ran past {self.timeout:g} s"
+        t2 = time.monotonic()
         if os.fstat(ws.fd).st_mtime_ns != before:
             ws.fresh()                      # the checker wrote: start from the base again
         else:
             for s, data in saved.items():
                 _pwrite(ws.fd, data, s * SECTOR)
+        with self._lock:                    # what states cost: making them, checking them
+            self.materialise_s += t1 - t0 + time.monotonic() - t2
+            self.check_s += t2 - t1
         return ok, why
 
     def _shrink(self, k: int, kept: tuple, parts: dict) -> list[int]:
@@ -360,6 +367,8 @@ class Crashtest:
         finally:
             pool.shutdown()
         summary["seconds"] = time.monotonic() - t0
+        summary["materialise_s"] = self.materialise_s
+        summary["check_s"] = self.check_s
         return summary
 
     def _epochs(self, plans, pool, summary, total, t0) -> None:

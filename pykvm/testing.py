@@ -55,8 +55,10 @@ class Disk:
     """An image under a blkdebug node whose rules the test adds (see module doc)."""
 
     def __init__(self, path, fmt: str | None = None, trace: str | os.PathLike | None = None,
-                 volatile: bool = False, volatile_max: str | None = None):
+                 volatile: bool = False, volatile_max: str | None = None, log=None):
         self.path = str(path)
+        # log: a file for a write log (a blklogwrites node on top; crashtest reads it)
+        self.log = str(log) if log is not None else None
         self.format = fmt
         # volatile: a volatile node on top, so that power_cut() may lose writes
         self.volatile = volatile
@@ -78,6 +80,9 @@ class Disk:
         if self.volatile:   # the same, one level down, under the volatile node
             spec = "driver=volatile," + f"x-plan={self._plan}," + \
                 (f"volatile-max={self.volatile_max}," if self.volatile_max else "") + \
+                ",".join("file." + item for item in spec.split(","))
+        if self.log:        # and under the log on top of all
+            spec = f"driver=blklogwrites,log={self.log}," + \
                 ",".join("file." + item for item in spec.split(","))
         return f"{spec},trace={self.trace_path}{extra}"
 
