@@ -38,6 +38,7 @@
 #define PYKVM_BLK_PUNT_SERVE 1
 #define PYKVM_BLK_PUNT_LOG 2
 #define PYKVM_BLK_PUNT_FATAL 3
+#define PYKVM_BLK_PUNT_ERROR 4
 
 struct pykvm_blk_extent {
     uint64_t offset;
@@ -104,6 +105,7 @@ struct pykvm_blk_punt {
     uint32_t nsegs;
     struct pykvm_vq_seg *segs;
     char message[256];
+    int32_t error;
 };
 
 /* virtio-blk (5.2.6), the values of pykvm/virtio/blk.py */
@@ -230,6 +232,12 @@ struct pykvm_blk {
     uint32_t held_first[2], held_n[2], held_cap;
     uint64_t held_due[2];
     struct pykvm_blk_counters c;
+    /* host errors (blk_failed): a flush failed once, so every later one
+     * goes to Python, which fails it; paused by Python (werror/rerror=stop):
+     * the thread parks (blk_park), parked says it does (under lock) */
+    uint8_t flush_failed;
+    int paused;
+    int parked;
 };
 
 /* Counters: written by the I/O thread only, read by Python at any time. */
@@ -1021,7 +1029,7 @@ static int blk_submit_chain(struct pykvm_blk *b, struct blk_queue *q)
     if (type == BLK_T_FLUSH) {
         struct blk_req *req = &q->reqs[head];
 
-        if (b->flush_fd < 0)
+        if (b->flush_fd < 0 || __atomic_load_n(&b->flush_failed, __ATOMIC_ACQUIRE))
             return blk_punt(b, q);
         if (b->no_flush)
             return blk_complete_now(b, q, head, status, 1);
@@ -1115,6 +1123,119 @@ static void blk_zero_tail(struct blk_req *req, uint64_t done)
     }
 }
 
+/* -- host errors: Python applies the disk's werror/rerror ---------------------- */
+
+/* Hand the request at head back to Python as a fresh chain (walked again
+ * from the descriptor table: the driver still owns nothing of it), with
+ * kind PUNT_SERVE (Python does the I/O again) or PUNT_ERROR (it failed with
+ * error: Python decides the status, or pauses and retries it). */
+static void blk_punt_again(struct pykvm_blk *b, struct blk_queue *q, uint16_t head,
+                           int32_t kind, int32_t error)
+{
+    struct pykvm_blk_punt p = {.kind = kind, .queue = q->index, .head = head, .error = error};
+    struct pykvm_vq_error err;
+
+    q->reqs[head].state = REQ_FREE;
+    if (pykvm_vq_resubmit(q->vq, &b->mem, head, &q->chain, &err) < 0) {
+        blk_fatal(b, q, err.message);
+        return;
+    }
+    q->vq->in_flight--;  /* the same request: counted once, when popped */
+    p.nreadable = q->chain.nreadable;
+    p.nsegs = q->chain.nsegs;
+    p.segs = malloc(sizeof(*p.segs) * (p.nsegs ? p.nsegs : 1));
+    if (!p.segs) {
+        blk_fatal(b, q, "internal error: out of memory handing a request to Python");
+        return;
+    }
+    memcpy(p.segs, q->chain.segs, sizeof(*p.segs) * p.nsegs);
+    q->reqs[head].state = REQ_PYTHON;
+    if (blk_punt_push(b, &p) < 0) {
+        free(p.segs);
+        q->reqs[head].state = REQ_FREE;
+        blk_fatal(b, q, "internal error: out of memory handing a request to Python");
+        return;
+    }
+    CNT_ADD(b, punts, 1);
+}
+
+/* An engine result C does not complete itself: 1 when the request went to
+ * Python. A failure (and a writethrough write once a flush has failed: its
+ * flush would prove nothing) is PUNT_ERROR; a failed flush also sets
+ * flush_failed. A short read or write is done again by Python, which
+ * continues it, or zero-fills a read at the end of the file. */
+static int blk_failed(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, int64_t result)
+{
+    struct blk_req *req = &q->reqs[head];
+    int flush = req->op == BLK_T_FLUSH || req->op == OP_FLUSH_AFTER;
+
+    if (result < 0 && flush)
+        __atomic_store_n(&b->flush_failed, 1, __ATOMIC_RELEASE);
+    if (result >= 0 && req->op == BLK_T_OUT && req->then_flush &&
+        __atomic_load_n(&b->flush_failed, __ATOMIC_ACQUIRE))
+        result = -EIO;
+    if (result >= 0 && (flush || (uint64_t)result >= req->nbytes ||
+                        req->op == OP_FLUSH_AFTER))
+        return 0;
+    blk_io_done(b, req);
+    blk_req_free_iov(req);
+    blk_punt_again(b, q, head, result < 0 ? PYKVM_BLK_PUNT_ERROR : PYKVM_BLK_PUNT_SERVE,
+                   result < 0 ? (int32_t)-result : 0);
+    return 1;
+}
+
+static int pykvm_blk_flush_failed(const struct pykvm_blk *b)
+{
+    return __atomic_load_n(&b->flush_failed, __ATOMIC_ACQUIRE);
+}
+
+static void pykvm_blk_set_flush_failed(struct pykvm_blk *b)
+{
+    __atomic_store_n(&b->flush_failed, 1, __ATOMIC_RELEASE);
+}
+
+/* Pause (1) or resume (0) the thread: paused, it pops nothing, reaps
+ * nothing and adds no used element. Pausing returns once the thread is
+ * parked (or after 5 s). */
+static void pykvm_blk_pause(struct pykvm_blk *b, int on)
+{
+    struct timespec until;
+
+    pthread_mutex_lock(&b->lock);
+    __atomic_store_n(&b->paused, !!on, __ATOMIC_RELEASE);
+    b->parked = 0;
+    pthread_mutex_unlock(&b->lock);
+    eventfd_write(b->wake_fd, 1);
+    if (!on)
+        return;
+    blk_deadline(&until, 5000);
+    pthread_mutex_lock(&b->lock);
+    while (!b->parked && !b->stopping && b->paused)
+        if (pthread_cond_timedwait(&b->drained_cond, &b->lock, &until) == ETIMEDOUT)
+            break;
+    pthread_mutex_unlock(&b->lock);
+}
+
+/* While paused: say so, and wait for resume or stop. 1 when it waited. */
+static int blk_park(struct pykvm_blk *b)
+{
+    if (!__atomic_load_n(&b->paused, __ATOMIC_ACQUIRE))
+        return 0;
+    pthread_mutex_lock(&b->lock);
+    b->parked = 1;
+    pthread_cond_broadcast(&b->drained_cond);
+    pthread_mutex_unlock(&b->lock);
+    while (__atomic_load_n(&b->paused, __ATOMIC_ACQUIRE) &&
+           !__atomic_load_n(&b->stopping, __ATOMIC_ACQUIRE)) {
+        struct pollfd pfd = {.fd = b->wake_fd, .events = POLLIN};
+        eventfd_t v;
+
+        if (poll(&pfd, 1, 100) > 0)
+            (void)eventfd_read(b->wake_fd, &v);
+    }
+    return 1;
+}
+
 static void blk_finish(struct pykvm_blk *b, uint64_t token, int64_t result)
 {
     uint32_t qi = (uint32_t)(token >> 16);
@@ -1134,6 +1255,8 @@ static void blk_finish(struct pykvm_blk *b, uint64_t token, int64_t result)
         req->state = REQ_FREE;  /* being reset: the result is dropped */
         return;
     }
+    if (blk_failed(b, q, head, result))
+        return;
     if (req->op == BLK_T_OUT && req->then_flush && result >= 0) {
         /* writethrough: the write completes once it is flushed */
         req->op = OP_FLUSH_AFTER;
@@ -1373,6 +1496,10 @@ static void *blk_thread(void *arg)
         uint64_t now, due;
         int n;
 
+        if (blk_park(b)) {
+            engine_fired = 1;  /* what completed meanwhile is reaped now */
+            continue;
+        }
         int work = blk_round(b, engine_fired);
         int quiescing = __atomic_load_n(&b->quiescing, __ATOMIC_ACQUIRE);
 
