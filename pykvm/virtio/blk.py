@@ -13,10 +13,20 @@ Bad requests (a short header, a sector range past the capacity, a data buffer
 the device may not write, an unknown type) complete with IOERR or UNSUPP; a
 broken ring (QueueError) or a request with no status byte stops the device
 with DEVICE_NEEDS_RESET. Either way: one log line, and the VMM carries on.
+
+Host errors follow the disk's policies, QEMU's ``werror`` (writes, flushes,
+discards, write-zeroes) and ``rerror`` (reads): ``report`` completes the
+request with IOERR, ``ignore`` with OK, ``stop`` stops the device on any
+error of that direction and ``enospc`` (werror only) on ENOSPC, reporting
+the rest. A stopped device keeps the failed request, completes nothing more
+and calls ``on_stop(device, line)`` (the Machine pauses the VM); resume()
+submits the failed requests again, then completes what it held. Requests
+the C path served come here when they fail (fastpath.py: PUNT_ERROR).
 """
 from __future__ import annotations
 
 import logging
+import errno
 import os
 import select
 import struct
@@ -56,6 +66,8 @@ IOTHREADS = ("device", "queue")         # the C path: one thread per device, or 
 MAX_REQUEST_BYTES = 256 << 20           # a request larger than this is refused
 MAX_DISCARD_SECTORS = (1 << 30) // SECTOR
 MAX_WRITE_ZEROES_SECTORS = (1 << 30) // SECTOR
+WERROR = ("report", "ignore", "stop", "enospc")   # QEMU's -drive werror=, default enospc
+RERROR = ("report", "ignore", "stop")             # QEMU's -drive rerror=, default report
 
 # Config space layout (struct virtio_blk_config)
 CONFIG = struct.Struct("<QII HBB I BBHI BBH III II B3x")
@@ -63,13 +75,15 @@ CONFIG_WRITEBACK = 32
 
 
 class _Request:
-    __slots__ = ("queue", "head", "status_gpa", "used_len")
+    __slots__ = ("queue", "head", "status_gpa", "used_len", "is_read", "retry")
 
-    def __init__(self, queue, head: int, status_gpa: int, used_len: int):
+    def __init__(self, queue, head: int, status_gpa: int, used_len: int, is_read: bool = False):
         self.queue = queue
         self.head = head
         self.status_gpa = status_gpa
         self.used_len = used_len
+        self.is_read = is_read
+        self.retry = None           # (backend method, args): to submit it again
 
 
 class _BadRequest(Exception):
@@ -85,11 +99,23 @@ class VirtioBlk(VirtioDevice):
 
     def __init__(self, backend, serial: str = "", queue_size: int = 256, name: str = "virtio-blk",
                  poll_max_ns: int | None = None, irq_coalesce_ns: int | None = None,
-                 num_queues: int = 1, iothread: str = "device"):
+                 num_queues: int = 1, iothread: str = "device", werror: str = "enospc",
+                 rerror: str = "report", on_stop=None):
         if not 1 <= num_queues <= MAX_QUEUES:
             raise ValueError(f"{num_queues} queues (1 to {MAX_QUEUES})")
         if iothread not in IOTHREADS:
             raise ValueError(f"iothread={iothread} (one of {', '.join(IOTHREADS)})")
+        if werror not in WERROR or rerror not in RERROR:
+            raise ValueError(f"werror={werror}, rerror={rerror} (one of {', '.join(WERROR)}; "
+                             f"{', '.join(RERROR)})")
+        self.werror = werror
+        self.rerror = rerror
+        self.on_stop = on_stop        # on_stop(device, line): a host error stopped it
+        self._paused = False          # stopped: no completion until resume()
+        self._resume = False          # resume() asked; the serving thread does it
+        self._held: list = []         # completions held while stopped
+        self._retry: list = []        # tokens of the requests that stopped it
+        self._c_failed = 0            # serving a chain the C path failed with this errno
         self.backend = backend
         self.num_queues = num_queues
         self.iothread = iothread          # the C path's threads: per device or per queue
@@ -315,19 +341,100 @@ class VirtioBlk(VirtioDevice):
     def _complete(self, done, notify: bool = True) -> None:
         mem = self.mem
         touched = set()
+        if self._resume:
+            done = self._resume_now() + list(done)
         for token, result in done:
-            req = self._inflight.pop(token, None)
+            req = self._inflight.get(token)
             if req is None:
                 continue
+            if self._paused:
+                self._held.append((token, result))
+                continue
+            status = S_OK
             if result < 0:
-                self.stats["errors"] += 1
-                self._warn(f"I/O error: {os.strerror(-result)}")
-            mem.write_u(req.status_gpa, 1, S_OK if result >= 0 else S_IOERR)
+                action = self._error_action(req, -result)
+                if action == "stop":
+                    self._stop_on(token, req, -result)
+                    continue
+                if action == "report":
+                    self.stats["errors"] += 1
+                    status = S_IOERR
+                    self._warn(f"I/O error: {os.strerror(-result)}")
+                else:
+                    self._warn(f"I/O error: {os.strerror(-result)} (ignored: "
+                               f"{'rerror' if req.is_read else 'werror'}=ignore)")
+            del self._inflight[token]
+            mem.write_u(req.status_gpa, 1, status)
             req.queue.add_used(mem, req.head, req.used_len)
             touched.add(req.queue)
         if notify:
             for q in touched:
                 self._notify(q)
+        if self._fast is not None and self.backend.flush_error:
+            self._fast.set_flush_failed()   # a flush Python did failed: C's fail too
+
+    # -- host errors: werror / rerror ------------------------------------------------
+
+    def _error_action(self, req, err: int) -> str:
+        policy = self.rerror if req.is_read else self.werror
+        if policy == "enospc":
+            return "stop" if err == errno.ENOSPC else "report"
+        return policy
+
+    def _stop_on(self, token: int, req, err: int) -> None:
+        """Stop on a failed request: keep it for resume(), complete nothing more."""
+        self._paused = True
+        self._retry.append(token)
+        if self._fast is not None:
+            self._fast.pause(True)
+        key, policy = ("rerror", self.rerror) if req.is_read else ("werror", self.werror)
+        line = (f"{self.backend.root.node_name or self.name}: "
+                f"{'read' if req.is_read else 'write'} error: {os.strerror(err)} "
+                f"({key}={policy})")
+        if self.on_stop is not None:
+            self.on_stop(self, line)
+        else:
+            log.error("%s; %s stopped: fix the cause, then resume it", line, self.name)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        """Complete no request until resume() (the VM pauses: every disk does)."""
+        self._paused = True
+        if self._fast is not None:
+            self._fast.pause(True)
+
+    def resume(self) -> None:
+        """Go on: the thread that serves completions submits the requests that
+        stopped the device again, then completes what it held. Any thread."""
+        self._resume = True
+        os.eventfd_write(self.backend.notifier, 1)
+
+    def _resume_now(self) -> list:
+        self._resume = False
+        self._paused = False
+        retry, self._retry = self._retry, []
+        held, self._held = self._held, []
+        if self._fast is not None:
+            self._fast.pause(False)
+        for token in retry:
+            req = self._inflight.get(token)
+            if req is not None and req.retry is not None:
+                fn, args = req.retry
+                fn(*args)
+        return held
+
+    def _start(self, token: int, req, fn, *args) -> None:
+        """Submit a parsed request to the backend (or, for a chain the C path
+        failed, complete it with that error: the policies decide)."""
+        req.retry = (fn, args)
+        self._inflight[token] = req
+        if self._c_failed:
+            self.backend.post(token, -self._c_failed)
+        else:
+            fn(*args)
 
     # -- the C fast path's hook: requests it hands over (pykvm/virtio/fastpath.py) --
 
@@ -340,6 +447,19 @@ class VirtioBlk(VirtioDevice):
             self._submit(q, chain)
         except _Fatal as e:
             self.fail(str(e))
+
+    def serve_failed(self, q, chain, err: int, flush_failed: bool) -> None:
+        """A chain the C path served and the host failed with ``err``: parse
+        it again, and complete it with that error through the policies (a
+        retry after a stop is the Python path's). ``flush_failed``: a flush
+        failed in C (the backend's flushes fail from now on)."""
+        if flush_failed:
+            self.backend.flush_failed(errno.EIO)
+        self._c_failed = err or errno.EIO
+        try:
+            self.serve_punted(q, chain)
+        finally:
+            self._c_failed = 0
 
     def complete_punted(self) -> None:
         """Finish the handed-over requests the backend has completed."""
@@ -408,8 +528,8 @@ class VirtioBlk(VirtioDevice):
                     win and rtype not in (T_GET_ID,):
                 raise _BadRequest(S_IOERR, f"type {rtype} request with unexpected data buffers")
             if rtype == T_FLUSH:
-                self._inflight[token] = _Request(q, chain.head, status_gpa, 1)
-                self.backend.flush(token)
+                self._start(token, _Request(q, chain.head, status_gpa, 1), self.backend.flush,
+                            token)
                 return False
             if rtype == T_GET_ID:
                 n = min(ID_BYTES, _total(win))
@@ -458,13 +578,13 @@ class VirtioBlk(VirtioDevice):
         offset = self._check_range(sector, nbytes)
         iov = [mem.view(gpa, n) for gpa, n in data if n]
         if rtype == T_IN:
-            self._inflight[token] = _Request(q, head, status_gpa, nbytes + 1)
             self.stats["bytes_read"] += nbytes
-            self.backend.readv(token, offset, iov)
+            self._start(token, _Request(q, head, status_gpa, nbytes + 1, is_read=True),
+                        self.backend.readv, token, offset, iov)
         else:
-            self._inflight[token] = _Request(q, head, status_gpa, 1)
             self.stats["bytes_written"] += nbytes
-            self.backend.writev(token, offset, iov)
+            self._start(token, _Request(q, head, status_gpa, 1), self.backend.writev, token,
+                        offset, iov)
         return False
 
     def _discard(self, q, head, token, rtype, rout, status_gpa) -> bool:
@@ -485,11 +605,12 @@ class VirtioBlk(VirtioDevice):
         if num > limit:
             raise _BadRequest(S_IOERR, f"{num} sectors exceed the limit of {limit}")
         offset = self._check_range(sector, num * SECTOR)
-        self._inflight[token] = _Request(q, head, status_gpa, 1)
+        req = _Request(q, head, status_gpa, 1)
         if rtype == T_DISCARD:
-            self.backend.discard(token, offset, num * SECTOR)
+            self._start(token, req, self.backend.discard, token, offset, num * SECTOR)
         else:
-            self.backend.write_zeroes(token, offset, num * SECTOR, bool(flags & WRITE_ZEROES_UNMAP))
+            self._start(token, req, self.backend.write_zeroes, token, offset, num * SECTOR,
+                        bool(flags & WRITE_ZEROES_UNMAP))
         return False
 
 
