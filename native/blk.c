@@ -238,6 +238,10 @@ struct pykvm_blk {
     uint8_t flush_failed;
     int paused;
     int parked;
+    /* engine results reaped while parked: failures go to Python at once
+     * (they join the request that stopped the disk), the rest wait here */
+    struct pykvm_aio_done *parked_done;
+    uint32_t nparked_done;
 };
 
 /* Counters: written by the I/O thread only, read by Python at any time. */
@@ -1202,8 +1206,9 @@ static void pykvm_blk_pause(struct pykvm_blk *b, int on)
     struct timespec until;
 
     pthread_mutex_lock(&b->lock);
+    if (!on)
+        b->parked = 0;  /* (paused again: parked once more, by blk_park) */
     __atomic_store_n(&b->paused, !!on, __ATOMIC_RELEASE);
-    b->parked = 0;
     pthread_mutex_unlock(&b->lock);
     eventfd_write(b->wake_fd, 1);
     if (!on)
@@ -1216,6 +1221,34 @@ static void pykvm_blk_pause(struct pykvm_blk *b, int on)
     pthread_mutex_unlock(&b->lock);
 }
 
+/* While parked: take the engine's results; a failed (or short) one goes
+ * to Python now, a good one waits in parked_done for the end of the pause. */
+static void blk_park_reap(struct pykvm_blk *b)
+{
+    if (!b->parked_done)
+        b->parked_done = malloc(sizeof(*b->parked_done) * b->donecap);
+    while (b->parked_done && b->nparked_done < b->donecap) {
+        struct pykvm_aio_done *out = b->parked_done + b->nparked_done;
+        int n = pykvm_aio_reap(b->aio, out, b->donecap - b->nparked_done);
+
+        if (n <= 0)
+            break;
+        for (int i = 0; i < n; i++) {
+            struct blk_queue *q = &b->queues[(out[i].token >> 16) % b->nqueues];
+            uint16_t head = (uint16_t)(out[i].token & 0xFFFF);
+
+            if (head < q->nreqs && q->reqs[head].state == REQ_IO &&
+                (out[i].result < 0 || q->reqs[head].op == BLK_T_FLUSH ||
+                 (uint64_t)out[i].result < q->reqs[head].nbytes) &&
+                blk_failed(b, q, head, out[i].result))
+                continue;
+            b->parked_done[b->nparked_done++] = out[i];
+        }
+    }
+}
+
+static void blk_finish(struct pykvm_blk *b, uint64_t token, int64_t result);
+
 /* While paused: say so, and wait for resume or stop. 1 when it waited. */
 static int blk_park(struct pykvm_blk *b)
 {
@@ -1227,12 +1260,17 @@ static int blk_park(struct pykvm_blk *b)
     pthread_mutex_unlock(&b->lock);
     while (__atomic_load_n(&b->paused, __ATOMIC_ACQUIRE) &&
            !__atomic_load_n(&b->stopping, __ATOMIC_ACQUIRE)) {
-        struct pollfd pfd = {.fd = b->wake_fd, .events = POLLIN};
+        struct pollfd pfd[2] = {{.fd = b->wake_fd, .events = POLLIN},
+                                {.fd = pykvm_aio_notifier(b->aio), .events = POLLIN}};
         eventfd_t v;
 
-        if (poll(&pfd, 1, 100) > 0)
+        if (poll(pfd, 2, 100) > 0 && pfd[0].revents)
             (void)eventfd_read(b->wake_fd, &v);
+        blk_park_reap(b);
     }
+    for (uint32_t i = 0; i < b->nparked_done; i++)
+        blk_finish(b, b->parked_done[i].token, b->parked_done[i].result);
+    b->nparked_done = 0;
     return 1;
 }
 
@@ -1592,6 +1630,7 @@ static void blk_free(struct pykvm_blk *b)
     free(b->next_map);
     free(b->sub);
     free(b->done);
+    free(b->parked_done);
     free(b->held[0]);
     free(b->held[1]);
     if (b->epfd >= 0)
