@@ -282,6 +282,7 @@ class Machine:
         self._stopped_vcpu: Vcpu | None = None
         self.blk_devices: list = []        # the VirtioBlk of each --disk
         self._paused = False
+        self._pause_lock = threading.Lock()
         try:
             self._build()
         except BaseException:
@@ -500,28 +501,28 @@ class Machine:
     def pause(self) -> None:
         """Stop the guest: every vCPU leaves KVM_RUN and waits, and no disk
         completes a request, until resume(). Safe from any thread."""
-        with self._lock:
+        with self._pause_lock:
             if self._paused:
                 return
             self._paused = True
-        for dev in self.blk_devices:
-            dev.pause()
-        for v in self.vcpus:
-            v.pause()
+            for v in self.vcpus:
+                v.pause()
+            for dev in self.blk_devices:
+                dev.pause()
 
     def resume(self) -> None:
         """Go on after pause(): disks retry the requests they stopped on (a
         request that fails again stops the VM again) and complete what they
         held; then the vCPUs run. Safe from any thread, and from a signal
         handler (SIGCONT while run() waits)."""
-        with self._lock:
+        with self._pause_lock:
             if not self._paused:
                 return
             self._paused = False
-        for dev in self.blk_devices:
-            dev.resume()
-        for v in self.vcpus:
-            v.resume()
+            for dev in self.blk_devices:
+                dev.resume()
+            for v in self.vcpus:
+                v.resume()
 
     def exit_counts(self) -> collections.Counter:
         """VM exits per reason, summed over the vCPUs."""

@@ -347,15 +347,15 @@ class VirtioBlk(VirtioDevice):
             req = self._inflight.get(token)
             if req is None:
                 continue
+            action = self._error_action(req, -result) if result < 0 else ""
+            if action == "stop":        # kept, and submitted again on resume()
+                self._stop_on(token, req, -result)
+                continue
             if self._paused:
                 self._held.append((token, result))
                 continue
             status = S_OK
             if result < 0:
-                action = self._error_action(req, -result)
-                if action == "stop":
-                    self._stop_on(token, req, -result)
-                    continue
                 if action == "report":
                     self.stats["errors"] += 1
                     status = S_IOERR
@@ -382,9 +382,12 @@ class VirtioBlk(VirtioDevice):
         return policy
 
     def _stop_on(self, token: int, req, err: int) -> None:
-        """Stop on a failed request: keep it for resume(), complete nothing more."""
-        self._paused = True
+        """Stop on a failed request: keep it for resume(), complete nothing more
+        (one line and on_stop for the first; those failing meanwhile join it)."""
         self._retry.append(token)
+        if self._paused:
+            return
+        self._paused = True
         if self._fast is not None:
             self._fast.pause(True)
         key, policy = ("rerror", self.rerror) if req.is_read else ("werror", self.werror)
