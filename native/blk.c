@@ -1254,6 +1254,16 @@ static int blk_park(struct pykvm_blk *b)
 {
     if (!__atomic_load_n(&b->paused, __ATOMIC_ACQUIRE))
         return 0;
+    /* the engine's requests come back first (failures handed over) */
+    blk_park_reap(b);
+    while (b->parked_done && pykvm_aio_in_flight(b->aio) && b->nparked_done < b->donecap &&
+           !__atomic_load_n(&b->stopping, __ATOMIC_ACQUIRE)) {
+        struct pollfd pfd = {.fd = pykvm_aio_notifier(b->aio), .events = POLLIN};
+
+        blk_park_reap(b);
+        if (pykvm_aio_in_flight(b->aio))
+            poll(&pfd, 1, 10);
+    }
     pthread_mutex_lock(&b->lock);
     b->parked = 1;
     pthread_cond_broadcast(&b->drained_cond);

@@ -493,10 +493,10 @@ class Machine:
     def _error_stop(self, dev, line: str) -> None:
         """A disk stopped on a host error (VirtioBlk's on_stop): pause the VM,
         with one line that says how to go on."""
+        self.pause()        # first: a SIGCONT sent on seeing the line finds it paused
         how = f"send SIGCONT to pid {os.getpid()} (or call Machine.resume())"
         logging.getLogger("pykvm.virtio").error("%s; VM paused: fix the cause, then %s",
                                                 line, how)
-        self.pause()
 
     def pause(self) -> None:
         """Stop the guest: every vCPU leaves KVM_RUN and waits, and no disk

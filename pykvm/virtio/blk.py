@@ -388,8 +388,13 @@ class VirtioBlk(VirtioDevice):
         if self._paused:
             return
         self._paused = True
+        # as QEMU drains before it stops: every request in flight comes back
+        # first, so those failing now join this one rather than stop the VM
+        # again after resume()
         if self._fast is not None:
             self._fast.pause(True)
+            self._fast.take_punts()
+        self._complete(self.backend.drain(), notify=False)
         key, policy = ("rerror", self.rerror) if req.is_read else ("werror", self.werror)
         line = (f"{self.backend.root.node_name or self.name}: "
                 f"{'read' if req.is_read else 'write'} error: {os.strerror(err)} "

@@ -345,7 +345,8 @@ class FastPath:
 
     def pause(self, on: bool) -> None:
         """Park the C threads (no pop, no reap, no used element) or let them
-        go on; pausing returns once they are parked."""
+        go on; pausing returns once they are parked, with every request of
+        their engines back (the failed ones handed over)."""
         with self._lock:
             for blk in self._blks:
                 lib.pykvm_blk_pause(blk, int(on))
@@ -476,12 +477,7 @@ class FastPath:
                         return
                     if fd in punt_fds:
                         _drain(fd)
-                        g = punt_fds[fd]
-                        while lib.pykvm_blk_next_punt(self._blks[g], entry):
-                            try:
-                                self._handle(g, entry)
-                            finally:
-                                lib.pykvm_blk_punt_release(entry)
+                        self._take_punts(punt_fds[fd], entry)
                     elif fd in forward_fds:
                         _drain(fd)
                         g = forward_fds[fd]
@@ -495,6 +491,20 @@ class FastPath:
         except Exception as e:  # a VMM bug: the device dies, not the VMM
             log.exception("%s: fast path helper failed", self.name)
             self._fail(f"internal error: {type(e).__name__}: {e}")
+
+    def _take_punts(self, g: int, entry) -> None:
+        while lib.pykvm_blk_next_punt(self._blks[g], entry):
+            try:
+                self._handle(g, entry)
+            finally:
+                lib.pykvm_blk_punt_release(entry)
+
+    def take_punts(self) -> None:
+        """Handle what C has handed over so far, now (the helper thread only:
+        a device stopping on an error collects every failure first)."""
+        entry = ffi.new("struct pykvm_blk_punt *")
+        for g in range(len(self._blks)):
+            self._take_punts(g, entry)
 
     def _handle(self, g: int, entry) -> None:
         kind = entry.kind
