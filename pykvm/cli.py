@@ -300,7 +300,8 @@ def cmd_serve(args) -> int:
     poll = 0 if args.disk.poll_max_ns is None else args.disk.poll_max_ns
     dev = VirtioBlk(backend, serial=args.disk.serial or "pykvm-vhost0", name="vhost-user-blk",
                     poll_max_ns=poll, irq_coalesce_ns=args.disk.irq_coalesce_ns,
-                    num_queues=args.disk.queues, iothread=args.disk.iothread)
+                    num_queues=args.disk.queues, iothread=args.disk.iothread,
+                    werror=args.disk.werror, rerror=args.disk.rerror, on_stop=_export_stopped)
     try:
         server = VhostUserServer(dev, args.vhost_user_blk, name="vhost-user-blk",
                                  mode=args.socket_mode)
@@ -309,6 +310,7 @@ def cmd_serve(args) -> int:
         raise
     old = {sig: signal.signal(sig, lambda *_: server.stop())
            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    old[signal.SIGCONT] = signal.signal(signal.SIGCONT, lambda *_: dev.resume())
     print(f"pykvm: serving {args.disk.file} on {args.vhost_user_blk}", file=sys.stderr,
           flush=True)
     try:
@@ -319,6 +321,14 @@ def cmd_serve(args) -> int:
         server.close()
         dev.close()
     return 0
+
+
+def _export_stopped(dev, line: str) -> None:
+    """werror/rerror=stop|enospc on an export: the device holds its requests
+    until SIGCONT (as a VM pauses)."""
+    import logging
+    logging.getLogger("pykvm.virtio").error(
+        "%s; export paused: fix the cause, then send SIGCONT to pid %d", line, os.getpid())
 
 
 def _prefix_formatter():

@@ -249,6 +249,9 @@ class VirtioBlk(VirtioDevice):
         # and drop the results (the queues are about to be reset).
         self.backend.drain()
         self._inflight.clear()
+        # a stop on a host error ends with the reset: its requests are dropped
+        self._paused = self._resume = False
+        self._retry, self._held = [], []
         self.backend.write_cache = self.backend.cache.writeback
 
     def close(self) -> None:
