@@ -103,11 +103,24 @@ def test_enospc_with_werror_report_fails_the_write(tmpfs, aio):
 
 
 @pytest.mark.parametrize("aio", AIOS)
+def test_enospc_with_werror_ignore_reports_success(tmpfs, aio):
+    d = tmpfs("4M")
+    img = sparse(d / "disk.img")
+    r = run(f"file={img},aio={aio},werror=ignore", workload())
+    out, err = r.stdout.decode(), r.stderr.decode()
+    assert "Traceback" not in err
+    assert r.returncode == 0, out[-2000:]
+    assert result(out)["io_errors"] == "0"
+    assert "No space left on device (ignored: werror=ignore)" in err
+    assert "VM paused" not in err
+
+
+@pytest.mark.parametrize("aio", AIOS)
 @pytest.mark.parametrize("werror", ["enospc", "stop"])
 def test_enospc_pauses_until_sigcont_and_loses_no_write(tmpfs, aio, werror):
     d = tmpfs("6M")
     img = sparse(d / "disk.img")
-    ballast(d / "ballast", 3 << 20)
+    ballast(d / "ballast", (3 << 20) + (20 << 10))   # the space ends inside a write: a short one
     p = subprocess.Popen([sys.executable, "-m", "pykvm", "run", str(guest_path("workload")),
                           "--disk", f"file={img},aio={aio},werror={werror}",
                           "--cmdline", workload(), "--timeout", "120"],
@@ -140,7 +153,7 @@ def test_machine_resume_retries_and_nothing_completes_while_paused(tmpfs, tmp_pa
     from pykvm.machine import DiskSpec, Machine, MachineConfig
     d = tmpfs("6M")
     img = sparse(d / "disk.img")
-    ballast(d / "ballast", 3 << 20)
+    ballast(d / "ballast", (3 << 20) + (20 << 10))   # the space ends inside a write: a short one
     serial = open(tmp_path / "serial.out", "w+b")
     cfg = MachineConfig(kernel=str(guest_path("workload")), cmdline=workload(),
                         serial_out=serial, disks=[DiskSpec.parse(f"file={img},aio={aio}")])
