@@ -38,6 +38,7 @@
 #define PYKVM_BLK_PUNT_SERVE 1
 #define PYKVM_BLK_PUNT_LOG 2
 #define PYKVM_BLK_PUNT_FATAL 3
+#define PYKVM_BLK_PUNT_ERROR 4
 
 struct pykvm_blk_extent {
     uint64_t offset;
@@ -107,6 +108,7 @@ struct pykvm_blk_punt {
     uint32_t nsegs;
     struct pykvm_vq_seg *segs;
     char message[256];
+    int32_t error;
 };
 
 /* virtio-blk (5.2.6), the values of pykvm/virtio/blk.py */
@@ -262,6 +264,16 @@ struct pykvm_blk {
     int release_all;            /* Python: let held completions go now */
     struct pykvm_trace *trace;
     struct pykvm_blk_counters c;
+    /* host errors (blk_failed): a flush failed once, so every later one
+     * goes to Python, which fails it; paused by Python (werror/rerror=stop):
+     * the thread parks (blk_park), parked says it does (under lock) */
+    uint8_t flush_failed;
+    int paused;
+    int parked;
+    /* engine results reaped while parked: failures go to Python at once
+     * (they join the request that stopped the disk), the rest wait here */
+    struct pykvm_aio_done *parked_done;
+    uint32_t nparked_done;
 };
 
 /* Counters: written by the I/O thread only, read by Python at any time. */
@@ -1391,7 +1403,7 @@ static int blk_submit_chain(struct pykvm_blk *b, struct blk_queue *q)
         return blk_bad(b, q, head, status, BLK_S_IOERR,
                        "type %u request with unexpected data buffers", type);
     if (type == BLK_T_FLUSH) {
-        if (b->flush_fd < 0)
+        if (b->flush_fd < 0 || __atomic_load_n(&b->flush_failed, __ATOMIC_ACQUIRE))
             return blk_punt(b, q);
         req->op = BLK_T_FLUSH;
         req->status = status;
@@ -1498,6 +1510,163 @@ static void blk_zero_tail(struct blk_req *req, uint64_t done)
     }
 }
 
+/* -- host errors: Python applies the disk's werror/rerror ---------------------- */
+
+/* Hand the request at head back to Python as a fresh chain (walked again
+ * from the descriptor table: the driver still owns nothing of it), with
+ * kind PUNT_SERVE (Python does the I/O again) or PUNT_ERROR (it failed with
+ * error: Python decides the status, or pauses and retries it). */
+static void blk_punt_again(struct pykvm_blk *b, struct blk_queue *q, uint16_t head,
+                           int32_t kind, int32_t error)
+{
+    struct pykvm_blk_punt p = {.kind = kind, .queue = q->index, .head = head, .error = error};
+    struct pykvm_vq_error err;
+
+    q->reqs[head].state = REQ_FREE;
+    if (pykvm_vq_resubmit(q->vq, &b->mem, head, &q->chain, &err) < 0) {
+        blk_fatal(b, q, err.message);
+        return;
+    }
+    q->vq->in_flight--;  /* the same request: counted once, when popped */
+    p.nreadable = q->chain.nreadable;
+    p.nsegs = q->chain.nsegs;
+    p.segs = malloc(sizeof(*p.segs) * (p.nsegs ? p.nsegs : 1));
+    if (!p.segs) {
+        blk_fatal(b, q, "internal error: out of memory handing a request to Python");
+        return;
+    }
+    memcpy(p.segs, q->chain.segs, sizeof(*p.segs) * p.nsegs);
+    q->reqs[head].state = REQ_PYTHON;
+    if (blk_punt_push(b, &p) < 0) {
+        free(p.segs);
+        q->reqs[head].state = REQ_FREE;
+        blk_fatal(b, q, "internal error: out of memory handing a request to Python");
+        return;
+    }
+    CNT_ADD(b, punts, 1);
+}
+
+/* An engine result C does not complete itself: 1 when the request went to
+ * Python. A failure (and a writethrough write once a flush has failed: its
+ * flush would prove nothing) is PUNT_ERROR; a failed flush also sets
+ * flush_failed. A short read or write is done again by Python, which
+ * continues it, or zero-fills a read at the end of the file. */
+static int blk_failed(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, int64_t result)
+{
+    struct blk_req *req = &q->reqs[head];
+    int flush = req->op == BLK_T_FLUSH || req->op == OP_FLUSH_AFTER;
+
+    if (result < 0 && flush)
+        __atomic_store_n(&b->flush_failed, 1, __ATOMIC_RELEASE);
+    if (result >= 0 && req->op == BLK_T_OUT && req->then_flush &&
+        __atomic_load_n(&b->flush_failed, __ATOMIC_ACQUIRE))
+        result = -EIO;
+    if (result >= 0 && (flush || (uint64_t)result >= req->nbytes ||
+                        req->op == OP_FLUSH_AFTER))
+        return 0;
+    blk_io_done(b, req);
+    blk_req_free_iov(req);
+    blk_punt_again(b, q, head, result < 0 ? PYKVM_BLK_PUNT_ERROR : PYKVM_BLK_PUNT_SERVE,
+                   result < 0 ? (int32_t)-result : 0);
+    return 1;
+}
+
+static int pykvm_blk_flush_failed(const struct pykvm_blk *b)
+{
+    return __atomic_load_n(&b->flush_failed, __ATOMIC_ACQUIRE);
+}
+
+static void pykvm_blk_set_flush_failed(struct pykvm_blk *b)
+{
+    __atomic_store_n(&b->flush_failed, 1, __ATOMIC_RELEASE);
+}
+
+/* Pause (1) or resume (0) the thread: paused, it pops nothing, reaps
+ * nothing and adds no used element. Pausing returns once the thread is
+ * parked (or after 5 s). */
+static void pykvm_blk_pause(struct pykvm_blk *b, int on)
+{
+    struct timespec until;
+
+    pthread_mutex_lock(&b->lock);
+    if (!on)
+        b->parked = 0;  /* (paused again: parked once more, by blk_park) */
+    __atomic_store_n(&b->paused, !!on, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&b->lock);
+    eventfd_write(b->wake_fd, 1);
+    if (!on)
+        return;
+    blk_deadline(&until, 5000);
+    pthread_mutex_lock(&b->lock);
+    while (!b->parked && !b->stopping && b->paused)
+        if (pthread_cond_timedwait(&b->drained_cond, &b->lock, &until) == ETIMEDOUT)
+            break;
+    pthread_mutex_unlock(&b->lock);
+}
+
+/* While parked: take the engine's results; a failed (or short) one goes
+ * to Python now, a good one waits in parked_done for the end of the pause. */
+static void blk_park_reap(struct pykvm_blk *b)
+{
+    if (!b->parked_done)
+        b->parked_done = malloc(sizeof(*b->parked_done) * b->donecap);
+    while (b->parked_done && b->nparked_done < b->donecap) {
+        struct pykvm_aio_done *out = b->parked_done + b->nparked_done;
+        int n = pykvm_aio_reap(b->aio, out, b->donecap - b->nparked_done);
+
+        if (n <= 0)
+            break;
+        for (int i = 0; i < n; i++) {
+            struct blk_queue *q = &b->queues[(out[i].token >> 16) % b->nqueues];
+            uint16_t head = (uint16_t)(out[i].token & 0xFFFF);
+
+            if (head < q->nreqs && q->reqs[head].state == REQ_IO &&
+                (out[i].result < 0 || q->reqs[head].op == BLK_T_FLUSH ||
+                 (uint64_t)out[i].result < q->reqs[head].nbytes) &&
+                blk_failed(b, q, head, out[i].result))
+                continue;
+            b->parked_done[b->nparked_done++] = out[i];
+        }
+    }
+}
+
+static void blk_finish(struct pykvm_blk *b, uint64_t token, int64_t result);
+
+/* While paused: say so, and wait for resume or stop. 1 when it waited. */
+static int blk_park(struct pykvm_blk *b)
+{
+    if (!__atomic_load_n(&b->paused, __ATOMIC_ACQUIRE))
+        return 0;
+    /* the engine's requests come back first (failures handed over) */
+    blk_park_reap(b);
+    while (b->parked_done && pykvm_aio_in_flight(b->aio) && b->nparked_done < b->donecap &&
+           !__atomic_load_n(&b->stopping, __ATOMIC_ACQUIRE)) {
+        struct pollfd pfd = {.fd = pykvm_aio_notifier(b->aio), .events = POLLIN};
+
+        blk_park_reap(b);
+        if (pykvm_aio_in_flight(b->aio))
+            poll(&pfd, 1, 10);
+    }
+    pthread_mutex_lock(&b->lock);
+    b->parked = 1;
+    pthread_cond_broadcast(&b->drained_cond);
+    pthread_mutex_unlock(&b->lock);
+    while (__atomic_load_n(&b->paused, __ATOMIC_ACQUIRE) &&
+           !__atomic_load_n(&b->stopping, __ATOMIC_ACQUIRE)) {
+        struct pollfd pfd[2] = {{.fd = b->wake_fd, .events = POLLIN},
+                                {.fd = pykvm_aio_notifier(b->aio), .events = POLLIN}};
+        eventfd_t v;
+
+        if (poll(pfd, 2, 100) > 0 && pfd[0].revents)
+            (void)eventfd_read(b->wake_fd, &v);
+        blk_park_reap(b);
+    }
+    for (uint32_t i = 0; i < b->nparked_done; i++)
+        blk_finish(b, b->parked_done[i].token, b->parked_done[i].result);
+    b->nparked_done = 0;
+    return 1;
+}
+
 static void blk_finish(struct pykvm_blk *b, uint64_t token, int64_t result)
 {
     uint32_t qi = (uint32_t)(token >> 16);
@@ -1517,6 +1686,8 @@ static void blk_finish(struct pykvm_blk *b, uint64_t token, int64_t result)
         req->state = REQ_FREE;  /* being reset: the result is dropped */
         return;
     }
+    if (blk_failed(b, q, head, result))
+        return;
     if (req->op == BLK_T_OUT && req->then_flush && result >= 0) {
         /* writethrough: the write completes once it is flushed */
         req->op = OP_FLUSH_AFTER;
@@ -1766,6 +1937,10 @@ static void *blk_thread(void *arg)
         uint64_t now, due;
         int n;
 
+        if (blk_park(b)) {
+            engine_fired = 1;  /* what completed meanwhile is reaped now */
+            continue;
+        }
         int work = blk_round(b, engine_fired);
         int quiescing = __atomic_load_n(&b->quiescing, __ATOMIC_ACQUIRE);
 
@@ -1864,6 +2039,7 @@ static void blk_free(struct pykvm_blk *b)
     free(b->next_map);
     free(b->sub);
     free(b->done);
+    free(b->parked_done);
     free(b->held[0]);
     free(b->held[1]);
     free(b->delayed);

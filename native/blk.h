@@ -88,6 +88,8 @@ struct pykvm_blk_counters {
 #define PYKVM_BLK_PUNT_SERVE 1      /* Python parses and serves the chain */
 #define PYKVM_BLK_PUNT_LOG 2        /* status written: log message, then complete */
 #define PYKVM_BLK_PUNT_FATAL 3      /* DEVICE_NEEDS_RESET with message; queue stopped */
+#define PYKVM_BLK_PUNT_ERROR 4      /* the chain's I/O failed with `error` (an errno): Python
+                                       applies werror/rerror (status, or pause and retry) */
 
 /* `queue` here and in the calls below: the position in cfg->queues (one
  * thread may serve a subset of a device's queues), not the virtqueue's number. */
@@ -98,8 +100,10 @@ struct pykvm_blk_punt {
     uint32_t used_len;          /* PUNT_LOG: the used element's len */
     uint32_t nreadable;
     uint32_t nsegs;
-    struct pykvm_vq_seg *segs;  /* PUNT_SERVE: the chain (freed by pykvm_blk_punt_release) */
+    struct pykvm_vq_seg *segs;  /* PUNT_SERVE, PUNT_ERROR: the chain (freed by
+                                   pykvm_blk_punt_release) */
     char message[256];
+    int32_t error;              /* PUNT_ERROR: the host errno */
 };
 
 struct pykvm_blk;
@@ -124,6 +128,17 @@ uint64_t pykvm_blk_take_forwarded(struct pykvm_blk *blk);
 void pykvm_blk_set_call_fd(struct pykvm_blk *blk, uint32_t queue, int32_t fd);
 
 void pykvm_blk_set_write_cache(struct pykvm_blk *blk, int on);
+
+/* Host errors. A failed read, write or flush goes to Python as PUNT_ERROR; a
+ * short read or write as PUNT_SERVE (Python does it again). Once a flush has
+ * failed (here, or in Python: set_flush_failed) every later guest flush goes
+ * to Python and a writethrough write is PUNT_ERROR EIO: after a failed
+ * fdatasync a later successful one proves nothing. pause(1) parks the
+ * thread (no pop, no reap, no used element) and returns once it is parked;
+ * pause(0) lets it go on. */
+int pykvm_blk_flush_failed(const struct pykvm_blk *blk);
+void pykvm_blk_set_flush_failed(struct pykvm_blk *blk);
+void pykvm_blk_pause(struct pykvm_blk *blk, int on);
 /* Replace the mapping table (copied); returns its generation G (1, 2, ...).
  * pykvm_blk_map_generation reports G once the thread maps new requests
  * with table G (or a newer one) *and* every request it mapped with an older

@@ -336,6 +336,7 @@ def cmd_serve(args) -> int:
     export = VhostUserExport(args.disk, args.vhost_user_blk, mode=args.socket_mode)
     old = {sig: signal.signal(sig, lambda *_: export.stop())
            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    old[signal.SIGCONT] = signal.signal(signal.SIGCONT, lambda *_: export.resume())
     print(f"pykvm: serving {args.disk.file} on {args.vhost_user_blk}", file=sys.stderr,
           flush=True)
     try:

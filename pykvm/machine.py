@@ -9,7 +9,9 @@ event), or the timeout.
 from __future__ import annotations
 
 import collections
+import logging
 import os
+import signal
 import sys
 import threading
 
@@ -63,14 +65,16 @@ class DiskSpec:
     TRANSPORTS = ("mmio", "pci")
     AIO = ("python", "threads", "native", "io_uring")
     KEYS = ("transport", "cache", "aio", "readonly", "discard", "detect-zeroes",
-            "serial", "poll-max-ns", "irq-coalesce-ns", "queues", "iothread", "trace")
+            "serial", "poll-max-ns", "irq-coalesce-ns", "queues", "iothread", "trace", "werror",
+            "rerror")
 
     def __init__(self, file: str = "", format: str | None = None, transport: str = "mmio",
                  cache: str = "writeback", aio: str | None = None, readonly: bool = False,
                  discard: str = "unmap", serial: str = "", detect_zeroes: str = "off",
                  poll_max_ns: int | None = None, irq_coalesce_ns: int | None = None,
                  queues: int = 1, iothread: str = "device", node: dict | None = None,
-                 throttling=None, trace: str | None = None):
+                 throttling=None, trace: str | None = None, werror: str = "enospc",
+                 rerror: str = "report"):
         from .block.graph import image_spec
         self.node = node if node is not None else image_spec(file, format)
         self.file = file or _node_filename(self.node)   # for messages
@@ -88,6 +92,8 @@ class DiskSpec:
         self.iothread = iothread  # the C path: one I/O thread per "device" or per "queue"
         self.throttling = throttling  # a block.throttle.ThrottleConfig, or None
         self.trace = trace  # a file for the per-request trace (block/trace.py), or None
+        self.werror = werror  # host write/flush errors: report|ignore|stop|enospc (QEMU's)
+        self.rerror = rerror  # host read errors: report|ignore|stop
 
     @classmethod
     def parse(cls, text: str) -> "DiskSpec":
@@ -164,7 +170,7 @@ class DiskSpec:
                                   f"nanoseconds from 0 to 1000000000")
             return None if value is None else int(value)
 
-        from .virtio.blk import IOTHREADS, MAX_QUEUES
+        from .virtio.blk import IOTHREADS, MAX_QUEUES, RERROR, WERROR
         queues = opts.get("queues", "1")
         if not queues.isdigit() or not 1 <= int(queues) <= MAX_QUEUES:
             raise ConfigError(f"--disk {text}: queues={queues} is not a number from 1 to "
@@ -182,7 +188,9 @@ class DiskSpec:
                    poll_max_ns=nanoseconds("poll-max-ns"),
                    irq_coalesce_ns=nanoseconds("irq-coalesce-ns"), queues=int(queues),
                    iothread=choice("iothread", IOTHREADS, "device"), throttling=limits,
-                   trace=opts.get("trace") or None)
+                   trace=opts.get("trace") or None,
+                   werror=choice("werror", WERROR, "enospc"),
+                   rerror=choice("rerror", RERROR, "report"))
 
 
 def _node_filename(node) -> str:
@@ -275,6 +283,9 @@ class Machine:
         self._exit_status: int | None = None
         self._stop: VcpuStop | None = None
         self._stopped_vcpu: Vcpu | None = None
+        self.blk_devices: list = []        # the VirtioBlk of each --disk
+        self._paused = False
+        self._pause_lock = threading.Lock()
         try:
             self._build()
         except BaseException:
@@ -393,7 +404,9 @@ class Machine:
                 self._closers.append(trace.close)   # after the device's (closers go last first)
             dev = VirtioBlk(backend, serial=spec.serial or f"pykvm-disk{i}", name=f"virtio-blk{i}",
                             poll_max_ns=spec.poll_max_ns, irq_coalesce_ns=spec.irq_coalesce_ns,
-                            num_queues=spec.queues, iothread=spec.iothread, trace=trace)
+                            num_queues=spec.queues, iothread=spec.iothread, trace=trace,
+                            werror=spec.werror, rerror=spec.rerror, on_stop=self._error_stop)
+            self.blk_devices.append(dev)
             core = VirtioCore(dev, self.mem, name=dev.name)
             if spec.transport == "mmio":
                 n = sum(1 for d in self.disks if d.transport == "mmio")
@@ -449,11 +462,16 @@ class Machine:
         """Run until the guest exits; raise GuestFault or GuestTimeout otherwise."""
         threads = [threading.Thread(target=self._vcpu_thread, args=(v,), name=f"vcpu{v.index}",
                                     daemon=True) for v in self.vcpus]
+        old = None
+        if threading.current_thread() is threading.main_thread():
+            old = signal.signal(self.RESUME_SIGNAL, lambda *_: self.resume())
         for t in threads:
             t.start()
         try:
             finished = self._done.wait(timeout)
         finally:
+            if old is not None:
+                signal.signal(self.RESUME_SIGNAL, old)
             self._request_stop()
             for t in threads:
                 t.join()
@@ -475,6 +493,48 @@ class Machine:
     def stop(self) -> None:
         """Stop a running machine from another thread; run() then returns."""
         self._request_stop()
+
+    # -- pause and resume (a disk's werror/rerror=stop|enospc) -----------------
+
+    RESUME_SIGNAL = signal.SIGCONT
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def _error_stop(self, dev, line: str) -> None:
+        """A disk stopped on a host error (VirtioBlk's on_stop): pause the VM,
+        with one line that says how to go on."""
+        self.pause()        # first: a SIGCONT sent on seeing the line finds it paused
+        how = f"send SIGCONT to pid {os.getpid()} (or call Machine.resume())"
+        logging.getLogger("pykvm.virtio").error("%s; VM paused: fix the cause, then %s",
+                                                line, how)
+
+    def pause(self) -> None:
+        """Stop the guest: every vCPU leaves KVM_RUN and waits, and no disk
+        completes a request, until resume(). Safe from any thread."""
+        with self._pause_lock:
+            if self._paused:
+                return
+            self._paused = True
+            for v in self.vcpus:
+                v.pause()
+            for dev in self.blk_devices:
+                dev.pause()
+
+    def resume(self) -> None:
+        """Go on after pause(): disks retry the requests they stopped on (a
+        request that fails again stops the VM again) and complete what they
+        held; then the vCPUs run. Safe from any thread, and from a signal
+        handler (SIGCONT while run() waits)."""
+        with self._pause_lock:
+            if not self._paused:
+                return
+            self._paused = False
+            for dev in self.blk_devices:
+                dev.resume()
+            for v in self.vcpus:
+                v.resume()
 
     def exit_counts(self) -> collections.Counter:
         """VM exits per reason, summed over the vCPUs."""

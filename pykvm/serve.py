@@ -8,8 +8,18 @@ the main thread; ``pykvm.testing`` runs one in a thread of the test.
 """
 from __future__ import annotations
 
+import logging
+import os
+
 from .errors import ConfigError
 from .machine import DiskSpec, open_disk
+
+
+def _stopped(dev, line: str) -> None:
+    """werror/rerror=stop|enospc on an export: the device holds its requests
+    until resumed (SIGCONT to pykvm serve), as a VM pauses."""
+    logging.getLogger("pykvm.virtio").error(
+        "%s; export paused: fix the cause, then send SIGCONT to pid %d", line, os.getpid())
 
 
 class VhostUserExport:
@@ -37,7 +47,8 @@ class VhostUserExport:
             self.device = VirtioBlk(self.backend, serial=spec.serial or "pykvm-vhost0", name=name,
                                     poll_max_ns=poll, irq_coalesce_ns=spec.irq_coalesce_ns,
                                     num_queues=spec.queues, iothread=spec.iothread,
-                                    trace=self.trace)
+                                    trace=self.trace, werror=spec.werror, rerror=spec.rerror,
+                                    on_stop=_stopped)
         except BaseException:
             self.backend.close()
             if self.trace is not None:
@@ -57,6 +68,10 @@ class VhostUserExport:
     def stop(self) -> None:
         """Ask serve_forever to return (async-signal-safe)."""
         self.server.stop()
+
+    def resume(self) -> None:
+        """After werror/rerror=stop|enospc paused the export (SIGCONT in pykvm serve)."""
+        self.device.resume()
 
     def counters(self) -> dict:
         return self.device.counters()

@@ -5,7 +5,9 @@ IO and MMIO go to the buses; SHUTDOWN, FAIL_ENTRY, INTERNAL_ERROR and any exit
 we do not expect stop the loop with a ``VcpuStop`` that carries what the debug
 report needs; SYSTEM_EVENT and HLT stop it cleanly. ``stop()`` may be called
 from any thread: it sets immediate_exit and kicks the thread with a signal, so
-a vCPU inside KVM_RUN comes back at once.
+a vCPU inside KVM_RUN comes back at once. ``pause()`` kicks it the same
+way and parks the thread outside KVM_RUN (no guest code runs) until
+``resume()`` or ``stop()``.
 """
 from __future__ import annotations
 
@@ -141,6 +143,10 @@ class Vcpu:
         self.trace = trace
         self.exit_counts: collections.Counter[str] = collections.Counter()
         self._stopping = False
+        self._pausing = False
+        self._unpaused = threading.Event()
+        self._unpaused.set()
+        self.parked = threading.Event()   # set while the thread waits in pause
         self._thread_id: int | None = None
         _install_kick_handler()
 
@@ -196,6 +202,21 @@ class Vcpu:
     def stop(self) -> None:
         """Ask the run loop to return; safe from any thread, including this vCPU's."""
         self._stopping = True
+        self._unpaused.set()
+        self._kick()
+
+    def pause(self) -> None:
+        """Leave KVM_RUN and wait outside it until resume() (or stop()); safe
+        from any thread. ``parked`` is set once the thread waits."""
+        self._unpaused.clear()
+        self._pausing = True
+        self._kick()
+
+    def resume(self) -> None:
+        self._pausing = False
+        self._unpaused.set()
+
+    def _kick(self) -> None:
         run = self.fd.run_struct
         if run is not None:
             run.immediate_exit = 1
@@ -205,6 +226,14 @@ class Vcpu:
                 signal.pthread_kill(tid, KICK_SIGNAL)
             except ProcessLookupError:
                 pass
+
+    def _park(self) -> None:
+        self.parked.set()
+        try:
+            while self._pausing and not self._stopping:
+                self._unpaused.wait(0.5)
+        finally:
+            self.parked.clear()
 
     # -- the run loop --------------------------------------------------------
 
@@ -240,6 +269,8 @@ class Vcpu:
                     run.immediate_exit = 0
                     if trace:
                         print("exit INTR (kicked)", file=trace)
+                    if self._pausing:
+                        self._park()
                     continue
                 reason = run.exit_reason
                 if reason == EXIT_IO:

@@ -33,6 +33,14 @@ Execution (formats map first, then this generic executor does the I/O):
   a cluster whose allocation is still in flight waits for that commit.
   Discard and write-zeroes on such drivers first wait for in-flight I/O, so
   no freed cluster is reused under a request still writing to it.
+
+Host errors. A short read or write from an engine is continued for the rest
+(a read that ends at the end of its file is zero-filled there instead, as a
+read past the end is); one that makes no progress fails with EIO. Once a
+flush has failed (fdatasync, or the format's metadata), every later flush
+and every writethrough write fails with EIO until the image is opened
+again: after a failed fdatasync the kernel may have dropped the dirty
+pages, so a later fdatasync that succeeds proves nothing (``flush_error``).
 """
 from __future__ import annotations
 
@@ -188,6 +196,7 @@ class BlockBackend:
         self._next = 1
         self._ready: list[tuple[int, int]] = []
         self.stats = collections.Counter()
+        self.flush_error = 0           # errno of the first failed flush (see the module doc)
         # the direct map a device's own I/O thread uses (set_map_listener)
         self._map_listener = None
         self._published: list = []
@@ -344,8 +353,31 @@ class BlockBackend:
     def _id(self, pending: _Pending, iov=None, expected: int = 0) -> int:
         rid = self._next
         self._next = (self._next + 1) & 0x7FFFFFFFFFFFFFFF or 1
-        self._pending[rid] = (pending, iov, expected)
+        self._pending[rid] = (pending, iov, expected, None)
         return rid
+
+    def _engine_submit(self, batch: list) -> None:
+        """Submit engine requests, each kept with its pending entry (a short
+        one is continued from it)."""
+        pending = self._pending
+        for r in batch:
+            e = pending.get(r.token)
+            if e is not None:
+                pending[r.token] = e[:3] + (r,)
+        self.engine.submit(batch)
+
+    def post(self, token: int, result: int) -> None:
+        """Complete request ``token`` with ``result`` without I/O (a device's
+        own path did it, and failed: the device's policies decide)."""
+        self._complete_now(token, result)
+
+    def flush_failed(self, err: int) -> None:
+        """A flush of this image failed (here, or on a device's own path):
+        every later flush fails too, until the image is opened again."""
+        if not self.flush_error:
+            log.error("%s: flush failed (%s): every later flush of this image fails until "
+                      "it is opened again", self.driver.describe(), os.strerror(err))
+        self.flush_error = err
 
     def _complete_now(self, token: int, result: int) -> None:
         self._ready.append((token, result))
@@ -570,7 +602,7 @@ class BlockBackend:
             p = _Pending(token, READ, iov=iov, bounce=bounce)
             p.remaining = 1
             p.length = total = iov_length(run)
-            self.engine.submit([AioRequest(READ, self.driver.fd, offset, run,
+            self._engine_submit([AioRequest(READ, self.driver.fd, offset, run,
                                            self._id(p, run, total))])
             return
         p = _Pending(token, READ, iov=iov, bounce=bounce)
@@ -578,7 +610,7 @@ class BlockBackend:
         host = self.driver.data_at(offset, total)
         if host >= 0:       # one allocated cluster: a single request, as for raw
             p.remaining = 1
-            self.engine.submit([AioRequest(READ, self.driver.fd, host, run,
+            self._engine_submit([AioRequest(READ, self.driver.fd, host, run,
                                            self._id(p, run, total))])
             return
         reqs: list = []
@@ -625,7 +657,7 @@ class BlockBackend:
         batch = []
         for op, fd, host, sub in reqs:
             batch.append(AioRequest(op, fd, host, sub, self._id(p, sub, iov_length(sub))))
-        self.engine.submit(batch)
+        self._engine_submit(batch)
 
     def writev(self, token: int, offset: int, iov: list, queue: int = 0) -> None:
         if self.inject is not None and self._injected(token, "write", offset, iov_length(iov),
@@ -683,7 +715,7 @@ class BlockBackend:
             p = _Pending(token, WRITE, bounce=bounce, then_flush=flush)
             p.remaining = 1
             p.length = iov_length(run)
-            self.engine.submit([AioRequest(WRITE, self.driver.fd, offset, run,
+            self._engine_submit([AioRequest(WRITE, self.driver.fd, offset, run,
                                            self._id(p, run, iov_length(run)))])
             return
         p = _Pending(token, WRITE, bounce=bounce, then_flush=flush)
@@ -691,7 +723,7 @@ class BlockBackend:
         host = self.driver.data_at(offset, total, write=True)
         if host >= 0:       # in place, in one allocated cluster
             p.remaining = 1
-            self.engine.submit([AioRequest(WRITE, self.driver.fd, host, run,
+            self._engine_submit([AioRequest(WRITE, self.driver.fd, host, run,
                                            self._id(p, run, total))])
             return
         try:
@@ -742,15 +774,23 @@ class BlockBackend:
         self._submit_flush(p)
 
     def _submit_flush(self, p: _Pending) -> None:
-        """Format metadata first, then fdatasync every file the driver writes."""
+        """Format metadata first, then fdatasync every file the driver writes
+        (after a failed flush: EIO, see the module doc)."""
+        if self.flush_error:
+            p.result = -errno.EIO
+            p.remaining = 0
+            self._ready.append(self._done(p))
+            os.eventfd_write(self.notifier, 1)
+            return
         try:
             self.driver.flush_metadata()
         except (BlockError, OSError) as e:
             log.warning("%s: flushing metadata: %s", self.driver.describe(), e)
             p.result = -errno.EIO
+            self.flush_failed(errno.EIO)
         fds = self.driver.sync_fds
         p.remaining = len(fds)
-        self.engine.submit([AioRequest(FLUSH, fd, token=self._id(p)) for fd in fds])
+        self._engine_submit([AioRequest(FLUSH, fd, token=self._id(p)) for fd in fds])
 
     def discard(self, token: int, offset: int, length: int, queue: int = 0) -> None:
         """Give the range back to the host (discard=unmap); advisory, never fails
@@ -776,7 +816,7 @@ class BlockBackend:
         if self._fast_discard:
             p = _Pending(token, "discard")
             p.remaining = 1
-            self.engine.submit([AioRequest(FALLOCATE, self.driver.fd, offset, token=self._id(p),
+            self._engine_submit([AioRequest(FALLOCATE, self.driver.fd, offset, token=self._id(p),
                                            mode=lib.FALLOC_FL_PUNCH_HOLE | lib.FALLOC_FL_KEEP_SIZE,
                                            length=length)])
             return
@@ -827,7 +867,7 @@ class BlockBackend:
             p = _Pending(token, "write_zeroes", then_flush=flush)
             p.iov = (offset, length)  # kept for the write fallback
             p.remaining = 1
-            self.engine.submit([AioRequest(FALLOCATE, self.driver.fd, offset, token=self._id(p),
+            self._engine_submit([AioRequest(FALLOCATE, self.driver.fd, offset, token=self._id(p),
                                            mode=mode, length=length)])
             return
         if offset % self.align or length % self.align:
@@ -878,12 +918,15 @@ class BlockBackend:
             entry = self._pending.pop(rid, None)
             if entry is None:
                 continue
-            p, iov, expected = entry
+            p, iov, expected, req = entry
             if result < 0:
                 if p.result >= 0:
                     p.result = result
-            elif p.op == READ and iov is not None and result < expected:
-                self._zero_tail(iov, result)      # past the end of the file: zeroes
+                if req is not None and req.op == FLUSH:
+                    self.flush_failed(-result)
+            elif iov is not None and result < expected and req is not None and \
+                    req.op in (READ, WRITE) and self._short(p, req, iov, expected, result):
+                continue                          # the rest is with the engine
             p.remaining -= 1
             if p.remaining == 0:
                 done = self._done(p)
@@ -926,7 +969,7 @@ class BlockBackend:
             p.op = WRITE
             p.result = 0
             p.remaining = 1
-            self.engine.submit([AioRequest(WRITE, self.driver.fd, offset, _zero_iov(length),
+            self._engine_submit([AioRequest(WRITE, self.driver.fd, offset, _zero_iov(length),
                                            self._id(p))])
             return None
         if p.then_flush and result >= 0:
@@ -983,6 +1026,30 @@ class BlockBackend:
             self._collect()
         if self._ready:
             os.eventfd_write(self.notifier, 1)
+
+    def _short(self, p: _Pending, req, iov, expected: int, done: int) -> bool:
+        """A short read or write: submit the rest (True), or zero-fill a read
+        that reached the end of its file, or fail one that made no progress."""
+        if req.op == READ:
+            try:
+                end = os.lseek(req.fd, 0, os.SEEK_END)
+            except OSError:
+                end = 0
+            if req.offset + done >= end:
+                self._zero_tail(iov, done)        # past the end of the file: zeroes
+                return False
+        if done <= 0:
+            if p.result >= 0:
+                p.result = -errno.EIO
+            log.warning("%s: %s at %d made no progress (%d of %d bytes)",
+                        self.driver.describe(), "read" if req.op == READ else "write",
+                        req.offset, done, expected)
+            return False
+        self.stats["short_" + ("read" if req.op == READ else "write")] += 1
+        rest = iov_slice(iov, done, expected - done)
+        self._engine_submit([AioRequest(req.op, req.fd, req.offset + done, rest,
+                                        self._id(p, rest, expected - done))])
+        return True
 
     @staticmethod
     def _zero_tail(iov, done: int) -> None:

@@ -13,12 +13,21 @@ Bad requests (a short header, a sector range past the capacity, a data buffer
 the device may not write, an unknown type) complete with IOERR or UNSUPP; a
 broken ring (QueueError) or a request with no status byte stops the device
 with DEVICE_NEEDS_RESET. Either way: one log line, and the VMM carries on.
+
+Host errors follow the disk's policies, QEMU's ``werror`` (writes, flushes,
+discards, write-zeroes) and ``rerror`` (reads): ``report`` completes the
+request with IOERR, ``ignore`` with OK, ``stop`` stops the device on any
+error of that direction and ``enospc`` (werror only) on ENOSPC, reporting
+the rest. A stopped device keeps the failed request, completes nothing more
+and calls ``on_stop(device, line)`` (the Machine pauses the VM); resume()
+submits the failed requests again, then completes what it held. Requests
+the C path served come here when they fail (fastpath.py: PUNT_ERROR).
 """
 from __future__ import annotations
 
 import logging
-import os
 import errno
+import os
 import select
 import struct
 import threading
@@ -61,6 +70,8 @@ MAX_REQUEST_BYTES = 256 << 20           # data bytes of one read or write
 MAX_SEGMENTS = 1024                     # its non-empty data buffers (IOV_MAX: one preadv)
 MAX_DISCARD_SECTORS = (1 << 30) // SECTOR
 MAX_WRITE_ZEROES_SECTORS = (1 << 30) // SECTOR
+WERROR = ("report", "ignore", "stop", "enospc")   # QEMU's -drive werror=, default enospc
+RERROR = ("report", "ignore", "stop")             # QEMU's -drive rerror=, default report
 
 # Config space layout (struct virtio_blk_config)
 CONFIG = struct.Struct("<QII HBB I BBHI BBH III II B3x")
@@ -68,7 +79,8 @@ CONFIG_WRITEBACK = 32
 
 
 class _Request:
-    __slots__ = ("queue", "head", "status_gpa", "used_len", "rtype", "sector", "nbytes", "t0")
+    __slots__ = ("queue", "head", "status_gpa", "used_len", "rtype", "sector", "nbytes", "t0",
+                 "retry")
 
     def __init__(self, queue, head: int, status_gpa: int, used_len: int, rtype: int = 0,
                  sector: int = 0, nbytes: int = 0, t0: int = 0):
@@ -80,6 +92,11 @@ class _Request:
         self.sector = sector
         self.nbytes = nbytes
         self.t0 = t0
+        self.retry = None           # (backend method, args): to submit it again
+
+    @property
+    def is_read(self) -> bool:
+        return self.rtype == T_IN
 
 
 class _BadRequest(Exception):
@@ -95,11 +112,23 @@ class VirtioBlk(VirtioDevice):
 
     def __init__(self, backend, serial: str = "", queue_size: int = 256, name: str = "virtio-blk",
                  poll_max_ns: int | None = None, irq_coalesce_ns: int | None = None,
-                 num_queues: int = 1, iothread: str = "device", trace=None):
+                 num_queues: int = 1, iothread: str = "device", trace=None,
+                 werror: str = "enospc", rerror: str = "report", on_stop=None):
         if not 1 <= num_queues <= MAX_QUEUES:
             raise ValueError(f"{num_queues} queues (1 to {MAX_QUEUES})")
         if iothread not in IOTHREADS:
             raise ValueError(f"iothread={iothread} (one of {', '.join(IOTHREADS)})")
+        if werror not in WERROR or rerror not in RERROR:
+            raise ValueError(f"werror={werror}, rerror={rerror} (one of {', '.join(WERROR)}; "
+                             f"{', '.join(RERROR)})")
+        self.werror = werror
+        self.rerror = rerror
+        self.on_stop = on_stop        # on_stop(device, line): a host error stopped it
+        self._paused = False          # stopped: no completion until resume()
+        self._resume = False          # resume() asked; the serving thread does it
+        self._held: list = []         # completions held while stopped
+        self._retry: list = []        # tokens of the requests that stopped it
+        self._c_failed = 0            # serving a chain the C path failed with this errno
         self.backend = backend
         self.trace = trace                # a block.trace.Trace, or None
         if trace is not None and backend.inject is not None:
@@ -236,6 +265,9 @@ class VirtioBlk(VirtioDevice):
         # and drop the results (the queues are about to be reset).
         self.backend.drain()
         self._inflight.clear()
+        # a stop on a host error ends with the reset: its requests are dropped
+        self._paused = self._resume = False
+        self._retry, self._held = [], []
         self.backend.write_cache = self.backend.cache.writeback
 
     def close(self) -> None:
@@ -328,14 +360,29 @@ class VirtioBlk(VirtioDevice):
     def _complete(self, done, notify: bool = True) -> None:
         mem = self.mem
         touched = set()
+        if self._resume:
+            done = self._resume_now() + list(done)
         for token, result in done:
-            req = self._inflight.pop(token, None)
+            req = self._inflight.get(token)
             if req is None:
                 continue
-            status = S_OK if result >= 0 else S_UNSUPP if result == -errno.EOPNOTSUPP else S_IOERR
+            action = self._error_action(req, -result) if result < 0 else ""
+            if action == "stop":        # kept, and submitted again on resume()
+                self._stop_on(token, req, -result)
+                continue
+            if self._paused:
+                self._held.append((token, result))
+                continue
+            status = S_OK
             if result < 0:
-                self.stats["errors"] += 1
-                self._warn(f"I/O error: {os.strerror(-result)}")
+                if action == "report":
+                    self.stats["errors"] += 1
+                    status = S_UNSUPP if result == -errno.EOPNOTSUPP else S_IOERR
+                    self._warn(f"I/O error: {os.strerror(-result)}")
+                else:
+                    self._warn(f"I/O error: {os.strerror(-result)} (ignored: "
+                               f"{'rerror' if req.is_read else 'werror'}=ignore)")
+            del self._inflight[token]
             mem.write_u(req.status_gpa, 1, status)
             if self.trace is not None:
                 self._trace(req, token, status)
@@ -344,6 +391,79 @@ class VirtioBlk(VirtioDevice):
         if notify:
             for q in touched:
                 self._notify(q)
+        if self._fast is not None and self.backend.flush_error:
+            self._fast.set_flush_failed()   # a flush Python did failed: C's fail too
+
+    # -- host errors: werror / rerror ------------------------------------------------
+
+    def _error_action(self, req, err: int) -> str:
+        policy = self.rerror if req.is_read else self.werror
+        if policy == "enospc":
+            return "stop" if err == errno.ENOSPC else "report"
+        return policy
+
+    def _stop_on(self, token: int, req, err: int) -> None:
+        """Stop on a failed request: keep it for resume(), complete nothing more
+        (one line and on_stop for the first; those failing meanwhile join it)."""
+        self._retry.append(token)
+        if self._paused:
+            return
+        self._paused = True
+        # as QEMU drains before it stops: every request in flight comes back
+        # first, so those failing now join this one rather than stop the VM
+        # again after resume()
+        if self._fast is not None:
+            self._fast.pause(True)
+            self._fast.take_punts()
+        self._complete(self.backend.drain(), notify=False)
+        key, policy = ("rerror", self.rerror) if req.is_read else ("werror", self.werror)
+        line = (f"{self.backend.root.node_name or self.name}: "
+                f"{'read' if req.is_read else 'write'} error: {os.strerror(err)} "
+                f"({key}={policy})")
+        if self.on_stop is not None:
+            self.on_stop(self, line)
+        else:
+            log.error("%s; %s stopped: fix the cause, then resume it", line, self.name)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        """Complete no request until resume() (the VM pauses: every disk does)."""
+        self._paused = True
+        if self._fast is not None:
+            self._fast.pause(True)
+
+    def resume(self) -> None:
+        """Go on: the thread that serves completions submits the requests that
+        stopped the device again, then completes what it held. Any thread."""
+        self._resume = True
+        os.eventfd_write(self.backend.notifier, 1)
+
+    def _resume_now(self) -> list:
+        self._resume = False
+        self._paused = False
+        retry, self._retry = self._retry, []
+        held, self._held = self._held, []
+        if self._fast is not None:
+            self._fast.pause(False)
+        for token in retry:
+            req = self._inflight.get(token)
+            if req is not None and req.retry is not None:
+                fn, args = req.retry
+                fn(*args)
+        return held
+
+    def _start(self, token: int, req, fn, *args) -> None:
+        """Submit a parsed request to the backend (or, for a chain the C path
+        failed, complete it with that error: the policies decide)."""
+        req.retry = (fn, args)
+        self._inflight[token] = req
+        if self._c_failed:
+            self.backend.post(token, -self._c_failed)
+        else:
+            fn(*args)
 
     # -- the C fast path's hook: requests it hands over (pykvm/virtio/fastpath.py) --
 
@@ -356,6 +476,19 @@ class VirtioBlk(VirtioDevice):
             self._submit(q, chain)
         except _Fatal as e:
             self.fail(str(e))
+
+    def serve_failed(self, q, chain, err: int, flush_failed: bool) -> None:
+        """A chain the C path served and the host failed with ``err``: parse
+        it again, and complete it with that error through the policies (a
+        retry after a stop is the Python path's). ``flush_failed``: a flush
+        failed in C (the backend's flushes fail from now on)."""
+        if flush_failed:
+            self.backend.flush_failed(errno.EIO)
+        self._c_failed = err or errno.EIO
+        try:
+            self.serve_punted(q, chain)
+        finally:
+            self._c_failed = 0
 
     def complete_punted(self) -> None:
         """Finish the handed-over requests the backend has completed."""
@@ -433,14 +566,14 @@ class VirtioBlk(VirtioDevice):
                     win and rtype not in (T_GET_ID,):
                 raise _BadRequest(S_IOERR, f"type {rtype} request with unexpected data buffers")
             if rtype == T_FLUSH:
-                self._inflight[token] = _Request(q, chain.head, status_gpa, 1, T_FLUSH, sector, 0,
-                                                 t0)
-                self.backend.flush(token, q.index)
+                self._start(token, _Request(q, chain.head, status_gpa, 1, T_FLUSH, sector, 0, t0),
+                            self.backend.flush, token, q.index)
                 return False
             if rtype == T_GET_ID:
                 if self.backend.inject is not None:
-                    self._inflight[token] = _Request(q, chain.head, status_gpa, 1, T_GET_ID,
-                                                     sector, 0, t0)
+                    req = self._inflight[token] = _Request(q, chain.head, status_gpa, 1,
+                                                           T_GET_ID, sector, 0, t0)
+                    req.retry = (self.backend.get_id_injected, (token, q.index))
                     if self.backend.get_id_injected(token, q.index):
                         return False        # a rule answers it (completes through reap)
                     del self._inflight[token]
@@ -499,14 +632,13 @@ class VirtioBlk(VirtioDevice):
         offset = self._check_range(sector, nbytes)
         iov = [mem.view(gpa, n) for gpa, n in data if n]
         if rtype == T_IN:
-            self._inflight[token] = _Request(q, head, status_gpa, nbytes + 1, rtype, sector,
-                                             nbytes, t0)
             self.stats["bytes_read"] += nbytes
-            self.backend.readv(token, offset, iov, q.index)
+            self._start(token, _Request(q, head, status_gpa, nbytes + 1, rtype, sector, nbytes,
+                                        t0), self.backend.readv, token, offset, iov, q.index)
         else:
-            self._inflight[token] = _Request(q, head, status_gpa, 1, rtype, sector, nbytes, t0)
             self.stats["bytes_written"] += nbytes
-            self.backend.writev(token, offset, iov, q.index)
+            self._start(token, _Request(q, head, status_gpa, 1, rtype, sector, nbytes, t0),
+                        self.backend.writev, token, offset, iov, q.index)
         return False
 
     def _discard(self, q, head, token, rtype, rout, status_gpa, t0=0) -> bool:
@@ -528,12 +660,12 @@ class VirtioBlk(VirtioDevice):
         if num > limit:
             raise _BadRequest(S_IOERR, f"{num} sectors exceed the limit of {limit}")
         offset = self._check_range(sector, num * SECTOR)
-        self._inflight[token] = _Request(q, head, status_gpa, 1, rtype, sector, num * SECTOR, t0)
+        req = _Request(q, head, status_gpa, 1, rtype, sector, num * SECTOR, t0)
         if rtype == T_DISCARD:
-            self.backend.discard(token, offset, num * SECTOR, q.index)
+            self._start(token, req, self.backend.discard, token, offset, num * SECTOR, q.index)
         else:
-            self.backend.write_zeroes(token, offset, num * SECTOR, bool(flags & WRITE_ZEROES_UNMAP),
-                                      q.index)
+            self._start(token, req, self.backend.write_zeroes, token, offset, num * SECTOR,
+                        bool(flags & WRITE_ZEROES_UNMAP), q.index)
         return False
 
 

@@ -16,6 +16,10 @@ punt queue:
   the used element and decides on the interrupt;
 - the log line of a bad request or an I/O error (C wrote the status; the
   used element follows the log line);
+- requests the host failed (PUNT_ERROR, with the errno) or did short
+  (PUNT_SERVE again): VirtioBlk applies the disk's werror/rerror, or does
+  the I/O again; once a flush failed, C gives every later flush to Python
+  (the backend fails it: see block/backend.py, host errors);
 - fatal errors (a broken ring, a chain without a status byte): ``fail()``,
   i.e. DEVICE_NEEDS_RESET with one log line;
 - interrupts for queues without a direct call eventfd (a masked MSI-X vector,
@@ -359,6 +363,21 @@ class FastPath:
             for blk in self._blks:
                 lib.pykvm_blk_set_write_cache(blk, int(on))
 
+    def pause(self, on: bool) -> None:
+        """Park the C threads (no pop, no reap, no used element) or let them
+        go on; pausing returns once they are parked, with every request of
+        their engines back (the failed ones handed over)."""
+        with self._lock:
+            for blk in self._blks:
+                lib.pykvm_blk_pause(blk, int(on))
+
+    def set_flush_failed(self) -> None:
+        """A flush failed in Python: C sends every later flush there too."""
+        with self._lock:
+            for blk in self._blks:
+                if not lib.pykvm_blk_flush_failed(blk):
+                    lib.pykvm_blk_set_flush_failed(blk)
+
     def set_call_fd(self, index: int, fd: int | None) -> None:
         """The interrupt of queue ``index`` changed (MSI-X vector masked,
         unmasked or moved): write ``fd`` from now on, or forward if None."""
@@ -490,12 +509,7 @@ class FastPath:
                         return
                     if fd in punt_fds:
                         _drain(fd)
-                        g = punt_fds[fd]
-                        while lib.pykvm_blk_next_punt(self._blks[g], entry):
-                            try:
-                                self._handle(g, entry)
-                            finally:
-                                lib.pykvm_blk_punt_release(entry)
+                        self._take_punts(punt_fds[fd], entry)
                     elif fd in forward_fds:
                         _drain(fd)
                         g = forward_fds[fd]
@@ -510,6 +524,20 @@ class FastPath:
             log.exception("%s: fast path helper failed", self.name)
             self._fail(f"internal error: {type(e).__name__}: {e}")
 
+    def _take_punts(self, g: int, entry) -> None:
+        while lib.pykvm_blk_next_punt(self._blks[g], entry):
+            try:
+                self._handle(g, entry)
+            finally:
+                lib.pykvm_blk_punt_release(entry)
+
+    def take_punts(self) -> None:
+        """Handle what C has handed over so far, now (the helper thread only:
+        a device stopping on an error collects every failure first)."""
+        entry = ffi.new("struct pykvm_blk_punt *")
+        for g in range(len(self._blks)):
+            self._take_punts(g, entry)
+
     def _handle(self, g: int, entry) -> None:
         kind = entry.kind
         if kind == lib.PYKVM_BLK_PUNT_FATAL:
@@ -522,7 +550,12 @@ class FastPath:
             readable = [(segs[i].gpa, segs[i].len) for i in range(entry.nreadable)]
             writable = [(segs[i].gpa, segs[i].len) for i in range(entry.nreadable, entry.nsegs)]
             queue = self._queues[self._groups[g][entry.queue]]
-            self._punt.serve(queue, Chain(entry.head, readable, writable))
+            chain = Chain(entry.head, readable, writable)
+            if kind == lib.PYKVM_BLK_PUNT_ERROR:
+                self._punt.failed(queue, chain, entry.error,
+                                  bool(lib.pykvm_blk_flush_failed(self._blks[g])))
+            else:
+                self._punt.serve(queue, chain)
 
 
 # -- VirtioBlk's fast path ------------------------------------------------------
@@ -541,6 +574,9 @@ class _BlkPunts:
 
     def serve(self, queue, chain) -> None:
         self._dev.serve_punted(queue, chain)
+
+    def failed(self, queue, chain, err: int, flush_failed: bool) -> None:
+        self._dev.serve_failed(queue, chain, err, flush_failed)
 
     def collect(self) -> None:
         self._dev.complete_punted()
