@@ -1152,7 +1152,11 @@ static int blk_inject(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, u
         keep = (uint64_t)(hit.value > 0 ? hit.value : 0) * BLK_SECTOR / b->align * b->align;
         if (!keep)
             return blk_inject_done(b, q, head, status, BLK_S_OK, 1);
-        blk_tear(req, keep);
+        if (keep < req->nbytes) {
+            blk_tear(req, keep);
+            req->inj_action = PYKVM_INJ_TORN;   /* blk_failed: `keep` bytes are the whole */
+            req->inj_value = (int32_t)keep;
+        }
         return 0;
     case PYKVM_INJ_CORRUPT:
     case PYKVM_INJ_HOLD:
@@ -1561,7 +1565,8 @@ static int blk_failed(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, i
     if (result >= 0 && req->op == BLK_T_OUT && req->then_flush &&
         __atomic_load_n(&b->flush_failed, __ATOMIC_ACQUIRE))
         result = -EIO;
-    if (result >= 0 && (flush || (uint64_t)result >= req->nbytes ||
+    if (result >= 0 && (flush || (uint64_t)result >= (req->inj_action == PYKVM_INJ_TORN ?
+                                                      (uint64_t)req->inj_value : req->nbytes) ||
                         req->op == OP_FLUSH_AFTER))
         return 0;
     blk_io_done(b, req);
