@@ -197,6 +197,7 @@ def test_snapshot_makes_the_table_read_only_before_refcounts_change(image):
     drv = open_image(str(image))
     b = BlockBackend.__new__(BlockBackend)            # the listener bookkeeping alone
     b.driver, b.read_only, b.detect_zeroes = drv, False, "off"
+    b.wlog = b.volatile = None                       # (no node that takes writes from C)
     lst = Listener(b, watch=lambda: drv.refcount(drv.map(0, 1)[0].host_offset >> 16))
     assert covers(lst.table, 0, 2 * MiB, write=True)
     drv.snapshot_create("s1")
