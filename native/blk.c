@@ -906,12 +906,29 @@ static int blk_rw_go(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, in
 
 /* -- throttling: pykvm/block/throttle.py's rule (throttle.c), and the held requests -- */
 
+/* Keep the chain of a mapped request that waits (throttled or delayed), in
+ * case it must be punted once its time comes: 0 out of memory. */
+static int blk_keep_chain(struct blk_queue *q, uint16_t head, uint64_t offset, uint8_t state)
+{
+    const struct pykvm_vq_chain *ch = &q->chain;
+    struct blk_req *req = &q->reqs[head];
+
+    req->held_segs = malloc(sizeof(*req->held_segs) * (ch->nsegs ? ch->nsegs : 1));
+    if (!req->held_segs)
+        return 0;
+    memcpy(req->held_segs, ch->segs, sizeof(*req->held_segs) * ch->nsegs);
+    req->held_nsegs = ch->nsegs;
+    req->held_nreadable = ch->nreadable;
+    req->offset = offset;
+    req->state = state;
+    return 1;
+}
+
 /* Ask the group for the mapped read or write at head (nothing held in its
  * direction yet) or queue it behind those held: 1 when it waits. */
 static int blk_throttle_hold(struct pykvm_blk *b, struct blk_queue *q, uint16_t head,
                              uint64_t offset)
 {
-    const struct pykvm_vq_chain *ch = &q->chain;
     struct blk_req *req = &q->reqs[head];
     int d = req->op == BLK_T_OUT;
     uint64_t due = 0;
@@ -926,16 +943,10 @@ static int blk_throttle_hold(struct pykvm_blk *b, struct blk_queue *q, uint16_t 
     }
     if (b->held_n[d] == b->held_cap)
         return 0;  /* cannot happen: the ring holds every head of every queue */
-    req->held_segs = malloc(sizeof(*req->held_segs) * (ch->nsegs ? ch->nsegs : 1));
-    if (!req->held_segs)
+    if (!blk_keep_chain(q, head, offset, REQ_HELD))
         return 0;  /* no memory to keep it: it goes now rather than fail */
     if (due)
         b->held_due[d] = due;  /* the first one held: when it asks again */
-    memcpy(req->held_segs, ch->segs, sizeof(*req->held_segs) * ch->nsegs);
-    req->held_nsegs = ch->nsegs;
-    req->held_nreadable = ch->nreadable;
-    req->offset = offset;
-    req->state = REQ_HELD;
     b->held[d][(b->held_first[d] + b->held_n[d]) % b->held_cap] =
         ((uint32_t)q->index << 16) | head;
     b->held_n[d]++;
@@ -1095,20 +1106,8 @@ static void blk_corrupt(struct blk_req *req)
  * it no longer maps once its time comes. */
 static int blk_delay(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, uint64_t offset)
 {
-    const struct pykvm_vq_chain *ch = &q->chain;
-    struct blk_req *req = &q->reqs[head];
-
-    req->held_segs = malloc(sizeof(*req->held_segs) * (ch->nsegs ? ch->nsegs : 1));
-    if (!req->held_segs || b->ndelayed == b->subcap) {
-        free(req->held_segs);
-        req->held_segs = NULL;
+    if (b->ndelayed == b->subcap || !blk_keep_chain(q, head, offset, REQ_DELAYED))
         return 0;  /* no memory to keep it: it goes now */
-    }
-    memcpy(req->held_segs, ch->segs, sizeof(*req->held_segs) * ch->nsegs);
-    req->held_nsegs = ch->nsegs;
-    req->held_nreadable = ch->nreadable;
-    req->offset = offset;
-    req->state = REQ_DELAYED;
     b->delayed[b->ndelayed++] = ((uint32_t)q->index << 16) | head;
     return 1;
 }
@@ -1177,28 +1176,20 @@ static int blk_inject(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, u
 }
 
 /* A delayed request's time has come: a flush goes to the engine; a read or
- * write is mapped again (the table may have changed) and submitted, or
- * punted when it no longer maps. (It is not throttled: it was not yet.) */
+ * write goes on as a throttled one does when its time comes (mapped again,
+ * or punted). (It is not throttled then: it was not yet.) */
 static void blk_delay_resume(struct pykvm_blk *b, struct blk_queue *q, uint16_t head)
 {
     struct blk_req *req = &q->reqs[head];
-    struct pykvm_vq_seg *segs = req->held_segs;
-    uint64_t host_offset;
-    int32_t fd;
 
-    req->held_segs = NULL;
-    if (req->op == BLK_T_FLUSH) {
-        if (blk_queue_io(b, q, head, PYKVM_AIO_FLUSH, req->fd, 0) < 0)
-            blk_fatal(b, q, "internal error: submission queue full");
-    } else if (!pykvm_blk_map_lookup(b->map, b->nmap, req->offset, req->nbytes,
-                                     req->op == BLK_T_OUT, &fd, &host_offset) ||
-               !blk_aligned(b, host_offset, req->iov, req->niov)) {
-        blk_req_free_iov(req);
-        blk_punt_segs(b, q, head, segs, req->held_nreadable, req->held_nsegs);
-    } else {
-        blk_rw_go(b, q, head, fd, host_offset);
+    if (req->op != BLK_T_FLUSH) {
+        blk_throttle_resume(b, q, head);
+        return;
     }
-    free(segs);
+    free(req->held_segs);
+    req->held_segs = NULL;
+    if (blk_queue_io(b, q, head, PYKVM_AIO_FLUSH, req->fd, 0) < 0)
+        blk_fatal(b, q, "internal error: submission queue full");
 }
 
 /* Resume the delayed requests that are due (``force``: all of them, and the
