@@ -39,6 +39,7 @@
 #define PYKVM_BLK_PUNT_LOG 2
 #define PYKVM_BLK_PUNT_FATAL 3
 #define PYKVM_BLK_PUNT_ERROR 4
+#define PYKVM_BLK_PUNT_POWER 5
 
 struct pykvm_blk_extent {
     uint64_t offset;
@@ -262,6 +263,7 @@ struct pykvm_blk {
     uint32_t *holds, nholds, hold_count, hold_order;
     uint64_t hold_seed, hold_due;
     int release_all;            /* Python: let held completions go now */
+    int power_cut;              /* a power-cut rule fired (Python was told) */
     struct pykvm_trace *trace;
     struct pykvm_blk_counters c;
     /* host errors (blk_failed): a flush failed once, so every later one
@@ -1165,6 +1167,20 @@ static int blk_inject(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, u
         req->inj_order = hit.order;
         req->inj_timeout_ns = hit.timeout_ns;
         return 0;
+    case PYKVM_INJ_POWER_CUT:
+        /* the request never lands nor completes; Python stops the VM (once) */
+        req->inj_action = PYKVM_INJ_POWER_CUT;
+        req->due_ns = UINT64_MAX;
+        if (!b->power_cut) {
+            struct pykvm_blk_punt p = {.kind = PYKVM_BLK_PUNT_POWER, .queue = q->index,
+                                       .head = head, .error = hit.rule};
+
+            b->power_cut = 1;
+            snprintf(p.message, sizeof(p.message), "%d %d %d %llu", hit.rule, hit.value,
+                     (int)hit.order, (unsigned long long)hit.seed);
+            blk_punt_push(b, &p);
+        }
+        return blk_delay(b, q, head, offset);
     case PYKVM_INJ_DELAY:
     case PYKVM_INJ_HANG:
         req->due_ns = hit.action == PYKVM_INJ_HANG ? UINT64_MAX : blk_now_ns() + hit.delay_ns;
@@ -1204,6 +1220,18 @@ static int blk_delay_release(struct pykvm_blk *b, int force)
         struct blk_queue *q = &b->queues[token >> 16];
         struct blk_req *req = &q->reqs[token & 0xFFFF];
 
+        if (req->inj_action == PYKVM_INJ_POWER_CUT) {
+            if (force) {        /* the power is off: it never lands, nor comes back */
+                b->delayed[i] = b->delayed[--b->ndelayed];
+                free(req->held_segs);
+                req->held_segs = NULL;
+                blk_req_free_iov(req);
+                req->state = REQ_FREE;
+            } else {
+                i++;
+            }
+            continue;
+        }
         if (force || req->due_ns <= now || (req->due_ns == UINT64_MAX && req->hang_gen != gen)) {
             b->delayed[i] = b->delayed[--b->ndelayed];
             blk_delay_resume(b, q, (uint16_t)(token & 0xFFFF));

@@ -88,6 +88,7 @@ struct pykvm_blk_counters {
 #define PYKVM_BLK_PUNT_SERVE 1      /* Python parses and serves the chain */
 #define PYKVM_BLK_PUNT_LOG 2        /* status written: log message, then complete */
 #define PYKVM_BLK_PUNT_FATAL 3      /* DEVICE_NEEDS_RESET with message; queue stopped */
+#define PYKVM_BLK_PUNT_POWER 5      /* a blkdebug power-cut rule fired (message says which) */
 #define PYKVM_BLK_PUNT_ERROR 4      /* the chain's I/O failed with `error` (an errno): Python
                                        applies werror/rerror (status, or pause and retry) */
 

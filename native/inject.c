@@ -25,6 +25,7 @@ struct pykvm_inject {
     uint32_t nactive;
     uint64_t release_gen;
     uint64_t events[PYKVM_INJ_EVENTS];
+    int32_t cut;                /* a power-cut rule fired: its index + 1 (0: none) */
 };
 
 /* splitmix64: the generator of guest/guests/workload.c, one state per rule */
@@ -177,6 +178,11 @@ int pykvm_inject_check(struct pykvm_inject *inj, uint32_t op, uint64_t offset, u
     hit->rule = -1;
     hit->action = PYKVM_INJ_NONE;
     pthread_mutex_lock(&inj->lock);
+    if (inj->cut) {                     /* the power is off: nothing lands any more */
+        inj_fill(&inj->rules[inj->cut - 1], (uint32_t)(inj->cut - 1), hit);
+        pthread_mutex_unlock(&inj->lock);
+        return 1;
+    }
     if (flags & PYKVM_INJ_GUEST) {
         if (op == PYKVM_INJ_OP_READ)
             inj_event(inj, PYKVM_INJ_EV_READ_AIO);
@@ -237,6 +243,8 @@ int pykvm_inject_check(struct pykvm_inject *inj, uint32_t op, uint64_t offset, u
         inj_fill(x, i, hit);
         if (r->new_state)
             inj->state = r->new_state;
+        if (r->action == PYKVM_INJ_POWER_CUT)
+            inj->cut = (int32_t)i + 1;
         found = r->action != PYKVM_INJ_NONE;  /* pass: the request goes on */
     }
     pthread_mutex_unlock(&inj->lock);

@@ -53,6 +53,8 @@
 #define PYKVM_INJ_DROP 7        /* success, nothing done */
 #define PYKVM_INJ_ZERO 8        /* a read returns zeroes, the image unread */
 #define PYKVM_INJ_HOLD 9        /* value: completions to gather; order; timeout_ns */
+#define PYKVM_INJ_POWER_CUT 10  /* value: keep (0 flushed, 1 all, 2 random); order: torn;
+                                   from then on every request gets this hit: none may land */
 
 #define PYKVM_INJ_DELAY_FIXED 0
 #define PYKVM_INJ_DELAY_UNIFORM 1       /* in [delay_ns, delay_max_ns] */

@@ -262,6 +262,8 @@ def _run_machine(args, kernel: str, cmdline: str, disks, serial_out=None, initrd
             if trace:
                 print_exit_counts(machine.exit_counts(), trace)
         stats = [d.core.device.counters() for d in machine.disks]
+    if machine.power_cut is not None:       # (after close: a planned cut has applied)
+        raise PykvmError(machine.power_cut)
     return result, stats
 
 

@@ -280,6 +280,7 @@ class Machine:
         self._closers = []
         self._done = threading.Event()
         self._lock = threading.Lock()
+        self.power_cut: str | None = None   # a blkdebug power-cut rule fired: its line
         self._exit_status: int | None = None
         self._stop: VcpuStop | None = None
         self._stopped_vcpu: Vcpu | None = None
@@ -393,6 +394,7 @@ class Machine:
         next_pci_bar = PCI_MMIO_START
         for i, spec in enumerate(specs):
             backend = open_disk(spec, name=f"disk{i}")
+            backend.on_power_cut = self._on_power_cut
             trace = None
             if spec.trace:
                 from .block.trace import Trace
@@ -439,6 +441,13 @@ class Machine:
         with self._lock:
             if self._exit_status is None:
                 self._exit_status = value
+        self._request_stop()
+
+    def _on_power_cut(self, message: str) -> None:
+        """A disk's blkdebug power-cut rule fired: the VM stops at once."""
+        with self._lock:
+            if self.power_cut is None:
+                self.power_cut = message
         self._request_stop()
 
     def _request_stop(self) -> None:

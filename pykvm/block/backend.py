@@ -220,6 +220,9 @@ class BlockBackend:
         self._release_all = False
         self._draining = False
         self._closed = False
+        self._cut_held: list = []      # requests after a power cut (dropped at drain)
+        self.on_power_cut = None       # callable(message): the VM stops (machine.py)
+        self.cut_fired = None          # the message, once a power-cut rule fired
         self.fired: dict | None = None
         if self.inject is not None:
             self.inject.on_release.append(self._released)
@@ -434,6 +437,9 @@ class BlockBackend:
         elif a in ("corrupt", "hold"):
             self._marks[token] = (hit, iov)
             return False
+        elif a == "power-cut":
+            self._cut_held.append(token)        # never lands, never completes
+            self.power_cut_fired(hit.rule, hit.value, bool(hit.order), hit.seed)
         elif a in ("delay", "hang"):
             due = time.monotonic_ns() + hit.delay_ns if a == "delay" else None
             self._delayed.append((due, self.inject.release_gen, fn, args))
@@ -531,6 +537,24 @@ class BlockBackend:
                 w.completed_zeroes(offset, x, durable)
             else:
                 w.completed_discard(offset, x)
+
+    def power_cut_fired(self, rule: int, keep: int, torn: bool, seed: int) -> None:
+        """A blkdebug power-cut rule fired (on either path): from now on no request
+        lands; the VM is told to stop; a volatile node is left as ``keep`` says."""
+        if self.cut_fired is not None:
+            return
+        from .inject import KEEPS
+        where = self.inject.rules[rule].where if self.inject and rule < len(self.inject.rules) \
+            else f"rule {rule}"
+        self.cut_fired = (f"{self.root.describe()}: power cut by the blkdebug rule at {where}"
+                          + (f"; the image is left as keep={KEEPS[keep]} says"
+                             if self.volatile is not None else ""))
+        if self.volatile is not None:
+            self.volatile.cut = (KEEPS[keep], seed, torn)
+        if self.on_power_cut is not None:
+            self.on_power_cut(self.cut_fired)       # (the VM stops and says so)
+        else:
+            log.warning("%s", self.cut_fired)
 
     def _vol_zeroes(self, token: int, offset: int, length: int) -> None:
         """Discard and write-zeroes, for the volatile node: writes of zeroes
@@ -1063,6 +1087,7 @@ class BlockBackend:
     @property
     def in_flight(self) -> int:
         return len(self._pending) + len(self._deferred) + len(self._delayed) + \
+            len(self._cut_held) + \
             len(self._held_done) + (self._throttled.held if self._throttled else 0)
 
     def drain(self) -> list[tuple[int, int]]:
@@ -1071,6 +1096,7 @@ class BlockBackend:
         if self._throttled:
             self._throttled.release_all()
         self._draining = True       # delayed, hung and held requests go at once
+        self._cut_held = []         # (those after a power cut: never)
         try:
             out = self.reap()
             poller = select.poll()

@@ -34,6 +34,9 @@ A rules file is QEMU's config format: ``[section]`` lines, then ``key =
     torn      writes: only the first ``sectors`` (default 1) sectors reach
               the image; success is reported
     drop      writes (and flushes): success reported, nothing done
+    power-cut the power goes: this request and every later one never land
+              nor complete, the VM stops; with a volatile node the image is
+              left as ``keep`` = flushed | all | random (``seed``, ``torn``) says
     hold      completions held until ``count`` (default 2) are, or
               ``timeout`` (default 10ms) passed since the first, then
               released in ``order`` = reverse | random | fifo
@@ -80,7 +83,9 @@ QEMU_IOTYPES = ("read", "write", "write-zeroes", "discard", "flush")
 ACTIONS = {"pass": lib.PYKVM_INJ_NONE, "error": lib.PYKVM_INJ_ERROR, "status": lib.PYKVM_INJ_STATUS,
            "delay": lib.PYKVM_INJ_DELAY, "hang": lib.PYKVM_INJ_HANG,
            "corrupt": lib.PYKVM_INJ_CORRUPT, "torn": lib.PYKVM_INJ_TORN,
-           "drop": lib.PYKVM_INJ_DROP, "zero": lib.PYKVM_INJ_ZERO, "hold": lib.PYKVM_INJ_HOLD}
+           "drop": lib.PYKVM_INJ_DROP, "zero": lib.PYKVM_INJ_ZERO, "hold": lib.PYKVM_INJ_HOLD,
+           "power-cut": lib.PYKVM_INJ_POWER_CUT}
+KEEPS = ("flushed", "all", "random")      # a power cut's, as the volatile node has them
 ACTION_NAMES = {v: k for k, v in ACTIONS.items()}     # 0: pass
 # the ops an action applies to (the default op list), and may be given
 ACTION_OPS = {"corrupt": ("read",), "zero": ("read",), "torn": ("write",),
@@ -104,7 +109,7 @@ KEYS = {
               "after",
               "every", "nth", "times", "once", "probability", "seed", "action", "errno",
               "status", "delay", "delay-max", "distribution", "bits", "sectors", "count",
-              "order", "timeout"),
+              "order", "timeout", "keep", "torn"),
 }
 
 
@@ -139,6 +144,7 @@ class Rule:
         self.delay_max_ns = kw.get("delay_max_ns", 0)
         self.order = kw.get("order", "reverse")
         self.timeout_ns = kw.get("timeout_ns", 10_000_000)
+        self.order_value = kw.get("order_value")      # power-cut: torn (in the order field)
 
     def __repr__(self):
         return f"<Rule {self.kind} {self.action} at {self.where}>"
@@ -165,7 +171,7 @@ class Rule:
         r.dist = DISTRIBUTIONS[self.distribution]
         r.delay_ns = self.delay_ns
         r.delay_max_ns = self.delay_max_ns
-        r.order = ORDERS[self.order]
+        r.order = self.order_value if self.order_value is not None else ORDERS[self.order]
         r.timeout_ns = self.timeout_ns
 
 
@@ -314,6 +320,9 @@ def rule_from(kind: str, items: dict, where: str) -> Rule:
         kw["value"] = get("bits", _int_range(1, MAX_BITS), 1)
     elif action == "torn":
         kw["value"] = get("sectors", _int_range(0, 1 << 30), 1)
+    elif action == "power-cut":
+        kw["value"] = KEEPS.index(get("keep", _choice(KEEPS), "flushed"))
+        kw["order_value"] = int(get("torn", _bool, False))
     elif action == "hold":
         kw["value"] = get("count", _int_range(1, 65536), 2)
         kw["order"] = get("order", _choice(ORDERS), "reverse")
@@ -321,7 +330,7 @@ def rule_from(kind: str, items: dict, where: str) -> Rule:
     for key, applies in (("errno", "error"), ("status", "status"), ("delay", "delay"),
                          ("distribution", "delay"), ("delay-max", "delay"), ("bits", "corrupt"),
                          ("sectors", "torn"), ("count", "hold"), ("order", "hold"),
-                         ("timeout", "hold")):
+                         ("timeout", "hold"), ("keep", "power-cut"), ("torn", "power-cut")):
         if key in items and action != applies:
             raise err(key, f"applies to action {applies}, not {action}")
     return Rule("fault", where, **kw)

@@ -542,6 +542,9 @@ class FastPath:
         kind = entry.kind
         if kind == lib.PYKVM_BLK_PUNT_FATAL:
             self._fail(ffi.string(entry.message).decode(errors="replace"))
+        elif kind == lib.PYKVM_BLK_PUNT_POWER:
+            rule, keep, torn, seed = (int(x) for x in ffi.string(entry.message).split())
+            self._punt.power_cut(rule, keep, bool(torn), seed)
         elif kind == lib.PYKVM_BLK_PUNT_LOG:
             self._punt.warn(ffi.string(entry.message).decode(errors="replace"))
             lib.pykvm_blk_complete(self._blks[g], entry.queue, entry.head, entry.used_len)
@@ -580,6 +583,9 @@ class _BlkPunts:
 
     def collect(self) -> None:
         self._dev.complete_punted()
+
+    def power_cut(self, rule: int, keep: int, torn: bool, seed: int) -> None:
+        self._dev.backend.power_cut_fired(rule, keep, torn, seed)
 
     def warn(self, message: str) -> None:
         self._dev.warn(message)

@@ -68,3 +68,24 @@ def test_a_bad_rules_file_is_one_line_and_the_guest_never_starts(pykvm, tmp_path
     err = r.stderr.decode().strip()
     assert r.returncode != 0 and len(err.splitlines()) == 1, err
     assert f"{rules}:3" in err and "probability" in err
+
+
+@pytest.mark.parametrize("aio", ["python", "io_uring"])
+@pytest.mark.parametrize("keep", ["flushed", "all"])
+def test_a_power_cut_rule_stops_the_vm_and_leaves_a_crash_state(pykvm, tmp_path, aio, keep):
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(8 << 20))
+    rules = tmp_path / "r.conf"
+    rules.write_text(f'[fault]\nop = "write"\nnth = "100"\naction = "power-cut"\n'
+                     f'keep = "{keep}"\n')
+    r = pykvm("fio", "--disk", f"driver=volatile,file.driver=raw,file.file=blkdebug:{rules}:{img},"
+              f"aio={aio}", "--rw", "randwrite", "--ios", "1000", "--iodepth", "8", "--size",
+              "4M", timeout=120)
+    err = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 1 and err[-1].startswith("pykvm: ") and "power cut" in err[-1]
+    data = img.read_bytes()
+    written = sum(data[i:i + 4096] != bytes(4096) for i in range(0, 4 << 20, 4096))
+    if keep == "flushed":
+        assert written == 0                 # the guest never flushed: all of it was volatile
+    else:
+        assert 90 <= written <= 99          # the 99 before the cut (some may overlap)

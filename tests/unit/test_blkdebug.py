@@ -399,3 +399,20 @@ def test_the_trace_record_layout():
     """trace.h's record is packed as the ring's readers expect (40 bytes)."""
     from pykvm._native import ffi
     assert struct.calcsize("<QQQIIHBBhBB") == ffi.sizeof("struct pykvm_trace_rec")
+
+
+def test_after_a_power_cut_no_request_lands_nor_completes(tmp_path, image, engine):
+    r = debug_rig(tmp_path, image, engine, "[fault]\nop = write\nnth = 2\naction = power-cut\n")
+    cut = []
+    r.backend.on_power_cut = cut.append
+    try:
+        d = r.drv
+        assert d.write(0, pattern(4096, 1)) == B.S_OK
+        for sector in (8, 16):
+            d.submit([d.header(B.T_OUT, sector), d.vq.arena.readable(pattern(4096, 2)),
+                      d.vq.arena.writable(1)])
+        assert not wait_fd(d.t.interrupt_fd(0), 0.5) and d.vq.reap() == []
+        assert len(cut) == 1 and "power cut by the blkdebug rule at" in cut[0]
+        assert image.read_bytes()[8 * 512:24 * 512] == pattern(DISK)[8 * 512:24 * 512]
+    finally:
+        r.close()
