@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := gcc make libc6-dev liburing-dev qemu-system-x86 qemu-utils fio acpica-tools lz4
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup deps guests linux-kernel linux-kit run test test-unit test-integration bench bench-deps bench-quick fuzz fuzz-deps clean distclean
+.PHONY: all setup deps guests linux-kernel linux-kit run test test-unit test-integration bench bench-deps bench-quick fuzz fuzz-deps stress clean distclean
 
 all: setup guests
 
@@ -70,6 +70,12 @@ test-unit: setup guests linux-kernel
 
 test-integration: setup guests linux-kernel
 	$(VENV)/bin/pytest -q tests/integration
+
+# Kill loops: STRESS_ITERATIONS SIGKILLs of the VMM per image kind and path
+# (tests/stress/kill_loop.py; make test runs 5 of each).
+STRESS_ITERATIONS ?= 100
+stress: setup guests
+	$(PY) -m tests.stress.kill_loop --iterations $(STRESS_ITERATIONS)
 
 bench-deps: setup
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[test,bench]' \

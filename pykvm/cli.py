@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     fio.add_argument("--ios", type=int, metavar="N", help="a fixed number of I/Os instead")
     fio.add_argument("--seed", type=int, default=1)
     fio.add_argument("--verify", choices=["crc32c", "none"], default="none")
+    fio.add_argument("--fsync", type=int, default=0, metavar="N",
+                     help="a FLUSH after every N writes (fio's fsync=N; default 0: never)")
     fio.add_argument("--no-refill", action="store_true",
                      help="generate each write buffer once, not for every write (as fio reuses "
                           "its buffers by default); not with --verify")
@@ -292,6 +294,10 @@ def cmd_fio(args) -> int:
             f"iodepth={args.iodepth}", f"queues={args.queues}", f"offset={args.offset}",
             f"seed={args.seed}",
             f"verify={args.verify}", f"rwmixread={args.rwmixread}"]
+    if args.fsync < 0:
+        raise ConfigError(f"--fsync {args.fsync}: must be 0 or more")
+    if args.fsync:
+        opts.append(f"flush={args.fsync}")
     if args.no_refill:
         if args.verify != "none":
             raise ConfigError("--no-refill writes blocks that do not verify: not with --verify")

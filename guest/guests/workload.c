@@ -30,6 +30,9 @@
  *   irq=0|1                interrupts instead of polling (default 0)
  *   tsc_khz=N              TSC frequency when CPUID 0x40000010 gives none
  *   flush=N                a FLUSH after every N writes (default 0 = never)
+ *   flush_report=1         print "workload: flush-done ios=D" as each flush completes: every
+ *                          write numbered below D had completed before that flush was
+ *                          submitted, so it is durable (the crash model's rule)
  *   indirect=0|1           use indirect descriptors when offered (default 1)
  *   event_idx=0|1          use EVENT_IDX when offered (default 1)
  *   qsize=N                queue size (power of two; default min(device max, 256))
@@ -125,6 +128,7 @@ struct dirstats {
 struct job {
     uint64_t block, gen, t0;
     uint8_t is_read, is_flush;
+    uint8_t busy;                       /* submitted, not yet completed */
     uint8_t queue;                      /* job number % queues, fixed */
 };
 
@@ -135,6 +139,7 @@ static struct dirstats st_read, st_write;
 static int rw = RW_RANDREAD, rwmixread = 50, verify, verify_unwritten = 1, refill = 1;
 static uint64_t bs = 4096, iodepth = 1, queues = 1, size, offset, runtime_ms, ios_limit, seed = 1;
 static uint64_t flush_every;
+static int flush_report;                /* print each completed flush's durable point */
 static uint64_t io_timeout_s = 30;
 
 static GUEST_NORETURN void die(const char *msg, const char *arg)
@@ -150,7 +155,8 @@ static GUEST_NORETURN void die(const char *msg, const char *arg)
 
 static const char *const known[] = {
     "transport", "index", "rw", "rwmixread", "bs", "iodepth", "size", "offset", "runtime",
-    "ios", "seed", "verify", "verify_unwritten", "irq", "tsc_khz", "flush", "indirect",
+    "ios", "seed", "verify", "verify_unwritten", "irq", "tsc_khz", "flush", "flush_report",
+    "indirect",
     "event_idx", "qsize", "seg_bytes", "io_timeout", "refill", "queues", NULL,
 };
 
@@ -472,6 +478,7 @@ int main(void)
         die("refill=0 writes blocks whose CRC does not match: not with verify=crc32c",
             cmdline_get("refill"));
     flush_every = opt_u64("flush", 0, 0, UINT64_MAX);
+    flush_report = (int)opt_u64("flush_report", 0, 0, 1);
     io_timeout_s = opt_u64("io_timeout", 30, 1, 1000000);
     struct vblk_opts vo = VBLK_OPTS_DEFAULT;
     vo.irq = (int)opt_u64("irq", 0, 0, 1);
@@ -574,7 +581,16 @@ int main(void)
         while (nfree_jobs) {
             if (flush_owed) {
                 unsigned jn = free_jobs[--nfree_jobs];
+                /* the durable point this flush gives: every write numbered
+                 * below the lowest one still in flight has completed */
+                uint64_t durable = i;
+                for (uint64_t j = 0; j < iodepth; j++)
+                    if (jobs[j].busy && !jobs[j].is_flush && !jobs[j].is_read &&
+                        jobs[j].gen < durable)
+                        durable = jobs[j].gen;
                 jobs[jn].is_flush = 1;
+                jobs[jn].busy = 1;
+                jobs[jn].gen = durable;
                 jobs[jn].t0 = rdtsc();
                 vblk_submit(&blk, jobs[jn].queue, VIRTIO_BLK_T_FLUSH, 0, NULL, 0, jn);
                 flush_owed--;
@@ -610,6 +626,7 @@ int main(void)
             jb->gen = i;
             jb->is_read = (uint8_t)next_read;
             jb->is_flush = 0;
+            jb->busy = 1;
             if (!next_read) {
                 if (refill) {
                     fill_block((uint64_t *)buf, nwords, off, i);
@@ -657,12 +674,15 @@ int main(void)
             uint64_t lat = tsc_ns(t - jb->t0);
             uint8_t s = done[k].status;
             free_jobs[nfree_jobs++] = (uint16_t)jn;
+            jb->busy = 0;
             if (jb->is_flush) {
                 flushes++;
                 if (s != VIRTIO_BLK_S_OK) {
                     if (io_errors < MAX_REPORTS)
                         printf("workload: io error status=%u op=flush offset=0\n", s);
                     io_errors++;
+                } else if (flush_report) {
+                    printf("workload: flush-done ios=%lu\n", (unsigned long)jb->gen);
                 }
                 continue;
             }
