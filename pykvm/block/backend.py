@@ -256,7 +256,8 @@ class BlockBackend:
     @property
     def c_may_write(self) -> bool:
         """May a device's own I/O thread write (and flush) without Python? Not
-        on a read-only disk, with detect-zeroes, or while writes are logged."""
+        on a read-only disk, with detect-zeroes, while writes are logged or held
+        volatile (their nodes must see each write)."""
         return not self.read_only and self.detect_zeroes == "off" and self.wlog is None and \
             self.volatile is None
 
