@@ -74,7 +74,7 @@ def one(folder: str, combo: str, rng: random.Random) -> str | None:
     deadline = time.monotonic() + 60
     try:
         for line in p.stdout:
-            if line.startswith(b"workload: flush-done ios="):
+            if line.startswith(b"workload: flush-done ios=") and line.endswith(b"\n"):
                 durable = int(line.split(b"=")[1])
                 seen += 1
                 if seen >= flushes_wanted:
@@ -85,7 +85,7 @@ def one(folder: str, combo: str, rng: random.Random) -> str | None:
     finally:
         p.send_signal(signal.SIGKILL)
         rest, err = p.communicate()
-    for line in rest.splitlines():          # flushes reported before the kill landed
+    for line in rest.split(b"\n")[:-1]:    # whole lines reported before the kill landed
         if line.startswith(b"workload: flush-done ios="):
             durable = int(line.split(b"=")[1])
     if p.returncode != -signal.SIGKILL:
