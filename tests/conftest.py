@@ -280,3 +280,37 @@ def run_pykvm(*args, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
 @pytest.fixture
 def pykvm():
     return run_pykvm
+
+
+# -- host faults made for real (tests/*/test_host_errors.py) --------------------
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size): a fresh tmpfs of that size (unmounted after the test)."""
+    mounted = []
+
+    def mount(size: str):
+        d = tmp_path / f"tmpfs{len(mounted)}"
+        d.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
+                       check=True)
+        mounted.append(d)
+        return d
+    yield mount
+    for d in reversed(mounted):
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+@pytest.fixture
+def loop():
+    """attach(path): a loop device over path (detached after the test)."""
+    devs = []
+
+    def attach(path):
+        dev = subprocess.run(["losetup", "-f", "--show", str(path)], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        devs.append(dev)
+        return dev
+    yield attach
+    for dev in devs:
+        subprocess.run(["losetup", "-d", dev], check=False)

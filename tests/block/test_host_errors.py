@@ -14,34 +14,6 @@ from tests.block.conftest import Disk
 ENGINES = ["python", "threads", "io_uring"]
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    mounted = []
-
-    def mount(size: str):
-        d = tmp_path / f"tmpfs{len(mounted)}"
-        d.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
-                       check=True)
-        mounted.append(d)
-        return d
-    yield mount
-    for d in reversed(mounted):
-        subprocess.run(["umount", "-l", str(d)], check=False)
-
-
-@pytest.fixture
-def loop():
-    devs = []
-
-    def attach(path):
-        dev = subprocess.run(["losetup", "-f", "--show", str(path)], check=True,
-                             capture_output=True, text=True).stdout.strip()
-        devs.append(dev)
-        return dev
-    yield attach
-    for dev in devs:
-        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def disk(path, engine, **kw):
