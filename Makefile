@@ -10,7 +10,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := gcc make libc6-dev liburing-dev qemu-system-x86 qemu-utils fio acpica-tools lz4
+APT_PACKAGES := gcc make libc6-dev liburing-dev qemu-system-x86 qemu-utils fio acpica-tools lz4 \
+	e2fsprogs
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all setup deps guests linux-kernel linux-kit run test test-unit test-integration bench bench-deps bench-quick fuzz fuzz-deps stress clean distclean

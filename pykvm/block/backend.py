@@ -144,35 +144,21 @@ class BlockBackend:
                              "supported together")
         if groups:
             throttle = groups[0].group
-        # a blkdebug node anywhere in the image's graph (not its backing chain):
-        # its rules apply to the guest's requests, on both paths
-        from .graph import walk
-        debug = [n for path, _r, n in walk(self.root)
-                 if n.format_name == "blkdebug" and "/backing" not in path]
-        if len(debug) > 1:
-            self.root.close()
-            raise GraphError(debug[1].describe(), "a disk takes one blkdebug node")
-        self.inject = debug[0].injector if debug else None
-        logs = [n for path, _r, n in walk(self.root)
-                if n.format_name == "blklogwrites" and "/backing" not in path]
-        if len(logs) > 1 or (logs and read_only):
-            self.root.close()
-            raise GraphError(logs[-1].describe(), "a disk takes one blklogwrites node, and "
-                             "not read-only")
+        # a blkdebug node anywhere in the image's graph: its rules apply to the
+        # guest's requests, on both paths
+        debug = self._one_node("blkdebug", "a disk takes one blkdebug node")
+        self.inject = debug.injector if debug else None
         # blklogwrites: the log node, and what each request in flight will log
         # once it completes {token: (kind, offset, data or length, durable)}
-        self.wlog = logs[0] if logs else None
+        self.wlog = self._one_node("blklogwrites", "a disk takes one blklogwrites node, and "
+                                   "not read-only", refused=read_only)
         self._wlog_ops: dict = {}
         # a volatile node (power-cut experiments): what it must learn of each
         # request in flight {token: (kind, seq or flushed set, durable)}
-        vols = [n for path, _r, n in walk(self.root)
-                if n.format_name == "volatile" and "/backing" not in path]
-        if len(vols) > 1 or (vols and (read_only or self.cache.direct)):
-            self.root.close()
-            raise GraphError(vols[-1].describe(), "a disk takes one volatile node, not "
-                             "read-only, and with a cache mode of the page cache (writeback, "
-                             "writethrough or unsafe: it emulates a volatile write cache)")
-        self.volatile = vols[0] if vols else None
+        self.volatile = self._one_node(
+            "volatile", "a disk takes one volatile node, not read-only, and with a cache mode "
+            "of the page cache (writeback, writethrough or unsafe: it emulates a volatile write "
+            "cache)", refused=read_only or self.cache.direct)
         self._vol_ops: dict = {}
         self.format = self.driver.format_name
         self.path = self.driver.filename
@@ -228,6 +214,17 @@ class BlockBackend:
             self.inject.on_release.append(self._released)
 
     # -- set-up ------------------------------------------------------------------
+
+    def _one_node(self, driver: str, why: str, refused: bool = False):
+        """The graph's one node of ``driver`` (its backing chain aside), or None;
+        a second one, or one at all when ``refused``, is a GraphError saying ``why``."""
+        from .graph import walk
+        nodes = [n for path, _r, n in walk(self.root)
+                 if n.format_name == driver and "/backing" not in path]
+        if len(nodes) > 1 or (nodes and refused):
+            self.root.close()
+            raise GraphError(nodes[-1].describe(), why)
+        return nodes[0] if nodes else None
 
     def _probe_alignment(self) -> int:
         """Smallest buffer/offset alignment O_DIRECT accepts on this file (512 or 4096)."""
