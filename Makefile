@@ -11,10 +11,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := gcc make libc6-dev liburing-dev qemu-system-x86 qemu-utils fio acpica-tools lz4 \
-	e2fsprogs
+	e2fsprogs libnbd-dev python3-libnbd libnbd-bin nbdkit
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup deps guests linux-kernel linux-kit run test test-unit test-integration bench bench-deps bench-quick fuzz fuzz-deps stress clean distclean
+.PHONY: all setup deps libnbd-python guests linux-kernel linux-kit run test test-unit test-integration bench bench-deps bench-quick fuzz fuzz-deps stress clean distclean
 
 all: setup guests
 
@@ -40,7 +40,17 @@ $(VENV)/.install-stamp: pyproject.toml setup.py $(wildcard native/*.c native/*.h
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(MAKE) -s libnbd-python
 	touch $@
+
+# libnbd's Python binding comes from Debian (python3-libnbd, built for Debian's
+# Python 3.11): the virtualenv sees only its two files, through a .pth entry.
+libnbd-python: deps
+	@mkdir -p build/libnbd-python && \
+	ln -sf /usr/lib/python3/dist-packages/nbd.py build/libnbd-python/ && \
+	ln -sf /usr/lib/python3/dist-packages/libnbdmod.cpython-311-x86_64-linux-gnu.so build/libnbd-python/ && \
+	echo "$(CURDIR)/build/libnbd-python" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/libnbd-debian.pth && \
+	$(PY) -c 'import nbd' || { echo "libnbd's Python binding does not load in $(PY) (Debian's is built for Python 3.11)"; exit 1; }
 
 guests: deps
 	$(MAKE) -C guest
