@@ -59,7 +59,20 @@ struct pykvm_aio {
     struct pykvm_aio_done *now;
     uint32_t nnow;
     void *priv;
+    /* requests on a routed fd (an NBD connection, nbd.c), completed by its
+     * threads: [depth] entries, under rmu */
+    pthread_mutex_t rmu;
+    struct pykvm_aio_done *rdone;
+    uint32_t nrdone;
 };
+
+/* nbd.c: the connection a key fd routes to (NULL: a plain file), and its
+ * asynchronous submission */
+struct pykvm_nbd;
+static int nbd_routes_any(void);
+static struct pykvm_nbd *nbd_route_find(int fd);
+static void nbd_submit(struct pykvm_nbd *c, const struct pykvm_aio_req *r,
+                       void (*done)(void *ctx, uint64_t token, int64_t result), void *ctx);
 
 /* Do one request synchronously, as pykvm.aio.execute does: short reads and
  * writes are continued until done (a read stops at the end of the file).
@@ -180,8 +193,10 @@ static struct pykvm_aio *pykvm_aio_open(const char *engine, uint32_t depth, char
     aio->ops = ops;
     aio->depth = depth;
     aio->now = calloc(depth, sizeof(*aio->now));
+    aio->rdone = calloc(depth, sizeof(*aio->rdone));
+    pthread_mutex_init(&aio->rmu, NULL);
     aio->notifier = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (!aio->now || aio->notifier < 0) {
+    if (!aio->now || !aio->rdone || aio->notifier < 0) {
         snprintf(err, errlen, "aio=%s: %s", engine, strerror(aio->now ? errno : ENOMEM));
         goto fail;
     }
@@ -192,6 +207,7 @@ fail:
     if (aio->notifier >= 0)
         close(aio->notifier);
     free(aio->now);
+    free(aio->rdone);
     free(aio);
     return NULL;
 }
@@ -206,15 +222,69 @@ static int pykvm_aio_notifier(const struct pykvm_aio *aio)
     return aio->notifier;
 }
 
+/* A routed request finished (on an NBD connection's thread, or at once). */
+static void aio_routed_done(void *ctx, uint64_t token, int64_t result)
+{
+    struct pykvm_aio *aio = ctx;
+
+    pthread_mutex_lock(&aio->rmu);
+    aio->rdone[aio->nrdone].token = token;
+    aio->rdone[aio->nrdone].result = result;
+    aio->nrdone++;
+    pthread_mutex_unlock(&aio->rmu);
+    eventfd_write(aio->notifier, 1);
+}
+
 static int pykvm_aio_submit(struct pykvm_aio *aio, const struct pykvm_aio_req *reqs, uint32_t n)
 {
-    uint32_t room = aio->depth - aio->in_flight;
+    uint32_t room = aio->depth - aio->in_flight, done = 0;
 
     if (n > room)
         n = room;
     if (!n)
         return 0;
-    return aio->ops->submit(aio, reqs, n);
+    if (!nbd_routes_any())
+        return aio->ops->submit(aio, reqs, n);
+    /* runs of plain requests go to the engine, routed ones to their connection */
+    while (done < n) {
+        struct pykvm_nbd *c = nbd_route_find(reqs[done].fd);
+        uint32_t run = 0;
+
+        if (c) {
+            aio->in_flight++;
+            nbd_submit(c, &reqs[done], aio_routed_done, aio);
+            done++;
+            continue;
+        }
+        while (done + run < n && !nbd_route_find(reqs[done + run].fd))
+            run++;
+        int m = aio->ops->submit(aio, reqs + done, run);
+
+        if (m < 0)
+            return done ? (int)done : m;
+        done += (uint32_t)m;
+        if ((uint32_t)m < run)
+            break;
+    }
+    return (int)done;
+}
+
+static int aio_reap_routed(struct pykvm_aio *aio, struct pykvm_aio_done *out, uint32_t max)
+{
+    uint32_t n;
+
+    if (!__atomic_load_n(&aio->nrdone, __ATOMIC_ACQUIRE))
+        return 0;
+    pthread_mutex_lock(&aio->rmu);
+    n = aio->nrdone < max ? aio->nrdone : max;
+    memcpy(out, aio->rdone, sizeof(*out) * n);
+    memmove(aio->rdone, aio->rdone + n, sizeof(*out) * (aio->nrdone - n));
+    aio->nrdone -= n;
+    if (aio->nrdone)
+        eventfd_write(aio->notifier, 1);  /* more to reap: stay readable */
+    pthread_mutex_unlock(&aio->rmu);
+    aio->in_flight -= n;
+    return (int)n;
 }
 
 static int pykvm_aio_reap(struct pykvm_aio *aio, struct pykvm_aio_done *out, uint32_t max)
@@ -230,12 +300,14 @@ static int pykvm_aio_reap(struct pykvm_aio *aio, struct pykvm_aio_done *out, uin
             return n ? n : m;
         n += m;
     }
+    if ((uint32_t)n < max)
+        n += aio_reap_routed(aio, out + n, max - n);
     return n;
 }
 
 static uint32_t pykvm_aio_ready(struct pykvm_aio *aio)
 {
-    return aio->nnow + aio->ops->ready(aio);
+    return aio->nnow + aio->ops->ready(aio) + __atomic_load_n(&aio->nrdone, __ATOMIC_ACQUIRE);
 }
 
 static uint32_t pykvm_aio_in_flight(const struct pykvm_aio *aio)
@@ -258,5 +330,7 @@ static void pykvm_aio_close(struct pykvm_aio *aio)
     aio->ops->fini(aio);
     close(aio->notifier);
     free(aio->now);
+    free(aio->rdone);
+    pthread_mutex_destroy(&aio->rmu);
     free(aio);
 }

@@ -5,6 +5,8 @@ implementation; the C files are included into one extension module so their
 static helpers stay private to it. Set PYKVM_SANITIZE=1 to build with
 AddressSanitizer and UBSan.
 
+NBD connections (nbd.c) use libnbd's C API (Debian: libnbd-dev).
+
 The io_uring engine uses liburing when its header is installed (Debian:
 liburing-dev); without it the engine is built as "unavailable" and the other
 engines still work. PYKVM_NO_LIBURING=1 forces that, for testing the fallback.
@@ -16,7 +18,7 @@ import sysconfig
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-UNITS = ["kvm", "memory", "file", "vq", "aio", "throttle", "inject", "trace", "blk"]
+UNITS = ["kvm", "memory", "file", "vq", "aio", "nbd", "throttle", "inject", "trace", "blk"]
 
 ffibuilder = FFI()
 for unit in UNITS:
@@ -24,7 +26,7 @@ for unit in UNITS:
 
 extra_compile_args = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unused-function"]
 extra_link_args = []
-libraries = ["pthread", "m"]
+libraries = ["pthread", "m", "nbd"]   # libnbd: Debian's libnbd-dev
 define_macros = []
 
 

@@ -23,6 +23,13 @@ from .._native import lib
 
 READ, WRITE, FLUSH, FALLOCATE = "read", "write", "flush", "fallocate"
 
+# Descriptors that are not files: every request on one goes to its owner,
+# ``route(req) -> bytes done or -errno`` (blocking; an NBD connection, see
+# block/nbd.py, whose key descriptor is an eventfd no one reads, so a stray
+# system call on it fails instead of reading something else). The C engines
+# keep the same table in C (native/nbd.c).
+ROUTES: dict = {}
+
 
 class AioRequest:
     """One operation. ``iov``: list of buffers (memoryviews) for READ/WRITE;
@@ -45,6 +52,9 @@ def execute(req: AioRequest) -> int:
     """Do one request synchronously; return bytes done or -errno. Short reads
     and writes are continued until done (a read past the end of the file
     returns what it got)."""
+    route = ROUTES.get(req.fd)
+    if route is not None:
+        return route(req)
     try:
         if req.op == READ or req.op == WRITE:
             iov = list(req.iov)

@@ -5,7 +5,7 @@ cache modes.
 The drivers are imported (and registered) at once; the backend, which pulls in
 the AIO engines, only when one of its names is first used (``pykvm img`` never
 needs it)."""
-from . import file, qcow2, raw  # noqa: F401  (register the drivers)
+from . import file, nbd, qcow2, raw  # noqa: F401  (register the drivers)
 from .filters import blkdebug, blklogwrites, throttle, volatile  # noqa: F401
 from .driver import (DRIVERS, FORMATS, BlockDriver, BlockError, Extent, GraphError, iov_slice,
                      open_image, probe_format)

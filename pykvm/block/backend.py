@@ -172,10 +172,11 @@ class BlockBackend:
         self._guard_sector0 = self.driver.probed and self.format == "raw"
         self._fast = self.driver.identity_mapped
         # a block device's discard is BLKDISCARD (the node's), not a hole punched
-        self._fast_discard = self._fast and not getattr(self.driver, "is_block_device", False)
+        self._fast_discard = self._fast and self.driver.hole_discard
         self.engine = engine or PythonEngine()
         self.notifier = self.engine.notifier
-        self.align = self._probe_alignment() if self.cache.direct else 1
+        self.align = self.driver.request_alignment or \
+            (self._probe_alignment() if self.cache.direct else 1)
         self._pending: dict[int, tuple] = {}
         self._deferred: collections.deque = collections.deque()
         self._bounced = 0               # bytes of bounce buffers in flight

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import os
 
+from ..aio import READ, ROUTES, WRITE, FLUSH, AioRequest
 from ..errors import PykvmError
 
 ZERO_CHUNK = 1 << 20
@@ -107,6 +108,7 @@ class BlockDriver:
     kind = "format"            # protocol | format | filter
     options: dict = {}         # its own options: name -> "str" | "size" | "bool" | (choices)
     child_roles: tuple = ("file",)   # the children it takes (protocol drivers: none)
+    address_options: tuple = ("filename",)   # protocol nodes: one of these says where
     opens_children = False     # takes graph.Opener (opener=) to open children it names itself
     supports_backing = False
     supports_discard = False
@@ -117,6 +119,9 @@ class BlockDriver:
     direct_map = False
     on_unmap = None            # callable(offset, length, writes_only) or None
     map_version = 0            # grows whenever what direct_extents() returns may have changed
+    growable = False           # a protocol node whose end a write past it extends (a file)
+    hole_discard = False       # discard is a hole punched in ``fd`` (the backend's fast path)
+    request_alignment = 0      # offsets and lengths the node needs (0: O_DIRECT's, probed)
 
     fd: int
     size: int          # virtual disk size in bytes
@@ -350,8 +355,18 @@ def iov_is_zero(iov) -> bool:
     return True
 
 
+def _routed(fd: int, op: str, view, offset: int) -> int:
+    """A request on a routed descriptor (not a file: block/nbd.py), done now."""
+    n = ROUTES[fd](AioRequest(op, fd, offset, [view] if view is not None else []))
+    if n < 0:
+        raise OSError(-n, os.strerror(-n))
+    return n
+
+
 def pread_full(fd: int, view: memoryview, offset: int) -> int:
     """Read into ``view`` until full or end of file; zero what the file lacks."""
+    if fd in ROUTES:
+        return _routed(fd, READ, view, offset)
     done = 0
     n = len(view)
     while done < n:
@@ -365,9 +380,30 @@ def pread_full(fd: int, view: memoryview, offset: int) -> int:
 
 def pwrite_full(fd: int, data, offset: int) -> None:
     view = memoryview(data)
+    if fd in ROUTES:
+        _routed(fd, WRITE, view.cast("B"), offset)
+        return
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
+
+
+def fd_pread(fd: int, length: int, offset: int) -> bytes:
+    """os.pread for a file or a routed descriptor: at most ``length`` bytes
+    (fewer at the end of the file)."""
+    if fd in ROUTES:
+        buf = bytearray(length)
+        _routed(fd, READ, memoryview(buf), offset)
+        return bytes(buf)
+    return os.pread(fd, length, offset)
+
+
+def fd_datasync(fd: int) -> None:
+    """os.fdatasync for a file or a routed descriptor (an NBD flush)."""
+    if fd in ROUTES:
+        _routed(fd, FLUSH, None, 0)
+        return
+    os.fdatasync(fd)
 
 
 # -- synchronous reads and writes through any driver (COW, pykvm img) ------------------

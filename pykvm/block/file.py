@@ -95,6 +95,9 @@ class FileDriver(BlockDriver):
             self.close_node()
             raise
 
+    growable = property(lambda self: not self.is_block_device)
+    hole_discard = property(lambda self: not self.is_block_device)
+
     def _check_kind(self) -> None:
         """driver=file takes either kind of file; host_device only a block device."""
 

@@ -135,11 +135,17 @@ def _nest_json(value: dict, what: str) -> dict:
     return plain
 
 
+NBD_SCHEMES = ("nbd://", "nbd+tcp://", "nbd+unix://", "nbds://", "nbds+tcp://", "nbds+unix://")
+
+
 def filename_spec(filename: str) -> dict:
     """The node a filename stands for: json: options, a blkdebug node
-    (``blkdebug:RULES:IMAGE``, QEMU's spelling), else a file node."""
+    (``blkdebug:RULES:IMAGE``, QEMU's spelling), an nbd node (an NBD URI),
+    else a file node."""
     if filename.startswith("json:"):
         return parse_json_filename(filename)
+    if filename.startswith(NBD_SCHEMES):
+        return {"driver": "nbd", "filename": filename}
     if filename.startswith("blkdebug:"):
         config, sep, image = filename[9:].partition(":")
         if not sep or not image:
@@ -201,6 +207,24 @@ def parse_size(text) -> int:
 
 
 def _value(kind, key: str, raw, where: str):
+    if isinstance(kind, dict):          # sub-options: server.host=, server.port=, ...
+        if not isinstance(raw, dict):
+            raise _error(where, f"option '{key}' takes sub-options ({key}.{next(iter(kind))}=...)")
+        out = {}
+        for sub, value in raw.items():
+            if sub not in kind:
+                raise _error(where, f"option '{key}.{sub}' does not apply (it takes "
+                             f"{', '.join(f'{key}.{k}' for k in kind)})")
+            out[sub] = _value(kind[sub], f"{key}.{sub}", value, where)
+        return out
+    if kind == "int":
+        try:
+            value = raw if isinstance(raw, int) and not isinstance(raw, bool) else int(str(raw), 10)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise _error(where, f"option '{key}={raw}' takes a number (0 or more)")
+        return value
     if kind == "str":
         if not isinstance(raw, str):
             raise _error(where, f"option '{key}' takes a string")
@@ -342,8 +366,10 @@ def _open(spec: dict, name: str, read_only: bool, direct: bool, chain: frozenset
     opener = Opener(children, node_name, read_only, direct, chain, use)
     opener.depth = depth
     if cls is not None and cls.kind == "protocol":
-        if "filename" not in spec:
-            raise _error(where, "option 'filename' is missing")
+        if not any(key in spec for key in cls.address_options):
+            raise _error(where, f"option '{cls.address_options[0]}' is missing" +
+                         (f" (or {', '.join(cls.address_options[1:])})"
+                          if len(cls.address_options) > 1 else ""))
         node = _make(cls, spec, where, node_name, probed, read_only=read_only, direct=direct,
                      **internal)
         if use is not None:

@@ -51,6 +51,9 @@ class RawDriver(BlockDriver):
     def is_block_device(self) -> bool:
         return self.file.is_block_device
 
+    hole_discard = property(lambda self: self.file.hole_discard)
+    request_alignment = property(lambda self: self.file.request_alignment)
+
     @property
     def sync_fds(self) -> list[int]:
         return [self.fd]

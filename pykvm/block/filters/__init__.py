@@ -31,6 +31,9 @@ class FilterDriver(BlockDriver):
     direct_map = property(lambda self: self.file.direct_map)
     map_version = property(lambda self: self.file.map_version)
     sync_fds = property(lambda self: self.file.sync_fds)
+    growable = property(lambda self: self.file.growable)
+    hole_discard = property(lambda self: self.file.hole_discard)
+    request_alignment = property(lambda self: self.file.request_alignment)
 
     @property
     def children(self) -> list[tuple[str, BlockDriver]]:

@@ -40,7 +40,8 @@ import collections
 import os
 import struct
 
-from ..driver import BlockDriver, BlockError, GraphError, pwrite_full, register
+from ..driver import (BlockDriver, BlockError, GraphError, fd_datasync,
+                      fd_pread, pwrite_full, register)
 from .check import CheckRepair
 from .cluster import ClusterMap, _append, _bit_runs
 from .compress import Compression, _zstd
@@ -92,7 +93,7 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
         give instead. The node opens no file itself."""
         if file.kind == "format":       # its metadata is read through file.bfd
             raise BlockError(file.filename, f"a qcow2 node's file must be a protocol node "
-                             f"(driver=file or host_device) or a filter over one, not a "
+                             f"(driver=file, host_device or nbd) or a filter over one, not a "
                              f"{file.format_name} node")
         self.file = file
         self.data_file = None
@@ -118,10 +119,11 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
 
     def _open(self, opener, l2_cache_size, repair):
         path = self.path
-        st = os.fstat(self.mfd)
-        self.eof = st.st_size
-        self._size_at_open = self._grown_to = st.st_size
-        head = os.pread(self.mfd, 1 << 21, 0) if self.eof >= 72 else b""
+        self.eof = self.file.size
+        self._size_at_open = self._grown_to = self.eof
+        if not self.file.growable:      # an NBD export: its size is the server's
+            self._grown_to = -1
+        head = fd_pread(self.mfd, 1 << 21, 0) if self.eof >= 72 else b""
         if len(head) < 72:
             raise BlockError(path, f"truncated qcow2 header ({len(head)} bytes)")
         if head[:4] == MAGIC and len(head) >= 24:
@@ -246,7 +248,7 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
                              f"of the file ({self.eof:#x})")
 
     def _read_meta(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.mfd, length, offset)
+        data = fd_pread(self.mfd, length, offset)
         if len(data) < length:
             raise BlockError(self.path, f"metadata at {offset:#x} is past the end of the file")
         return data
@@ -290,6 +292,8 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
             out.append(f"reads of clusters it does not hold (from {self.backing.describe()})")
         return out
 
+    request_alignment = property(lambda self: self.file.request_alignment)
+
     @property
     def sync_fds(self) -> list[int]:
         return [self.fd, self.mfd] if self.data_fd >= 0 else [self.fd]
@@ -307,8 +311,8 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
                 if self._grown_to > max(self.eof, self._size_at_open):
                     os.ftruncate(self.mfd, max(self.eof, self._size_at_open))  # _grow_file
                 if self._marked_dirty and self.lazy:
-                    os.fdatasync(self.mfd)
+                    fd_datasync(self.mfd)
                     self._set_incompat(self.h.incompat & ~INCOMPAT_DIRTY)
-                    os.fdatasync(self.mfd)
+                    fd_datasync(self.mfd)
         finally:
             self.fd = self.data_fd = self.bfd = self.mfd = -1

@@ -9,7 +9,7 @@ import collections
 import os
 import struct
 
-from ..driver import BlockError
+from ..driver import BlockError, fd_datasync, fd_pread, pwrite_full
 from .header import (COMPAT_LAZY, COMPRESSED, COPIED, INCOMPAT_CORRUPT, MAX_BITMAP_DIRECTORY,
                      MAX_BITMAPS, MAX_CHECK_ERRORS, MAX_L1_BYTES, OFFSET_MASK, REFT_MASK, ZERO)
 
@@ -112,7 +112,7 @@ class CheckRepair:
                 fail(f"bitmap directory too large ({nb} bitmaps, {dsize} bytes; at most "
                      f"{MAX_BITMAPS}, {MAX_BITMAP_DIRECTORY})")
             elif ref(doff, -(-dsize // cs), "bitmap directory"):
-                d = os.pread(self.mfd, dsize, doff)
+                d = fd_pread(self.mfd, dsize, doff)
                 pos = 0
                 tables = collections.Counter()      # each distinct table read once
                 for _ in range(nb):
@@ -124,7 +124,7 @@ class CheckRepair:
                     pos += 24 + esize + nsize
                     pos += -pos % 8
                 for (toff, tsize), times in tables.items():
-                    for be in struct.unpack(f">{tsize}Q", os.pread(self.mfd, tsize * 8, toff)):
+                    for be in struct.unpack(f">{tsize}Q", fd_pread(self.mfd, tsize * 8, toff)):
                         if be & OFFSET_MASK:
                             ref(be & OFFSET_MASK, 1, "bitmap data", times)
         # compare
@@ -141,7 +141,7 @@ class CheckRepair:
             if ti in bad_blocks:
                 if repair == "all" and not self.read_only:
                     self.reftable[ti] = 0
-                    os.pwrite(self.mfd, bytes(8), h.rt_offset + ti * 8)
+                    pwrite_full(self.mfd, bytes(8), h.rt_offset + ti * 8)
                     bad_blocks.discard(ti)
                 have = 0
             else:
@@ -176,7 +176,7 @@ class CheckRepair:
                 self._claimed.clear()
             self._free_hint = 1
             self.flush_metadata()
-            os.fdatasync(self.mfd)
+            fd_datasync(self.mfd)
         return result
 
     def _check_trees(self, l1s):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import struct
 
-from ..driver import BlockError, DirectExtent, Extent
+from ..driver import BlockError, DirectExtent, Extent, fd_datasync
 from .header import COMPRESSED, COPIED, MAX_L1_BYTES, OFFSET_MASK, ZERO
 
 
@@ -363,7 +363,7 @@ class ClusterMap:
         new = self.alloc_clusters(n)
         data = struct.pack(f">{len(entries)}Q", *entries)
         self._meta_write("l1_grow.write_table", data + bytes(n * cs - len(data)), new)
-        os.fdatasync(self.mfd)
+        fd_datasync(self.mfd)
         old_off, old_n = self.h.l1_offset, -(-self.h.l1_size * 8 // cs)
         self.file.debug_event("l1_grow.activate_table")
         self._write_header_field(36, ">IQ", len(entries), new)

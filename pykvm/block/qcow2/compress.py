@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import zlib
 
-from ..driver import BlockError, Extent, pwrite_full
+from ..driver import BlockError, Extent, fd_pread, pwrite_full
 from .header import COMPRESSED
 
 
@@ -57,7 +57,7 @@ class Compression:
             raise BlockError(self.path, f"compressed cluster at {coff:#x} is past the end of "
                              f"the file")
         self.file.debug_event("read_compressed")
-        raw = os.pread(self.mfd, clen, coff)
+        raw = fd_pread(self.mfd, clen, coff)
         cs = self.cluster_size
         try:
             if self.h.compression_type == 0:

@@ -8,7 +8,7 @@ import errno
 import os
 import struct
 
-from ..driver import BlockError, pwrite_full
+from ..driver import BlockError, fd_datasync, pwrite_full
 from ..file import PUNCH, fallocate
 from .header import INCOMPAT_DIRTY, MAX_REFTABLE_BYTES, REFT_MASK
 
@@ -163,7 +163,7 @@ class Refcounts:
         pwrite_full(self.mfd, struct.pack(f">{entries}Q", *table), new_off)
         self._grew(new_off + nt * cs)
         old_off, old_clusters = self.h.rt_offset, self.h.rt_clusters
-        os.fdatasync(self.mfd)
+        fd_datasync(self.mfd)
         self._write_header_field(48, ">QI", new_off, nt)
         self.h.rt_offset, self.h.rt_clusters = new_off, nt
         self.reftable, self.rt_cap = table, entries
@@ -286,7 +286,7 @@ class Refcounts:
     def _mark_dirty(self) -> None:
         if self.lazy and not self._marked_dirty:
             self._set_incompat(self.h.incompat | INCOMPAT_DIRTY)
-            os.fdatasync(self.mfd)
+            fd_datasync(self.mfd)
             self._marked_dirty = True
 
     def flush_metadata(self) -> None:

@@ -7,7 +7,7 @@ import os
 import struct
 import time
 
-from ..driver import BlockError, pwrite_full
+from ..driver import BlockError, fd_datasync, pwrite_full
 from .header import (COMPRESSED, COPIED, MAX_L1_BYTES, MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOT_TABLE,
                      OFFSET_MASK)
 
@@ -127,7 +127,7 @@ class Snapshots:
             n = -(-len(data) // cs)
             new = self.alloc_clusters(n)
             pwrite_full(self.mfd, data + bytes(n * cs - len(data)), new)
-            os.fdatasync(self.mfd)
+            fd_datasync(self.mfd)
         old_off, old_len = self.h.snapshots_offset, self._snap_len
         self._write_header_field(60, ">IQ", len(snaps), new)
         self.h.nb_snapshots, self.h.snapshots_offset = len(snaps), new
@@ -177,7 +177,7 @@ class Snapshots:
             s.extra = s.extra[:16] + struct.pack(">Q", (1 << 64) - 1)
         s.l1_offset, s.l1_size = l1_off, len(self.l1)
         self._write_snapshot_table(self.snapshots + [s])
-        os.fdatasync(self.mfd)
+        fd_datasync(self.mfd)
 
     def snapshot_apply(self, name: str) -> None:
         s = self.find_snapshot(name)
@@ -196,7 +196,7 @@ class Snapshots:
             self.h.size = self.size = s.disk_size
         self._tree_refs(old, -1)
         self._fix_copied()
-        os.fdatasync(self.mfd)
+        fd_datasync(self.mfd)
 
     def snapshot_delete(self, name: str) -> None:
         s = self.find_snapshot(name)
@@ -207,4 +207,4 @@ class Snapshots:
         for k in range(-(-s.l1_size * 8 // cs)):
             self._unref(s.l1_offset // cs + k)
         self._fix_copied()
-        os.fdatasync(self.mfd)
+        fd_datasync(self.mfd)

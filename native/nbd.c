@@ -1,0 +1,890 @@
+/*
+ * nbd.c - an NBD connection over libnbd's asynchronous C API (nbd.h).
+ *
+ * Threads. Submitters (a C engine's caller, the Python path's workers) issue
+ * libnbd commands themselves; the pump thread polls the socket and calls
+ * nbd_aio_notify_*, which runs the completion callbacks. Three locks:
+ *   c->mu   the handle pointer, the connection state, the pending list and
+ *           `users` (submitters inside a libnbd call on c->h); never held
+ *           across a libnbd call, so that no lock order meets libnbd's own
+ *   c->lk   a leaf: an op's part count and error, the orphan list (taken in
+ *           libnbd's callbacks, which run under libnbd's handle lock)
+ * An op (one request) becomes one libnbd command per part of at most
+ * block_max bytes. A part is accounted in its .free callback, which libnbd
+ * calls exactly once, also when the command fails to start or the
+ * connection dies: a part whose .callback never ran failed in transport.
+ * An op with a transport failure is an orphan: the pump retries it on the
+ * next connection, or fails it with EIO once reconnect-delay has passed.
+ */
+#include <inttypes.h>
+#include <libnbd.h>
+#include <time.h>
+
+/* as in nbd.h (the cffi header) */
+struct pykvm_nbd_info {
+    uint64_t size;
+    int32_t read_only;
+    int32_t can_flush;
+    int32_t can_fua;
+    int32_t can_trim;
+    int32_t can_zero;
+    int32_t can_fast_zero;
+    int32_t can_multi_conn;
+    int32_t can_block_status;
+    uint32_t block_min;
+    uint32_t block_pref;
+    uint32_t block_max;
+    int32_t connected;
+    uint64_t reconnects;
+    uint64_t requests;
+    uint64_t failed;
+};
+
+#define PYKVM_NBD_MAX_PAYLOAD 33554432
+#define PYKVM_NBD_TRIM 0x100
+
+#define NBD_ROUTES 64
+#define NBD_RETRY_MS 1000       /* between reconnection attempts */
+
+enum nbd_state { NBD_READY, NBD_DOWN, NBD_STOPPED };
+
+typedef void (*nbd_done_fn)(void *ctx, uint64_t token, int64_t result);
+
+struct nbd_op {
+    struct pykvm_nbd *c;
+    struct nbd_op *next;
+    uint64_t token;
+    int32_t op;
+    int32_t mode;
+    uint64_t offset;
+    uint64_t length;            /* read/write: bytes of the vector; fallocate: its length */
+    struct iovec *iov;          /* the caller's vector (kept alive by the caller) */
+    uint32_t iovcnt;
+    char *bounce;               /* one buffer for a vector of several pieces */
+    nbd_done_fn done;
+    void *ctx;
+    uint32_t parts;             /* parts not yet freed by libnbd */
+    int error;                  /* first server error of a part */
+    int transport;              /* a part never completed: the connection went */
+};
+
+struct nbd_part {
+    struct nbd_op *op;
+    int called;
+};
+
+struct pykvm_nbd {
+    char *uri;
+    uint32_t delay_ms;
+    uint32_t connect_ms;
+    pthread_mutex_t mu;
+    pthread_cond_t idle;        /* users reached 0 */
+    struct nbd_handle *h;
+    enum nbd_state state;
+    uint32_t users;
+    uint64_t lost_ns;           /* when the connection went (NBD_DOWN) */
+    int failing;                /* down past reconnect-delay: fail at once */
+    struct nbd_op *pending, **pending_tail;
+    pthread_mutex_t lk;
+    struct nbd_op *orphans;
+    int wake;                   /* eventfd: the pump re-reads the direction, the lists */
+    pthread_t pump;
+    struct pykvm_nbd_info info;
+};
+
+static struct {
+    pthread_mutex_t mu;
+    int fd[NBD_ROUTES];
+    struct pykvm_nbd *c[NBD_ROUTES];
+    int n;
+} nbd_routes = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+static uint64_t nbd_now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void nbd_wake(struct pykvm_nbd *c)
+{
+    eventfd_write(c->wake, 1);
+}
+
+/* -- finishing ops ------------------------------------------------------------------- */
+
+static void nbd_op_free(struct nbd_op *op)
+{
+    free(op->bounce);
+    free(op->iov);
+    free(op);
+}
+
+static void nbd_op_complete(struct nbd_op *op, int64_t result)
+{
+    if (result < 0)
+        __atomic_add_fetch(&op->c->info.failed, 1, __ATOMIC_RELAXED);
+    op->done(op->ctx, op->token, result);
+    nbd_op_free(op);
+}
+
+static void nbd_op_finish(struct nbd_op *op)
+{
+    struct pykvm_nbd *c = op->c;
+
+    if (op->transport) {
+        pthread_mutex_lock(&c->lk);
+        op->next = c->orphans;
+        c->orphans = op;
+        pthread_mutex_unlock(&c->lk);
+        nbd_wake(c);
+        return;
+    }
+    if (op->error) {
+        nbd_op_complete(op, -op->error);
+        return;
+    }
+    if (op->op == PYKVM_AIO_READ && op->bounce) {
+        size_t pos = 0;
+
+        for (uint32_t i = 0; i < op->iovcnt; i++) {
+            memcpy(op->iov[i].iov_base, op->bounce + pos, op->iov[i].iov_len);
+            pos += op->iov[i].iov_len;
+        }
+    }
+    nbd_op_complete(op, op->op == PYKVM_AIO_READ || op->op == PYKVM_AIO_WRITE ?
+                    (int64_t)op->length : 0);
+}
+
+static int nbd_part_done(void *user_data, int *error)
+{
+    struct nbd_part *p = user_data;
+
+    p->called = 1;
+    if (*error) {
+        pthread_mutex_lock(&p->op->c->lk);
+        if (!p->op->error)
+            p->op->error = *error;
+        pthread_mutex_unlock(&p->op->c->lk);
+    }
+    return 1;   /* retire the command */
+}
+
+static void nbd_part_free(void *user_data)
+{
+    struct nbd_part *p = user_data;
+    struct nbd_op *op = p->op;
+    int last;
+
+    pthread_mutex_lock(&op->c->lk);
+    if (!p->called)
+        op->transport = 1;
+    last = --op->parts == 0;
+    pthread_mutex_unlock(&op->c->lk);
+    free(p);
+    if (last)
+        nbd_op_finish(op);
+}
+
+/* -- issuing ------------------------------------------------------------------------- */
+
+/* One libnbd command for [off, off+n) of the op; -1 when it did not start
+ * (its part is then already freed and accounted). */
+static int nbd_issue_part(struct nbd_handle *h, struct nbd_op *op, uint64_t off, uint64_t n,
+                          char *buf)
+{
+    struct nbd_part *p = calloc(1, sizeof(*p));
+    nbd_completion_callback cb = {.callback = nbd_part_done, .free = nbd_part_free};
+    int64_t rc;
+
+    if (!p) {
+        pthread_mutex_lock(&op->c->lk);
+        op->transport = 0;
+        if (!op->error)
+            op->error = ENOMEM;
+        int last = --op->parts == 0;
+        pthread_mutex_unlock(&op->c->lk);
+        if (last)
+            nbd_op_finish(op);
+        return -1;
+    }
+    p->op = op;
+    cb.user_data = p;
+    __atomic_add_fetch(&op->c->info.requests, 1, __ATOMIC_RELAXED);
+    switch (op->op) {
+    case PYKVM_AIO_READ:
+        rc = nbd_aio_pread(h, buf, n, off, cb, 0);
+        break;
+    case PYKVM_AIO_WRITE:
+        rc = nbd_aio_pwrite(h, buf, n, off, cb, 0);
+        break;
+    case PYKVM_AIO_FLUSH:
+        rc = nbd_aio_flush(h, cb, 0);
+        break;
+    default:
+        if (op->mode & PYKVM_NBD_TRIM)
+            rc = nbd_aio_trim(h, n, off, cb, 0);
+        else
+            rc = nbd_aio_zero(h, n, off, cb,
+                              (op->mode & FALLOC_FL_PUNCH_HOLE) ? 0 : LIBNBD_CMD_FLAG_NO_HOLE);
+        break;
+    }
+    return rc < 0 ? -1 : 0;
+}
+
+/* Issue every part of op on h (a handle the caller may use). */
+static void nbd_issue(struct pykvm_nbd *c, struct nbd_handle *h, struct nbd_op *op)
+{
+    uint64_t max = c->info.block_max, n = op->length, pos = 0;
+    char *data = op->bounce ? op->bounce : op->iovcnt ? op->iov[0].iov_base : NULL;
+    uint32_t parts;
+
+    op->error = 0;
+    op->transport = 0;
+    if (op->op == PYKVM_AIO_FLUSH || n == 0)
+        parts = 1;
+    else
+        parts = (uint32_t)((n + max - 1) / max);
+    op->parts = parts;
+    for (uint32_t i = 0; i < parts; i++) {
+        uint64_t k = op->op == PYKVM_AIO_FLUSH ? 0 : (n - pos < max ? n - pos : max);
+
+        if (nbd_issue_part(h, op, op->offset + pos, k, data ? data + pos : NULL) < 0) {
+            /* the rest never starts: account it here */
+            uint32_t rest = parts - i - 1;
+            int last;
+
+            if (!rest)
+                return;
+            pthread_mutex_lock(&c->lk);
+            op->parts -= rest;
+            last = op->parts == 0;
+            pthread_mutex_unlock(&c->lk);
+            if (last)
+                nbd_op_finish(op);
+            return;
+        }
+        pos += k;
+    }
+}
+
+/* Send op now, keep it for the next connection, or fail it (past the delay). */
+static void nbd_start(struct pykvm_nbd *c, struct nbd_op *op)
+{
+    struct nbd_handle *h = NULL;
+    int kept = 0;
+
+    pthread_mutex_lock(&c->mu);
+    if (c->state == NBD_READY) {
+        h = c->h;
+        c->users++;
+    } else if (c->state == NBD_DOWN && !c->failing) {
+        op->next = NULL;
+        *c->pending_tail = op;
+        c->pending_tail = &op->next;
+        kept = 1;
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (h) {
+        nbd_issue(c, h, op);
+        pthread_mutex_lock(&c->mu);
+        if (--c->users == 0)
+            pthread_cond_broadcast(&c->idle);
+        pthread_mutex_unlock(&c->mu);
+        nbd_wake(c);   /* the pump may now have to wait for POLLOUT too */
+    } else if (!kept) {
+        nbd_op_complete(op, -EIO);
+    }
+}
+
+static int nbd_check(struct pykvm_nbd *c, const struct pykvm_aio_req *r)
+{
+    uint64_t len = r->op == PYKVM_AIO_FLUSH ? 0 : r->length;
+
+    if (r->op == PYKVM_AIO_READ || r->op == PYKVM_AIO_WRITE) {
+        len = 0;
+        for (uint32_t i = 0; i < r->iovcnt; i++)
+            len += r->iov[i].iov_len;
+    }
+    if (r->op > PYKVM_AIO_FALLOCATE)
+        return -EINVAL;
+    if (r->op != PYKVM_AIO_FLUSH && (r->offset > c->info.size || len > c->info.size - r->offset))
+        return -EINVAL;
+    if (r->op != PYKVM_AIO_READ && r->op != PYKVM_AIO_FLUSH && c->info.read_only)
+        return -EROFS;
+    if (r->op == PYKVM_AIO_FLUSH && !c->info.can_flush)
+        return 1;   /* nothing to make durable beyond what the server does */
+    if (r->op == PYKVM_AIO_FALLOCATE) {
+        if ((r->mode & PYKVM_NBD_TRIM) ? !c->info.can_trim : !c->info.can_zero)
+            return -EOPNOTSUPP;
+    }
+    if (c->info.block_min > 1 && r->op != PYKVM_AIO_FLUSH &&
+        (r->offset % c->info.block_min || len % c->info.block_min))
+        return -EINVAL;
+    return 0;
+}
+
+/* Start one AIO request on c; done(ctx, token, result) once it has finished
+ * (possibly before this returns). */
+static void nbd_submit(struct pykvm_nbd *c, const struct pykvm_aio_req *r, nbd_done_fn done,
+                       void *ctx)
+{
+    int rc = nbd_check(c, r);
+    struct nbd_op *op;
+
+    if (rc) {
+        done(ctx, r->token, rc > 0 ? 0 : rc);
+        return;
+    }
+    op = calloc(1, sizeof(*op));
+    if (!op) {
+        done(ctx, r->token, -ENOMEM);
+        return;
+    }
+    op->c = c;
+    op->token = r->token;
+    op->op = r->op;
+    op->mode = r->mode;
+    op->offset = r->offset;
+    op->length = r->length;
+    op->done = done;
+    op->ctx = ctx;
+    if (r->op == PYKVM_AIO_READ || r->op == PYKVM_AIO_WRITE) {
+        op->iovcnt = r->iovcnt;
+        op->iov = malloc(sizeof(*op->iov) * (r->iovcnt ? r->iovcnt : 1));
+        if (!op->iov) {
+            nbd_op_free(op);
+            done(ctx, r->token, -ENOMEM);
+            return;
+        }
+        op->length = 0;
+        for (uint32_t i = 0; i < r->iovcnt; i++) {
+            op->iov[i] = r->iov[i];
+            op->length += r->iov[i].iov_len;
+        }
+        if (r->iovcnt > 1) {
+            size_t pos = 0;
+
+            op->bounce = malloc(op->length ? op->length : 1);
+            if (!op->bounce) {
+                nbd_op_free(op);
+                done(ctx, r->token, -ENOMEM);
+                return;
+            }
+            if (r->op == PYKVM_AIO_WRITE)
+                for (uint32_t i = 0; i < r->iovcnt; i++) {
+                    memcpy(op->bounce + pos, r->iov[i].iov_base, r->iov[i].iov_len);
+                    pos += r->iov[i].iov_len;
+                }
+        }
+    }
+    nbd_start(c, op);
+}
+
+/* -- connecting ---------------------------------------------------------------------- */
+
+static struct nbd_handle *nbd_dial(const char *uri, uint32_t timeout_ms, char *err,
+                                   size_t errlen)
+{
+    struct nbd_handle *h = nbd_create();
+    uint64_t deadline = nbd_now_ns() + (uint64_t)timeout_ms * 1000000ull;
+
+    if (!h) {
+        snprintf(err, errlen, "%s", nbd_get_error());
+        return NULL;
+    }
+    if (nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) < 0 ||
+        nbd_set_pread_initialize(h, false) < 0 || nbd_aio_connect_uri(h, uri) < 0)
+        goto fail;
+    while (nbd_aio_is_connecting(h) > 0) {
+        uint64_t now = nbd_now_ns();
+
+        if (now >= deadline) {
+            snprintf(err, errlen, "no answer from the server within %u s", timeout_ms / 1000);
+            nbd_close(h);
+            return NULL;
+        }
+        if (nbd_poll(h, (int)((deadline - now) / 1000000 + 1 < 100 ?
+                              (deadline - now) / 1000000 + 1 : 100)) < 0)
+            goto fail;
+    }
+    if (nbd_aio_is_ready(h) > 0)
+        return h;
+fail:
+    snprintf(err, errlen, "%s", nbd_get_error() ? nbd_get_error() : "handshake failed");
+    nbd_close(h);
+    return NULL;
+}
+
+static void nbd_read_info(struct pykvm_nbd *c, struct nbd_handle *h)
+{
+    int64_t v;
+
+    c->info.size = (uint64_t)nbd_get_size(h);
+    c->info.read_only = nbd_is_read_only(h) == 1;
+    c->info.can_flush = nbd_can_flush(h) == 1;
+    c->info.can_fua = nbd_can_fua(h) == 1;
+    c->info.can_trim = nbd_can_trim(h) == 1;
+    c->info.can_zero = nbd_can_zero(h) == 1;
+    c->info.can_fast_zero = nbd_can_fast_zero(h) == 1;
+    c->info.can_multi_conn = nbd_can_multi_conn(h) == 1;
+    c->info.can_block_status = nbd_can_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
+    v = nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM);
+    c->info.block_min = v > 0 && v <= 65536 ? (uint32_t)v : 1;
+    v = nbd_get_block_size(h, LIBNBD_SIZE_PREFERRED);
+    c->info.block_pref = v > 0 && v <= PYKVM_NBD_MAX_PAYLOAD ? (uint32_t)v : 4096;
+    v = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
+    /* the protocol's default, and a bound against a server's huge value */
+    c->info.block_max = v > 0 && v < PYKVM_NBD_MAX_PAYLOAD ? (uint32_t)v : PYKVM_NBD_MAX_PAYLOAD;
+    if (c->info.block_max < c->info.block_min)
+        c->info.block_max = c->info.block_min;
+    c->info.block_max -= c->info.block_max % c->info.block_min;
+}
+
+/* -- the pump ------------------------------------------------------------------------ */
+
+/* The connection went: wait for the submitters inside libnbd, then close the
+ * handle (libnbd frees every command in flight: they become orphans). */
+static void nbd_lost(struct pykvm_nbd *c, const char *why)
+{
+    struct nbd_handle *old;
+
+    pthread_mutex_lock(&c->mu);
+    if (c->state != NBD_READY) {
+        pthread_mutex_unlock(&c->mu);
+        return;
+    }
+    c->state = NBD_DOWN;
+    c->info.connected = 0;
+    c->lost_ns = nbd_now_ns();
+    c->failing = c->delay_ms == 0;
+    old = c->h;
+    c->h = NULL;
+    while (c->users)
+        pthread_cond_wait(&c->idle, &c->mu);
+    pthread_mutex_unlock(&c->mu);
+    if (c->delay_ms)
+        fprintf(stderr, "pykvm: nbd: lost the connection to %s (%s); requests wait up to "
+                "%u s for it to come back (reconnect-delay)\n", c->uri, why, c->delay_ms / 1000);
+    else
+        fprintf(stderr, "pykvm: nbd: lost the connection to %s (%s); requests fail until it "
+                "comes back (reconnect-delay=0)\n", c->uri, why);
+    nbd_close(old);
+}
+
+/* Orphans (ops whose connection went): keep them for the next connection, or
+ * fail them (up: a command failed to start on a live connection; down past
+ * the delay). */
+static void nbd_adopt_orphans(struct pykvm_nbd *c)
+{
+    struct nbd_op *op, *next, *fail = NULL;
+
+    pthread_mutex_lock(&c->lk);
+    op = c->orphans;
+    c->orphans = NULL;
+    pthread_mutex_unlock(&c->lk);
+    if (!op)
+        return;
+    pthread_mutex_lock(&c->mu);
+    for (; op; op = next) {
+        next = op->next;
+        if (c->state == NBD_DOWN && !c->failing) {
+            op->next = NULL;
+            *c->pending_tail = op;
+            c->pending_tail = &op->next;
+        } else {
+            op->next = fail;
+            fail = op;
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+    for (op = fail; op; op = next) {
+        next = op->next;
+        nbd_op_complete(op, -EIO);
+    }
+}
+
+static struct nbd_op *nbd_take_pending(struct pykvm_nbd *c)
+{
+    struct nbd_op *op = c->pending;
+
+    c->pending = NULL;
+    c->pending_tail = &c->pending;
+    return op;
+}
+
+static void nbd_fail_list(struct nbd_op *op)
+{
+    struct nbd_op *next;
+
+    for (; op; op = next) {
+        next = op->next;
+        nbd_op_complete(op, -EIO);
+    }
+}
+
+static void *nbd_pump(void *arg)
+{
+    struct pykvm_nbd *c = arg;
+    uint64_t next_try = 0;
+    sigset_t all;
+
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    for (;;) {
+        enum nbd_state state;
+        struct nbd_handle *h;
+        eventfd_t v;
+
+        pthread_mutex_lock(&c->mu);
+        state = c->state;
+        h = c->h;
+        pthread_mutex_unlock(&c->mu);
+        if (state == NBD_STOPPED)
+            break;
+        if (state == NBD_READY) {
+            unsigned dir = nbd_aio_get_direction(h);
+            struct pollfd pfd[2] = {
+                {.fd = nbd_aio_get_fd(h),
+                 .events = (short)(((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
+                                   ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0))},
+                {.fd = c->wake, .events = POLLIN},
+            };
+            int rc = 0;
+
+            if (poll(pfd, 2, 1000) < 0 && errno != EINTR)
+                continue;
+            if (pfd[1].revents)
+                (void)eventfd_read(c->wake, &v);
+            if (pfd[0].revents & (POLLIN | POLLHUP | POLLERR))
+                rc = nbd_aio_notify_read(h);
+            else if (pfd[0].revents & POLLOUT)
+                rc = nbd_aio_notify_write(h);
+            if (rc < 0 || nbd_aio_is_dead(h) > 0 || nbd_aio_is_closed(h) > 0)
+                nbd_lost(c, nbd_get_error() ? nbd_get_error() : "server closed the connection");
+            nbd_adopt_orphans(c);
+            continue;
+        }
+        /* down: reconnect, and fail what waited longer than the delay */
+        uint64_t now = nbd_now_ns();
+        struct nbd_op *expired = NULL;
+
+        nbd_adopt_orphans(c);
+        pthread_mutex_lock(&c->mu);
+        if (!c->failing && now >= c->lost_ns + (uint64_t)c->delay_ms * 1000000ull) {
+            c->failing = 1;
+            expired = nbd_take_pending(c);
+        }
+        pthread_mutex_unlock(&c->mu);
+        if (expired) {
+            fprintf(stderr, "pykvm: nbd: %s did not come back within reconnect-delay=%u: "
+                    "requests fail with EIO until it does\n", c->uri, c->delay_ms / 1000);
+            nbd_fail_list(expired);
+        }
+        if (now >= next_try) {
+            char err[256];
+            struct nbd_handle *nh = nbd_dial(c->uri, c->connect_ms, err, sizeof(err));
+
+            next_try = nbd_now_ns() + NBD_RETRY_MS * 1000000ull;
+            if (nh && (uint64_t)nbd_get_size(nh) != c->info.size) {
+                fprintf(stderr, "pykvm: nbd: %s came back with another size (%" PRId64
+                        " bytes, was %" PRIu64 "): not reconnecting\n", c->uri,
+                        nbd_get_size(nh), c->info.size);
+                nbd_close(nh);
+                nh = NULL;
+            }
+            if (nh) {
+                struct nbd_op *op, *next;
+
+                pthread_mutex_lock(&c->mu);
+                if (c->state == NBD_STOPPED) {
+                    pthread_mutex_unlock(&c->mu);
+                    nbd_close(nh);
+                    break;
+                }
+                c->h = nh;
+                c->state = NBD_READY;
+                c->info.connected = 1;
+                c->info.reconnects++;
+                c->failing = 0;
+                op = nbd_take_pending(c);
+                c->users++;
+                pthread_mutex_unlock(&c->mu);
+                fprintf(stderr, "pykvm: nbd: reconnected to %s\n", c->uri);
+                for (; op; op = next) {
+                    next = op->next;
+                    nbd_issue(c, nh, op);
+                }
+                pthread_mutex_lock(&c->mu);
+                if (--c->users == 0)
+                    pthread_cond_broadcast(&c->idle);
+                pthread_mutex_unlock(&c->mu);
+                continue;
+            }
+        }
+        struct pollfd wfd = {.fd = c->wake, .events = POLLIN};
+
+        if (poll(&wfd, 1, 100) > 0)
+            (void)eventfd_read(c->wake, &v);
+    }
+    return NULL;
+}
+
+/* -- the interface ------------------------------------------------------------------- */
+
+static struct pykvm_nbd *pykvm_nbd_open(const char *uri, uint32_t reconnect_delay_ms,
+                                        uint32_t connect_timeout_ms, char *err, size_t errlen)
+{
+    struct pykvm_nbd *c = calloc(1, sizeof(*c));
+
+    if (!c) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    c->uri = strdup(uri);
+    c->delay_ms = reconnect_delay_ms;
+    c->connect_ms = connect_timeout_ms ? connect_timeout_ms : 10000;
+    c->wake = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    c->pending_tail = &c->pending;
+    if (!c->uri || c->wake < 0) {
+        snprintf(err, errlen, "%s", strerror(c->uri ? errno : ENOMEM));
+        goto fail;
+    }
+    c->h = nbd_dial(uri, c->connect_ms, err, errlen);
+    if (!c->h)
+        goto fail;
+    nbd_read_info(c, c->h);
+    c->info.connected = 1;
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_mutex_init(&c->lk, NULL);
+    pthread_cond_init(&c->idle, NULL);
+    c->state = NBD_READY;
+    if (pthread_create(&c->pump, NULL, nbd_pump, c) != 0) {
+        snprintf(err, errlen, "cannot start the connection's thread");
+        nbd_close(c->h);
+        goto fail;
+    }
+    return c;
+fail:
+    if (c->wake >= 0)
+        close(c->wake);
+    free(c->uri);
+    free(c);
+    return NULL;
+}
+
+static void pykvm_nbd_get_info(struct pykvm_nbd *c, struct pykvm_nbd_info *info)
+{
+    pthread_mutex_lock(&c->mu);
+    *info = c->info;
+    pthread_mutex_unlock(&c->mu);
+}
+
+struct nbd_waiter {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int done;
+    int64_t result;
+};
+
+static void nbd_waiter_done(void *ctx, uint64_t token, int64_t result)
+{
+    struct nbd_waiter *w = ctx;
+
+    pthread_mutex_lock(&w->mu);
+    w->result = result;
+    w->done = 1;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+}
+
+static int64_t pykvm_nbd_sync(struct pykvm_nbd *c, int32_t op, uint64_t offset,
+                              const struct iovec *iov, uint32_t iovcnt, int32_t mode,
+                              uint64_t length)
+{
+    struct nbd_waiter w = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+    struct pykvm_aio_req r = {.op = op, .offset = offset, .iov = iov, .iovcnt = iovcnt,
+                              .mode = mode, .length = length};
+
+    nbd_submit(c, &r, nbd_waiter_done, &w);
+    pthread_mutex_lock(&w.mu);
+    while (!w.done)
+        pthread_cond_wait(&w.cv, &w.mu);
+    pthread_mutex_unlock(&w.mu);
+    return w.result;
+}
+
+struct nbd_extents {
+    uint64_t *out;
+    uint32_t max, n;
+    uint64_t pos, end;
+    int error;
+};
+
+static int nbd_extent_cb(void *user_data, const char *context, uint64_t offset,
+                         uint32_t *entries, size_t nr_entries, int *error)
+{
+    struct nbd_extents *e = user_data;
+
+    if (strcmp(context, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0)
+        return 0;
+    if (offset != e->pos) {
+        e->error = EPROTO;
+        return 0;
+    }
+    for (size_t i = 0; i + 1 < nr_entries && e->n < e->max && e->pos < e->end; i += 2) {
+        uint64_t len = entries[i];
+
+        if (len == 0) {
+            e->error = EPROTO;
+            break;
+        }
+        if (len > e->end - e->pos)
+            len = e->end - e->pos;    /* an extent past the range: clipped */
+        e->out[2 * e->n] = len;
+        e->out[2 * e->n + 1] = entries[i + 1];
+        e->n++;
+        e->pos += len;
+    }
+    return 0;
+}
+
+static int nbd_bs_done(void *user_data, int *error)
+{
+    struct nbd_waiter *w = user_data;
+
+    pthread_mutex_lock(&w->mu);
+    w->result = *error ? -*error : 0;
+    pthread_mutex_unlock(&w->mu);
+    return 1;
+}
+
+static void nbd_bs_free(void *user_data)
+{
+    struct nbd_waiter *w = user_data;
+
+    pthread_mutex_lock(&w->mu);
+    if (!w->done && w->result == 1)
+        w->result = -EIO;     /* never completed: the connection went */
+    w->done = 1;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+}
+
+static int pykvm_nbd_block_status(struct pykvm_nbd *c, uint64_t offset, uint64_t length,
+                                  uint64_t *out, uint32_t max)
+{
+    struct nbd_waiter w = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER,
+                           .result = 1};
+    struct nbd_extents e = {.out = out, .max = max, .pos = offset, .end = offset + length};
+    struct nbd_handle *h = NULL;
+    int64_t rc;
+
+    if (!c->info.can_block_status)
+        return -EOPNOTSUPP;
+    if (offset > c->info.size || length > c->info.size - offset || length > UINT32_MAX)
+        return -EINVAL;
+    pthread_mutex_lock(&c->mu);
+    if (c->state == NBD_READY) {
+        h = c->h;
+        c->users++;
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (!h)
+        return -EIO;
+    rc = nbd_aio_block_status(h, length, offset,
+                              (nbd_extent_callback){.callback = nbd_extent_cb, .user_data = &e},
+                              (nbd_completion_callback){.callback = nbd_bs_done,
+                                                        .user_data = &w, .free = nbd_bs_free},
+                              0);
+    pthread_mutex_lock(&c->mu);
+    if (--c->users == 0)
+        pthread_cond_broadcast(&c->idle);
+    pthread_mutex_unlock(&c->mu);
+    nbd_wake(c);
+    pthread_mutex_lock(&w.mu);
+    while (!w.done)
+        pthread_cond_wait(&w.cv, &w.mu);
+    pthread_mutex_unlock(&w.mu);
+    if (rc < 0 && w.result >= 0)
+        return -EIO;
+    if (w.result < 0)
+        return (int)w.result;
+    if (e.error)
+        return -e.error;
+    return (int)e.n;
+}
+
+static int nbd_routes_any(void)
+{
+    return __atomic_load_n(&nbd_routes.n, __ATOMIC_ACQUIRE) != 0;
+}
+
+static struct pykvm_nbd *nbd_route_find(int fd)
+{
+    struct pykvm_nbd *c = NULL;
+
+    if (!__atomic_load_n(&nbd_routes.n, __ATOMIC_ACQUIRE))
+        return NULL;
+    pthread_mutex_lock(&nbd_routes.mu);
+    for (int i = 0; i < nbd_routes.n; i++)
+        if (nbd_routes.fd[i] == fd)
+            c = nbd_routes.c[i];
+    pthread_mutex_unlock(&nbd_routes.mu);
+    return c;
+}
+
+static int pykvm_nbd_route(int key_fd, struct pykvm_nbd *c)
+{
+    int rc = -ENOSPC;
+
+    pthread_mutex_lock(&nbd_routes.mu);
+    if (nbd_routes.n < NBD_ROUTES) {
+        nbd_routes.fd[nbd_routes.n] = key_fd;
+        nbd_routes.c[nbd_routes.n] = c;
+        __atomic_store_n(&nbd_routes.n, nbd_routes.n + 1, __ATOMIC_RELEASE);
+        rc = 0;
+    }
+    pthread_mutex_unlock(&nbd_routes.mu);
+    return rc;
+}
+
+static void pykvm_nbd_unroute(int key_fd)
+{
+    pthread_mutex_lock(&nbd_routes.mu);
+    for (int i = 0; i < nbd_routes.n; i++)
+        if (nbd_routes.fd[i] == key_fd) {
+            nbd_routes.fd[i] = nbd_routes.fd[nbd_routes.n - 1];
+            nbd_routes.c[i] = nbd_routes.c[nbd_routes.n - 1];
+            __atomic_store_n(&nbd_routes.n, nbd_routes.n - 1, __ATOMIC_RELEASE);
+            break;
+        }
+    pthread_mutex_unlock(&nbd_routes.mu);
+}
+
+static void pykvm_nbd_close(struct pykvm_nbd *c)
+{
+    struct nbd_handle *h;
+    struct nbd_op *pending;
+
+    if (!c)
+        return;
+    pthread_mutex_lock(&c->mu);
+    c->state = NBD_STOPPED;
+    h = c->h;
+    c->h = NULL;
+    while (c->users)
+        pthread_cond_wait(&c->idle, &c->mu);
+    pending = nbd_take_pending(c);
+    pthread_mutex_unlock(&c->mu);
+    nbd_wake(c);
+    pthread_join(c->pump, NULL);
+    if (h)
+        nbd_close(h);        /* what was in flight becomes orphans */
+    nbd_fail_list(pending);
+    nbd_adopt_orphans(c);    /* stopped: they fail */
+    close(c->wake);
+    free(c->uri);
+    free(c);
+}
