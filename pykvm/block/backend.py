@@ -852,28 +852,32 @@ class BlockBackend:
         self._complete_now(token, result)
 
     def write_zeroes(self, token: int, offset: int, length: int, unmap: bool,
-                     queue: int = 0) -> None:
+                     queue: int = 0, no_fallback: bool = False) -> None:
         """Zero a range: punch a hole when the guest allows unmapping and
         discard=unmap, else allocate zeroes (falling back to writing them).
         Mapped formats describe whole clusters as zero and write the rest.
-        Throttled as a write of ``length`` bytes, as QEMU does."""
+        ``no_fallback`` (NBD's FAST_ZERO, QEMU's BDRV_REQ_NO_FALLBACK): fail
+        with EOPNOTSUPP rather than write zeroes as data. Throttled as a write
+        of ``length`` bytes, as QEMU does."""
         if self.inject is not None and self._injected(token, "write-zeroes", offset, length,
                                                       queue, [], self._write_zeroes_go, token,
-                                                      offset, length, unmap):
+                                                      offset, length, unmap, no_fallback):
             return
-        self._write_zeroes_go(token, offset, length, unmap)
+        self._write_zeroes_go(token, offset, length, unmap, no_fallback)
 
-    def _write_zeroes_go(self, token: int, offset: int, length: int, unmap: bool) -> None:
+    def _write_zeroes_go(self, token: int, offset: int, length: int, unmap: bool,
+                         no_fallback: bool = False) -> None:
         if self.wlog is not None:
             self._wlog_ops[token] = ("z", offset, length, self._flush_needed())
         if self.volatile is not None:
             self._vol_zeroes(token, offset, length)
         if self._throttled and self._throttled.hold(True, length, self._write_zeroes,
-                                                    token, offset, length, unmap):
+                                                    token, offset, length, unmap, no_fallback):
             return
-        self._write_zeroes(token, offset, length, unmap)
+        self._write_zeroes(token, offset, length, unmap, no_fallback)
 
-    def _write_zeroes(self, token: int, offset: int, length: int, unmap: bool) -> None:
+    def _write_zeroes(self, token: int, offset: int, length: int, unmap: bool,
+                      no_fallback: bool = False) -> None:
         self.stats["write_zeroes"] += 1
         if self.read_only:
             self._complete_now(token, -errno.EROFS)
@@ -887,7 +891,7 @@ class BlockBackend:
             mode = (lib.FALLOC_FL_PUNCH_HOLE if punch else lib.FALLOC_FL_ZERO_RANGE) | \
                 lib.FALLOC_FL_KEEP_SIZE
             p = _Pending(token, "write_zeroes", then_flush=flush)
-            p.iov = (offset, length)  # kept for the write fallback
+            p.iov = (offset, length) if not no_fallback else None  # kept for the write fallback
             p.remaining = 1
             self._engine_submit([AioRequest(FALLOCATE, self.driver.fd, offset, token=self._id(p),
                                            mode=mode, length=length)])
@@ -901,7 +905,11 @@ class BlockBackend:
         p = _Pending(token, WRITE, then_flush=flush)
         try:
             reqs = []
-            for off, n in self.driver.write_zeroes(offset, length, punch):
+            rest = self.driver.write_zeroes(offset, length, punch)
+            if rest and no_fallback:
+                self._complete_now(token, -errno.EOPNOTSUPP)
+                return
+            for off, n in rest:
                 reqs += self._map_write(p, off, _zero_iov(n))
         except BlockError as e:
             self._warn(e)
@@ -994,6 +1002,8 @@ class BlockBackend:
             self._engine_submit([AioRequest(WRITE, self.driver.fd, offset, _zero_iov(length),
                                            self._id(p))])
             return None
+        elif p.op == "write_zeroes" and result in (-errno.ENOSYS, -errno.EINVAL):
+            result = -errno.EOPNOTSUPP    # no_fallback: the file system cannot zero quickly
         if p.then_flush and result >= 0:
             p.then_flush = False
             p.length = result
