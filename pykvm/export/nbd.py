@@ -439,6 +439,7 @@ class NbdServer:
                     c = self.conns.get(fd)
                     if c is None:
                         continue
+                    self._dirty.add(c)      # its epoll interest is looked at again
                     try:
                         if ev & select.EPOLLOUT:
                             self._send(c)
@@ -881,7 +882,9 @@ class NbdServer:
             r.buf = bytearray(length)
             c.inflight += 1
             c.inflight_bytes += length
-            b.readv(self._token(r), offset, [r.buf])
+            # a memoryview: the backend slices the vector along the map, and
+            # a slice of a bytearray would be a copy (iov_slice)
+            b.readv(self._token(r), offset, [memoryview(r.buf)])
             return
         if cmd == CMD_BLOCK_STATUS:
             self._block_status(c, cookie, flags, offset, length)
@@ -933,10 +936,11 @@ class NbdServer:
     def _write_received(self, c: _Conn) -> None:
         r = c.payload_req
         r.buf = c.payload
+        c_view = c.payload_view
         c.payload = c.payload_view = c.payload_req = None
         r.then_flush = bool(r.flags & CMD_FLAG_FUA) and self.backend.write_cache
         c.inflight += 1
-        self.backend.writev(self._token(r), r.offset, [r.buf])
+        self.backend.writev(self._token(r), r.offset, [c_view])
 
     def _block_status(self, c: _Conn, cookie: int, flags: int, offset: int,
                       length: int) -> None:
