@@ -361,7 +361,7 @@ def cmd_serve(args) -> int:
                            read_only=args.read_only, shared=args.shared,
                            persistent=args.persistent, mode=args.socket_mode,
                            description=args.description)
-        where = args.nbd
+        where = export.where            # with port 0: the port it got
     else:
         nbd_only = [o for o, v in (("--export-name", args.export_name != ""),
                                    ("--description", args.description != ""),

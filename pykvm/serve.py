@@ -122,9 +122,13 @@ class NbdExport:
             raise
 
     @property
-    def address(self):
-        """Where it listens: a Unix socket path, or (host, port) (port 0 given: the one chosen)."""
-        return self.listener.getsockname()
+    def where(self) -> str:
+        """Where it listens, spelled as ``addr`` (port 0 given: the port chosen)."""
+        name = self.listener.getsockname()
+        if isinstance(name, str):
+            return f"unix:{name}"
+        host = f"[{name[0]}]" if ":" in name[0] else name[0]
+        return f"{host}:{name[1]}"
 
     def serve_forever(self) -> None:
         self.server.serve_forever()

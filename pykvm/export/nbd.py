@@ -407,8 +407,10 @@ class NbdServer:
         if conn.structured:
             f |= FLAG_SEND_DF
         # one backend under every connection: a flush on one covers the writes
-        # all of them completed (and read-only is safe anyway)
-        if self.read_only or self.shared > 1:
+        # all of them completed. Only with room for more than one connection
+        # (as qemu-nbd): a client that opens several (nbdcopy) would otherwise
+        # wait for the ones kept in the backlog, forever.
+        if self.shared > 1:
             f |= FLAG_CAN_MULTI_CONN
         return f
 

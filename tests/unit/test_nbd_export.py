@@ -427,7 +427,7 @@ def test_read_only_refuses_changes_with_eperm(raw, serve):
     srv = serve(raw, read_only=True)
     c = Client(srv.path)
     c.go()
-    assert c.flags & nbd.FLAG_READ_ONLY and c.flags & nbd.FLAG_CAN_MULTI_CONN
+    assert c.flags & nbd.FLAG_READ_ONLY and not c.flags & nbd.FLAG_CAN_MULTI_CONN
     assert not c.flags & (nbd.FLAG_SEND_TRIM | nbd.FLAG_SEND_WRITE_ZEROES)
     c.request(nbd.CMD_WRITE, 0, 512, cookie=1, data=b"\x55" * 512)
     c.request(nbd.CMD_TRIM, MiB, 4096, cookie=2)
@@ -604,6 +604,13 @@ def test_disc_ends_after_replies(raw, serve):
     c.request(nbd.CMD_DISC, cookie=2)
     assert c.simple(4096) == (0, 1, pattern(4096))
     assert c.closed()
+
+
+def test_multi_conn_only_with_room_for_several(raw, serve):
+    srv = serve(raw, shared=3)
+    c = Client(srv.path)
+    c.go()
+    assert c.flags & nbd.FLAG_CAN_MULTI_CONN
 
 
 def test_not_persistent_returns_after_the_last_client(raw, tmp_path):
