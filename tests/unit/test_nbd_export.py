@@ -32,7 +32,9 @@ class Server:
     """An NbdServer in a thread on ``path``; ``stop()`` joins it."""
 
     def __init__(self, image, path, fmt="raw", **kw):
-        self.backend = BlockBackend(str(image), fmt=fmt, read_only=kw.get("read_only", False))
+        self.backend = BlockBackend(str(image), fmt=fmt,
+                                    read_only=kw.pop("backend_read_only",
+                                                     kw.get("read_only", False)))
         self.listener = nbd.listen(f"unix:{path}")
         kw.setdefault("persistent", True)
         self.server = nbd.NbdServer(self.backend, self.listener, **kw)
@@ -443,14 +445,19 @@ def test_read_only_refuses_changes_with_eperm(raw, serve):
     assert raw.read_bytes() == before
 
 
-def test_read_only_errors_are_eperm(raw, serve):
-    srv = serve(raw, read_only=True)
+@pytest.mark.parametrize("backend_read_only", [True, False], ids=["ro-image", "rw-image"])
+def test_read_only_errors_are_eperm(raw, serve, backend_read_only):
+    """The export refuses (rw-image: the image itself would take the write)."""
+    before = raw.read_bytes()
+    srv = serve(raw, read_only=True, backend_read_only=backend_read_only)
     c = Client(srv.path)
     c.go()
     for cookie, cmd in ((1, nbd.CMD_WRITE), (2, nbd.CMD_TRIM), (3, nbd.CMD_WRITE_ZEROES)):
         c.request(cmd, MiB, 512, cookie=cookie, data=b"\x01" * 512 if cmd == nbd.CMD_WRITE
                   else b"")
         assert c.simple()[:2] == (nbd.NBD_EPERM, cookie)
+    srv.stop()
+    assert raw.read_bytes() == before
 
 
 # -- transmission: the data path -----------------------------------------------------------
