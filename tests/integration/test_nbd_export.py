@@ -90,8 +90,9 @@ def serve(tmp_path):
         s.stop()
 
 
-def run(*cmd, check=True, timeout=120) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+def run(*cmd, check=True, timeout=120, cwd=None) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                       cwd=cwd)
     if check:
         assert r.returncode == 0, (cmd, r.stdout.decode(), r.stderr.decode())
     return r
@@ -262,7 +263,8 @@ def test_fio_nbd_randwrite_then_verify(tmp_path, serve, nbd_transport):
     s = serve(f"file={img},format=raw", transport=nbd_transport)
     r = run("fio", "--name=v", "--ioengine=nbd", f"--uri={s.uri}", "--rw=randwrite",
             "--bs=4k", "--iodepth=16", "--size=32M", "--verify=crc32c", "--do_verify=1",
-            "--verify_fatal=1", "--output-format=json", timeout=300)
+            "--verify_fatal=1", "--output-format=json", timeout=300,
+            cwd=tmp_path)                       # (its verify state file goes there)
     text = r.stdout.decode()
     j = json.loads(text[text.index("{"):])
     job = j["jobs"][0]
