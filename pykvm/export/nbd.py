@@ -153,6 +153,8 @@ MAX_NAME = 4096                         # the spec's limit on export names and q
 MAX_INFLIGHT_BYTES = 64 << 20           # per connection: reads, writes, unsent replies
 MAX_EXTENTS = 16384                     # BLOCK_STATUS descriptors in one reply
 SPARSE_READ_MIN = 64 << 10              # structured reads this big send holes as holes
+POOL_MIN = 64 << 10                     # buffers this big are kept for reuse ...
+POOL_BYTES = 64 << 20                   # ... up to this many bytes in all
 HANDSHAKE_LIMIT = 10.0                  # seconds, as qemu-nbd's --handshake-limit default
 RBUF = 256 << 10
 
@@ -304,7 +306,8 @@ class _Conn:
     __slots__ = ("sock", "fd", "peer", "rbuf", "rview", "rpos", "rlen", "hs", "need", "tx",
                  "structured", "contexts", "no_zeroes", "out", "out_bytes", "inflight",
                  "inflight_bytes", "events", "payload", "payload_view", "payload_got",
-                 "payload_req", "skip", "disc", "closed", "deadline", "errors")
+                 "payload_req", "skip", "disc", "closed", "deadline", "errors", "queued",
+                 "sent", "release")
 
     def __init__(self, sock, peer: str):
         self.sock = sock
@@ -333,6 +336,9 @@ class _Conn:
         self.closed = False
         self.deadline = time.monotonic() + HANDSHAKE_LIMIT
         self.errors = 0
+        self.queued = 0             # bytes ever queued for sending, and sent
+        self.sent = 0
+        self.release: collections.deque = collections.deque()   # (queued mark, pooled buffer)
 
 
 class _Req:
@@ -393,6 +399,24 @@ class NbdServer:
         # file: punch or zero range) or a metadata change (qcow2 clusters)
         self._zero_granule = getattr(drv, "cluster_size", 0) if not drv.identity_mapped else 1
         self.counters = collections.Counter()
+        # large buffers come back here once their reply is sent (or their write
+        # done): a fresh 1 MiB bytearray is an mmap and 256 page faults each time
+        self._pool: dict[int, list] = {}
+        self._pooled = 0
+
+    def _buffer(self, n: int) -> bytearray:
+        if n >= POOL_MIN:
+            free = self._pool.get(n)
+            if free:
+                self._pooled -= n
+                return free.pop()
+        return bytearray(n)
+
+    def _give_back(self, buf) -> None:
+        n = len(buf)
+        if n >= POOL_MIN and self._pooled + n <= POOL_BYTES:
+            self._pool.setdefault(n, []).append(buf)
+            self._pooled += n
 
     # -- flags -----------------------------------------------------------------------
 
@@ -511,6 +535,8 @@ class NbdServer:
         c.closed = True
         c.out.clear()
         c.out_bytes = 0
+        while c.release:                # what sendmsg took, the kernel has copied
+            self._give_back(c.release.popleft()[1])
         self._dirty.discard(c)
         try:
             self._ep.unregister(c.fd)
@@ -559,6 +585,7 @@ class NbdServer:
         for b in bufs:
             out.append(b)
             c.out_bytes += len(b)
+            c.queued += len(b)
         self._dirty.add(c)
 
     def _send(self, c: _Conn) -> None:
@@ -573,6 +600,10 @@ class NbdServer:
                 raise _Close(f"send: {e.strerror}" if e.errno not in
                              (errno.EPIPE, errno.ECONNRESET) else "") from None
             c.out_bytes -= n
+            c.sent += n
+            rel = c.release
+            while rel and rel[0][0] <= c.sent:
+                self._give_back(rel.popleft()[1])
             while n:
                 b = out[0]
                 ln = len(b)
@@ -850,7 +881,7 @@ class NbdServer:
                 self._error(c, cookie, *bad, cmd)
                 return
             r = _Req(c, cookie, cmd, flags, offset, length, cost=length)
-            c.payload = bytearray(length)
+            c.payload = self._buffer(length)
             c.payload_view = memoryview(c.payload)
             c.payload_got = 0
             c.payload_req = r
@@ -881,7 +912,7 @@ class NbdServer:
                 if r.holes and len(r.holes) == 1 and r.holes[0][2]:
                     self._read_reply(c, r)      # all zeroes: nothing to read
                     return
-            r.buf = bytearray(length)
+            r.buf = self._buffer(length)
             c.inflight += 1
             c.inflight_bytes += length
             # a memoryview: the backend slices the vector along the map, and
@@ -974,6 +1005,10 @@ class NbdServer:
                 continue
             c.inflight -= 1
             c.inflight_bytes -= r.cost
+            if r.cmd == CMD_WRITE or c.closed or result < 0:
+                if r.buf is not None and len(r.buf) >= POOL_MIN:
+                    self._give_back(r.buf)      # the backend is done with it
+                r.buf = None
             if c.closed:
                 continue
             if result < 0:
@@ -987,6 +1022,11 @@ class NbdServer:
             self._dirty.add(c)
 
     def _read_reply(self, c: _Conn, r: _Req) -> None:
+        self._reply_read(c, r)
+        if r.buf is not None and len(r.buf) >= POOL_MIN:
+            c.release.append((c.queued, r.buf))   # reusable once sent this far
+
+    def _reply_read(self, c: _Conn, r: _Req) -> None:
         if not c.structured:
             self._queue(c, _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, r.cookie), r.buf)
             return

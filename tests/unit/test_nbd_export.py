@@ -663,3 +663,24 @@ def test_listen_refuses_a_file_in_the_way(tmp_path):
         nbd.parse_addr("localhost")
     assert nbd.parse_addr("[::1]:10809") == ("tcp", ("::1", 10809))
     assert errno.EROFS in nbd._ERRNO
+
+
+def test_pooled_buffers_never_mix_replies(raw, serve):
+    """Large read and write buffers are reused: pipelined 256K reads of
+    different regions, each checked against its own region, while writes of
+    the same size go through the same pool."""
+    srv = serve(raw)
+    c = Client(srv.path)
+    c.go()
+    k = 256 << 10
+    regions = {i: bytes([0x10 + i]) * k for i in range(8)}
+    for i, data in regions.items():
+        c.request(nbd.CMD_WRITE, i * k, k, cookie=100 + i, data=data)
+    assert {c.simple()[1] for _ in regions} == {100 + i for i in regions}
+    order = [(n * 5) % 8 for n in range(64)]
+    c.s.sendall(b"".join(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, 1000 + n,
+                                     i * k, k) for n, i in enumerate(order)))
+    for _ in order:
+        err, cookie, d = c.simple(k)
+        assert err == 0 and d == regions[order[cookie - 1000]], cookie
+    assert srv.server._pooled > 0                  # the pool was used
