@@ -193,6 +193,7 @@ class BlockBackend:
         # write-zeroes that must wait are held in order until their time
         self.throttle = throttle
         self._throttled = ThrottledQueue(throttle, self.notifier, self.stats) if throttle else None
+        self._plugged = None           # engine requests held by plug() until unplug()
         # blkdebug on the Python path: requests waiting out a delay or a hang
         # [(due_ns or None, release generation, fn, args)], the hits whose
         # rule acts on the completion {token: (hit, iov)}, completions held
@@ -357,6 +358,18 @@ class BlockBackend:
         self._pending[rid] = (pending, iov, expected, None)
         return rid
 
+    def plug(self) -> None:
+        """Hold the engine requests of the calls that follow until unplug(),
+        which submits them as one batch (one io_uring_enter for a burst of
+        requests, as QEMU's blk_io_plug). Anything that waits for I/O unplugs."""
+        if self._plugged is None:
+            self._plugged = []
+
+    def unplug(self) -> None:
+        batch, self._plugged = self._plugged, None
+        if batch:
+            self.engine.submit(batch)
+
     def _engine_submit(self, batch: list) -> None:
         """Submit engine requests, each kept with its pending entry (a short
         one is continued from it)."""
@@ -365,6 +378,9 @@ class BlockBackend:
             e = pending.get(r.token)
             if e is not None:
                 pending[r.token] = e[:3] + (r,)
+        if self._plugged is not None:
+            self._plugged.extend(batch)
+            return
         self.engine.submit(batch)
 
     def post(self, token: int, result: int) -> None:
@@ -1048,6 +1064,9 @@ class BlockBackend:
         """Wait until no I/O is in flight (completions are kept for reap())."""
         if not self._pending and not self._deferred:
             return
+        if self._plugged:
+            self.engine.submit(self._plugged)
+            self._plugged = []
         poller = select.poll()
         poller.register(self.notifier, select.POLLIN)
         while self._pending or self._deferred:
@@ -1101,6 +1120,7 @@ class BlockBackend:
     def drain(self) -> list[tuple[int, int]]:
         """Wait until nothing is in flight; return what completed meanwhile.
         Throttled requests held go at once (QEMU's drain does the same)."""
+        self.unplug()
         if self._throttled:
             self._throttled.release_all()
         self._draining = True       # delayed, hung and held requests go at once

@@ -681,6 +681,15 @@ class NbdServer:
             raise _Close(f"option of {c.need} bytes")
 
     def _parse(self, c: _Conn) -> None:
+        """Every whole request in the buffer, their engine requests submitted
+        as one batch (backend.plug)."""
+        self.backend.plug()
+        try:
+            self._parse_plugged(c)
+        finally:
+            self.backend.unplug()
+
+    def _parse_plugged(self, c: _Conn) -> None:
         view = c.rview
         while not c.closed and not c.disc:
             avail = c.rlen - c.rpos
