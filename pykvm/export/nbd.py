@@ -97,6 +97,7 @@ REP_ERR_UNSUP = (1 << 31) + 1
 REP_ERR_POLICY = (1 << 31) + 2
 REP_ERR_INVALID = (1 << 31) + 3
 REP_ERR_UNKNOWN = (1 << 31) + 6
+REP_ERR_BLOCK_SIZE_REQD = (1 << 31) + 8
 REP_ERR_TOO_BIG = (1 << 31) + 9
 
 INFO_EXPORT = 0
@@ -795,6 +796,11 @@ class NbdServer:
         wanted = set(struct.unpack_from(f">{nreq}H", data, 6 + nlen))
         if name.decode("utf-8", "replace") != self.name:
             self._reply(c, opt, REP_ERR_UNKNOWN, b"unknown export " + name[:64])
+            return False
+        if opt == OPT_GO and self.min_block > 1 and INFO_BLOCK_SIZE not in wanted:
+            # O_DIRECT: requests smaller than the alignment would fail (EINVAL)
+            self._reply(c, opt, REP_ERR_BLOCK_SIZE_REQD,
+                        f"requests must be aligned to {self.min_block} bytes".encode())
             return False
         self._reply(c, opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, self.size,
                                                   self.transmission_flags(c)))

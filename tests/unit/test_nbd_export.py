@@ -684,3 +684,30 @@ def test_pooled_buffers_never_mix_replies(raw, serve):
         err, cookie, d = c.simple(k)
         assert err == 0 and d == regions[order[cookie - 1000]], cookie
     assert srv.server._pooled > 0                  # the pool was used
+
+
+def test_direct_io_asks_the_client_for_block_sizes(raw, tmp_path):
+    """cache=none: the minimum block size is the O_DIRECT alignment, and a GO
+    that did not ask for block sizes gets NBD_REP_ERR_BLOCK_SIZE_REQD."""
+    backend = BlockBackend(str(raw), fmt="raw", cache="none")
+    srv = nbd.NbdServer(backend, nbd.listen(f"unix:{tmp_path}/d.sock"), persistent=True)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        c = Client(f"{tmp_path}/d.sock")
+        c.greeting()
+        c.option(nbd.OPT_GO, info_data(b""))
+        assert c.replies()[-1][0] == nbd.REP_ERR_BLOCK_SIZE_REQD
+        c.option(nbd.OPT_GO, info_data(b"", (nbd.INFO_BLOCK_SIZE,)))
+        got = c.replies()
+        assert got[-1][0] == nbd.REP_ACK
+        sizes = [struct.unpack(">HIII", d) for t_, d in got if t_ == nbd.REP_INFO
+                 and d[:2] == struct.pack(">H", nbd.INFO_BLOCK_SIZE)]
+        assert sizes[0][1] == backend.align and backend.align >= 512
+        c.request(nbd.CMD_READ, MiB, 4096, cookie=1)
+        assert c.simple(4096) == (0, 1, pattern(4096))
+    finally:
+        srv.stop()
+        t.join(5)
+        srv.close()
+        backend.close()
