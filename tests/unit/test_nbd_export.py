@@ -711,3 +711,50 @@ def test_direct_io_asks_the_client_for_block_sizes(raw, tmp_path):
         t.join(5)
         srv.close()
         backend.close()
+
+
+def test_random_requests_never_crash_the_server(raw, serve):
+    """Seeded random streams, before and after the handshake: request headers
+    with the right magic and random fields (commands, flags, offsets, lengths),
+    random option headers, plain garbage. Whatever each connection gets, the
+    server lives and the next client is served."""
+    import random
+    srv = serve(raw, shared=4)
+    for seed in range(40):
+        rnd = random.Random(seed)
+        c = Client(srv.path, timeout=5)
+        stream = b""
+        if seed % 4:
+            c.go(structured=seed % 2 == 0,
+                 contexts=["base:allocation", "qemu:allocation-depth"] if seed % 2 == 0 else ())
+            for _ in range(rnd.randrange(1, 40)):
+                cmd = rnd.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 99])
+                flags = rnd.choice([0, 0, 1, 2, 4, 8, 16, 32, rnd.randrange(1 << 16)])
+                offset = rnd.choice([0, MiB, MiB, SIZE - 512, SIZE, rnd.randrange(1 << 64)])
+                length = rnd.choice([0, 1, 512, 4096, 4096, 1 << 20, (32 << 20) + 1,
+                                     rnd.randrange(1 << 32)])
+                stream += struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, flags, cmd, rnd.randrange(
+                    1 << 64), offset, length)
+                if cmd == nbd.CMD_WRITE and length <= 4096:
+                    stream += rnd.randbytes(length)
+        else:
+            c.greeting()
+            for _ in range(rnd.randrange(1, 10)):
+                data = rnd.randbytes(rnd.randrange(0, 64))
+                stream += struct.pack(">QII", nbd.IHAVEOPT, rnd.randrange(0, 16), len(data)) + data
+        stream += rnd.randbytes(rnd.randrange(0, 256))
+        try:
+            c.s.sendall(stream)
+            c.s.settimeout(0.2)
+            while c.s.recv(1 << 20):        # take the replies, so all of it is served
+                pass
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            pass
+        c.close()
+    c = Client(srv.path)                    # (the streams wrote anywhere: write, then read)
+    c.go()
+    c.request(nbd.CMD_WRITE, 2 * MiB, 4096, cookie=1, data=pattern(4096, 5))
+    assert c.simple() == (0, 1, b"")
+    c.request(nbd.CMD_READ, 2 * MiB, 4096, cookie=2)
+    assert c.simple(4096) == (0, 2, pattern(4096, 5))
+    assert srv.thread.is_alive() and srv.error is None
