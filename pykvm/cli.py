@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--read-only", "-r", action="store_true",
                        help="NBD: export read-only (as readonly=on)")
     serve.add_argument("--shared", "-e", type=int, default=1, metavar="N",
-                       help="NBD: clients served at once (default 1; more wait)")
+                       help="NBD: clients served at once (default 1; more wait; 0: no limit)")
     serve.add_argument("--persistent", "-t", action="store_true",
                        help="NBD: keep serving after the last client disconnects")
     serve.add_argument("--socket-mode", type=_socket_mode, default=0o600, metavar="OCTAL",

@@ -99,8 +99,8 @@ class NbdExport:
 
         from .export.nbd import NbdServer, listen, parse_addr
         parse_addr(addr)                 # a bad address is refused before any image is opened
-        if shared < 1:
-            raise ConfigError(f"--shared {shared}: must be at least 1")
+        if shared < 0:
+            raise ConfigError(f"--shared {shared}: must be 0 (no limit) or more")
         if read_only and not spec.readonly:
             spec = copy.copy(spec)
             spec.readonly = True         # the image opened (and locked) for reading only

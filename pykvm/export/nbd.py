@@ -361,7 +361,7 @@ class _Req:
 
 class NbdServer:
     """Serve ``backend`` as the export ``name`` on the listening socket
-    ``listener`` (listen()). ``shared``: connections at once (qemu-nbd's -e;
+    ``listener`` (listen()). ``shared``: connections at once (qemu-nbd's -e; 0: any number;
     more wait in the listen backlog); ``persistent``: keep serving after the
     last client leaves (qemu-nbd's -t; without it serve_forever returns once a
     client has come and every client has gone). ``read_only``: refuse every
@@ -372,15 +372,15 @@ class NbdServer:
                  description: str = ""):
         if len(name.encode()) > MAX_NAME:
             raise ConfigError(f"--export-name: longer than {MAX_NAME} bytes")
-        if shared < 1:
-            raise ConfigError(f"--shared {shared}: must be at least 1")
+        if shared < 0:
+            raise ConfigError(f"--shared {shared}: must be 0 (no limit) or more")
         self.backend = backend
         self.listener = listener
         self.listener.setblocking(False)
         self.name = name
         self.description = description
         self.read_only = read_only or backend.read_only
-        self.shared = shared
+        self.shared = shared or 1 << 30
         self.persistent = persistent
         self.size = backend.size
         self.min_block = max(1, backend.align)

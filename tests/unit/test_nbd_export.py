@@ -613,11 +613,15 @@ def test_disc_ends_after_replies(raw, serve):
     assert c.closed()
 
 
-def test_multi_conn_only_with_room_for_several(raw, serve):
-    srv = serve(raw, shared=3)
-    c = Client(srv.path)
-    c.go()
-    assert c.flags & nbd.FLAG_CAN_MULTI_CONN
+@pytest.mark.parametrize("shared", [3, 0])
+def test_multi_conn_only_with_room_for_several(raw, serve, shared):
+    srv = serve(raw, shared=shared)
+    clients = [Client(srv.path) for _ in range(5 if shared == 0 else 3)]
+    for c in clients:                      # all of them at once (0: no limit)
+        c.go()
+        assert c.flags & nbd.FLAG_CAN_MULTI_CONN
+    with pytest.raises(Exception, match="0 .no limit. or more"):
+        nbd.NbdServer(srv.backend, srv.listener, shared=-1)
 
 
 def test_not_persistent_returns_after_the_last_client(raw, tmp_path):
