@@ -41,6 +41,11 @@ Workloads so far:
                against the same disk without them (target: >= 0.95x), and a
                1 ms delay on every read against QD / 1 ms, or the plain
                disk's rate if that is lower (target: within 5%)
+  nbd-export   fio's nbd engine against `pykvm serve --nbd` and qemu-nbd on the
+               same fresh, preallocated 1 GiB raw image, Unix socket and
+               127.0.0.1: 4K randread and randwrite QD32, 1M sequential read
+               QD8 (targets: >= 0.9x qemu-nbd at 4K, >= 1.0x at 1M;
+               bench/nbd_export.py)
   crash        crashtest's states per minute on a 256 MiB ext4 image written
                by the Linux kit (e2fsck after journal recovery as the check),
                the time making a state takes against checking it (target:
@@ -65,6 +70,8 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from nbd_export import bench_nbd_export, nbd_export_table  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 GUESTS = ROOT / "guest" / "build"
 PYKVM = [str(ROOT / ".venv" / "bin" / "pykvm")]
@@ -839,7 +846,7 @@ def qcow2_table(runs: list[dict]) -> str:
 
 
 def io_table(runs: list[dict]) -> str:
-    rows = [r for r in runs if "iops" in r and r.get("suite") != "throttle"]
+    rows = [r for r in runs if "iops" in r and r.get("suite") not in ("throttle", "nbd-export")]
     if not rows:
         return ""
     lines = ["", "| workload | system | transport | IOPS | MB/s | p50 us | p99 us | "
@@ -1065,10 +1072,13 @@ def suite_of(workload: str) -> str:
         return "inject"
     if workload.startswith("crash-"):
         return "crash"
+    if workload.startswith("nbd-"):
+        return "nbd-export"
     return "io"
 
 
-SUITES = ["boot", "pio", "io", "qcow2", "vhost", "mq", "throttle", "inject", "crash"]
+SUITES = ["boot", "pio", "io", "qcow2", "vhost", "mq", "throttle", "inject", "crash",
+          "nbd-export"]
 
 
 def main() -> int:
@@ -1120,6 +1130,8 @@ def main() -> int:
         "throttle": lambda: bench_throttle(1.0 if args.quick else 5.0, 1 if args.quick else 3),
         "inject": lambda: bench_inject(0.5 if args.quick else 2.0, 1 if args.quick else 5),
         "crash": lambda: bench_crash(0.5 if args.quick else 2.0, 1 if args.quick else 3),
+        "nbd-export": lambda: bench_nbd_export(1.0 if args.quick else 5.0,
+                                               1 if args.quick else 3),
     }
     # some suites (or some io engines/workloads) only: the latest results of
     # the others stay, marked as older
@@ -1155,7 +1167,7 @@ def save(runs: list[dict], final: bool) -> None:
     (RESULTS / "latest.json").write_text(text)
     (RESULTS / f"{_STAMP}.json").write_text(text)
     md = table(runs) + io_table(runs) + qcow2_table(runs) + vhost_table(runs) + mq_table(runs) + \
-        throttle_table(runs) + inject_table(runs) + crash_table(runs)
+        throttle_table(runs) + inject_table(runs) + crash_table(runs) + nbd_export_table(runs)
     plot(runs, RESULTS / "latest.png")
     (RESULTS / "latest.md").write_text(md)
     if final:

@@ -179,9 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
     _common_vm_args(fio)
 
     serve = sub.add_parser("serve", help="export a disk to a vhost-user front-end (QEMU's "
-                                         "vhost-user-blk-pci, for one) until SIGTERM")
-    serve.add_argument("--vhost-user-blk", required=True, metavar="SOCKET",
-                       help="Unix socket to listen on (replaced if a stale one is there)")
+                                         "vhost-user-blk-pci, for one) or to NBD clients "
+                                         "until SIGTERM")
+    what = serve.add_mutually_exclusive_group(required=True)
+    what.add_argument("--vhost-user-blk", metavar="SOCKET",
+                      help="Unix socket to listen on (replaced if a stale one is there)")
+    what.add_argument("--nbd", metavar="ADDR",
+                      help="serve NBD on unix:PATH or HOST:PORT (as qemu-nbd; 10809 is NBD's "
+                           "port)")
+    serve.add_argument("--export-name", "-x", default="", metavar="NAME",
+                       help="NBD: the export's name (default: \"\")")
+    serve.add_argument("--description", "-D", default="", metavar="TEXT",
+                       help="NBD: the export's description")
+    serve.add_argument("--read-only", "-r", action="store_true",
+                       help="NBD: export read-only (as readonly=on)")
+    serve.add_argument("--shared", "-e", type=int, default=1, metavar="N",
+                       help="NBD: clients served at once (default 1; more wait; 0: no limit)")
+    serve.add_argument("--persistent", "-t", action="store_true",
+                       help="NBD: keep serving after the last client disconnects")
     serve.add_argument("--socket-mode", type=_socket_mode, default=0o600, metavar="OCTAL",
                        help="permissions of the socket (default 0600: only this user may "
                             "connect; e.g. 0660 for the group too)")
@@ -339,14 +354,29 @@ def cmd_fio(args) -> int:
 def cmd_serve(args) -> int:
     import signal
 
-    from .serve import VhostUserExport
+    from .serve import NbdExport, VhostUserExport
 
-    export = VhostUserExport(args.disk, args.vhost_user_blk, mode=args.socket_mode)
+    if args.nbd is not None:
+        export = NbdExport(args.disk, args.nbd, name=args.export_name,
+                           read_only=args.read_only, shared=args.shared,
+                           persistent=args.persistent, mode=args.socket_mode,
+                           description=args.description)
+        where = export.where            # with port 0: the port it got
+    else:
+        nbd_only = [o for o, v in (("--export-name", args.export_name != ""),
+                                   ("--description", args.description != ""),
+                                   ("--read-only", args.read_only),
+                                   ("--shared", args.shared != 1),
+                                   ("--persistent", args.persistent)) if v]
+        if nbd_only:
+            raise ConfigError(f"{nbd_only[0]}: only with --nbd")
+        export = VhostUserExport(args.disk, args.vhost_user_blk, mode=args.socket_mode)
+        where = args.vhost_user_blk
     old = {sig: signal.signal(sig, lambda *_: export.stop())
            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    old[signal.SIGCONT] = signal.signal(signal.SIGCONT, lambda *_: export.resume())
-    print(f"pykvm: serving {args.disk.file} on {args.vhost_user_blk}", file=sys.stderr,
-          flush=True)
+    if args.nbd is None:
+        old[signal.SIGCONT] = signal.signal(signal.SIGCONT, lambda *_: export.resume())
+    print(f"pykvm: serving {args.disk.file} on {where}", file=sys.stderr, flush=True)
     try:
         export.serve_forever()
     finally:

@@ -5,6 +5,7 @@ virtio-blk device on it (with its trace, if the spec asks for one) and listens
 on a vhost-user socket; ``serve_forever()`` serves one front-end at a time
 until ``stop()``; ``close()`` takes it all down. ``pykvm serve`` runs one in
 the main thread; ``pykvm.testing`` runs one in a thread of the test.
+``NbdExport(spec, addr)`` has the same shape for an NBD server (export/nbd.py).
 """
 from __future__ import annotations
 
@@ -81,3 +82,71 @@ class VhostUserExport:
         self.device.close()
         if self.trace is not None:
             self.trace.close()
+
+
+class NbdExport:
+    """``pykvm serve --nbd ADDR``: a ``--disk`` spec's block graph served by the
+    NBD server of export/nbd.py on ``addr`` (``unix:PATH`` or ``HOST:PORT``).
+    ``name``, ``read_only``, ``shared``, ``persistent`` and ``description``
+    are qemu-nbd's -x, -r, -e, -t and -D. ``serve_forever()`` runs the event
+    loop in the calling thread until ``stop()`` (or, without ``persistent``,
+    until the last client has gone); ``close()`` takes it all down."""
+
+    def __init__(self, spec: DiskSpec, addr: str, name: str = "", read_only: bool = False,
+                 shared: int = 1, persistent: bool = False, mode: int = 0o600,
+                 description: str = ""):
+        import copy
+
+        from .export.nbd import NbdServer, listen, parse_addr
+        parse_addr(addr)                 # a bad address is refused before any image is opened
+        if shared < 0:
+            raise ConfigError(f"--shared {shared}: must be 0 (no limit) or more")
+        if read_only and not spec.readonly:
+            spec = copy.copy(spec)
+            spec.readonly = True         # the image opened (and locked) for reading only
+        self.spec = spec
+        self.addr = addr
+        self.backend = open_disk(spec)
+        try:
+            self.listener = listen(addr, mode)
+        except BaseException:
+            self.backend.close()
+            raise
+        try:
+            self.server = NbdServer(self.backend, self.listener, name=name,
+                                    read_only=spec.readonly, shared=shared,
+                                    persistent=persistent, description=description)
+        except BaseException:
+            self.listener.close()
+            self.backend.close()
+            raise
+
+    @property
+    def where(self) -> str:
+        """Where it listens, spelled as ``addr`` (port 0 given: the port chosen)."""
+        name = self.listener.getsockname()
+        if isinstance(name, str):
+            return f"unix:{name}"
+        host = f"[{name[0]}]" if ":" in name[0] else name[0]
+        return f"{host}:{name[1]}"
+
+    def serve_forever(self) -> None:
+        self.server.serve_forever()
+
+    def stop(self) -> None:
+        """Ask serve_forever to return (async-signal-safe)."""
+        self.server.stop()
+
+    def counters(self) -> dict:
+        return dict(self.server.counters)
+
+    def close(self) -> None:
+        from .export.nbd import parse_addr
+        self.server.close()
+        self.backend.close()
+        kind, where = parse_addr(self.addr)
+        if kind == "unix":
+            try:
+                os.unlink(where)
+            except OSError:
+                pass

@@ -194,6 +194,7 @@ class BlockBackend:
         # write-zeroes that must wait are held in order until their time
         self.throttle = throttle
         self._throttled = ThrottledQueue(throttle, self.notifier, self.stats) if throttle else None
+        self._plugged = None           # engine requests held by plug() until unplug()
         # blkdebug on the Python path: requests waiting out a delay or a hang
         # [(due_ns or None, release generation, fn, args)], the hits whose
         # rule acts on the completion {token: (hit, iov)}, completions held
@@ -358,6 +359,18 @@ class BlockBackend:
         self._pending[rid] = (pending, iov, expected, None)
         return rid
 
+    def plug(self) -> None:
+        """Hold the engine requests of the calls that follow until unplug(),
+        which submits them as one batch (one io_uring_enter for a burst of
+        requests, as QEMU's blk_io_plug). Anything that waits for I/O unplugs."""
+        if self._plugged is None:
+            self._plugged = []
+
+    def unplug(self) -> None:
+        batch, self._plugged = self._plugged, None
+        if batch:
+            self.engine.submit(batch)
+
     def _engine_submit(self, batch: list) -> None:
         """Submit engine requests, each kept with its pending entry (a short
         one is continued from it)."""
@@ -366,6 +379,9 @@ class BlockBackend:
             e = pending.get(r.token)
             if e is not None:
                 pending[r.token] = e[:3] + (r,)
+        if self._plugged is not None:
+            self._plugged.extend(batch)
+            return
         self.engine.submit(batch)
 
     def post(self, token: int, result: int) -> None:
@@ -853,28 +869,32 @@ class BlockBackend:
         self._complete_now(token, result)
 
     def write_zeroes(self, token: int, offset: int, length: int, unmap: bool,
-                     queue: int = 0) -> None:
+                     queue: int = 0, no_fallback: bool = False) -> None:
         """Zero a range: punch a hole when the guest allows unmapping and
         discard=unmap, else allocate zeroes (falling back to writing them).
         Mapped formats describe whole clusters as zero and write the rest.
-        Throttled as a write of ``length`` bytes, as QEMU does."""
+        ``no_fallback`` (NBD's FAST_ZERO, QEMU's BDRV_REQ_NO_FALLBACK): fail
+        with EOPNOTSUPP rather than write zeroes as data. Throttled as a write
+        of ``length`` bytes, as QEMU does."""
         if self.inject is not None and self._injected(token, "write-zeroes", offset, length,
                                                       queue, [], self._write_zeroes_go, token,
-                                                      offset, length, unmap):
+                                                      offset, length, unmap, no_fallback):
             return
-        self._write_zeroes_go(token, offset, length, unmap)
+        self._write_zeroes_go(token, offset, length, unmap, no_fallback)
 
-    def _write_zeroes_go(self, token: int, offset: int, length: int, unmap: bool) -> None:
+    def _write_zeroes_go(self, token: int, offset: int, length: int, unmap: bool,
+                         no_fallback: bool = False) -> None:
         if self.wlog is not None:
             self._wlog_ops[token] = ("z", offset, length, self._flush_needed())
         if self.volatile is not None:
             self._vol_zeroes(token, offset, length)
         if self._throttled and self._throttled.hold(True, length, self._write_zeroes,
-                                                    token, offset, length, unmap):
+                                                    token, offset, length, unmap, no_fallback):
             return
-        self._write_zeroes(token, offset, length, unmap)
+        self._write_zeroes(token, offset, length, unmap, no_fallback)
 
-    def _write_zeroes(self, token: int, offset: int, length: int, unmap: bool) -> None:
+    def _write_zeroes(self, token: int, offset: int, length: int, unmap: bool,
+                      no_fallback: bool = False) -> None:
         self.stats["write_zeroes"] += 1
         if self.read_only:
             self._complete_now(token, -errno.EROFS)
@@ -888,7 +908,7 @@ class BlockBackend:
             mode = (lib.FALLOC_FL_PUNCH_HOLE if punch else lib.FALLOC_FL_ZERO_RANGE) | \
                 lib.FALLOC_FL_KEEP_SIZE
             p = _Pending(token, "write_zeroes", then_flush=flush)
-            p.iov = (offset, length)  # kept for the write fallback
+            p.iov = (offset, length) if not no_fallback else None  # kept for the write fallback
             p.remaining = 1
             self._engine_submit([AioRequest(FALLOCATE, self.driver.fd, offset, token=self._id(p),
                                            mode=mode, length=length)])
@@ -902,7 +922,11 @@ class BlockBackend:
         p = _Pending(token, WRITE, then_flush=flush)
         try:
             reqs = []
-            for off, n in self.driver.write_zeroes(offset, length, punch):
+            rest = self.driver.write_zeroes(offset, length, punch)
+            if rest and no_fallback:
+                self._complete_now(token, -errno.EOPNOTSUPP)
+                return
+            for off, n in rest:
                 reqs += self._map_write(p, off, _zero_iov(n))
         except BlockError as e:
             self._warn(e)
@@ -995,6 +1019,8 @@ class BlockBackend:
             self._engine_submit([AioRequest(WRITE, self.driver.fd, offset, _zero_iov(length),
                                            self._id(p))])
             return None
+        elif p.op == "write_zeroes" and result in (-errno.ENOSYS, -errno.EINVAL):
+            result = -errno.EOPNOTSUPP    # no_fallback: the file system cannot zero quickly
         if p.then_flush and result >= 0:
             p.then_flush = False
             p.length = result
@@ -1039,6 +1065,9 @@ class BlockBackend:
         """Wait until no I/O is in flight (completions are kept for reap())."""
         if not self._pending and not self._deferred:
             return
+        if self._plugged:
+            self.engine.submit(self._plugged)
+            self._plugged = []
         poller = select.poll()
         poller.register(self.notifier, select.POLLIN)
         while self._pending or self._deferred:
@@ -1092,6 +1121,7 @@ class BlockBackend:
     def drain(self) -> list[tuple[int, int]]:
         """Wait until nothing is in flight; return what completed meanwhile.
         Throttled requests held go at once (QEMU's drain does the same)."""
+        self.unplug()
         if self._throttled:
             self._throttled.release_all()
         self._draining = True       # delayed, hung and held requests go at once
