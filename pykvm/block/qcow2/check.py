@@ -73,9 +73,6 @@ class CheckRepair:
                     continue
                 if not ref(off, 1, "L2 table", times):
                     continue
-                if tree_no == 0 and l1e & COPIED and self.refcount(off // cs) != 1:
-                    fail(f"L2 table at {off:#x} has COPIED set but refcount "
-                         f"{self.refcount(off // cs)}")
                 l2s[off] += times
                 if tree_no == 0:
                     active.add(off)
@@ -86,7 +83,8 @@ class CheckRepair:
                 fail(str(e), times)
                 continue
             counted = off in active
-            for j in range(0, len(table), self.entry_words):
+            next_host = 0        # QEMU's fragmentation: a data cluster not right after
+            for j in range(0, len(table), self.entry_words):   # the last, per L2 table
                 e = table[j]
                 if not e:
                     continue
@@ -94,6 +92,7 @@ class CheckRepair:
                     if counted:
                         stats["compressed"] += 1
                         stats["allocated"] += 1
+                        stats["fragmented"] += 1
                     coff, clen = self._compressed_span(e)
                     for c in range(coff >> cb, (coff + clen - 1 >> cb) + 1):
                         if c >= nclusters:
@@ -104,6 +103,9 @@ class CheckRepair:
                 host = e & OFFSET_MASK
                 if counted and (host or e & COPIED) and not (e & ZERO and not self.extl2):
                     stats["allocated"] += 1
+                    if next_host and host != next_host:
+                        stats["fragmented"] += 1
+                    next_host = host + cs
                 if host and self.data_fd < 0:
                     ref(host, 1, "data cluster", times)
         if h.bitmaps_ext is not None and len(h.bitmaps_ext) >= 24:
@@ -154,14 +156,20 @@ class CheckRepair:
         for c, w in want.items():
             if w > self.rc_max:
                 fail(f"cluster {c} has {w} references; refcounts overflow")
+        fixing_copied = repair == "all" and not self.read_only
+        if not (repair and not self.read_only):
+            copied = self._check_copied(active)   # against the refcounts as they are
+            if not fixing_copied:
+                for message in copied:
+                    fail(message)
         if len(errors) > MAX_CHECK_ERRORS:
             more += len(errors) - MAX_CHECK_ERRORS
             del errors[MAX_CHECK_ERRORS:]
         result = {"leaks": len(leaks), "corruptions": len(corruptions) + len(errors) + more,
                   "errors": errors, "total_clusters": -(-self.size // cs),
                   "allocated_clusters": stats["allocated"], "compressed_clusters":
-                  stats["compressed"], "image_end_offset": self.eof,
-                  "leaks_fixed": 0, "corruptions_fixed": 0}
+                  stats["compressed"], "fragmented_clusters": stats["fragmented"],
+                  "image_end_offset": self.eof, "leaks_fixed": 0, "corruptions_fixed": 0}
         if repair and not self.read_only:
             self._claimed |= set(want)
             try:
@@ -176,8 +184,46 @@ class CheckRepair:
                 self._claimed.clear()
             self._free_hint = 1
             self.flush_metadata()
+            # QEMU's order: COPIED is checked against the repaired refcounts
+            copied = self._check_copied(active)
+            if copied and fixing_copied:
+                self._fix_copied()
+                result["corruptions_fixed"] += len(copied)
+            elif copied:
+                result["corruptions"] += len(copied)
+                result["errors"].extend(copied[:max(0, MAX_CHECK_ERRORS - len(errors))])
             os.fdatasync(self.mfd)
         return result
+
+    def _check_copied(self, active: set) -> list[str]:
+        """QEMU's OFLAG_COPIED rule on the active image: COPIED is set on an L1
+        entry or on the L2 entry of a data cluster exactly when the refcount of
+        the cluster it points at is 1 (a cluster shared by a snapshot or by
+        dedup has it clear, so a write copies it first). One message each, in
+        qemu-img check's words."""
+        cs, cb = self.cluster_size, self.cluster_bits
+        out = []
+        for i, l1e in enumerate(self.l1):
+            off = l1e & OFFSET_MASK
+            if not off or off not in active:
+                continue
+            rc = self.refcount(off // cs)
+            if (rc == 1) != bool(l1e & COPIED):
+                out.append(f"OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} "
+                           f"refcount={rc}")
+            try:
+                table = self._load_l2(off)
+            except BlockError:
+                continue                    # reported by the walk
+            for j in range(0, len(table), self.entry_words):
+                e = table[j]
+                host = e & OFFSET_MASK
+                if e & COMPRESSED or not (host or (e & COPIED and self.data_fd >= 0)):
+                    continue
+                rc = 1 if self.data_fd >= 0 else self.refcount(host >> cb)
+                if (rc == 1) != bool(e & COPIED):
+                    out.append(f"OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}")
+        return out
 
     def _check_trees(self, l1s):
         """(L1 table, how many snapshots share it): the active image's first, then
