@@ -934,6 +934,8 @@ def cmd_dedup(a) -> int:
         what.append(f"{res.zeroed} zero clusters")
     if res.unallocated:
         what.append(f"{res.unallocated} clusters equal to the backing file unallocated")
+    if res.copied_fixed:
+        what.append(f"COPIED set again on {res.copied_fixed} entries of unshared clusters")
     skipped = []
     if res.skipped_compressed:
         skipped.append(f"{res.skipped_compressed} compressed")
