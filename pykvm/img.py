@@ -925,6 +925,8 @@ def cmd_dedup(a) -> int:
         if a.p:
             sys.stderr.write("\n")
     took = time.monotonic() - start
+    if a.q:
+        return 0
     cs = res.cluster_size
     verb = "Would save" if a.dry_run else "Saved"
     what = []
