@@ -576,3 +576,25 @@ def test_every_crash_state_is_consistent(tmp_path, capsys, crashy, monkeypatch):
                 rng.shuffle(sub)
                 build(done + sub)
         done += ep
+
+
+@pytest.mark.parametrize("how", ["zero-alloc", "preallocation=metadata"])
+def test_allocated_zeroes_are_freed(tmp_path, capsys, how):
+    if how == "zero-alloc":     # write -z over data keeps the cluster (QCOW_OFLAG_ZERO and an offset)
+        p = make(tmp_path, "write -P 1 0 128k", "write -z 0 64k")
+        gone = 1
+    else:
+        p = make(tmp_path, "write -P 1 0 64k", opts="preallocation=metadata", size="4M")
+        gone = 63
+    orig = keep(p)
+    before = held(p)
+    rc, out, err = img(capsys, "dedup", p)
+    assert rc == 0, err
+    assert saved(out) == gone * CS and held(p) == before - gone
+    assert map_entry(p, CS if how != "zero-alloc" else 0)["zero"]
+    assert_clean(p)
+    same(p, orig)
+    qemu_io(p, "write -P 2 64k 4k")
+    assert_clean(p)
+    qemu_io(p, "read -P 1 0 64k" if how != "zero-alloc" else "read -P 0 0 64k",
+            "read -P 2 64k 4k")
