@@ -128,12 +128,7 @@ def dedup(drv, dry_run: bool = False, min_refs: int = 2, chain: bool = False,
     res.cluster_size = drv.cluster_size
     plan = _Plan()
     entries, by_host, prezero = _scan(drv, res, plan)
-    held = collections.Counter((entries[ci][0] & OFFSET_MASK) >> drv.cluster_bits
-                               for ci in prezero)
-    plan.zero.extend(ci for ci in prezero          # only what then is freed
-                     if (entries[ci][0] & OFFSET_MASK) >> drv.cluster_bits not in by_host and
-                     drv.refcount((entries[ci][0] & OFFSET_MASK) >> drv.cluster_bits) ==
-                     held[(entries[ci][0] & OFFSET_MASK) >> drv.cluster_bits])
+    plan.zero.extend(_freed_zero(drv, entries, by_host, prezero))
     groups = _hash(drv, entries, by_host, chain, plan, res, report)
     _share(drv, entries, by_host, groups, min_refs, plan, res, report)
     _account(drv, entries, by_host, plan, res)
@@ -196,6 +191,16 @@ def _scan(drv, res, plan):
         if len(guests) == 1 and not entries[guests[0]][0] & COPIED and drv.refcount(h) == 1:
             plan.copied.append(guests[0])
     return entries, by_host, prezero
+
+
+def _freed_zero(drv, entries, by_host, prezero):
+    """The preallocated zero clusters whose host cluster is then freed: every
+    reference to it is one of these entries."""
+    cb = drv.cluster_bits
+    host = {ci: (entries[ci][0] & OFFSET_MASK) >> cb for ci in prezero}
+    refs = collections.Counter(host.values())
+    return [ci for ci in prezero
+            if host[ci] not in by_host and drv.refcount(host[ci]) == refs[host[ci]]]
 
 
 # -- hash: zero clusters, backing-equal clusters, candidate groups ---------------------
@@ -352,7 +357,7 @@ def _account(drv, entries, by_host, plan, res):
     gained = collections.Counter()
     for c, gs in plan.onto:
         gained[c] += len(gs)
-    changed = set(moved_ci(plan))
+    changed = set(_moved(plan))
     plan.copied = [ci for ci in plan.copied if ci not in changed]
     res.copied_fixed = len(plan.copied)
     res.zeroed = len(plan.zero)
@@ -383,7 +388,7 @@ def _account(drv, entries, by_host, plan, res):
                            if drv.extl2 or not e & ZERO})
 
 
-def moved_ci(plan):
+def _moved(plan):
     """Every guest cluster the plan gives a new entry."""
     yield from plan.zero
     yield from plan.unalloc
