@@ -598,3 +598,24 @@ def test_allocated_zeroes_are_freed(tmp_path, capsys, how):
     assert_clean(p)
     qemu_io(p, "read -P 1 0 64k" if how != "zero-alloc" else "read -P 0 0 64k",
             "read -P 2 64k 4k")
+
+
+@pytest.mark.parametrize("event", ["cow_write", "refblock_update", "l2_update"])
+def test_blkdebug_failure_leaves_leaks_at_most(tmp_path, capsys, crashy, event):
+    """The project's fault machinery: a blkdebug node under the qcow2 node fails
+    the first metadata write of a kind (QEMU's inject-error on an event)."""
+    orig = keep(crashy)
+    rules = tmp_path / "rules.conf"
+    rules.write_text(f'[inject-error]\nevent = "{event}"\nerrno = "5"\n')
+    rc, _, err = img(capsys, "dedup", "--image-opts",
+                     f"driver=qcow2,file.driver=blkdebug,file.config={rules},"
+                     f"file.image.filename={crashy}")
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"{event} write" in err and "injected" in err
+    _cut_ok(crashy, orig)
+    # and a run without the fault finishes the job
+    rc, out, _ = img(capsys, "dedup", crashy)
+    assert rc == 0 and saved(out) > 0
+    assert qemu_img("check", "-r", "leaks", crashy, check=False).returncode == 0
+    assert_clean(crashy)
+    same(crashy, orig)

@@ -409,10 +409,10 @@ def _execute(drv, entries, plan, report):
     work = [("copied", ci, None) for ci in plan.copied] + \
         [("zero", ci, None) for ci in plan.zero] + \
         [("unalloc", ci, None) for ci in plan.unalloc]
-    for src, gs in plan.fresh:
-        work.append(("fresh", src, gs))
-    for c, gs in plan.onto:
+    for c, gs in plan.onto:             # what frees without allocating, first
         work.append(("onto", c, gs))
+    for src, gs in plan.fresh:          # then fresh copies, in what was freed
+        work.append(("fresh", src, gs))
     batch, size, done = [], 0, 0
     total = max(1, len(work))
     for item in work:
