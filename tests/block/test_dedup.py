@@ -619,3 +619,23 @@ def test_blkdebug_failure_leaves_leaks_at_most(tmp_path, capsys, crashy, event):
     assert qemu_img("check", "-r", "leaks", crashy, check=False).returncode == 0
     assert_clean(crashy)
     same(crashy, orig)
+
+
+@pytest.mark.parametrize("cluster_size, want", [("512", 9 * 128 - 3), ("4k", 9 * 16 - 3),
+                                                 ("2M", 0)])
+def test_cluster_sizes(tmp_path, capsys, cluster_size, want):
+    """DUPS in other cluster sizes: its nine 64k of data are 128 or 16 equal clusters
+    each (all 0xab ones onto one fresh copy, all 0xcd onto another, the zeroes
+    zero entries, the 0x11 ones onto a third); 2 MiB clusters mix the writes:
+    nothing is equal."""
+    p = make(tmp_path, *DUPS, opts=f"cluster_size={cluster_size}")
+    orig = keep(p)
+    before = held(p)
+    rc, out, err = img(capsys, "dedup", p)
+    assert rc == 0, err
+    cs = int(cluster_size[:-1]) * (1 << {"k": 10, "M": 20}[cluster_size[-1]]) \
+        if cluster_size[-1].isalpha() else int(cluster_size)
+    assert saved(out) == want * cs
+    assert held(p) == before - want
+    assert_clean(p)
+    same(p, orig)
