@@ -101,7 +101,7 @@ class CheckRepair:
                         want[c] += times
                     continue
                 host = e & OFFSET_MASK
-                if counted and (host or e & COPIED) and not (e & ZERO and not self.extl2):
+                if counted and _allocated(e, self.extl2, self.data_fd >= 0):
                     stats["allocated"] += 1
                     if next_host and host != next_host:
                         stats["fragmented"] += 1
@@ -138,6 +138,7 @@ class CheckRepair:
             if boff and (boff % cs or boff + cs > self.eof):
                 bad_blocks.add(ti)
                 fail(f"refcount block {ti} at {boff:#x} is misaligned or past the end")
+        highest = -1          # QEMU's image end: the last cluster in use or referenced
         for c in range(top):
             ti = c // self.rb_entries
             if ti in bad_blocks:
@@ -149,6 +150,8 @@ class CheckRepair:
             else:
                 have = self.refcount(c)
             w = want.get(c, 0)
+            if have or w:
+                highest = c
             if have > w:
                 leaks.append((c, w))
             elif have < w:
@@ -158,10 +161,10 @@ class CheckRepair:
                 fail(f"cluster {c} has {w} references; refcounts overflow")
         fixing_copied = repair == "all" and not self.read_only
         if not (repair and not self.read_only):
-            copied = self._check_copied(active)   # against the refcounts as they are
-            if not fixing_copied:
-                for message in copied:
-                    fail(message)
+            n, copied = self._check_copied()      # against the refcounts as they are
+            keep = max(0, MAX_CHECK_ERRORS - len(errors))
+            errors.extend(copied[:keep])
+            more += n - min(len(copied), keep)
         if len(errors) > MAX_CHECK_ERRORS:
             more += len(errors) - MAX_CHECK_ERRORS
             del errors[MAX_CHECK_ERRORS:]
@@ -169,7 +172,7 @@ class CheckRepair:
                   "errors": errors, "total_clusters": -(-self.size // cs),
                   "allocated_clusters": stats["allocated"], "compressed_clusters":
                   stats["compressed"], "fragmented_clusters": stats["fragmented"],
-                  "image_end_offset": self.eof, "leaks_fixed": 0, "corruptions_fixed": 0}
+                  "image_end_offset": (highest + 1) * cs, "leaks_fixed": 0, "corruptions_fixed": 0}
         if repair and not self.read_only:
             self._claimed |= set(want)
             try:
@@ -185,32 +188,43 @@ class CheckRepair:
             self._free_hint = 1
             self.flush_metadata()
             # QEMU's order: COPIED is checked against the repaired refcounts
-            copied = self._check_copied(active)
-            if copied and fixing_copied:
+            n, copied = self._check_copied()
+            if n and fixing_copied:
                 self._fix_copied()
-                result["corruptions_fixed"] += len(copied)
-            elif copied:
-                result["corruptions"] += len(copied)
+                result["corruptions_fixed"] += n
+            elif n:
+                result["corruptions"] += n
                 result["errors"].extend(copied[:max(0, MAX_CHECK_ERRORS - len(errors))])
             os.fdatasync(self.mfd)
         return result
 
-    def _check_copied(self, active: set) -> list[str]:
+    def _check_copied(self) -> tuple[int, list[str]]:
         """QEMU's OFLAG_COPIED rule on the active image: COPIED is set on an L1
         entry or on the L2 entry of a data cluster exactly when the refcount of
         the cluster it points at is 1 (a cluster shared by a snapshot or by
-        dedup has it clear, so a write copies it first). One message each, in
-        qemu-img check's words."""
+        dedup has it clear, so a write copies it first). How many entries break
+        it, and up to MAX_CHECK_ERRORS messages in qemu-img check's words. Each
+        distinct L2 table is walked once, its findings counted as often as the
+        L1 table points at it (as the refcount walk above)."""
         cs, cb = self.cluster_size, self.cluster_bits
-        out = []
+        out: list[str] = []
+        count = 0
+        tables = collections.Counter()
+
+        def say(message: str, times: int = 1) -> None:
+            nonlocal count
+            count += times
+            out.extend([message] * max(0, min(times, MAX_CHECK_ERRORS - len(out))))
+
         for i, l1e in enumerate(self.l1):
             off = l1e & OFFSET_MASK
-            if not off or off not in active:
-                continue
+            if not off or off % cs or off + cs > self.eof:
+                continue                    # reported by the walk
             rc = self.refcount(off // cs)
             if (rc == 1) != bool(l1e & COPIED):
-                out.append(f"OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} "
-                           f"refcount={rc}")
+                say(f"OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}")
+            tables[off] += 1
+        for off, times in tables.items():
             try:
                 table = self._load_l2(off)
             except BlockError:
@@ -218,12 +232,12 @@ class CheckRepair:
             for j in range(0, len(table), self.entry_words):
                 e = table[j]
                 host = e & OFFSET_MASK
-                if e & COMPRESSED or not (host or (e & COPIED and self.data_fd >= 0)):
+                if e & COMPRESSED or not _allocated(e, self.extl2, self.data_fd >= 0):
                     continue
                 rc = 1 if self.data_fd >= 0 else self.refcount(host >> cb)
                 if (rc == 1) != bool(e & COPIED):
-                    out.append(f"OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}")
-        return out
+                    say(f"OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}", times)
+        return count, out
 
     def _check_trees(self, l1s):
         """(L1 table, how many snapshots share it): the active image's first, then
@@ -250,3 +264,13 @@ class CheckRepair:
         else:
             d.update({"compression-type": "zlib", "refcount-bits": 16})
         return d
+
+
+def _allocated(e: int, extl2: bool, data_file: bool) -> bool:
+    """A standard L2 entry (not compressed) that points at a host cluster: QEMU's
+    NORMAL and ZERO_ALLOC types (a zero entry with an offset keeps its cluster).
+    Offset 0 is a cluster only in an external data file, with COPIED set."""
+    host = e & OFFSET_MASK
+    if e & ZERO and not extl2:
+        return bool(host)
+    return bool(host) or (data_file and bool(e & COPIED))
