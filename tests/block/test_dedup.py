@@ -277,6 +277,7 @@ def test_chain_unallocates_what_the_backing_file_shows(tmp_path, capsys):
     top = make(tmp_path, "write -P 0x33 0 64k",      # as the backing file: unallocated
                "write -P 0x33 1M 64k",               # as the backing file too
                "write -P 0x55 2M 64k",               # different: stays
+               "write -P 0x33 3M 64k", f"write -P 0x99 {3 * MiB + 40 * K} 512",  # nearly
                "write -P 0 8M 64k",                  # zeroes over 0x44: a zero entry
                "write -P 0 12M 64k",                 # zeroes over zeroes: unallocated
                name="top.qcow2", backing="base.qcow2")
@@ -295,6 +296,7 @@ def test_chain_unallocates_what_the_backing_file_shows(tmp_path, capsys):
     z = map_entry(top, 8 * MiB)
     assert z["depth"] == 0 and z["zero"]
     assert map_entry(top, 2 * MiB)["depth"] == 0
+    assert map_entry(top, 3 * MiB)["depth"] == 0 and map_entry(top, 3 * MiB)["data"]
     assert base.exists()
 
 
@@ -334,7 +336,8 @@ def test_refcount_cap_starts_a_new_copy(tmp_path, capsys):
 
 
 def test_internal_snapshot(tmp_path, capsys):
-    p = make(tmp_path, "write -P 0xab 0 64k", "write -P 0xab 1M 64k", "write -P 0xcd 3M 64k")
+    p = make(tmp_path, "write -P 0xab 0 64k", "write -P 0xab 1M 64k", "write -P 0xcd 3M 64k",
+             "write -P 0 7M 64k")
     qemu_img("snapshot", "-c", "s1", p)
     qemu_io(p, "write -P 0xab 2M 64k", "write -P 0xab 4M 64k", "write -P 0xcd 5M 64k",
             "write -P 0 6M 64k", "write -P 0xee 1M 64k")
@@ -348,6 +351,7 @@ def test_internal_snapshot(tmp_path, capsys):
     assert held(p) == before - 4
     assert host_of(p, 0) == host_of(p, 2 * MiB) == host_of(p, 4 * MiB)
     assert host_of(p, 3 * MiB) == host_of(p, 5 * MiB)
+    assert map_entry(p, 7 * MiB)["data"]        # zeroes the snapshot holds too: kept
     assert_clean(p)
     same(p, orig)
     for img_path in (p, orig):
