@@ -649,3 +649,24 @@ def test_cluster_sizes(tmp_path, capsys, cluster_size, want):
     assert held(p) == before - want
     assert_clean(p)
     same(p, orig)
+
+
+def test_many_refcount_blocks_with_a_small_cache(tmp_path, capsys, monkeypatch):
+    """512-byte clusters with 64-bit refcounts: 64 clusters per refcount block, so
+    one batch touches hundreds of blocks, through a cache of 8 of them."""
+    real = Qcow2Driver._open
+
+    def small_cache(self, *a, **k):
+        real(self, *a, **k)
+        self.rb_cache_max = 8
+    monkeypatch.setattr(Qcow2Driver, "_open", small_cache)
+    p = make(tmp_path, *[f"write -P {k % 3} {k * 64}k 512" for k in range(0, 256, 1)],
+             opts="cluster_size=512,refcount_bits=64")
+    orig = keep(p)
+    before = held(p)
+    rc, out, err = img(capsys, "dedup", p)
+    assert rc == 0, err
+    # 256 clusters, 3 contents (one of them zeroes): 2 fresh copies
+    assert saved(out) == (256 - 2) * 512 and held(p) == before - 254
+    assert_clean(p)
+    same(p, orig)

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import os
 
 from ..driver import BlockError, pread_full, read_into
@@ -478,16 +479,18 @@ def _batch(drv, entries, batch):
 
 
 def _refcounts(drv, deltas) -> None:
-    """Add deltas to refcounts; one write per refcount block touched."""
-    if not deltas:
-        return
-    drv._rc_batch = {}
-    try:
-        for c, d in sorted(deltas.items()):
-            if d:
-                drv._set_refcount(c, drv.refcount(c) + d)
-    finally:
-        batch, drv._rc_batch = drv._rc_batch, None
-    for boff, (lo, hi) in sorted(batch.items()):
-        blk = drv._rb.get(boff) or drv._refblock(boff)
-        drv._meta_write("refblock_update", blk[lo:hi], boff + lo)
+    """Add deltas to refcounts: one refcount block at a time, each with one
+    write, so that the block cache (which drops clean blocks) never loses a
+    change before it is written."""
+    per = drv.rb_entries
+    for _, group in itertools.groupby(sorted(deltas.items()), key=lambda kv: kv[0] // per):
+        drv._rc_batch = {}
+        try:
+            for c, d in group:
+                if d:
+                    drv._set_refcount(c, drv.refcount(c) + d)
+        finally:
+            batch, drv._rc_batch = drv._rc_batch, None
+        for boff, (lo, hi) in batch.items():
+            blk = drv._rb[boff]             # just used: still cached
+            drv._meta_write("refblock_update", blk[lo:hi], boff + lo)
