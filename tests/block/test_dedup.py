@@ -670,3 +670,38 @@ def test_many_refcount_blocks_with_a_small_cache(tmp_path, capsys, monkeypatch):
     assert saved(out) == (256 - 2) * 512 and held(p) == before - 254
     assert_clean(p)
     same(p, orig)
+
+
+@pytest.mark.parametrize("tool", ["qemu-img", "pykvm"])
+def test_snapshots_after_dedup(tmp_path, capsys, dups, tool):
+    """Snapshot create and delete walk every shared cluster's refcount (QEMU's
+    qcow2_update_snapshot_refcount, pykvm's _tree_refs and _fix_copied)."""
+    model = bytearray(as_raw(dups, tmp_path))
+    assert img(capsys, "dedup", dups)[0] == 0
+
+    def snapshot(*args):
+        if tool == "qemu-img":
+            qemu_img("snapshot", *args, dups)
+        else:
+            assert img(capsys, "snapshot", *args, dups)[0] == 0
+    snapshot("-c", "s1")
+    assert_clean(dups)
+    qemu_io(dups, "write -P 0x61 0 4k", "write -P 0x62 5M 4k")
+    at_s1 = bytes(model)
+    model[0:4 * K] = b"\x61" * 4 * K
+    model[5 * MiB:5 * MiB + 4 * K] = b"\x62" * 4 * K
+    assert_clean(dups)
+    assert as_raw(dups, tmp_path) == bytes(model)
+    snapshot("-d", "s1")
+    assert_clean(dups)
+    assert as_raw(dups, tmp_path) == bytes(model)
+    snapshot("-c", "s2")
+    qemu_io(dups, "write -P 0x63 1M 64k")
+    snapshot("-a", "s2")
+    assert_clean(dups)
+    assert as_raw(dups, tmp_path) == bytes(model)
+    assert at_s1 != bytes(model)
+    rc, out, _ = img(capsys, "dedup", dups)         # again, with a snapshot holding clusters
+    assert rc == 0
+    assert_clean(dups)
+    assert as_raw(dups, tmp_path) == bytes(model)
