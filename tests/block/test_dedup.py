@@ -272,7 +272,8 @@ def test_compressed_clusters_are_left_alone(tmp_path, capsys):
     assert check["compressed-clusters"] == 2
 
 
-def test_chain_unallocates_what_the_backing_file_shows(tmp_path, capsys):
+@pytest.mark.parametrize("opts", ["", "extended_l2=on"])
+def test_chain_unallocates_what_the_backing_file_shows(tmp_path, capsys, opts):
     base = make(tmp_path, "write -P 0x33 0 4M", "write -P 0x44 8M 1M", name="base.qcow2")
     top = make(tmp_path, "write -P 0x33 0 64k",      # as the backing file: unallocated
                "write -P 0x33 1M 64k",               # as the backing file too
@@ -280,7 +281,7 @@ def test_chain_unallocates_what_the_backing_file_shows(tmp_path, capsys):
                "write -P 0x33 3M 64k", f"write -P 0x99 {3 * MiB + 40 * K} 512",  # nearly
                "write -P 0 8M 64k",                  # zeroes over 0x44: a zero entry
                "write -P 0 12M 64k",                 # zeroes over zeroes: unallocated
-               name="top.qcow2", backing="base.qcow2")
+               name="top.qcow2", backing="base.qcow2", opts=opts)
     orig = keep(top)
     # without --chain the equal clusters are only shared among themselves
     rc, out, _ = img(capsys, "dedup", "--dry-run", top)
