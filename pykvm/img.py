@@ -11,6 +11,7 @@ they exist, over pykvm's block drivers.
   rebase   [-f FMT] [-u] [-p] -b BACKING [-F FMT] FILE
   resize   [-f FMT] [--shrink] FILE [+|-]SIZE
   snapshot [-l | -c NAME | -a NAME | -d NAME] FILE
+  dedup    [-f FMT] [-p] [--dry-run] [--min-refs N] [--chain] FILE
 
 Every error is one line, ``pykvm img: <what>``. Images are opened read-only
 unless the command writes them, and every check that can refuse a command
@@ -361,7 +362,8 @@ def cmd_check(a) -> int:
         for key, name in (("leaks", "leaks"), ("corruptions", "corruptions"),
                           ("leaks_fixed", "leaks-fixed"),
                           ("corruptions_fixed", "corruptions-fixed"),
-                          ("compressed_clusters", "compressed-clusters")):
+                          ("compressed_clusters", "compressed-clusters"),
+                          ("fragmented_clusters", "fragmented-clusters")):
             if res[key]:
                 d[name] = res[key]
         print(json.dumps(d, indent=4))
@@ -383,10 +385,13 @@ def cmd_check(a) -> int:
         if not res["corruptions"] and not res["leaks"]:
             out.append("No errors were found on the image.")
         total = res["total_clusters"] or 1
-        out.append(f"{res['allocated_clusters']}/{res['total_clusters']} = "
-                   f"{100.0 * res['allocated_clusters'] / total:.2f}% allocated, 0.00% "
-                   f"fragmented, {100.0 * res['compressed_clusters'] / total:.2f}% compressed "
-                   f"clusters")
+        alloc = res["allocated_clusters"] or 1     # qemu-img: fragmented and compressed
+        if res["allocated_clusters"] and res["total_clusters"]:     # as qemu-img
+            out.append(f"{res['allocated_clusters']}/{res['total_clusters']} = "
+                       f"{100.0 * res['allocated_clusters'] / total:.2f}% allocated, "
+                       f"{100.0 * res['fragmented_clusters'] / alloc:.2f}% fragmented, "
+                       f"{100.0 * res['compressed_clusters'] / alloc:.2f}% compressed "
+                       f"clusters")
         out.append(f"Image end offset: {res['image_end_offset']}")
         print("\n".join(out))
     if res["corruptions"]:
@@ -898,6 +903,63 @@ def cmd_snapshot(a) -> int:
     return 0
 
 
+# -- dedup ------------------------------------------------------------------------------
+
+def cmd_dedup(a) -> int:
+    from .block.qcow2.dedup import dedup
+    fmt = _fmt_of(a.filename, a.f)
+    if fmt != "qcow2":
+        raise ImgError(f"{a.filename}: format {fmt} does not support deduplication (qcow2 "
+                       f"does)")
+    if a.min_refs < 2:
+        raise ImgError(f"--min-refs must be at least 2 (not {a.min_refs})")
+    writing = not a.dry_run
+    drv = _open(a.filename, fmt, writable=writing, backing=a.chain,
+                use=img_use(writes=writing, stable=not writing))
+    start = time.monotonic()
+    try:
+        res = dedup(drv, dry_run=a.dry_run, min_refs=a.min_refs, chain=a.chain,
+                    progress=(lambda done, total: _progress_err(done, total)) if a.p else None)
+    finally:
+        drv.close()
+        if a.p:
+            sys.stderr.write("\n")
+    took = time.monotonic() - start
+    if a.q:
+        return 0
+    cs = res.cluster_size
+    verb = "Would save" if a.dry_run else "Saved"
+    what = []
+    if res.shared:
+        what.append(f"{res.shared} clusters shared")
+    if res.zeroed:
+        what.append(f"{res.zeroed} zero clusters")
+    if res.unallocated:
+        what.append(f"{res.unallocated} clusters equal to the backing file unallocated")
+    if res.copied_fixed:
+        what.append(f"COPIED set again on {res.copied_fixed} entries of unshared clusters")
+    skipped = []
+    if res.skipped_compressed:
+        skipped.append(f"{res.skipped_compressed} compressed")
+    if res.skipped_partial:
+        skipped.append(f"{res.skipped_partial} partly allocated")
+    print(f"{res.data_clusters} data clusters of {cs} bytes on {res.host_before} host clusters"
+          + (f" (skipped: {', '.join(skipped)})" if skipped else ""))
+    print(f"{'; '.join(what) or 'nothing to deduplicate'}")
+    print(f"{verb} {res.saved_bytes} bytes ({_human(max(0, res.saved_bytes))}): "
+          f"{res.freed} clusters freed, {res.allocated} allocated; dedup ratio "
+          f"{res.ratio_before:.2f} -> {res.ratio_after:.2f} ({res.guest_after} data clusters on "
+          f"{res.host_after} host clusters) in {took:.2f} s")
+    return 0
+
+
+def _progress_err(done: int, total: int) -> None:
+    """qemu-img -p's display, on stderr (stdout carries the result)."""
+    pct = 100.0 * done / total if total else 100.0
+    sys.stderr.write(f"    ({pct:.2f}/100%)\r")
+    sys.stderr.flush()
+
+
 # -- the parser -------------------------------------------------------------------------
 
 def build_img_parser(p: argparse.ArgumentParser) -> None:
@@ -1026,6 +1088,21 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     s.add_argument("-q", action="store_true")
     s.add_argument("filename")
     s.set_defaults(func=cmd_snapshot)
+
+    d = sub.add_parser("dedup", help="share duplicate clusters of a qcow2 image (offline)")
+    d.add_argument("--image-opts", action="store_true",
+                   help="the image names are node options (driver=...,file.filename=...)")
+    d.add_argument("-f", metavar="FMT")
+    d.add_argument("-p", action="store_true", help="show progress (on stderr)")
+    d.add_argument("-q", action="store_true")
+    d.add_argument("--dry-run", action="store_true", help="say what it would save, change "
+                   "nothing")
+    d.add_argument("--min-refs", type=int, default=2, metavar="N",
+                   help="share only content that occurs at least N times (default 2)")
+    d.add_argument("--chain", action="store_true", help="unallocate clusters equal to what "
+                   "the backing file shows there")
+    d.add_argument("filename")
+    d.set_defaults(func=cmd_dedup)
 
 
 _CONVERT_VALUES = {"-f": "f", "-O": "O", "-o": "o", "-B": "B", "-F": "F"}

@@ -73,9 +73,6 @@ class CheckRepair:
                     continue
                 if not ref(off, 1, "L2 table", times):
                     continue
-                if tree_no == 0 and l1e & COPIED and self.refcount(off // cs) != 1:
-                    fail(f"L2 table at {off:#x} has COPIED set but refcount "
-                         f"{self.refcount(off // cs)}")
                 l2s[off] += times
                 if tree_no == 0:
                     active.add(off)
@@ -86,7 +83,8 @@ class CheckRepair:
                 fail(str(e), times)
                 continue
             counted = off in active
-            for j in range(0, len(table), self.entry_words):
+            next_host = 0        # QEMU's fragmentation: a data cluster not right after
+            for j in range(0, len(table), self.entry_words):   # the last, per L2 table
                 e = table[j]
                 if not e:
                     continue
@@ -94,6 +92,7 @@ class CheckRepair:
                     if counted:
                         stats["compressed"] += 1
                         stats["allocated"] += 1
+                        stats["fragmented"] += 1
                     coff, clen = self._compressed_span(e)
                     for c in range(coff >> cb, (coff + clen - 1 >> cb) + 1):
                         if c >= nclusters:
@@ -102,8 +101,11 @@ class CheckRepair:
                         want[c] += times
                     continue
                 host = e & OFFSET_MASK
-                if counted and (host or e & COPIED) and not (e & ZERO and not self.extl2):
+                if counted and _allocated(e, self.extl2, self.data_fd >= 0):
                     stats["allocated"] += 1
+                    if next_host and host != next_host:
+                        stats["fragmented"] += 1
+                    next_host = host + cs
                 if host and self.data_fd < 0:
                     ref(host, 1, "data cluster", times)
         if h.bitmaps_ext is not None and len(h.bitmaps_ext) >= 24:
@@ -136,6 +138,7 @@ class CheckRepair:
             if boff and (boff % cs or boff + cs > self.eof):
                 bad_blocks.add(ti)
                 fail(f"refcount block {ti} at {boff:#x} is misaligned or past the end")
+        highest = -1          # QEMU's image end: the last cluster in use or referenced
         for c in range(top):
             ti = c // self.rb_entries
             if ti in bad_blocks:
@@ -147,6 +150,8 @@ class CheckRepair:
             else:
                 have = self.refcount(c)
             w = want.get(c, 0)
+            if have or w:
+                highest = c
             if have > w:
                 leaks.append((c, w))
             elif have < w:
@@ -154,14 +159,20 @@ class CheckRepair:
         for c, w in want.items():
             if w > self.rc_max:
                 fail(f"cluster {c} has {w} references; refcounts overflow")
+        fixing_copied = repair == "all" and not self.read_only
+        if not (repair and not self.read_only):
+            n, copied = self._check_copied()      # against the refcounts as they are
+            keep = max(0, MAX_CHECK_ERRORS - len(errors))
+            errors.extend(copied[:keep])
+            more += n - min(len(copied), keep)
         if len(errors) > MAX_CHECK_ERRORS:
             more += len(errors) - MAX_CHECK_ERRORS
             del errors[MAX_CHECK_ERRORS:]
         result = {"leaks": len(leaks), "corruptions": len(corruptions) + len(errors) + more,
                   "errors": errors, "total_clusters": -(-self.size // cs),
                   "allocated_clusters": stats["allocated"], "compressed_clusters":
-                  stats["compressed"], "image_end_offset": self.eof,
-                  "leaks_fixed": 0, "corruptions_fixed": 0}
+                  stats["compressed"], "fragmented_clusters": stats["fragmented"],
+                  "image_end_offset": (highest + 1) * cs, "leaks_fixed": 0, "corruptions_fixed": 0}
         if repair and not self.read_only:
             self._claimed |= set(want)
             try:
@@ -176,8 +187,57 @@ class CheckRepair:
                 self._claimed.clear()
             self._free_hint = 1
             self.flush_metadata()
+            # QEMU's order: COPIED is checked against the repaired refcounts
+            n, copied = self._check_copied()
+            if n and fixing_copied:
+                self._fix_copied()
+                result["corruptions_fixed"] += n
+            elif n:
+                result["corruptions"] += n
+                result["errors"].extend(copied[:max(0, MAX_CHECK_ERRORS - len(errors))])
             fd_datasync(self.mfd)
         return result
+
+    def _check_copied(self) -> tuple[int, list[str]]:
+        """QEMU's OFLAG_COPIED rule on the active image: COPIED is set on an L1
+        entry or on the L2 entry of a data cluster exactly when the refcount of
+        the cluster it points at is 1 (a cluster shared by a snapshot or by
+        dedup has it clear, so a write copies it first). How many entries break
+        it, and up to MAX_CHECK_ERRORS messages in qemu-img check's words. Each
+        distinct L2 table is walked once, its findings counted as often as the
+        L1 table points at it (as the refcount walk above)."""
+        cs, cb = self.cluster_size, self.cluster_bits
+        out: list[str] = []
+        count = 0
+        tables = collections.Counter()
+
+        def say(message: str, times: int = 1) -> None:
+            nonlocal count
+            count += times
+            out.extend([message] * max(0, min(times, MAX_CHECK_ERRORS - len(out))))
+
+        for i, l1e in enumerate(self.l1):
+            off = l1e & OFFSET_MASK
+            if not off or off % cs or off + cs > self.eof:
+                continue                    # reported by the walk
+            rc = self.refcount(off // cs)
+            if (rc == 1) != bool(l1e & COPIED):
+                say(f"OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}")
+            tables[off] += 1
+        for off, times in tables.items():
+            try:
+                table = self._load_l2(off)
+            except BlockError:
+                continue                    # reported by the walk
+            for j in range(0, len(table), self.entry_words):
+                e = table[j]
+                host = e & OFFSET_MASK
+                if e & COMPRESSED or not _allocated(e, self.extl2, self.data_fd >= 0):
+                    continue
+                rc = 1 if self.data_fd >= 0 else self.refcount(host >> cb)
+                if (rc == 1) != bool(e & COPIED):
+                    say(f"OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}", times)
+        return count, out
 
     def _check_trees(self, l1s):
         """(L1 table, how many snapshots share it): the active image's first, then
@@ -204,3 +264,13 @@ class CheckRepair:
         else:
             d.update({"compression-type": "zlib", "refcount-bits": 16})
         return d
+
+
+def _allocated(e: int, extl2: bool, data_file: bool) -> bool:
+    """A standard L2 entry (not compressed) that points at a host cluster: QEMU's
+    NORMAL and ZERO_ALLOC types (a zero entry with an offset keeps its cluster).
+    Offset 0 is a cluster only in an external data file, with COPIED set."""
+    host = e & OFFSET_MASK
+    if e & ZERO and not extl2:
+        return bool(host)
+    return bool(host) or (data_file and bool(e & COPIED))
