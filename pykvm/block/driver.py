@@ -315,7 +315,9 @@ def iov_slice(iov, start: int, length: int) -> list:
         if n and pos + n > start:
             lo = max(start - pos, 0)
             hi = min(end - pos, n)
-            out.append(b if (lo == 0 and hi == n) else b[lo:hi])
+            # a view, never a copy: a bytearray's slice would be read into in vain
+            out.append(b if (lo == 0 and hi == n) else
+                       (b if isinstance(b, memoryview) else memoryview(b))[lo:hi])
             if pos + n >= end:
                 return out
         pos += n

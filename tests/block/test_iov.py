@@ -42,3 +42,12 @@ def test_zero_copy_and_is_zero():
     assert iov_is_zero(iov) and buf == bytes(len(buf))
     iov_copy_in(iov, b"ab" * (len(buf) // 2))
     assert buf == b"ab" * (len(buf) // 2)
+
+
+def test_slice_of_a_bytearray_is_a_view():
+    """Reading into a slice of a bytearray vector lands in the bytearray (a
+    slice that copied would drop what a read put there)."""
+    buf = bytearray(16)
+    piece, = iov_slice([buf], 4, 8)
+    piece[:] = b"x" * 8
+    assert buf == bytes(4) + b"x" * 8 + bytes(4)
