@@ -248,7 +248,7 @@ static int pykvm_aio_submit(struct pykvm_aio *aio, const struct pykvm_aio_req *r
     /* runs of plain requests go to the engine, routed ones to their connection */
     while (done < n) {
         struct pykvm_nbd *c = nbd_route_find(reqs[done].fd);
-        uint32_t run = 0;
+        uint32_t run = 1;   /* reqs[done] is plain */
 
         if (c) {
             aio->in_flight++;

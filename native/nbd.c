@@ -200,7 +200,6 @@ static int nbd_issue_part(struct nbd_handle *h, struct nbd_op *op, uint64_t off,
 
     if (!p) {
         pthread_mutex_lock(&op->c->lk);
-        op->transport = 0;
         if (!op->error)
             op->error = ENOMEM;
         int last = --op->parts == 0;
@@ -298,15 +297,9 @@ static void nbd_start(struct pykvm_nbd *c, struct nbd_op *op)
     }
 }
 
-static int nbd_check(struct pykvm_nbd *c, const struct pykvm_aio_req *r)
+/* 0 to send r (of len bytes), 1 when it is done already, or -errno. */
+static int nbd_check(struct pykvm_nbd *c, const struct pykvm_aio_req *r, uint64_t len)
 {
-    uint64_t len = r->op == PYKVM_AIO_FLUSH ? 0 : r->length;
-
-    if (r->op == PYKVM_AIO_READ || r->op == PYKVM_AIO_WRITE) {
-        len = 0;
-        for (uint32_t i = 0; i < r->iovcnt; i++)
-            len += r->iov[i].iov_len;
-    }
     if (r->op > PYKVM_AIO_FALLOCATE)
         return -EINVAL;
     if (r->op != PYKVM_AIO_FLUSH && (r->offset > c->info.size || len > c->info.size - r->offset))
@@ -330,9 +323,14 @@ static int nbd_check(struct pykvm_nbd *c, const struct pykvm_aio_req *r)
 static void nbd_submit(struct pykvm_nbd *c, const struct pykvm_aio_req *r, nbd_done_fn done,
                        void *ctx)
 {
-    int rc = nbd_check(c, r);
+    int data = r->op == PYKVM_AIO_READ || r->op == PYKVM_AIO_WRITE;
+    uint64_t len = data ? 0 : r->op == PYKVM_AIO_FLUSH ? 0 : r->length;
     struct nbd_op *op;
+    int rc;
 
+    for (uint32_t i = 0; data && i < r->iovcnt; i++)
+        len += r->iov[i].iov_len;
+    rc = nbd_check(c, r, len);
     if (rc) {
         done(ctx, r->token, rc > 0 ? 0 : rc);
         return;
@@ -347,10 +345,10 @@ static void nbd_submit(struct pykvm_nbd *c, const struct pykvm_aio_req *r, nbd_d
     op->op = r->op;
     op->mode = r->mode;
     op->offset = r->offset;
-    op->length = r->length;
+    op->length = len;
     op->done = done;
     op->ctx = ctx;
-    if (r->op == PYKVM_AIO_READ || r->op == PYKVM_AIO_WRITE) {
+    if (data) {
         op->iovcnt = r->iovcnt;
         op->iov = malloc(sizeof(*op->iov) * (r->iovcnt ? r->iovcnt : 1));
         if (!op->iov) {
@@ -358,11 +356,7 @@ static void nbd_submit(struct pykvm_nbd *c, const struct pykvm_aio_req *r, nbd_d
             done(ctx, r->token, -ENOMEM);
             return;
         }
-        op->length = 0;
-        for (uint32_t i = 0; i < r->iovcnt; i++) {
-            op->iov[i] = r->iov[i];
-            op->length += r->iov[i].iov_len;
-        }
+        memcpy(op->iov, r->iov, sizeof(*op->iov) * r->iovcnt);
         if (r->iovcnt > 1) {
             size_t pos = 0;
 

@@ -104,8 +104,7 @@ class NbdDriver(BlockDriver):
     def __init__(self, filename: str | None = None, server: dict | None = None,
                  export: str | None = None, reconnect_delay: int = 0, open_timeout: int = 0,
                  read_only: bool = False, direct: bool = False):
-        self.uri = uri_of(filename, server, export)
-        self.path = filename if filename is not None else self.uri
+        self.uri = self.path = uri_of(filename, server, export)
         self.read_only = read_only
         self.conn = ffi.NULL
         self.fd = self.bfd = -1
@@ -148,8 +147,9 @@ class NbdDriver(BlockDriver):
 
     @property
     def request_alignment(self) -> int:
-        """The server's minimum block size (the guest sees it as its block size)."""
-        return self.block_min if self.block_min > 1 else 0
+        """The server's minimum block size (the guest sees it as its block size;
+        O_DIRECT does not apply to a socket)."""
+        return self.block_min
 
     def info_flags(self) -> dict:
         """What the server offers and what the connection has done (counters)."""
