@@ -41,6 +41,8 @@ struct pykvm_aio_done {
 
 struct pykvm_aio;
 
+#define AIO_CONNS 8
+
 struct aio_ops {
     const char *name;
     int (*init)(struct pykvm_aio *aio, char *err, size_t errlen);
@@ -64,6 +66,11 @@ struct pykvm_aio {
     pthread_mutex_t rmu;
     struct pykvm_aio_done *rdone;
     uint32_t nrdone;
+    /* the connections it has sent requests to; once its thread watches their
+     * sockets (pykvm_aio_watch), it reads their replies itself */
+    struct pykvm_nbd *conn[AIO_CONNS];
+    uint32_t nconn;
+    int watching;
 };
 
 /* nbd.c: the connection a key fd routes to (NULL: a plain file), and its
@@ -72,7 +79,16 @@ struct pykvm_nbd;
 static int nbd_routes_any(void);
 static struct pykvm_nbd *nbd_route_find(int fd);
 static void nbd_submit(struct pykvm_nbd *c, const struct pykvm_aio_req *r,
-                       void (*done)(void *ctx, uint64_t token, int64_t result), void *ctx);
+                       void (*done)(void *ctx, uint64_t token, int64_t result), void *ctx,
+                       int driven);
+static int nbd_attach(struct pykvm_nbd *c, int notifier);
+static void nbd_detach(struct pykvm_nbd *c, int notifier);
+static int nbd_watch(struct pykvm_nbd *c, uint32_t *gen);
+static void nbd_drive(struct pykvm_nbd *c);
+
+/* the engine whose thread is reading its connections' replies right now
+ * (aio_drive): its completions need no wake-up */
+static __thread struct pykvm_aio *aio_driving;
 
 /* Do one request synchronously, as pykvm.aio.execute does: short reads and
  * writes are continued until done (a read stops at the end of the file).
@@ -227,12 +243,58 @@ static void aio_routed_done(void *ctx, uint64_t token, int64_t result)
 {
     struct pykvm_aio *aio = ctx;
 
+    int first;
+
     pthread_mutex_lock(&aio->rmu);
     aio->rdone[aio->nrdone].token = token;
     aio->rdone[aio->nrdone].result = result;
-    aio->nrdone++;
+    first = aio->nrdone++ == 0;
     pthread_mutex_unlock(&aio->rmu);
-    eventfd_write(aio->notifier, 1);
+    /* one wake-up per batch: the reaper takes the whole list (or stays
+     * readable); none when the reaper's own thread read the reply */
+    if (first && aio_driving != aio)
+        eventfd_write(aio->notifier, 1);
+}
+
+/* Remember a connection this engine sends to (its thread may read its replies). */
+static void aio_note_conn(struct pykvm_aio *aio, struct pykvm_nbd *c)
+{
+    for (uint32_t i = 0; i < aio->nconn; i++)
+        if (aio->conn[i] == c)
+            return;
+    /* more than AIO_CONNS (or NBD_DRIVERS engines on c): the pump reads for them */
+    if (aio->nconn == AIO_CONNS || (aio->watching && nbd_attach(c, aio->notifier) < 0))
+        return;
+    aio->conn[aio->nconn++] = c;
+}
+
+/* Read the replies waiting on the connections this engine's thread watches. */
+static void aio_drive(struct pykvm_aio *aio)
+{
+    if (!aio->watching)
+        return;
+    aio_driving = aio;
+    for (uint32_t i = 0; i < aio->nconn; i++)
+        nbd_drive(aio->conn[i]);
+    aio_driving = NULL;
+}
+
+static int pykvm_aio_watch(struct pykvm_aio *aio, int *fds, uint32_t *gens, uint32_t max)
+{
+    uint32_t n = 0;
+
+    if (!aio->watching) {
+        uint32_t kept = 0;
+
+        aio->watching = 1;
+        for (uint32_t i = 0; i < aio->nconn; i++)
+            if (nbd_attach(aio->conn[i], aio->notifier) == 0)
+                aio->conn[kept++] = aio->conn[i];
+        aio->nconn = kept;
+    }
+    for (uint32_t i = 0; i < aio->nconn && n < max; i++, n++)
+        fds[n] = nbd_watch(aio->conn[i], &gens[n]);
+    return (int)n;
 }
 
 static int pykvm_aio_submit(struct pykvm_aio *aio, const struct pykvm_aio_req *reqs, uint32_t n)
@@ -251,8 +313,9 @@ static int pykvm_aio_submit(struct pykvm_aio *aio, const struct pykvm_aio_req *r
         uint32_t run = 1;   /* reqs[done] is plain */
 
         if (c) {
+            aio_note_conn(aio, c);
             aio->in_flight++;
-            nbd_submit(c, &reqs[done], aio_routed_done, aio);
+            nbd_submit(c, &reqs[done], aio_routed_done, aio, aio->watching);
             done++;
             continue;
         }
@@ -300,13 +363,16 @@ static int pykvm_aio_reap(struct pykvm_aio *aio, struct pykvm_aio_done *out, uin
             return n ? n : m;
         n += m;
     }
-    if ((uint32_t)n < max)
+    if ((uint32_t)n < max) {
+        aio_drive(aio);
         n += aio_reap_routed(aio, out + n, max - n);
+    }
     return n;
 }
 
 static uint32_t pykvm_aio_ready(struct pykvm_aio *aio)
 {
+    aio_drive(aio);
     return aio->nnow + aio->ops->ready(aio) + __atomic_load_n(&aio->nrdone, __ATOMIC_ACQUIRE);
 }
 
@@ -321,6 +387,11 @@ static void pykvm_aio_close(struct pykvm_aio *aio)
 
     if (!aio)
         return;
+    /* the connections' pumps read what is still to come */
+    for (uint32_t i = 0; aio->watching && i < aio->nconn; i++)
+        nbd_detach(aio->conn[i], aio->notifier);
+    aio->nconn = 0;
+    aio->watching = 0;
     while (aio->in_flight) {
         struct pollfd pfd = {.fd = aio->notifier, .events = POLLIN};
 

@@ -56,5 +56,13 @@ int pykvm_aio_reap(struct pykvm_aio *aio, struct pykvm_aio_done *out, uint32_t m
 /* Completions waiting to be reaped, seen without a system call (for polling). */
 uint32_t pykvm_aio_ready(struct pykvm_aio *aio);
 uint32_t pykvm_aio_in_flight(const struct pykvm_aio *aio);
+/* The sockets of the NBD connections this engine has sent requests to, for
+ * the calling thread to poll for readability with its own fds; from the
+ * first call on, reap and ready read those connections' replies in the
+ * calling thread (nbd.h). fds[i] is -1 while connection i is down; gens[i]
+ * changes when a new connection replaces the old (the fd number may be the
+ * same). Call again before each sleep: the engine's notifier fires when a
+ * socket was replaced. Returns how many were filled (at most max). */
+int pykvm_aio_watch(struct pykvm_aio *aio, int *fds, uint32_t *gens, uint32_t max);
 /* Waits for every request in flight (dropping their results), then frees. */
 void pykvm_aio_close(struct pykvm_aio *aio);

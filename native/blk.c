@@ -141,6 +141,8 @@ struct pykvm_blk_punt {
 #define REQ_INLINE_IOV 8
 #define TAG_ENGINE 0xFFFF0001u
 #define TAG_WAKE 0xFFFF0002u
+#define TAG_ROUTE 0xFFFF0003u   /* an NBD connection's socket: replies to read */
+#define BLK_ROUTES 8
 #define POLL_GROW_START_NS 4000
 
 struct blk_req {
@@ -210,6 +212,10 @@ struct pykvm_blk {
     uint32_t nqueues;
     struct pykvm_aio *aio;
     int epfd, wake_fd, punt_fd, forward_fd;
+    /* NBD sockets in epfd (pykvm_aio_watch): fd and connection generation */
+    int route_fd[BLK_ROUTES];
+    uint32_t route_gen[BLK_ROUTES];
+    uint32_t nroute;
     uint64_t capacity, features;
     uint32_t align;
     int flush_fd;
@@ -1934,6 +1940,36 @@ static void blk_check_quiet(struct pykvm_blk *b)
     pthread_mutex_unlock(&b->lock);
 }
 
+/* Keep epfd watching the sockets of the NBD connections the engine sends to
+ * (their replies are read in this thread, by the engine's reap). */
+static void blk_watch_routes(struct pykvm_blk *b)
+{
+    int fds[BLK_ROUTES];
+    uint32_t gens[BLK_ROUTES];
+    int n = pykvm_aio_watch(b->aio, fds, gens, BLK_ROUTES);
+
+    for (uint32_t i = 0; i < BLK_ROUTES; i++) {
+        int fd = (int)i < n ? fds[i] : -1;
+        uint32_t gen = (int)i < n ? gens[i] : 0;
+
+        if (i >= b->nroute && fd < 0)
+            continue;
+        if (i < b->nroute && fd == b->route_fd[i] && gen == b->route_gen[i])
+            continue;
+        if (i < b->nroute && b->route_fd[i] >= 0)   /* gone already if it was closed */
+            (void)epoll_ctl(b->epfd, EPOLL_CTL_DEL, b->route_fd[i], NULL);
+        if (fd >= 0) {
+            struct epoll_event ev = {.events = EPOLLIN, .data.u32 = TAG_ROUTE};
+
+            if (epoll_ctl(b->epfd, EPOLL_CTL_ADD, fd, &ev) < 0 && errno == EEXIST)
+                (void)epoll_ctl(b->epfd, EPOLL_CTL_MOD, fd, &ev);
+        }
+        b->route_fd[i] = fd;
+        b->route_gen[i] = gen;
+    }
+    b->nroute = n > 0 ? (uint32_t)n : 0;
+}
+
 /* epoll_wait for at most timeout_ns (0: no limit) */
 static int blk_wait(struct pykvm_blk *b, struct epoll_event *events, int max, uint64_t timeout_ns)
 {
@@ -2002,6 +2038,7 @@ static void *blk_thread(void *arg)
         if (due && due <= now)
             continue;  /* a deferred interrupt decision or a held request: blk_round */
         CNT_ADD(b, sleeps, 1);
+        blk_watch_routes(b);
         n = blk_wait(b, events, 16, due ? due - now : 0);
         if (b->poll_max_ns)
             blk_adapt_poll(b, blk_now_ns() - idle_since);
@@ -2009,7 +2046,7 @@ static void *blk_thread(void *arg)
             uint32_t tag = events[i].data.u32;
             eventfd_t v;
 
-            if (tag == TAG_ENGINE)
+            if (tag == TAG_ENGINE || tag == TAG_ROUTE)
                 engine_fired = 1;  /* reap reads it */
             else if (tag == TAG_WAKE)
                 (void)eventfd_read(b->wake_fd, &v);

@@ -2,8 +2,12 @@
  * nbd.c - an NBD connection over libnbd's asynchronous C API (nbd.h).
  *
  * Threads. Submitters (a C engine's caller, the Python path's workers) issue
- * libnbd commands themselves; the pump thread polls the socket and calls
- * nbd_aio_notify_*, which runs the completion callbacks. Three locks:
+ * libnbd commands themselves; replies are read, and the completion callbacks
+ * run, in whichever thread calls nbd_aio_notify_read: an I/O thread that
+ * attached itself (it polls the socket in its own epoll set and reads while
+ * it runs: no thread hop between the reply and the used ring), else the pump
+ * thread. The pump also sends what libnbd could not (POLLOUT), notices a
+ * dead connection and reconnects. Two locks besides libnbd's own:
  *   c->mu   the handle pointer, the connection state, the pending list and
  *           `users` (submitters inside a libnbd call on c->h); never held
  *           across a libnbd call, so that no lock order meets libnbd's own
@@ -44,6 +48,7 @@ struct pykvm_nbd_info {
 #define PYKVM_NBD_TRIM 0x100
 
 #define NBD_ROUTES 64
+#define NBD_DRIVERS 8           /* I/O threads polling one connection themselves */
 #define NBD_RETRY_MS 1000       /* between reconnection attempts */
 
 enum nbd_state { NBD_READY, NBD_DOWN, NBD_STOPPED };
@@ -66,6 +71,7 @@ struct nbd_op {
     uint32_t parts;             /* parts not yet freed by libnbd */
     int error;                  /* first server error of a part */
     int transport;              /* a part never completed: the connection went */
+    int foreign;                /* its submitter does not read replies itself */
 };
 
 struct nbd_part {
@@ -89,6 +95,15 @@ struct pykvm_nbd {
     struct nbd_op *orphans;
     int wake;                   /* eventfd: the pump re-reads the direction, the lists */
     pthread_t pump;
+    /* I/O threads that poll the socket for replies themselves (nbd_attach):
+     * while there is one, the pump leaves POLLIN to them; their engines'
+     * notifiers are told when a new socket replaces the old one */
+    uint32_t drivers;
+    int driver_fd[NBD_DRIVERS];
+    uint32_t gen;               /* counts connections: a socket's identity beyond its fd */
+    uint32_t refs;              /* the owner and each attached engine (under mu) */
+    uint32_t foreign;           /* requests in flight whose submitter does not read
+                                 * replies (atomic): the pump reads for them */
     struct pykvm_nbd_info info;
 };
 
@@ -121,8 +136,19 @@ static void nbd_op_free(struct nbd_op *op)
     free(op);
 }
 
+/* A request whose submitter will not read the reply itself starts or ends
+ * (the first one makes the pump poll for replies even with drivers attached:
+ * an attached thread may be parked). */
+static void nbd_foreign(struct pykvm_nbd *c, int delta)
+{
+    if (__atomic_add_fetch(&c->foreign, (uint32_t)delta, __ATOMIC_ACQ_REL) == 1 && delta > 0)
+        nbd_wake(c);
+}
+
 static void nbd_op_complete(struct nbd_op *op, int64_t result)
 {
+    if (op->foreign)
+        nbd_foreign(op->c, -1);
     if (result < 0)
         __atomic_add_fetch(&op->c->info.failed, 1, __ATOMIC_RELAXED);
     op->done(op->ctx, op->token, result);
@@ -161,6 +187,10 @@ static int nbd_part_done(void *user_data, int *error)
 {
     struct nbd_part *p = user_data;
 
+    /* libnbd retires the commands of a connection that died with ENOTCONN (a
+     * server cannot send it): a transport failure, to retry on the next one */
+    if (*error == ENOTCONN)
+        return 1;
     p->called = 1;
     if (*error) {
         pthread_mutex_lock(&p->op->c->lk);
@@ -286,12 +316,18 @@ static void nbd_start(struct pykvm_nbd *c, struct nbd_op *op)
     }
     pthread_mutex_unlock(&c->mu);
     if (h) {
+        int blocked;
+
         nbd_issue(c, h, op);
+        /* libnbd sent what it could; only output left waiting for the socket
+         * changes what the pump must poll for (POLLOUT) */
+        blocked = (nbd_aio_get_direction(h) & LIBNBD_AIO_DIRECTION_WRITE) != 0;
         pthread_mutex_lock(&c->mu);
         if (--c->users == 0)
             pthread_cond_broadcast(&c->idle);
         pthread_mutex_unlock(&c->mu);
-        nbd_wake(c);   /* the pump may now have to wait for POLLOUT too */
+        if (blocked)
+            nbd_wake(c);
     } else if (!kept) {
         nbd_op_complete(op, -EIO);
     }
@@ -319,9 +355,10 @@ static int nbd_check(struct pykvm_nbd *c, const struct pykvm_aio_req *r, uint64_
 }
 
 /* Start one AIO request on c; done(ctx, token, result) once it has finished
- * (possibly before this returns). */
+ * (possibly before this returns). `driven`: the submitter's thread reads the
+ * connection's replies itself (nbd_drive). */
 static void nbd_submit(struct pykvm_nbd *c, const struct pykvm_aio_req *r, nbd_done_fn done,
-                       void *ctx)
+                       void *ctx, int driven)
 {
     int data = r->op == PYKVM_AIO_READ || r->op == PYKVM_AIO_WRITE;
     uint64_t len = data ? 0 : r->op == PYKVM_AIO_FLUSH ? 0 : r->length;
@@ -373,6 +410,9 @@ static void nbd_submit(struct pykvm_nbd *c, const struct pykvm_aio_req *r, nbd_d
                 }
         }
     }
+    op->foreign = !driven;
+    if (op->foreign)
+        nbd_foreign(c, 1);
     nbd_start(c, op);
 }
 
@@ -531,17 +571,23 @@ static void *nbd_pump(void *arg)
         struct nbd_handle *h;
         eventfd_t v;
 
+        uint32_t drivers;
+
         pthread_mutex_lock(&c->mu);
         state = c->state;
         h = c->h;
+        drivers = c->drivers;
         pthread_mutex_unlock(&c->mu);
         if (state == NBD_STOPPED)
             break;
         if (state == NBD_READY) {
+            /* h stays valid: only this thread replaces or closes it */
             unsigned dir = nbd_aio_get_direction(h);
             struct pollfd pfd[2] = {
                 {.fd = nbd_aio_get_fd(h),
-                 .events = (short)(((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
+                 .events = (short)(((dir & LIBNBD_AIO_DIRECTION_READ) &&
+                                    (!drivers || __atomic_load_n(&c->foreign, __ATOMIC_ACQUIRE))
+                                    ? POLLIN : 0) |
                                    ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0))},
                 {.fd = c->wake, .events = POLLIN},
             };
@@ -597,13 +643,19 @@ static void *nbd_pump(void *arg)
                     nbd_close(nh);
                     break;
                 }
+                int tell[NBD_DRIVERS];
+                uint32_t ntell;
+
                 c->h = nh;
+                c->gen++;
                 c->state = NBD_READY;
                 c->info.connected = 1;
                 c->info.reconnects++;
                 c->failing = 0;
                 op = nbd_take_pending(c);
                 c->users++;
+                ntell = c->drivers;
+                memcpy(tell, c->driver_fd, sizeof(tell));
                 pthread_mutex_unlock(&c->mu);
                 fprintf(stderr, "pykvm: nbd: reconnected to %s\n", c->uri);
                 for (; op; op = next) {
@@ -614,6 +666,10 @@ static void *nbd_pump(void *arg)
                 if (--c->users == 0)
                     pthread_cond_broadcast(&c->idle);
                 pthread_mutex_unlock(&c->mu);
+                /* attached I/O threads watch the old socket: wake them to
+                 * take the new one (nbd_watch) */
+                for (uint32_t i = 0; i < ntell; i++)
+                    eventfd_write(tell[i], 1);
                 continue;
             }
         }
@@ -623,6 +679,98 @@ static void *nbd_pump(void *arg)
             (void)eventfd_read(c->wake, &v);
     }
     return NULL;
+}
+
+/* -- I/O threads driving the connection ---------------------------------------------- */
+
+/* An engine whose thread polls `notifier` makes the connection's replies its
+ * own to read: 0, or -ENOSPC when NBD_DRIVERS already do. */
+static int nbd_attach(struct pykvm_nbd *c, int notifier)
+{
+    int rc = -ENOSPC;
+
+    pthread_mutex_lock(&c->mu);
+    if (c->drivers < NBD_DRIVERS) {
+        c->driver_fd[c->drivers++] = notifier;
+        c->refs++;
+        rc = 0;
+    }
+    pthread_mutex_unlock(&c->mu);
+    nbd_wake(c);    /* the pump stops polling for replies */
+    return rc;
+}
+
+static void nbd_free(struct pykvm_nbd *c)
+{
+    close(c->wake);
+    free(c->uri);
+    free(c);
+}
+
+/* Drop a reference (an attached engine's, or the owner's at close). */
+static void nbd_put(struct pykvm_nbd *c)
+{
+    int last;
+
+    pthread_mutex_lock(&c->mu);
+    last = --c->refs == 0;
+    pthread_mutex_unlock(&c->mu);
+    if (last)
+        nbd_free(c);
+}
+
+static void nbd_detach(struct pykvm_nbd *c, int notifier)
+{
+    pthread_mutex_lock(&c->mu);
+    for (uint32_t i = 0; i < c->drivers; i++)
+        if (c->driver_fd[i] == notifier) {
+            c->driver_fd[i] = c->driver_fd[--c->drivers];
+            break;
+        }
+    pthread_mutex_unlock(&c->mu);
+    nbd_wake(c);    /* the pump may have to read replies again */
+    nbd_put(c);
+}
+
+/* The socket an attached thread polls for readability and its generation
+ * (a new connection may reuse the fd number); -1 while there is none. */
+static int nbd_watch(struct pykvm_nbd *c, uint32_t *gen)
+{
+    int fd = -1;
+
+    pthread_mutex_lock(&c->mu);
+    if (c->state == NBD_READY)
+        fd = nbd_aio_get_fd(c->h);
+    *gen = c->gen;
+    pthread_mutex_unlock(&c->mu);
+    return fd;
+}
+
+/* Read what the server has sent, in this thread: the completion callbacks run
+ * here. Never blocks (a socket with nothing to read leaves libnbd where it
+ * was); a dead connection is left to the pump, which is woken. */
+static void nbd_drive(struct pykvm_nbd *c)
+{
+    struct nbd_handle *h = NULL;
+    int rc = 0, dead;
+
+    pthread_mutex_lock(&c->mu);
+    if (c->state == NBD_READY) {
+        h = c->h;
+        c->users++;
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (!h)
+        return;
+    if (nbd_aio_get_direction(h) & LIBNBD_AIO_DIRECTION_READ)
+        rc = nbd_aio_notify_read(h);
+    dead = rc < 0 || nbd_aio_is_dead(h) > 0 || nbd_aio_is_closed(h) > 0;
+    pthread_mutex_lock(&c->mu);
+    if (--c->users == 0)
+        pthread_cond_broadcast(&c->idle);
+    pthread_mutex_unlock(&c->mu);
+    if (dead)
+        nbd_wake(c);
 }
 
 /* -- the interface ------------------------------------------------------------------- */
@@ -641,6 +789,7 @@ static struct pykvm_nbd *pykvm_nbd_open(const char *uri, uint32_t reconnect_dela
     c->connect_ms = connect_timeout_ms ? connect_timeout_ms : 10000;
     c->wake = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     c->pending_tail = &c->pending;
+    c->refs = 1;
     if (!c->uri || c->wake < 0) {
         snprintf(err, errlen, "%s", strerror(c->uri ? errno : ENOMEM));
         goto fail;
@@ -701,7 +850,7 @@ static int64_t pykvm_nbd_sync(struct pykvm_nbd *c, int32_t op, uint64_t offset,
     struct pykvm_aio_req r = {.op = op, .offset = offset, .iov = iov, .iovcnt = iovcnt,
                               .mode = mode, .length = length};
 
-    nbd_submit(c, &r, nbd_waiter_done, &w);
+    nbd_submit(c, &r, nbd_waiter_done, &w, 0);
     pthread_mutex_lock(&w.mu);
     while (!w.done)
         pthread_cond_wait(&w.cv, &w.mu);
@@ -787,6 +936,7 @@ static int pykvm_nbd_block_status(struct pykvm_nbd *c, uint64_t offset, uint64_t
     pthread_mutex_unlock(&c->mu);
     if (!h)
         return -EIO;
+    nbd_foreign(c, 1);
     rc = nbd_aio_block_status(h, length, offset,
                               (nbd_extent_callback){.callback = nbd_extent_cb, .user_data = &e},
                               (nbd_completion_callback){.callback = nbd_bs_done,
@@ -801,6 +951,7 @@ static int pykvm_nbd_block_status(struct pykvm_nbd *c, uint64_t offset, uint64_t
     while (!w.done)
         pthread_cond_wait(&w.cv, &w.mu);
     pthread_mutex_unlock(&w.mu);
+    nbd_foreign(c, -1);
     if (rc < 0 && w.result >= 0)
         return -EIO;
     if (w.result < 0)
@@ -878,7 +1029,5 @@ static void pykvm_nbd_close(struct pykvm_nbd *c)
         nbd_close(h);        /* what was in flight becomes orphans */
     nbd_fail_list(pending);
     nbd_adopt_orphans(c);    /* stopped: they fail */
-    close(c->wake);
-    free(c->uri);
-    free(c);
+    nbd_put(c);              /* freed here, or by the last engine that detaches */
 }

@@ -395,8 +395,8 @@ def fd_pread(fd: int, length: int, offset: int) -> bytes:
     (fewer at the end of the file)."""
     if fd in ROUTES:
         buf = bytearray(length)
-        _routed(fd, READ, memoryview(buf), offset)
-        return bytes(buf)
+        n = _routed(fd, READ, memoryview(buf), offset)
+        return bytes(buf[:n])
     return os.pread(fd, length, offset)
 
 
