@@ -72,6 +72,7 @@ struct nbd_op {
     int error;                  /* first server error of a part */
     int transport;              /* a part never completed: the connection went */
     int foreign;                /* its submitter does not read replies itself */
+    uint64_t lost_ns;           /* when a connection first failed it (0: never) */
 };
 
 struct nbd_part {
@@ -83,6 +84,8 @@ struct pykvm_nbd {
     char *uri;
     uint32_t delay_ms;
     uint32_t connect_ms;
+    uint32_t timeout_ms;        /* request-timeout: in flight without a reply that long */
+    uint64_t progress_ns;       /* a reply last came, or nothing was in flight (atomic) */
     pthread_mutex_t mu;
     pthread_cond_t idle;        /* users reached 0 */
     struct nbd_handle *h;
@@ -192,6 +195,7 @@ static int nbd_part_done(void *user_data, int *error)
     if (*error == ENOTCONN)
         return 1;
     p->called = 1;
+    __atomic_store_n(&p->op->c->progress_ns, nbd_now_ns(), __ATOMIC_RELAXED);
     if (*error) {
         pthread_mutex_lock(&p->op->c->lk);
         if (!p->op->error)
@@ -520,10 +524,17 @@ static void nbd_adopt_orphans(struct pykvm_nbd *c)
     pthread_mutex_unlock(&c->lk);
     if (!op)
         return;
+    uint64_t now = nbd_now_ns();
+
     pthread_mutex_lock(&c->mu);
     for (; op; op = next) {
         next = op->next;
-        if (c->state == NBD_DOWN && !c->failing) {
+        /* reconnect-delay counts from the first loss: a server that accepts
+         * every new connection and hangs on each does not keep it forever */
+        if (!op->lost_ns)
+            op->lost_ns = now;
+        if (c->state == NBD_DOWN && !c->failing &&
+            now - op->lost_ns <= (uint64_t)c->delay_ms * 1000000ull) {
             op->next = NULL;
             *c->pending_tail = op;
             c->pending_tail = &op->next;
@@ -556,6 +567,21 @@ static void nbd_fail_list(struct nbd_op *op)
         next = op->next;
         nbd_op_complete(op, -EIO);
     }
+}
+
+/* Requests in flight and no reply for request-timeout: a server that hangs
+ * (mid-reply, or before it) is dropped as a dead one. Seen by the pump at
+ * least once a second, so an idle moment is at most that stale. */
+static int nbd_stalled(struct pykvm_nbd *c, struct nbd_handle *h)
+{
+    uint64_t now = nbd_now_ns();
+
+    if (nbd_aio_in_flight(h) <= 0) {
+        __atomic_store_n(&c->progress_ns, now, __ATOMIC_RELAXED);
+        return 0;
+    }
+    return now - __atomic_load_n(&c->progress_ns, __ATOMIC_RELAXED) >
+           (uint64_t)c->timeout_ms * 1000000ull;
 }
 
 static void *nbd_pump(void *arg)
@@ -603,6 +629,13 @@ static void *nbd_pump(void *arg)
                 rc = nbd_aio_notify_write(h);
             if (rc < 0 || nbd_aio_is_dead(h) > 0 || nbd_aio_is_closed(h) > 0)
                 nbd_lost(c, nbd_get_error() ? nbd_get_error() : "server closed the connection");
+            else if (c->timeout_ms && nbd_stalled(c, h)) {
+                char why[80];
+
+                snprintf(why, sizeof(why), "no reply within request-timeout=%u",
+                         c->timeout_ms / 1000);
+                nbd_lost(c, why);
+            }
             nbd_adopt_orphans(c);
             continue;
         }
@@ -648,6 +681,7 @@ static void *nbd_pump(void *arg)
 
                 c->h = nh;
                 c->gen++;
+                __atomic_store_n(&c->progress_ns, nbd_now_ns(), __ATOMIC_RELAXED);
                 c->state = NBD_READY;
                 c->info.connected = 1;
                 c->info.reconnects++;
@@ -776,7 +810,8 @@ static void nbd_drive(struct pykvm_nbd *c)
 /* -- the interface ------------------------------------------------------------------- */
 
 static struct pykvm_nbd *pykvm_nbd_open(const char *uri, uint32_t reconnect_delay_ms,
-                                        uint32_t connect_timeout_ms, char *err, size_t errlen)
+                                        uint32_t connect_timeout_ms, uint32_t request_timeout_ms,
+                                        char *err, size_t errlen)
 {
     struct pykvm_nbd *c = calloc(1, sizeof(*c));
 
@@ -787,6 +822,7 @@ static struct pykvm_nbd *pykvm_nbd_open(const char *uri, uint32_t reconnect_dela
     c->uri = strdup(uri);
     c->delay_ms = reconnect_delay_ms;
     c->connect_ms = connect_timeout_ms ? connect_timeout_ms : 10000;
+    c->timeout_ms = request_timeout_ms;
     c->wake = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     c->pending_tail = &c->pending;
     c->refs = 1;
@@ -799,6 +835,7 @@ static struct pykvm_nbd *pykvm_nbd_open(const char *uri, uint32_t reconnect_dela
         goto fail;
     nbd_read_info(c, c->h);
     c->info.connected = 1;
+    c->progress_ns = nbd_now_ns();
     pthread_mutex_init(&c->mu, NULL);
     pthread_mutex_init(&c->lk, NULL);
     pthread_cond_init(&c->idle, NULL);

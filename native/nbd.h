@@ -39,9 +39,11 @@ struct pykvm_nbd_info {
 #define PYKVM_NBD_TRIM 0x100    /* a FALLOCATE mode bit of this module: NBD_CMD_TRIM */
 
 /* Connect to uri (the NBD URI standard: nbd://, nbd+unix://); NULL with one
- * line in err when it cannot. */
+ * line in err when it cannot. request_timeout_ms: a connection with requests
+ * in flight and no reply for that long is dropped as dead (0: never). */
 struct pykvm_nbd *pykvm_nbd_open(const char *uri, uint32_t reconnect_delay_ms,
-                                 uint32_t connect_timeout_ms, char *err, size_t errlen);
+                                 uint32_t connect_timeout_ms, uint32_t request_timeout_ms,
+                                 char *err, size_t errlen);
 void pykvm_nbd_get_info(struct pykvm_nbd *c, struct pykvm_nbd_info *info);
 /* One request, waited for (a format's metadata, the Python path's workers):
  * bytes done or -errno. */

@@ -5,7 +5,10 @@ Spelled as QEMU's: ``file=nbd://HOST[:PORT]/EXPORT`` or
 ``driver=nbd,server.type=inet,server.host=H,server.port=P,export=E`` and
 ``server.type=unix,server.path=PATH``; ``reconnect-delay=`` (seconds requests
 wait for a lost server to come back before they fail; 0: fail at once) and
-``open-timeout=`` (seconds to keep trying the first connection) as in QEMU.
+``open-timeout=`` (seconds to keep trying the first connection) as in QEMU;
+``request-timeout=`` (seconds a connection may have requests in flight and
+no reply before it is dropped as dead, which a server hanging mid-reply
+needs; default 30, 0 never; QEMU has no such bound).
 
 One connection (native/nbd.c) carries every request of the disk, from both
 paths: without the server's CAN_MULTI_CONN a flush covers only the writes of
@@ -36,6 +39,7 @@ DEFAULT_PORT = 10809
 MAX_EXTENTS = 4096
 STATUS_CHUNK = 1 << 30
 CONNECT_TIMEOUT_MS = 10_000    # a handshake that takes longer fails (a server that hangs)
+REQUEST_TIMEOUT = 30           # seconds (the Linux nbd driver's default)
 HOLE, ZERO = 1, 2              # base:allocation flags
 
 _OPS = {aio.READ: lib.PYKVM_AIO_READ, aio.WRITE: lib.PYKVM_AIO_WRITE,
@@ -98,17 +102,24 @@ class NbdDriver(BlockDriver):
     options = {"filename": "str",
                "server": {"type": ("inet", "unix"), "host": "str", "port": "str",
                           "path": "str"},
-               "export": "str", "reconnect-delay": "int", "open-timeout": "int"}
+               "export": "str", "reconnect-delay": "int", "open-timeout": "int",
+               "request-timeout": "int"}
     is_block_device = False
 
     def __init__(self, filename: str | None = None, server: dict | None = None,
                  export: str | None = None, reconnect_delay: int = 0, open_timeout: int = 0,
-                 read_only: bool = False, direct: bool = False):
+                 request_timeout: int = REQUEST_TIMEOUT, read_only: bool = False,
+                 direct: bool = False):
         self.uri = self.path = uri_of(filename, server, export)
         self.read_only = read_only
         self.conn = ffi.NULL
         self.fd = self.bfd = -1
-        self.conn = self._connect(reconnect_delay, open_timeout)
+        for name, v in (("reconnect-delay", reconnect_delay), ("open-timeout", open_timeout),
+                        ("request-timeout", request_timeout)):
+            if not 0 <= v <= 86400:
+                raise BlockError(self.path, f"{name}={v} is not a number of seconds in "
+                                 f"[0, 86400]")
+        self.conn = self._connect(reconnect_delay, open_timeout, request_timeout)
         try:
             self._info = ffi.new("struct pykvm_nbd_info *")
             lib.pykvm_nbd_get_info(self.conn, self._info)
@@ -130,14 +141,15 @@ class NbdDriver(BlockDriver):
             self.close_node()
             raise
 
-    def _connect(self, reconnect_delay: int, open_timeout: int):
+    def _connect(self, reconnect_delay: int, open_timeout: int, request_timeout: int):
         """The first connection: tried once, or again until open-timeout
         seconds have passed (QEMU's open-timeout)."""
         err = ffi.new("char[512]")
         deadline = time.monotonic() + open_timeout
         while True:
             conn = lib.pykvm_nbd_open(self.uri.encode(), reconnect_delay * 1000,
-                                      CONNECT_TIMEOUT_MS, err, len(err))
+                                      CONNECT_TIMEOUT_MS, request_timeout * 1000, err,
+                                      len(err))
             if conn != ffi.NULL:
                 return conn
             if time.monotonic() >= deadline:
