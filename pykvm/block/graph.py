@@ -389,7 +389,11 @@ def _open(spec: dict, name: str, read_only: bool, direct: bool, chain: frozenset
             raise _error(where, f"backing file loop: '{file.filename}' is its own "
                              f"(indirect) backing file")
         if cls is None:
-            head = fd_pread(file.bfd, 4096, 0) if file.kind != "format" else b""
+            try:
+                head = fd_pread(file.bfd, 4096, 0) if file.kind != "format" else b""
+            except OSError as e:
+                raise _error(where, f"cannot read the image's first bytes (to probe its "
+                                    f"format): {e.strerror}") from None
             driver = probe_header(head, file.filename)
             cls = FORMATS[driver]
             where = f"{driver} {where}"
