@@ -41,11 +41,17 @@ Workloads so far:
                against the same disk without them (target: >= 0.95x), and a
                1 ms delay on every read against QD / 1 ms, or the plain
                disk's rate if that is lower (target: within 5%)
-  nbd-export   fio's nbd engine against `pykvm serve --nbd` and qemu-nbd on the
-               same fresh, preallocated 1 GiB raw image, Unix socket and
-               127.0.0.1: 4K randread and randwrite QD32, 1M sequential read
-               QD8 (targets: >= 0.9x qemu-nbd at 4K, >= 1.0x at 1M;
-               bench/nbd_export.py)
+  nbd          both halves of NBD, on a Unix socket and on 127.0.0.1, 4K
+               randread and randwrite QD32 and 1M sequential read QD8:
+               nbd-client: the workload guest on pykvm's C path (io_uring
+               engine, cache=none) on an NBD disk from qemu-nbd, against
+               QEMU (microvm, iothread, cache=none) booting the same guest
+               with file=nbd://... from the same server (target >= 1.0x);
+               nbd-export: fio's nbd engine against `pykvm serve --nbd` and
+               qemu-nbd on the same fresh, preallocated 1 GiB raw image
+               (targets: >= 0.9x qemu-nbd at 4K, >= 1.0x at 1M;
+               bench/nbd_export.py). Each half alone: --suite nbd-client,
+               --suite nbd-export
   crash        crashtest's states per minute on a 256 MiB ext4 image written
                by the Linux kit (e2fsck after journal recovery as the check),
                the time making a state takes against checking it (target:
@@ -63,6 +69,7 @@ import platform
 import re
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -325,11 +332,12 @@ def _bench_io(runtime: float, engines: list[str], workloads: dict, rounds: int,
 
 def qemu_io_cmd(img: pathlib.Path, aio: str, transport: str, guest_opts: str,
                 queues: int = 1, fmt: str = "raw", drive_opts: str = "") -> list[str]:
-    """QEMU running the workload guest on ``img`` (format ``fmt``, cache=none,
-    ``aio``, one iothread): microvm with virtio-blk-device for mmio, pc with
+    """QEMU running the workload guest on ``img`` (a file or a URI: format
+    ``fmt``, cache=none, ``aio`` unless None, one iothread): microvm with virtio-blk-device for mmio, pc with
     virtio-blk-pci for pci; ``queues`` request queues; ``drive_opts`` more
     -drive options (",throttling.iops-total=500")."""
-    drive = f"id=d0,file={img},format={fmt},if=none,cache=none,aio={aio}{drive_opts}"
+    drive = f"id=d0,file={img},format={fmt},if=none,cache=none" + \
+        (f",aio={aio}" if aio else "") + drive_opts
     common = ["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "256M",
               "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
               "-device", "isa-debug-exit,iobase=0x501,iosize=1",
@@ -345,6 +353,106 @@ def qemu_io_cmd(img: pathlib.Path, aio: str, transport: str, guest_opts: str,
     return [QEMU, "-M", "pc", "-bios", "qboot.rom", "-vga", "none", "-nic", "none", *common,
             "-device", f"virtio-blk-pci,{dev},disable-legacy=on",
             "-append", "transport=pci " + guest_opts]
+
+
+NBD_CLIENT_WORKLOADS = {
+    "randread-4k-qd32": ("randread", 4096, 32),
+    "randwrite-4k-qd32": ("randwrite", 4096, 32),
+    "seqread-1m-qd8": ("read", 1 << 20, 8),
+}
+
+
+def _start_qemu_nbd(img: pathlib.Path, transport: str, tmp: pathlib.Path):
+    """qemu-nbd serving img (two connections at once), and its URI."""
+    if transport == "unix":
+        sock = tmp / "qemu-nbd.sock"
+        where, uri = ["-k", str(sock)], f"nbd+unix:///?socket={sock}"
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        where, uri = ["-b", "127.0.0.1", "-p", str(port)], f"nbd://127.0.0.1:{port}/"
+    server = subprocess.Popen(["qemu-nbd", "-t", "-e", "2", "-f", "raw", *where, str(img)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while subprocess.run(["nbdinfo", "--size", uri], capture_output=True).returncode != 0:
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise SystemExit(f"bench: qemu-nbd did not start: "
+                             f"{server.stderr.read().decode()[-300:]}")
+        time.sleep(0.1)
+    return server, uri
+
+
+def bench_nbd_client(runtime: float, rounds: int) -> list[dict]:
+    """pykvm's C path and QEMU, the same workload guest on the same NBD export
+    (qemu-nbd serving a preallocated 1 GiB raw image), alternated."""
+    sys.path.insert(0, str(ROOT))
+    from nbd_export import make_image as make_full_image
+    from pykvm import fio
+
+    tsc = host_tsc_khz()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench-nbdc-", dir=ROOT / "bench") as d:
+        tmp = pathlib.Path(d)
+        img = tmp / "disk.raw"
+        make_full_image(img)
+        for transport in ("unix", "tcp"):
+            server, uri = _start_qemu_nbd(img, transport, tmp)
+            try:
+                for wname, (rw, bs, qd) in NBD_CLIENT_WORKLOADS.items():
+                    workload = f"nbd-client-{transport}-{wname}"
+                    writes = "write" in rw
+                    guest_opts = f"rw={rw} bs={bs} iodepth={qd} runtime={runtime:g} " \
+                                 f"tsc_khz={tsc}" + (" refill=0" if writes else "")
+                    systems = {
+                        "pykvm-io_uring": (PYKVM + [
+                            "fio", "--disk", f"driver=raw,file.driver=nbd,file.filename={uri},"
+                            f"cache=none,aio=io_uring", f"--rw={rw}", f"--bs={bs}",
+                            f"--iodepth={qd}", f"--runtime={runtime:g}", "--output-format=json",
+                            *(["--no-refill"] if writes else [])], 0),
+                        "qemu": (qemu_io_cmd(uri, None, "mmio", guest_opts), 1),
+                    }
+                    got: dict = {k: [] for k in systems}
+                    for _ in range(rounds):   # alternated: each system once per round
+                        for system, (cmd, expect) in systems.items():
+                            m = measure(cmd, expect)
+                            row = io_result(fio.parse_result(m["stdout"]), system, "mmio",
+                                            workload, m) if system == "qemu" else \
+                                fio_row(m, system, "mmio", workload)
+                            got[system].append(row)
+                            print(f"  nbd-client {transport:<4} {wname:<18} {system:<14} "
+                                  f"{row['iops']:>10.0f} IOPS", file=sys.stderr)
+                    med = {k: dict(median_row(v, "iops"), iops_samples=[r["iops"] for r in v])
+                           for k, v in got.items()}
+                    q = med["qemu"]["iops"]
+                    med["pykvm-io_uring"]["vs_qemu"] = \
+                        med["pykvm-io_uring"]["iops"] / q if q else 0.0
+                    med["pykvm-io_uring"]["target"] = 1.0
+                    runs += list(med.values())
+            finally:
+                server.terminate()
+                server.wait(20)
+    return runs
+
+
+def nbd_client_table(runs: list[dict]) -> str:
+    rows = {(r["workload"], r["system"]): r for r in runs
+            if r["workload"].startswith("nbd-client-")}
+    lines = []
+    for (workload, system), r in rows.items():
+        q = rows.get((workload, "qemu"))
+        if system == "qemu" or q is None:
+            continue
+        ratio = r.get("vs_qemu", r["iops"] / q["iops"] if q["iops"] else 0.0)
+        mark = "" if ratio >= r.get("target", 1.0) else " (below target)"
+        lines.append(f"| {workload[len('nbd-client-'):]} | {r['iops']:,.0f} | {q['iops']:,.0f} "
+                     f"| {ratio:.2f}x{mark} |")
+    if not lines:
+        return ""
+    return ("\n| NBD client (guest on qemu-nbd) | pykvm IOPS | QEMU IOPS | pykvm/QEMU |\n"
+            "|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
 def fio_row(m: dict, system: str, transport: str, workload: str) -> dict:
@@ -846,7 +954,8 @@ def qcow2_table(runs: list[dict]) -> str:
 
 
 def io_table(runs: list[dict]) -> str:
-    rows = [r for r in runs if "iops" in r and r.get("suite") not in ("throttle", "nbd-export")]
+    rows = [r for r in runs if "iops" in r and r.get("suite") not in ("throttle", "nbd-export")
+            and not r["workload"].startswith("nbd-")]
     if not rows:
         return ""
     lines = ["", "| workload | system | transport | IOPS | MB/s | p50 us | p99 us | "
@@ -1072,20 +1181,24 @@ def suite_of(workload: str) -> str:
         return "inject"
     if workload.startswith("crash-"):
         return "crash"
+    if workload.startswith("nbd-client-"):
+        return "nbd-client"
     if workload.startswith("nbd-"):
         return "nbd-export"
     return "io"
 
 
 SUITES = ["boot", "pio", "io", "qcow2", "vhost", "mq", "throttle", "inject", "crash",
-          "nbd-export"]
+          "nbd-client", "nbd-export"]
+SUITE_GROUPS = {"nbd": ["nbd-client", "nbd-export"]}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples, for a smoke check")
-    ap.add_argument("--suite", action="append", choices=SUITES,
-                    help="run only these suites (default: all)")
+    ap.add_argument("--suite", action="append", choices=SUITES + list(SUITE_GROUPS),
+                    help="run only these suites (default: all; nbd: nbd-client and "
+                         "nbd-export)")
     ap.add_argument("--convert-only", action="store_true",
                     help="time only the qcow2 suite's image conversions and print them "
                          "(no result files are written)")
@@ -1110,7 +1223,8 @@ def main() -> int:
         """Whether this run measures again what an older io result measured."""
         return r["workload"] in workloads and (not r["system"].startswith("pykvm-")
                                                or r["system"][len("pykvm-"):] in engines)
-    suites = args.suite or SUITES
+    suites = [s for name in args.suite for s in SUITE_GROUPS.get(name, [name])] \
+        if args.suite else SUITES
     samples = 3 if args.quick else 15
     for tool in (QEMU, "fio", "qemu-img"):
         if not shutil.which(tool):
@@ -1130,6 +1244,8 @@ def main() -> int:
         "throttle": lambda: bench_throttle(1.0 if args.quick else 5.0, 1 if args.quick else 3),
         "inject": lambda: bench_inject(0.5 if args.quick else 2.0, 1 if args.quick else 5),
         "crash": lambda: bench_crash(0.5 if args.quick else 2.0, 1 if args.quick else 3),
+        "nbd-client": lambda: bench_nbd_client(1.0 if args.quick else 4.0,
+                                               1 if args.quick else 3),
         "nbd-export": lambda: bench_nbd_export(1.0 if args.quick else 5.0,
                                                1 if args.quick else 3),
     }
@@ -1167,7 +1283,8 @@ def save(runs: list[dict], final: bool) -> None:
     (RESULTS / "latest.json").write_text(text)
     (RESULTS / f"{_STAMP}.json").write_text(text)
     md = table(runs) + io_table(runs) + qcow2_table(runs) + vhost_table(runs) + mq_table(runs) + \
-        throttle_table(runs) + inject_table(runs) + crash_table(runs) + nbd_export_table(runs)
+        throttle_table(runs) + inject_table(runs) + crash_table(runs) + nbd_client_table(runs) + \
+        nbd_export_table(runs)
     plot(runs, RESULTS / "latest.png")
     (RESULTS / "latest.md").write_text(md)
     if final:
