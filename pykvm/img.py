@@ -130,9 +130,43 @@ def _fmt_of(path: str, fmt: str | None) -> str:
             return drv.format_name
         finally:
             drv.close()
+    from .block.graph import filename_spec
+    if filename_spec(path)["driver"] != "file":
+        # an NBD URI, a blkdebug: name: probed through the node it names, as
+        # the guest would see it (the server's first bytes)
+        try:
+            drv = open_image(path, None, read_only=True, open_backing=False)
+        except BlockError as e:
+            why = e.why.removeprefix(f"file '{path}': ")
+            raise ImgError(f"could not open '{path}': {why}", e.exit_status) from None
+        try:
+            return drv.format_name
+        finally:
+            drv.close()
     if not os.path.exists(path):
         raise ImgError(f"could not open '{path}': No such file or directory")
     return probe_format(path)
+
+
+def _leaf(node):
+    """The protocol node under a format node (through raw, filters): where its
+    bytes are (a file, or an NBD server)."""
+    while node.kind != "protocol":
+        file = getattr(node, "file", None) or getattr(node, "image", None)
+        if file is None:
+            break
+        node = file
+    return node
+
+
+def _local_size(node) -> int | None:
+    """The bytes a node's protocol leaf takes on the host's disks (qemu-img's
+    actual-size), or None where it is not a local file (an NBD export:
+    "disk size: unavailable")."""
+    leaf = _leaf(node)
+    if leaf.format_name not in ("file", "host_device") or getattr(leaf, "fd", -1) < 0:
+        return None
+    return os.fstat(leaf.fd).st_blocks * 512
 
 
 def _open(path: str, fmt: str | None, writable: bool = False, backing: bool = True, use=None,
@@ -209,9 +243,11 @@ def cmd_create(a) -> int:
 def _info_dict(path: str, fmt: str | None, force_share: bool = False) -> dict:
     drv = _open(path, fmt, backing=False, use=img_use(io=False, force_share=force_share))
     try:
-        st = os.stat(drv.filename)
-        d = {"virtual-size": drv.size, "filename": path, "format": drv.format_name,
-             "actual-size": st.st_blocks * 512, "dirty-flag": False}
+        d = {"virtual-size": drv.size, "filename": path, "format": drv.format_name}
+        actual = _local_size(drv)
+        if actual is not None:          # a local file (qemu-img: its allocated size)
+            d["actual-size"] = actual
+            d["dirty-flag"] = False     # (QEMU's nbd driver has no get_info: no dirty flag)
         d["children"] = _children_info(drv)
         if isinstance(drv, Qcow2Driver):
             d["cluster-size"] = drv.cluster_size
@@ -244,12 +280,13 @@ def _children_info(node) -> list[dict]:
     for role, child in node.children:
         if role == "backing":
             continue
-        st = os.fstat(child.fd) if getattr(child, "fd", -1) >= 0 else None
         info = {"children": _children_info(child), "virtual-size": child.size,
                 "filename": child.filename, "format": child.format_name,
-                "actual-size": st.st_blocks * 512 if st else 0,
-                "format-specific": {"type": child.format_name, "data": {}},
-                "dirty-flag": False}
+                "format-specific": {"type": child.format_name, "data": {}}}
+        actual = _local_size(child)
+        if actual is not None:
+            info["actual-size"] = actual
+            info["dirty-flag"] = False
         out.append({"name": role, "info": info})
     return out
 
@@ -262,7 +299,7 @@ def _children_lines(children: list[dict], prefix: str = "") -> list[str]:
         path = f"{prefix}/{c['name']}"
         lines.append(f"Child node '{path}':")
         lines.append(f"    filename: {i['filename']}")
-        if i["format"] in ("file", "host_device"):
+        if i["format"] in ("file", "host_device", "nbd"):
             lines.append(f"    protocol type: {i['format']}")
             lines.append(f"    file length: {_human(i['virtual-size'])} ({i['virtual-size']} "
                          f"bytes)")
@@ -270,9 +307,13 @@ def _children_lines(children: list[dict], prefix: str = "") -> list[str]:
             lines.append(f"    file format: {i['format']}")
             lines.append(f"    virtual size: {_human(i['virtual-size'])} "
                          f"({i['virtual-size']} bytes)")
-        lines.append(f"    disk size: {_human(i['actual-size'])}")
+        lines.append(f"    disk size: {_disk_size(i)}")
         lines += _children_lines(i["children"], path)
     return lines
+
+
+def _disk_size(d: dict) -> str:
+    return _human(d["actual-size"]) if "actual-size" in d else "unavailable"
 
 
 def cmd_info(a) -> int:
@@ -297,7 +338,7 @@ def cmd_info(a) -> int:
             print()
         lines = [f"image: {d['filename']}", f"file format: {d['format']}",
                  f"virtual size: {_human(d['virtual-size'])} ({d['virtual-size']} bytes)",
-                 f"disk size: {_human(d['actual-size'])}"]
+                 f"disk size: {_disk_size(d)}"]
         if "cluster-size" in d:
             lines.append(f"cluster_size: {d['cluster-size']}")
         if "backing-filename" in d:
@@ -407,7 +448,7 @@ def _block_status(drv, offset: int, length: int, depth: int = 0):
     """(start, length, depth, present, zero, data, host offset or None, file) runs."""
     end = offset + length
     inside = min(end, drv.size)
-    if isinstance(drv, RawDriver):
+    if isinstance(drv, RawDriver) or drv.kind == "protocol":     # (a bare nbd node too)
         for off, n, data in drv.allocated(offset, max(0, inside - offset)):
             yield off, n, depth, True, not data, data, off, drv.path
     else:

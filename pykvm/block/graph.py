@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import os
 
-from .driver import DRIVERS, FORMATS, BlockDriver, BlockError, GraphError, probe_header
+from .driver import (DRIVERS, FORMATS, BlockDriver, BlockError, GraphError, fd_pread,
+                     probe_header)
 
 # options every node takes (QEMU's BlockdevOptions base), besides its driver's
 COMMON = ("driver", "node-name", "read-only")
@@ -389,10 +390,12 @@ def _open(spec: dict, name: str, read_only: bool, direct: bool, chain: frozenset
             raise _error(where, f"backing file loop: '{file.filename}' is its own "
                              f"(indirect) backing file")
         if cls is None:
-            head = os.pread(file.bfd, 4096, 0) if file.kind != "format" else b""
+            head = fd_pread(file.bfd, 4096, 0) if file.kind != "format" else b""
             driver = probe_header(head, file.filename)
             cls = FORMATS[driver]
             where = f"{driver} {where}"
+            if children.get("backing", 0) is None:
+                del children["backing"]     # "no backing file" holds for any format
             bad = set(children) - set(cls.child_roles)
             if bad:
                 raise _error(where, f"option '{sorted(bad)[0]}' does not apply (a {driver} "
