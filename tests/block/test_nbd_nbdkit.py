@@ -126,3 +126,22 @@ def test_nbdkit_file_holes_of_the_servers_file(tmp_path, nbd_server, transport):
     with open(img, "rb") as f:
         f.seek(2 * MiB + (768 << 10))
         assert f.read(256 << 10) == pattern(MiB, 3)[768 << 10:]
+
+
+def test_the_format_is_probed_through_the_export(tmp_path, nbd_server):
+    """file=nbd://... without format=: the export's first bytes, read through
+    the nbd node, say which format it holds (a qcow2 file exported raw)."""
+    q = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(q), "4M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 1M 64k", str(q)],
+                   check=True, capture_output=True)
+    for plugin, fmt in ((f"file file={q}", "qcow2"), ("memory size=4M", "raw")):
+        srv = nbd_server("nbdkit", *plugin.split())
+        d = open_image(srv.uri)
+        try:
+            assert d.format_name == fmt and d.probed
+            if fmt == "qcow2":
+                assert d.size == 4 * MiB
+                assert read_range(d, MiB, 65536) == b"a" * 65536
+        finally:
+            d.close()
