@@ -5,7 +5,7 @@ they exist, over pykvm's block drivers.
   info     [-f FMT] [--output human|json] [--backing-chain] FILE
   check    [-f FMT] [--output human|json] [-r leaks|all] FILE   (0 clean, 2 corrupt, 3 leaks)
   map      [-f FMT] [--output human|json] FILE
-  convert  [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [-B BACKING [-F FMT]] SRC DST
+  convert  [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [-n] [-B BACKING [-F FMT]] SRC DST
   compare  [-f FMT] [-F FMT] [-s] [-p] IMG1 IMG2            (0 same, 1 different, 2 error)
   commit   [-f FMT] [-d] [-p] FILE
   rebase   [-f FMT] [-u] [-p] -b BACKING [-F FMT] FILE
@@ -598,13 +598,26 @@ def cmd_convert(a) -> int:
         if os.path.exists(a.dst) and os.path.realpath(a.dst) == os.path.realpath(a.src):
             raise ImgError("source and destination are the same file")
         size = src.size
-        if out_fmt == "raw":
-            RawDriver.create(a.dst, size, **opts)
-        else:
-            Qcow2Driver.create(a.dst, size, **opts)
+        from .block.graph import filename_spec
+        # an NBD export (qemu-img's rule for a protocol that cannot create):
+        # the image goes into the export as it is, which must be big enough
+        exists = a.n or filename_spec(a.dst)["driver"] != "file"
+        if not exists:
+            if out_fmt == "raw":
+                RawDriver.create(a.dst, size, **opts)
+            else:
+                Qcow2Driver.create(a.dst, size, **opts)
+        elif out_fmt != "raw" and not a.n:
+            raise ImgError(f"cannot create a {out_fmt} image in '{a.dst}' (make it there, "
+                           f"then convert with -n)")
         dst = _open(a.dst, out_fmt, writable=True, use=img_use(writes=True))
         try:
-            _copy(src, dst, size, a.c, a.p, skip_unallocated_in_src=bool(a.B))
+            if exists:
+                if dst.size < size:
+                    raise ImgError(f"{a.dst}: the target ({dst.size} bytes) is smaller than "
+                                   f"the image ({size} bytes): it cannot grow")
+                write_zeroes_range(dst, 0, size, unmap=True)  # it holds what it held
+            _copy(src, dst, size, a.c, a.p, skip_unallocated_in_src=bool(a.B), fresh=not exists)
             _progress(a.p, size, size)
             if a.p:
                 print()
@@ -618,9 +631,10 @@ def cmd_convert(a) -> int:
 COPY_PIECE = 1 << 20
 
 
-def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_in_src=False):
-    """Copy guest content, skipping holes and zeroes (the destination is new
-    and reads as zeroes). The source is mapped first; only its data ranges are
+def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_in_src=False,
+          fresh: bool = True):
+    """Copy guest content, skipping holes and zeroes (the destination reads
+    as zeroes: new, or zeroed; ``fresh``: new, no cluster allocated). The source is mapped first; only its data ranges are
     read, in large pieces; all-zero blocks in them are not written (4 KiB for
     raw, a cluster for qcow2, whose clusters stay unallocated). Reader threads
     (two for a raw source, whose preads may run side by side) fill buffers;
@@ -634,7 +648,8 @@ def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_
     piece = max(COPY_PIECE // gran, 1) * gran
     pieces = [(pos, min(piece, start + length - pos))
               for start, length in runs for pos in range(start, start + length, piece)]
-    qcow2_new = isinstance(dst, Qcow2Driver) and not compress
+    qcow2_new = isinstance(dst, Qcow2Driver) and not compress and fresh
+    local_dst = raw_dst and _local_size(dst) is not None     # (else an NBD export's)
     raw_src = isinstance(src, RawDriver)
 
     def read(pos: int, n: int, buf: bytearray):
@@ -653,7 +668,8 @@ def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_
             else:
                 for o, k in nonzero:
                     if raw_dst:
-                        fallocate(dst.fd, FALLOC_KEEP_SIZE, pos + o, k)  # see Qcow2Driver._grow_file
+                        if local_dst:       # see Qcow2Driver._grow_file
+                            fallocate(dst.fd, FALLOC_KEEP_SIZE, pos + o, k)
                         pwrite_full(dst.fd, sub[o:o + k], pos + o)
                     elif not (qcow2_new and dst.write_new(pos + o, sub[o:o + k])):
                         write_range(dst, pos + o, sub[o:o + k])
@@ -1062,6 +1078,8 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     v.add_argument("-c", action="store_true", help="compress (qcow2)")
     v.add_argument("-p", action="store_true", help="show progress")
     v.add_argument("-q", action="store_true")
+    v.add_argument("-n", action="store_true",
+                   help="skip creating the target: it exists (an image of -O's format)")
     v.add_argument("-B", metavar="BACKING")
     v.add_argument("-F", metavar="BACKING_FMT")
     v.add_argument("src")
@@ -1147,7 +1165,7 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
 
 
 _CONVERT_VALUES = {"-f": "f", "-O": "O", "-o": "o", "-B": "B", "-F": "F"}
-_CONVERT_FLAGS = {"-c": "c", "-p": "p", "-q": "q", "-U": "U"}
+_CONVERT_FLAGS = {"-c": "c", "-p": "p", "-q": "q", "-U": "U", "-n": "n"}
 
 
 def _fast_convert_args(argv: list[str]):
@@ -1158,7 +1176,7 @@ def _fast_convert_args(argv: list[str]):
         return None
     import types
     a = types.SimpleNamespace(f=None, O=None, o=[], c=False, p=False, q=False, B=None, F=None,
-                              U=False, image_opts=False,
+                              U=False, n=False, image_opts=False,
                               func=cmd_convert, img_command="convert")
     names = []
     i = 1

@@ -135,3 +135,40 @@ def test_no_server_is_one_line_and_qemu_img_exit_codes(tmp_path, sparse_raw):
         err = r.stderr.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"pykvm img: could not open '{uri}': "
                                                   f"cannot connect to the NBD server"), err
+
+
+def test_convert_into_an_export(tmp_path, nbd_server, sparse_raw):
+    """The target is an NBD export (qemu-img's rule for a protocol that cannot
+    create: the image goes into it, which must be big enough): what it held
+    before is gone, the image is there."""
+    target = tmp_path / "target.raw"
+    target.write_bytes(b"\xee" * (8 * MiB))             # old content, everywhere
+    srv = nbd_server("qemu-nbd", "-f", "raw", target)
+    r = pykvm_img("convert", "-O", "raw", sparse_raw, srv.uri)
+    assert r.returncode == 0, r.stderr
+    assert target.read_bytes() == sparse_raw.read_bytes()
+    target.write_bytes(b"\xee" * (8 * MiB))
+    r = pykvm_img("convert", "-n", "-O", "raw", sparse_raw, srv.uri)   # -n: the same
+    assert r.returncode == 0, r.stderr
+    assert target.read_bytes() == sparse_raw.read_bytes()
+
+    big = tmp_path / "big.raw"
+    big.write_bytes(b"")
+    os.truncate(big, 16 * MiB)
+    r, q_r = pykvm_img("convert", "-O", "raw", big, srv.uri), \
+        qemu_img("convert", "-O", "raw", big, srv.uri)
+    assert r.returncode == q_r.returncode == 1
+    assert len(r.stderr.splitlines()) == 1 and "smaller than the image" in r.stderr
+    assert target.read_bytes() == sparse_raw.read_bytes()      # refused before a write
+
+    # -n -O qcow2: into an export that holds a qcow2 image (qemu-img reads it back)
+    q = tmp_path / "target.qcow2"
+    assert qemu_img("create", "-q", "-f", "qcow2", q, "8M").returncode == 0
+    os.truncate(q, 16 * MiB)                            # room for its clusters
+    qsrv = nbd_server("qemu-nbd", "-f", "raw", q)
+    r = pykvm_img("convert", "-n", "-O", "qcow2", sparse_raw, qsrv.uri)
+    assert r.returncode == 0, r.stderr
+    r = qemu_img("compare", "-f", "raw", "-F", "qcow2", sparse_raw, qsrv.uri)
+    assert r.returncode == 0, r.stdout + r.stderr
+    qsrv.stop()
+    assert qemu_img("check", q).returncode == 0
