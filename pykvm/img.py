@@ -634,9 +634,10 @@ COPY_PIECE = 1 << 20
 def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_in_src=False,
           fresh: bool = True):
     """Copy guest content, skipping holes and zeroes (the destination reads
-    as zeroes: new, or zeroed; ``fresh``: new, no cluster allocated). The source is mapped first; only its data ranges are
-    read, in large pieces; all-zero blocks in them are not written (4 KiB for
-    raw, a cluster for qcow2, whose clusters stay unallocated). Reader threads
+    as zeroes: new, or zeroed; ``fresh``: new, no cluster allocated). The
+    source is mapped first; only its data ranges are read, in large pieces;
+    all-zero blocks in them are not written (4 KiB for raw, a cluster for
+    qcow2, whose clusters stay unallocated). Reader threads
     (two for a raw source, whose preads may run side by side) fill buffers;
     this thread writes them, in order."""
     raw_dst = isinstance(dst, RawDriver)
