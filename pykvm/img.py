@@ -656,7 +656,7 @@ def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_
     def read(pos: int, n: int, buf: bytearray):
         view = memoryview(buf)[:n]
         if raw_src and pos + n <= src.size:
-            pread_full(src.fd, view, pos)
+            pread_full(src.fd, view, src.data_at(pos, n))   # (a window: offset=)
         else:
             read_into(src, pos, view)
         return None if compress else _nonzero_runs(buf, n, gran)
