@@ -5,7 +5,7 @@ they exist, over pykvm's block drivers.
   info     [-f FMT] [--output human|json] [--backing-chain] FILE
   check    [-f FMT] [--output human|json] [-r leaks|all] FILE   (0 clean, 2 corrupt, 3 leaks)
   map      [-f FMT] [--output human|json] FILE
-  convert  [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [-B BACKING [-F FMT]] SRC DST
+  convert  [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [-n] [-B BACKING [-F FMT]] SRC DST
   compare  [-f FMT] [-F FMT] [-s] [-p] IMG1 IMG2            (0 same, 1 different, 2 error)
   commit   [-f FMT] [-d] [-p] FILE
   rebase   [-f FMT] [-u] [-p] -b BACKING [-F FMT] FILE
@@ -130,9 +130,43 @@ def _fmt_of(path: str, fmt: str | None) -> str:
             return drv.format_name
         finally:
             drv.close()
+    from .block.graph import filename_spec
+    if filename_spec(path)["driver"] != "file":
+        # an NBD URI, a blkdebug: name: probed through the node it names, as
+        # the guest would see it (the server's first bytes)
+        try:
+            drv = open_image(path, None, read_only=True, open_backing=False)
+        except BlockError as e:
+            why = e.why.removeprefix(f"file '{path}': ")
+            raise ImgError(f"could not open '{path}': {why}", e.exit_status) from None
+        try:
+            return drv.format_name
+        finally:
+            drv.close()
     if not os.path.exists(path):
         raise ImgError(f"could not open '{path}': No such file or directory")
     return probe_format(path)
+
+
+def _leaf(node):
+    """The protocol node under a format node (through raw, filters): where its
+    bytes are (a file, or an NBD server)."""
+    while node.kind != "protocol":
+        file = getattr(node, "file", None) or getattr(node, "image", None)
+        if file is None:
+            break
+        node = file
+    return node
+
+
+def _local_size(node) -> int | None:
+    """The bytes a node's protocol leaf takes on the host's disks (qemu-img's
+    actual-size), or None where it is not a local file (an NBD export:
+    "disk size: unavailable")."""
+    leaf = _leaf(node)
+    if leaf.format_name not in ("file", "host_device") or getattr(leaf, "fd", -1) < 0:
+        return None
+    return os.fstat(leaf.fd).st_blocks * 512
 
 
 def _open(path: str, fmt: str | None, writable: bool = False, backing: bool = True, use=None,
@@ -209,9 +243,11 @@ def cmd_create(a) -> int:
 def _info_dict(path: str, fmt: str | None, force_share: bool = False) -> dict:
     drv = _open(path, fmt, backing=False, use=img_use(io=False, force_share=force_share))
     try:
-        st = os.stat(drv.filename)
-        d = {"virtual-size": drv.size, "filename": path, "format": drv.format_name,
-             "actual-size": st.st_blocks * 512, "dirty-flag": False}
+        d = {"virtual-size": drv.size, "filename": path, "format": drv.format_name}
+        actual = _local_size(drv)
+        if actual is not None:          # a local file (qemu-img: its allocated size)
+            d["actual-size"] = actual
+            d["dirty-flag"] = False     # (QEMU's nbd driver has no get_info: no dirty flag)
         d["children"] = _children_info(drv)
         if isinstance(drv, Qcow2Driver):
             d["cluster-size"] = drv.cluster_size
@@ -244,12 +280,13 @@ def _children_info(node) -> list[dict]:
     for role, child in node.children:
         if role == "backing":
             continue
-        st = os.fstat(child.fd) if getattr(child, "fd", -1) >= 0 else None
         info = {"children": _children_info(child), "virtual-size": child.size,
                 "filename": child.filename, "format": child.format_name,
-                "actual-size": st.st_blocks * 512 if st else 0,
-                "format-specific": {"type": child.format_name, "data": {}},
-                "dirty-flag": False}
+                "format-specific": {"type": child.format_name, "data": {}}}
+        actual = _local_size(child)
+        if actual is not None:
+            info["actual-size"] = actual
+            info["dirty-flag"] = False
         out.append({"name": role, "info": info})
     return out
 
@@ -262,7 +299,7 @@ def _children_lines(children: list[dict], prefix: str = "") -> list[str]:
         path = f"{prefix}/{c['name']}"
         lines.append(f"Child node '{path}':")
         lines.append(f"    filename: {i['filename']}")
-        if i["format"] in ("file", "host_device"):
+        if i["format"] in ("file", "host_device", "nbd"):
             lines.append(f"    protocol type: {i['format']}")
             lines.append(f"    file length: {_human(i['virtual-size'])} ({i['virtual-size']} "
                          f"bytes)")
@@ -270,9 +307,13 @@ def _children_lines(children: list[dict], prefix: str = "") -> list[str]:
             lines.append(f"    file format: {i['format']}")
             lines.append(f"    virtual size: {_human(i['virtual-size'])} "
                          f"({i['virtual-size']} bytes)")
-        lines.append(f"    disk size: {_human(i['actual-size'])}")
+        lines.append(f"    disk size: {_disk_size(i)}")
         lines += _children_lines(i["children"], path)
     return lines
+
+
+def _disk_size(d: dict) -> str:
+    return _human(d["actual-size"]) if "actual-size" in d else "unavailable"
 
 
 def cmd_info(a) -> int:
@@ -297,7 +338,7 @@ def cmd_info(a) -> int:
             print()
         lines = [f"image: {d['filename']}", f"file format: {d['format']}",
                  f"virtual size: {_human(d['virtual-size'])} ({d['virtual-size']} bytes)",
-                 f"disk size: {_human(d['actual-size'])}"]
+                 f"disk size: {_disk_size(d)}"]
         if "cluster-size" in d:
             lines.append(f"cluster_size: {d['cluster-size']}")
         if "backing-filename" in d:
@@ -407,7 +448,7 @@ def _block_status(drv, offset: int, length: int, depth: int = 0):
     """(start, length, depth, present, zero, data, host offset or None, file) runs."""
     end = offset + length
     inside = min(end, drv.size)
-    if isinstance(drv, RawDriver):
+    if isinstance(drv, RawDriver) or drv.kind == "protocol":     # (a bare nbd node too)
         for off, n, data in drv.allocated(offset, max(0, inside - offset)):
             yield off, n, depth, True, not data, data, off, drv.path
     else:
@@ -557,13 +598,26 @@ def cmd_convert(a) -> int:
         if os.path.exists(a.dst) and os.path.realpath(a.dst) == os.path.realpath(a.src):
             raise ImgError("source and destination are the same file")
         size = src.size
-        if out_fmt == "raw":
-            RawDriver.create(a.dst, size, **opts)
-        else:
-            Qcow2Driver.create(a.dst, size, **opts)
+        from .block.graph import filename_spec
+        # an NBD export (qemu-img's rule for a protocol that cannot create):
+        # the image goes into the export as it is, which must be big enough
+        exists = a.n or filename_spec(a.dst)["driver"] != "file"
+        if not exists:
+            if out_fmt == "raw":
+                RawDriver.create(a.dst, size, **opts)
+            else:
+                Qcow2Driver.create(a.dst, size, **opts)
+        elif out_fmt != "raw" and not a.n:
+            raise ImgError(f"cannot create a {out_fmt} image in '{a.dst}' (make it there, "
+                           f"then convert with -n)")
         dst = _open(a.dst, out_fmt, writable=True, use=img_use(writes=True))
         try:
-            _copy(src, dst, size, a.c, a.p, skip_unallocated_in_src=bool(a.B))
+            if exists:
+                if dst.size < size:
+                    raise ImgError(f"{a.dst}: the target ({dst.size} bytes) is smaller than "
+                                   f"the image ({size} bytes): it cannot grow")
+                write_zeroes_range(dst, 0, size, unmap=True)  # it holds what it held
+            _copy(src, dst, size, a.c, a.p, skip_unallocated_in_src=bool(a.B), fresh=not exists)
             _progress(a.p, size, size)
             if a.p:
                 print()
@@ -577,11 +631,13 @@ def cmd_convert(a) -> int:
 COPY_PIECE = 1 << 20
 
 
-def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_in_src=False):
-    """Copy guest content, skipping holes and zeroes (the destination is new
-    and reads as zeroes). The source is mapped first; only its data ranges are
-    read, in large pieces; all-zero blocks in them are not written (4 KiB for
-    raw, a cluster for qcow2, whose clusters stay unallocated). Reader threads
+def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_in_src=False,
+          fresh: bool = True):
+    """Copy guest content, skipping holes and zeroes (the destination reads
+    as zeroes: new, or zeroed; ``fresh``: new, no cluster allocated). The
+    source is mapped first; only its data ranges are read, in large pieces;
+    all-zero blocks in them are not written (4 KiB for raw, a cluster for
+    qcow2, whose clusters stay unallocated). Reader threads
     (two for a raw source, whose preads may run side by side) fill buffers;
     this thread writes them, in order."""
     raw_dst = isinstance(dst, RawDriver)
@@ -593,13 +649,14 @@ def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_
     piece = max(COPY_PIECE // gran, 1) * gran
     pieces = [(pos, min(piece, start + length - pos))
               for start, length in runs for pos in range(start, start + length, piece)]
-    qcow2_new = isinstance(dst, Qcow2Driver) and not compress
+    qcow2_new = isinstance(dst, Qcow2Driver) and not compress and fresh
+    local_dst = raw_dst and _local_size(dst) is not None     # (else an NBD export's)
     raw_src = isinstance(src, RawDriver)
 
     def read(pos: int, n: int, buf: bytearray):
         view = memoryview(buf)[:n]
         if raw_src and pos + n <= src.size:
-            pread_full(src.fd, view, pos)
+            pread_full(src.fd, view, src.data_at(pos, n))   # (a window: offset=)
         else:
             read_into(src, pos, view)
         return None if compress else _nonzero_runs(buf, n, gran)
@@ -612,7 +669,8 @@ def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_
             else:
                 for o, k in nonzero:
                     if raw_dst:
-                        fallocate(dst.fd, FALLOC_KEEP_SIZE, pos + o, k)  # see Qcow2Driver._grow_file
+                        if local_dst:       # see Qcow2Driver._grow_file
+                            fallocate(dst.fd, FALLOC_KEEP_SIZE, pos + o, k)
                         pwrite_full(dst.fd, sub[o:o + k], pos + o)
                     elif not (qcow2_new and dst.write_new(pos + o, sub[o:o + k])):
                         write_range(dst, pos + o, sub[o:o + k])
@@ -1021,6 +1079,8 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     v.add_argument("-c", action="store_true", help="compress (qcow2)")
     v.add_argument("-p", action="store_true", help="show progress")
     v.add_argument("-q", action="store_true")
+    v.add_argument("-n", action="store_true",
+                   help="skip creating the target: it exists (an image of -O's format)")
     v.add_argument("-B", metavar="BACKING")
     v.add_argument("-F", metavar="BACKING_FMT")
     v.add_argument("src")
@@ -1106,7 +1166,7 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
 
 
 _CONVERT_VALUES = {"-f": "f", "-O": "O", "-o": "o", "-B": "B", "-F": "F"}
-_CONVERT_FLAGS = {"-c": "c", "-p": "p", "-q": "q", "-U": "U"}
+_CONVERT_FLAGS = {"-c": "c", "-p": "p", "-q": "q", "-U": "U", "-n": "n"}
 
 
 def _fast_convert_args(argv: list[str]):
@@ -1117,7 +1177,7 @@ def _fast_convert_args(argv: list[str]):
         return None
     import types
     a = types.SimpleNamespace(f=None, O=None, o=[], c=False, p=False, q=False, B=None, F=None,
-                              U=False, image_opts=False,
+                              U=False, n=False, image_opts=False,
                               func=cmd_convert, img_command="convert")
     names = []
     i = 1

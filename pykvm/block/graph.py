@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import os
 
-from .driver import DRIVERS, FORMATS, BlockDriver, BlockError, GraphError, fd_pread, probe_header
+from .driver import (DRIVERS, FORMATS, BlockDriver, BlockError, GraphError, fd_pread,
+                     probe_header)
 
 # options every node takes (QEMU's BlockdevOptions base), besides its driver's
 COMMON = ("driver", "node-name", "read-only")
@@ -397,6 +398,8 @@ def _open(spec: dict, name: str, read_only: bool, direct: bool, chain: frozenset
             driver = probe_header(head, file.filename)
             cls = FORMATS[driver]
             where = f"{driver} {where}"
+            if children.get("backing", 0) is None:
+                del children["backing"]     # "no backing file" holds for any format
             bad = set(children) - set(cls.child_roles)
             if bad:
                 raise _error(where, f"option '{sorted(bad)[0]}' does not apply (a {driver} "

@@ -477,3 +477,16 @@ def test_convert_io_error_is_one_line(tmp_path, capsys, monkeypatch, where):
     rc, _, err = img(capsys, "convert", "-f", "raw", "-O", "raw", src, tmp_path / "e.out")
     assert rc == 1
     assert err.count("\n") == 1 and "Input/output error" in err
+
+
+def test_convert_of_a_raw_window_copies_the_window(tmp_path, capsys):
+    """driver=raw,offset=,size=: the bytes of the window, as qemu-img copies them."""
+    src = tmp_path / "whole.raw"
+    src.write_bytes(b"A" * MiB + pattern(MiB, 5) + b"C" * MiB)
+    opts = f"driver=raw,offset=1M,size=1M,file.filename={src}"
+    out = tmp_path / "window.raw"
+    rc, _, err = img(capsys, "convert", "--image-opts", opts, out)
+    assert rc == 0, err
+    assert out.read_bytes() == pattern(MiB, 5)
+    qemu_img("convert", "--image-opts", opts, tmp_path / "q.raw")
+    assert (tmp_path / "q.raw").read_bytes() == out.read_bytes()

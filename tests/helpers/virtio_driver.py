@@ -226,9 +226,16 @@ class BlkDriver:
             # Re-arm, as Linux's virtqueue_enable_cb does: with EVENT_IDX,
             # "interrupt me once used->idx passes what I have seen".
             vq.set_used_event(vq.last_used)
-            got += vq.reap()
+            more = vq.reap()
+            got += more
             if len(got) >= count:
                 break
+            if more:
+                # used->idx moved past the event index just set: the device
+                # may have decided against an interrupt for what was reaped
+                # here, and will not send one for the next ones before the
+                # event index passes them (virtqueue_enable_cb's loop). Re-arm.
+                continue
             if not wait_fd(self.t.interrupt_fd(queue), timeout):
                 got += vq.reap()
                 if len(got) < count:
