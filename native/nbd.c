@@ -580,8 +580,10 @@ static int nbd_stalled(struct pykvm_nbd *c, struct nbd_handle *h)
         __atomic_store_n(&c->progress_ns, now, __ATOMIC_RELAXED);
         return 0;
     }
-    return now - __atomic_load_n(&c->progress_ns, __ATOMIC_RELAXED) >
-           (uint64_t)c->timeout_ms * 1000000ull;
+    uint64_t last = __atomic_load_n(&c->progress_ns, __ATOMIC_RELAXED);
+
+    /* a reply may have come since `now` was read */
+    return now > last && now - last > (uint64_t)c->timeout_ms * 1000000ull;
 }
 
 static void *nbd_pump(void *arg)
