@@ -1065,17 +1065,23 @@ class BlockBackend:
         """Wait until no I/O is in flight (completions are kept for reap())."""
         if not self._pending and not self._deferred:
             return
-        if self._plugged:
-            self.engine.submit(self._plugged)
-            self._plugged = []
-        poller = select.poll()
-        poller.register(self.notifier, select.POLLIN)
-        while self._pending or self._deferred:
-            if not self._pending:
-                self._retry_deferred()
-                continue
-            poller.poll(1000)
-            self._collect()
+        # unplugged while it waits: what the completions submit (an allocating
+        # write's next step) must reach the engine, not a batch held until later
+        plugged, self._plugged = self._plugged, None
+        if plugged:
+            self.engine.submit(plugged)
+        try:
+            poller = select.poll()
+            poller.register(self.notifier, select.POLLIN)
+            while self._pending or self._deferred:
+                if not self._pending:
+                    self._retry_deferred()
+                    continue
+                poller.poll(1000)
+                self._collect()
+        finally:
+            if plugged is not None:
+                self._plugged = []
         if self._ready:
             os.eventfd_write(self.notifier, 1)
 
