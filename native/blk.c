@@ -1063,7 +1063,7 @@ static int blk_inject_done(struct pykvm_blk *b, struct blk_queue *q, uint16_t he
     return 1;
 }
 
-/* Keep only the first `keep` bytes of a write's I/O vector (a torn write). */
+/* Keep only the first `keep` bytes of the I/O vector (a torn write, a short read). */
 static void blk_tear(struct blk_req *req, uint64_t keep)
 {
     uint64_t pos = 0;
@@ -1133,6 +1133,7 @@ static int blk_inject(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, u
         ((hit.action == PYKVM_INJ_ZERO || hit.action == PYKVM_INJ_CORRUPT) &&
          op != PYKVM_INJ_OP_READ) ||
         (hit.action == PYKVM_INJ_TORN && op != PYKVM_INJ_OP_WRITE) ||
+        (hit.action == PYKVM_INJ_SHORT && op != PYKVM_INJ_OP_READ) ||
         (hit.action == PYKVM_INJ_DROP && op != PYKVM_INJ_OP_WRITE && op != PYKVM_INJ_OP_FLUSH))
         return 0;
     CNT_ADD(b, injected, 1);
@@ -1158,6 +1159,13 @@ static int blk_inject(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, u
             req->inj_action = PYKVM_INJ_TORN;   /* blk_failed: `keep` bytes are the whole */
             req->inj_value = (int32_t)keep;
         }
+        return 0;
+    case PYKVM_INJ_SHORT:
+        /* the engine reads only `keep` bytes, as a host read that returns
+         * short: blk_failed sees less than the request and hands it to Python */
+        keep = (uint64_t)(hit.value > 0 ? hit.value : 0) * BLK_SECTOR / b->align * b->align;
+        if (keep && keep < req->nbytes)
+            blk_tear(req, keep);
         return 0;
     case PYKVM_INJ_CORRUPT:
     case PYKVM_INJ_HOLD:

@@ -55,6 +55,8 @@
 #define PYKVM_INJ_HOLD 9        /* value: completions to gather; order; timeout_ns */
 #define PYKVM_INJ_POWER_CUT 10  /* value: keep (0 flushed, 1 all, 2 random); order: torn;
                                    from then on every request gets this hit: none may land */
+#define PYKVM_INJ_SHORT 11      /* value: sectors a read gets before the host's read returns
+                                   short (not at the end of the file): the rest must be read */
 
 #define PYKVM_INJ_DELAY_FIXED 0
 #define PYKVM_INJ_DELAY_UNIFORM 1       /* in [delay_ns, delay_max_ns] */

@@ -202,6 +202,7 @@ class BlockBackend:
         # rule that fired on each request {token: rule}
         self._delayed: list = []
         self._marks: dict = {}
+        self._short_reads: dict = {}    # token -> bytes its host read returns (action short)
         self._held_done: list = []
         self._hold_hit = None
         self._hold_due = 0
@@ -378,6 +379,10 @@ class BlockBackend:
         for r in batch:
             e = pending.get(r.token)
             if e is not None:
+                if self._short_reads and r.op == READ:
+                    keep = self._short_reads.pop(e[0].token, None)
+                    if keep is not None and keep < iov_length(r.iov):
+                        r.iov = iov_slice(r.iov, 0, keep)   # the pending entry expects all
                 pending[r.token] = e[:3] + (r,)
         if self._plugged is not None:
             self._plugged.extend(batch)
@@ -449,6 +454,11 @@ class BlockBackend:
                 return False
             else:
                 fn(token, offset, iov_slice(iov, 0, keep))
+        elif a == "short":
+            keep = hit.value * SECTOR // self.align * self.align
+            if keep and keep < length:
+                self._short_reads[token] = keep     # _engine_submit cuts its first piece
+            return False
         elif a in ("corrupt", "hold"):
             self._marks[token] = (hit, iov)
             return False
@@ -617,6 +627,8 @@ class BlockBackend:
                                                       iov):
             return
         self._read(token, offset, iov)
+        if self._short_reads:
+            self._short_reads.pop(token, None)  # (one with no host read: nothing to cut)
 
     def _read(self, token: int, offset: int, iov: list) -> None:
         if self._throttled and self._throttled.hold(False, iov_length(iov), self._readv,

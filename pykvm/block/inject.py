@@ -33,6 +33,9 @@ A rules file is QEMU's config format: ``[section]`` lines, then ``key =
     zero      reads: zeroes returned, the image not read
     torn      writes: only the first ``sectors`` (default 1) sectors reach
               the image; success is reported
+    short     reads: the host's read returns only the first ``sectors``
+              (default 1) sectors, not at the end of the file (as a read cut
+              by a signal or by a network file system): the rest must be read
     drop      writes (and flushes): success reported, nothing done
     power-cut the power goes: this request and every later one never land
               nor complete, the VM stops; with a volatile node the image is
@@ -84,11 +87,11 @@ ACTIONS = {"pass": lib.PYKVM_INJ_NONE, "error": lib.PYKVM_INJ_ERROR, "status": l
            "delay": lib.PYKVM_INJ_DELAY, "hang": lib.PYKVM_INJ_HANG,
            "corrupt": lib.PYKVM_INJ_CORRUPT, "torn": lib.PYKVM_INJ_TORN,
            "drop": lib.PYKVM_INJ_DROP, "zero": lib.PYKVM_INJ_ZERO, "hold": lib.PYKVM_INJ_HOLD,
-           "power-cut": lib.PYKVM_INJ_POWER_CUT}
+           "power-cut": lib.PYKVM_INJ_POWER_CUT, "short": lib.PYKVM_INJ_SHORT}
 KEEPS = ("flushed", "all", "random")      # a power cut's, as the volatile node has them
 ACTION_NAMES = {v: k for k, v in ACTIONS.items()}     # 0: pass
 # the ops an action applies to (the default op list), and may be given
-ACTION_OPS = {"corrupt": ("read",), "zero": ("read",), "torn": ("write",),
+ACTION_OPS = {"corrupt": ("read",), "zero": ("read",), "torn": ("write",), "short": ("read",),
               "drop": ("write", "flush")}
 DEFAULT_OPS = ("read", "write")
 STATUSES = {"ioerr": 1, "unsupp": 2}
@@ -318,7 +321,7 @@ def rule_from(kind: str, items: dict, where: str) -> Rule:
                 raise err("delay-max", "is shorter than delay")
     elif action == "corrupt":
         kw["value"] = get("bits", _int_range(1, MAX_BITS), 1)
-    elif action == "torn":
+    elif action in ("torn", "short"):
         kw["value"] = get("sectors", _int_range(0, 1 << 30), 1)
     elif action == "power-cut":
         kw["value"] = KEEPS.index(get("keep", _choice(KEEPS), "flushed"))
@@ -329,10 +332,10 @@ def rule_from(kind: str, items: dict, where: str) -> Rule:
         kw["timeout_ns"] = get("timeout", _duration, 10_000_000)
     for key, applies in (("errno", "error"), ("status", "status"), ("delay", "delay"),
                          ("distribution", "delay"), ("delay-max", "delay"), ("bits", "corrupt"),
-                         ("sectors", "torn"), ("count", "hold"), ("order", "hold"),
+                         ("sectors", ("torn", "short")), ("count", "hold"), ("order", "hold"),
                          ("timeout", "hold"), ("keep", "power-cut"), ("torn", "power-cut")):
-        if key in items and action != applies:
-            raise err(key, f"applies to action {applies}, not {action}")
+        if key in items and action not in (applies if isinstance(applies, tuple) else (applies,)):
+            raise err(key, f"applies to action {' or '.join(applies) if isinstance(applies, tuple) else applies}, not {action}")
     return Rule("fault", where, **kw)
 
 

@@ -281,6 +281,25 @@ def test_a_torn_write_lands_its_first_sectors_only(tmp_path, image, engine):
         r.close()
 
 
+def test_a_short_host_read_is_read_to_the_end(tmp_path, image, engine):
+    """Every host read returns its first 8 sectors only, far from the end of the
+    file: the rest is read (the C path hands the request to Python, which
+    continues it), and the guest gets all of the data, never a buffer that
+    is partly unread with a success status."""
+    r = debug_rig(tmp_path, image, engine, "[fault]\naction = short\nsectors = 8\n")
+    try:
+        status, data, used = r.drv.read(64, 32768)
+        assert (status, used) == (B.S_OK, 32769)
+        assert data == pattern(DISK)[64 * 512:64 * 512 + 32768]
+        assert r.backend.stats["short_read"] >= 1
+        if engine.name != "python":
+            assert r.dev.counters()["punts"] >= 1      # C saw it short, Python read on
+        assert r.drv.write(0, pattern(4096, 5)) == B.S_OK      # writes are not cut
+        assert r.drv.read(0, 4096)[:2] == (B.S_OK, pattern(4096, 5))
+    finally:
+        r.close()
+
+
 def test_a_delay_holds_the_request(tmp_path, image, engine):
     r = debug_rig(tmp_path, image, engine, "[fault]\nop = read\naction = delay\ndelay = 150ms\n")
     try:
