@@ -206,6 +206,7 @@ class BlockBackend:
         self._held_done: list = []
         self._hold_hit = None
         self._hold_due = 0
+        self._hold_seen = 0             # release-after: completions since the first held
         self._release_all = False
         self._draining = False
         self._closed = False
@@ -501,6 +502,10 @@ class BlockBackend:
             mark = self._marks.pop(token, None)
             if mark is None or result < 0:
                 out.append((token, result))
+                if self._held_done and self._hold_hit.release_after:
+                    self._hold_seen += 1        # release-after: one more completed
+                    if self._hold_seen >= self._hold_hit.release_after:
+                        out += self._release_held()
                 continue
             hit, iov = mark
             if hit.action == "corrupt":
@@ -511,6 +516,7 @@ class BlockBackend:
             else:
                 if not self._held_done:
                     self._hold_hit = hit
+                    self._hold_seen = 0
                     self._hold_due = time.monotonic_ns() + hit.timeout_ns if hit.timeout_ns else 0
                     if self._hold_due:
                         _WAKER.at(self._hold_due, self._wake)
@@ -523,7 +529,12 @@ class BlockBackend:
         from .inject import ORDERS, shuffle
         held, self._held_done = self._held_done, []
         order = self._hold_hit.order
-        if order == ORDERS["reverse"]:
+        if self._hold_hit.order_list:
+            # the positions named (those past what was held: skipped), then the rest
+            first = [p for p in self._hold_hit.order_list if p < len(held)]
+            held = [held[p] for p in first] + \
+                [h for i, h in enumerate(held) if i not in first]
+        elif order == ORDERS["reverse"]:
             held.reverse()
         elif order == ORDERS["random"]:
             held = [held[i] for i in shuffle(self._hold_hit.seed, len(held))]
@@ -536,7 +547,7 @@ class BlockBackend:
             self._collect()
             out += self._ready
             self._ready = []
-        if self._marks:
+        if self._marks or (self._held_done and self._hold_hit.release_after):
             out = self._apply_marks(out)
         if self._held_done and (self._draining or self._release_all or
                                 (self._hold_due and time.monotonic_ns() >= self._hold_due)):
