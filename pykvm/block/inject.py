@@ -434,6 +434,8 @@ def _errno_value(v) -> int:
 def _order(v):
     """hold's order: reverse, random, fifo, or the positions of the held
     completions in the order they go back (0: the first held), comma-separated."""
+    if isinstance(v, (list, tuple)):        # from the API: order=[2, 0, 1]
+        v = ",".join(str(int(x)) for x in v)
     v = str(v).strip()
     if v in ORDERS:
         return v

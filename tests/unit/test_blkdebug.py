@@ -522,3 +522,14 @@ def test_a_rule_added_at_runtime_is_removed_by_its_handle(tmp_path, image, engin
         assert [x["fired"] for x in rules] == [1, 1, 1]
     finally:
         r.close()
+
+
+def test_hold_order_and_release_after_from_the_api():
+    from pykvm.block.inject import rule_from
+    r = rule_from("fault", {"action": "hold", "order": [2, 0, 1]}, "inject()")
+    assert (r.order_list, r.value, r.timeout_ns) == ((2, 0, 1), 3, 10_000_000)
+    r = rule_from("fault", {"action": "hold", "release-after": 3}, "inject()")
+    assert (r.release_after, r.value, r.timeout_ns) == (3, 65536, 0)
+    r = rule_from("fault", {"action": "hold", "release-after": 3, "count": 5, "timeout": "1s"},
+                  "inject()")
+    assert (r.release_after, r.value, r.timeout_ns) == (3, 5, 1_000_000_000)
