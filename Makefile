@@ -83,10 +83,14 @@ test-integration: setup guests linux-kernel
 	$(VENV)/bin/pytest -q tests/integration
 
 # Kill loops: STRESS_ITERATIONS SIGKILLs of the VMM per image kind and path
-# (tests/stress/kill_loop.py; make test runs 5 of each).
+# (tests/stress/kill_loop.py; make test runs 5 of each). Then ASAN_MQ_SECONDS of
+# 4 queues on 4 C threads, every request type mixed and verified, with the C
+# code under ASan and UBSan (tests/stress/mq_asan.py).
 STRESS_ITERATIONS ?= 100
+ASAN_MQ_SECONDS ?= 600
 stress: setup guests
 	$(PY) -m tests.stress.kill_loop --iterations $(STRESS_ITERATIONS)
+	$(PY) -m tests.stress.mq_asan --seconds $(ASAN_MQ_SECONDS)
 
 bench-deps: setup
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[test,bench]' \

@@ -172,6 +172,9 @@ struct blk_req {
     uint32_t inj_order;
     uint64_t inj_seed;
     uint64_t inj_timeout_ns;
+    uint64_t inj_order_list;
+    uint32_t inj_order_n;
+    uint32_t inj_release_after;
     uint64_t due_ns;
     uint64_t hang_gen;
     /* the trace record's fields */
@@ -268,6 +271,8 @@ struct pykvm_blk {
     uint32_t *delayed, ndelayed;
     uint32_t *holds, nholds, hold_count, hold_order;
     uint64_t hold_seed, hold_due;
+    uint64_t hold_list;         /* order given: positions, 4 bits each */
+    uint32_t hold_list_n, hold_after, hold_seen;  /* release after hold_after completions */
     int release_all;            /* Python: let held completions go now */
     int power_cut;              /* a power-cut rule fired (Python was told) */
     struct pykvm_trace *trace;
@@ -623,6 +628,8 @@ static void pykvm_blk_complete(struct pykvm_blk *b, uint32_t queue, uint16_t hea
     eventfd_write(b->wake_fd, 1);
 }
 
+static void blk_hold_tick(struct pykvm_blk *b);
+
 static int blk_take_returns(struct pykvm_blk *b)
 {
     struct blk_return local[64];
@@ -649,6 +656,7 @@ static int blk_take_returns(struct pykvm_blk *b)
                 continue;
             q->reqs[local[i].head].state = REQ_FREE;
             pykvm_vq_add_used(q->vq, &b->mem, local[i].head, local[i].used_len);
+            blk_hold_tick(b);
         }
         total += n;
     } while (n == 64);
@@ -742,6 +750,7 @@ static int blk_complete_now(struct pykvm_blk *b, struct blk_queue *q, uint16_t h
     *status = BLK_S_OK;
     blk_trace(b, q, head, BLK_S_OK);
     pykvm_vq_add_used(q->vq, &b->mem, head, used_len);
+    blk_hold_tick(b);
     return 0;
 }
 
@@ -1069,7 +1078,7 @@ static int blk_inject_done(struct pykvm_blk *b, struct blk_queue *q, uint16_t he
     return 1;
 }
 
-/* Keep only the first `keep` bytes of a write's I/O vector (a torn write). */
+/* Keep only the first `keep` bytes of the I/O vector (a torn write, a short read). */
 static void blk_tear(struct blk_req *req, uint64_t keep)
 {
     uint64_t pos = 0;
@@ -1139,6 +1148,7 @@ static int blk_inject(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, u
         ((hit.action == PYKVM_INJ_ZERO || hit.action == PYKVM_INJ_CORRUPT) &&
          op != PYKVM_INJ_OP_READ) ||
         (hit.action == PYKVM_INJ_TORN && op != PYKVM_INJ_OP_WRITE) ||
+        (hit.action == PYKVM_INJ_SHORT && op != PYKVM_INJ_OP_READ) ||
         (hit.action == PYKVM_INJ_DROP && op != PYKVM_INJ_OP_WRITE && op != PYKVM_INJ_OP_FLUSH))
         return 0;
     CNT_ADD(b, injected, 1);
@@ -1165,6 +1175,13 @@ static int blk_inject(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, u
             req->inj_value = (int32_t)keep;
         }
         return 0;
+    case PYKVM_INJ_SHORT:
+        /* the engine reads only `keep` bytes, as a host read that returns
+         * short: blk_failed sees less than the request and hands it to Python */
+        keep = (uint64_t)(hit.value > 0 ? hit.value : 0) * BLK_SECTOR / b->align * b->align;
+        if (keep && keep < req->nbytes)
+            blk_tear(req, keep);
+        return 0;
     case PYKVM_INJ_CORRUPT:
     case PYKVM_INJ_HOLD:
         req->inj_action = (uint8_t)hit.action;
@@ -1172,6 +1189,9 @@ static int blk_inject(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, u
         req->inj_seed = hit.seed;
         req->inj_order = hit.order;
         req->inj_timeout_ns = hit.timeout_ns;
+        req->inj_order_list = hit.order_list;
+        req->inj_order_n = hit.order_n;
+        req->inj_release_after = hit.release_after;
         return 0;
     case PYKVM_INJ_POWER_CUT:
         /* the request never lands nor completes; Python stops the VM (once) */
@@ -1274,6 +1294,25 @@ static int blk_release_holds(struct pykvm_blk *b)
 
     if (b->hold_order == PYKVM_INJ_ORDER_RANDOM)
         pykvm_inject_shuffle(b->hold_seed, b->holds, n);
+    if (b->hold_order == PYKVM_INJ_ORDER_GIVEN) {
+        /* the positions named, in their order (past those held: skipped), then
+         * the ones not named, as they came */
+        uint32_t out[PYKVM_INJ_MAX_ORDER_LIST], m = 0, named = 0;
+
+        for (uint32_t k = 0; k < b->hold_list_n; k++) {
+            uint32_t at = (uint32_t)(b->hold_list >> (4 * k)) & 15;
+
+            if (at < n && at < PYKVM_INJ_MAX_ORDER_LIST && !(named >> at & 1)) {
+                named |= 1u << at;
+                out[m++] = b->holds[at];
+            }
+        }
+        for (uint32_t k = 0; k < n && k < PYKVM_INJ_MAX_ORDER_LIST; k++)
+            if (!(named >> k & 1))
+                out[m++] = b->holds[k];
+        memcpy(b->holds, out, sizeof(*out) * m);
+        b->hold_order = PYKVM_INJ_ORDER_FIFO;
+    }
     for (uint32_t k = 0; k < n; k++) {
         uint32_t token = b->holds[b->hold_order == PYKVM_INJ_ORDER_REVERSE ? n - 1 - k : k];
         struct blk_queue *q = &b->queues[token >> 16];
@@ -1290,6 +1329,13 @@ static int blk_release_holds(struct pykvm_blk *b)
     return (int)n;
 }
 
+/* A completion that was not held: with release-after, one more counted. */
+static void blk_hold_tick(struct pykvm_blk *b)
+{
+    if (b->nholds && b->hold_after && ++b->hold_seen >= b->hold_after)
+        blk_release_holds(b);
+}
+
 /* A request done with success whose rule holds its completion. */
 static void blk_hold(struct pykvm_blk *b, struct blk_queue *q, uint16_t head)
 {
@@ -1300,6 +1346,10 @@ static void blk_hold(struct pykvm_blk *b, struct blk_queue *q, uint16_t head)
         b->hold_order = req->inj_order;
         b->hold_seed = req->inj_seed;
         b->hold_due = req->inj_timeout_ns ? blk_now_ns() + req->inj_timeout_ns : 0;
+        b->hold_list = req->inj_order_list;
+        b->hold_list_n = req->inj_order_n;
+        b->hold_after = req->inj_release_after;
+        b->hold_seen = 0;
     }
     req->state = REQ_DONE_HELD;
     b->holds[b->nholds++] = ((uint32_t)q->index << 16) | head;
@@ -1755,6 +1805,7 @@ static void blk_finish(struct pykvm_blk *b, uint64_t token, int64_t result)
     blk_trace(b, q, head, BLK_S_OK);
     req->state = REQ_FREE;
     pykvm_vq_add_used(q->vq, &b->mem, head, req->used_len);
+    blk_hold_tick(b);
 }
 
 static int blk_reap(struct pykvm_blk *b)

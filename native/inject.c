@@ -13,7 +13,7 @@
 struct inj_rule {
     struct pykvm_inject_rule r;
     uint64_t matched, fired, rng;
-    int removed;                /* inject-error with once=on, after it fired */
+    int removed;                /* inject-error with once=on, after it fired; or removed */
 };
 
 struct pykvm_inject {
@@ -89,6 +89,23 @@ int32_t pykvm_inject_add(struct pykvm_inject *inj, const struct pykvm_inject_rul
     }
     pthread_mutex_unlock(&inj->lock);
     return i;
+}
+
+void pykvm_inject_remove(struct pykvm_inject *inj, uint32_t i)
+{
+    pthread_mutex_lock(&inj->lock);
+    if (i < inj->nrules) {
+        inj->rules[i].removed = 1;
+        for (uint32_t k = 0; k < inj->nactive; k++) {
+            if (inj->active[k] == i) {
+                memmove(inj->active + k, inj->active + k + 1,
+                        sizeof(*inj->active) * (inj->nactive - k - 1));
+                inj->nactive--;
+                break;
+            }
+        }
+    }
+    pthread_mutex_unlock(&inj->lock);
 }
 
 void pykvm_inject_free(struct pykvm_inject *inj)
@@ -168,6 +185,9 @@ static void inj_fill(struct inj_rule *x, uint32_t i, struct pykvm_inject_hit *hi
     hit->timeout_ns = x->r.timeout_ns;
     hit->delay_ns = x->r.action == PYKVM_INJ_DELAY ? inj_delay(x) : 0;
     hit->seed = inj_next(&x->rng);
+    hit->order_list = x->r.order_list;
+    hit->order_n = x->r.order_n;
+    hit->release_after = x->r.release_after;
 }
 
 int pykvm_inject_check(struct pykvm_inject *inj, uint32_t op, uint64_t offset, uint64_t length,
@@ -222,7 +242,7 @@ int pykvm_inject_check(struct pykvm_inject *inj, uint32_t op, uint64_t offset, u
         const struct pykvm_inject_rule *r = &x->r;
         uint64_t n;
 
-        if (r->kind != PYKVM_INJ_RULE_FAULT || !(r->ops & (1u << op)) ||
+        if (x->removed || r->kind != PYKVM_INJ_RULE_FAULT || !(r->ops & (1u << op)) ||
             (r->state && r->state != inj->state) || (r->queue >= 0 && r->queue != queue))
             continue;
         if (r->offset >= 0) {

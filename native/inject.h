@@ -55,6 +55,8 @@
 #define PYKVM_INJ_HOLD 9        /* value: completions to gather; order; timeout_ns */
 #define PYKVM_INJ_POWER_CUT 10  /* value: keep (0 flushed, 1 all, 2 random); order: torn;
                                    from then on every request gets this hit: none may land */
+#define PYKVM_INJ_SHORT 11      /* value: sectors a read gets before the host's read returns
+                                   short (not at the end of the file): the rest must be read */
 
 #define PYKVM_INJ_DELAY_FIXED 0
 #define PYKVM_INJ_DELAY_UNIFORM 1       /* in [delay_ns, delay_max_ns] */
@@ -63,6 +65,9 @@
 #define PYKVM_INJ_ORDER_FIFO 0
 #define PYKVM_INJ_ORDER_REVERSE 1
 #define PYKVM_INJ_ORDER_RANDOM 2
+#define PYKVM_INJ_ORDER_GIVEN 3         /* order_list: positions (0: the first held), 4 bits
+                                           each from the lowest, order_n of them */
+#define PYKVM_INJ_MAX_ORDER_LIST 16
 
 /* check flags */
 #define PYKVM_INJ_GUEST 1       /* a guest request: raise its event, try [fault] rules */
@@ -89,6 +94,9 @@ struct pykvm_inject_rule {
     uint64_t delay_max_ns;
     uint32_t order;
     uint64_t timeout_ns;
+    uint64_t order_list;        /* hold, order given: the release order (PYKVM_INJ_ORDER_GIVEN) */
+    uint32_t order_n;
+    uint32_t release_after;     /* hold: release once this many more requests completed (0: no) */
 };
 
 /* What a check found: the rule's index (-1: none) and what to do. */
@@ -100,6 +108,9 @@ struct pykvm_inject_hit {
     uint64_t delay_ns;
     uint64_t timeout_ns;
     uint64_t seed;              /* for the bits a corruption flips, a random order */
+    uint64_t order_list;
+    uint32_t order_n;
+    uint32_t release_after;
 };
 
 struct pykvm_inject;
@@ -110,6 +121,8 @@ void pykvm_inject_free(struct pykvm_inject *inj);
 /* Add a rule while threads may be asking (the API's inject()); its index, or
  * -1 out of memory. */
 int32_t pykvm_inject_add(struct pykvm_inject *inj, const struct pykvm_inject_rule *rule);
+/* Remove rule i (it matches nothing from now on; indexes stay as they are). */
+void pykvm_inject_remove(struct pykvm_inject *inj, uint32_t i);
 /* Raise an event (QEMU's blkdebug_debug_event). */
 void pykvm_inject_event(struct pykvm_inject *inj, uint32_t event);
 /* 1 when a rule fired on the request (``hit`` filled), else 0. */

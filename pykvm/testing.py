@@ -51,6 +51,20 @@ from .block.trace import read as read_trace
 __all__ = ["Disk", "LinuxRun", "Run", "VM", "image", "linux_guest", "run_linux", "vm"]
 
 
+class InjectedRule(int):
+    """What ``Disk.inject()`` returns: the rule's index (``disk.rules()[i]``,
+    the trace's ``rule``), and ``remove()``: from now on it matches nothing,
+    on both paths, also while a run blocks (its counts stay)."""
+
+    def __new__(cls, index: int, injector):
+        self = super().__new__(cls, index)
+        self._injector = injector
+        return self
+
+    def remove(self) -> None:
+        self._injector.remove(int(self))
+
+
 class Disk:
     """An image under a blkdebug node whose rules the test adds (see module doc)."""
 
@@ -102,12 +116,13 @@ class Disk:
         from .block.filters.volatile import PLANS
         return PLANS[self._plan]["result"] if self._plan else None
 
-    def inject(self, action: str, kind: str = "fault", **keys) -> int:
-        """Add a rule now (it applies at once, also during a run); its index."""
+    def inject(self, action: str, kind: str = "fault", **keys) -> "InjectedRule":
+        """Add a rule now (it applies at once, also during a run); its index,
+        as an int whose ``remove()`` takes the rule away again."""
         items = {k.replace("_", "-") if k != "new_state" else k: v for k, v in keys.items()}
         if kind == "fault":
             items["action"] = action
-        return self.injector.add(rule_from(kind, items, "inject()"))
+        return InjectedRule(self.injector.add(rule_from(kind, items, "inject()")), self.injector)
 
     def release(self) -> None:
         self.injector.release()

@@ -202,9 +202,11 @@ class BlockBackend:
         # rule that fired on each request {token: rule}
         self._delayed: list = []
         self._marks: dict = {}
+        self._short_reads: dict = {}    # token -> bytes its host read returns (action short)
         self._held_done: list = []
         self._hold_hit = None
         self._hold_due = 0
+        self._hold_seen = 0             # release-after: completions since the first held
         self._release_all = False
         self._draining = False
         self._closed = False
@@ -378,6 +380,10 @@ class BlockBackend:
         for r in batch:
             e = pending.get(r.token)
             if e is not None:
+                if self._short_reads and r.op == READ:
+                    keep = self._short_reads.pop(e[0].token, None)
+                    if keep is not None and keep < iov_length(r.iov):
+                        r.iov = iov_slice(r.iov, 0, keep)   # the pending entry expects all
                 pending[r.token] = e[:3] + (r,)
         if self._plugged is not None:
             self._plugged.extend(batch)
@@ -449,6 +455,11 @@ class BlockBackend:
                 return False
             else:
                 fn(token, offset, iov_slice(iov, 0, keep))
+        elif a == "short":
+            keep = hit.value * SECTOR // self.align * self.align
+            if keep and keep < length:
+                self._short_reads[token] = keep     # _engine_submit cuts its first piece
+            return False
         elif a in ("corrupt", "hold"):
             self._marks[token] = (hit, iov)
             return False
@@ -491,6 +502,10 @@ class BlockBackend:
             mark = self._marks.pop(token, None)
             if mark is None or result < 0:
                 out.append((token, result))
+                if self._held_done and self._hold_hit.release_after:
+                    self._hold_seen += 1        # release-after: one more completed
+                    if self._hold_seen >= self._hold_hit.release_after:
+                        out += self._release_held()
                 continue
             hit, iov = mark
             if hit.action == "corrupt":
@@ -501,6 +516,7 @@ class BlockBackend:
             else:
                 if not self._held_done:
                     self._hold_hit = hit
+                    self._hold_seen = 0
                     self._hold_due = time.monotonic_ns() + hit.timeout_ns if hit.timeout_ns else 0
                     if self._hold_due:
                         _WAKER.at(self._hold_due, self._wake)
@@ -513,7 +529,12 @@ class BlockBackend:
         from .inject import ORDERS, shuffle
         held, self._held_done = self._held_done, []
         order = self._hold_hit.order
-        if order == ORDERS["reverse"]:
+        if self._hold_hit.order_list:
+            # the positions named (those past what was held: skipped), then the rest
+            first = [p for p in self._hold_hit.order_list if p < len(held)]
+            held = [held[p] for p in first] + \
+                [h for i, h in enumerate(held) if i not in first]
+        elif order == ORDERS["reverse"]:
             held.reverse()
         elif order == ORDERS["random"]:
             held = [held[i] for i in shuffle(self._hold_hit.seed, len(held))]
@@ -526,7 +547,7 @@ class BlockBackend:
             self._collect()
             out += self._ready
             self._ready = []
-        if self._marks:
+        if self._marks or (self._held_done and self._hold_hit.release_after):
             out = self._apply_marks(out)
         if self._held_done and (self._draining or self._release_all or
                                 (self._hold_due and time.monotonic_ns() >= self._hold_due)):
@@ -617,6 +638,8 @@ class BlockBackend:
                                                       iov):
             return
         self._read(token, offset, iov)
+        if self._short_reads:
+            self._short_reads.pop(token, None)  # (one with no host read: nothing to cut)
 
     def _read(self, token: int, offset: int, iov: list) -> None:
         if self._throttled and self._throttled.hold(False, iov_length(iov), self._readv,
@@ -1065,17 +1088,23 @@ class BlockBackend:
         """Wait until no I/O is in flight (completions are kept for reap())."""
         if not self._pending and not self._deferred:
             return
-        if self._plugged:
-            self.engine.submit(self._plugged)
-            self._plugged = []
-        poller = select.poll()
-        poller.register(self.notifier, select.POLLIN)
-        while self._pending or self._deferred:
-            if not self._pending:
-                self._retry_deferred()
-                continue
-            poller.poll(1000)
-            self._collect()
+        # unplugged while it waits: what the completions submit (an allocating
+        # write's next step) must reach the engine, not a batch held until later
+        plugged, self._plugged = self._plugged, None
+        if plugged:
+            self.engine.submit(plugged)
+        try:
+            poller = select.poll()
+            poller.register(self.notifier, select.POLLIN)
+            while self._pending or self._deferred:
+                if not self._pending:
+                    self._retry_deferred()
+                    continue
+                poller.poll(1000)
+                self._collect()
+        finally:
+            if plugged is not None:
+                self._plugged = []
         if self._ready:
             os.eventfd_write(self.notifier, 1)
 

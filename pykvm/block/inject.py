@@ -33,13 +33,20 @@ A rules file is QEMU's config format: ``[section]`` lines, then ``key =
     zero      reads: zeroes returned, the image not read
     torn      writes: only the first ``sectors`` (default 1) sectors reach
               the image; success is reported
+    short     reads: the host's read returns only the first ``sectors``
+              (default 1) sectors, not at the end of the file (as a read cut
+              by a signal or by a network file system): the rest must be read
     drop      writes (and flushes): success reported, nothing done
     power-cut the power goes: this request and every later one never land
               nor complete, the VM stops; with a volatile node the image is
               left as ``keep`` = flushed | all | random (``seed``, ``torn``) says
     hold      completions held until ``count`` (default 2) are, or
-              ``timeout`` (default 10ms) passed since the first, then
-              released in ``order`` = reverse | random | fifo
+              ``timeout`` (default 10ms) passed since the first, or
+              ``release-after`` = K more requests (not held) completed since
+              the first (then count and timeout only when given), then
+              released in ``order`` = reverse | random | fifo, or the
+              positions given (``2,0,1``: the third held first; 0 is the
+              first held; count defaults to how many it names)
 A bad file (an unknown section or key, a bad value, an impossible range,
 a probability outside [0, 1], an event the node never raises) is one line
 naming the file, the line and the key; nothing starts.
@@ -84,11 +91,11 @@ ACTIONS = {"pass": lib.PYKVM_INJ_NONE, "error": lib.PYKVM_INJ_ERROR, "status": l
            "delay": lib.PYKVM_INJ_DELAY, "hang": lib.PYKVM_INJ_HANG,
            "corrupt": lib.PYKVM_INJ_CORRUPT, "torn": lib.PYKVM_INJ_TORN,
            "drop": lib.PYKVM_INJ_DROP, "zero": lib.PYKVM_INJ_ZERO, "hold": lib.PYKVM_INJ_HOLD,
-           "power-cut": lib.PYKVM_INJ_POWER_CUT}
+           "power-cut": lib.PYKVM_INJ_POWER_CUT, "short": lib.PYKVM_INJ_SHORT}
 KEEPS = ("flushed", "all", "random")      # a power cut's, as the volatile node has them
 ACTION_NAMES = {v: k for k, v in ACTIONS.items()}     # 0: pass
 # the ops an action applies to (the default op list), and may be given
-ACTION_OPS = {"corrupt": ("read",), "zero": ("read",), "torn": ("write",),
+ACTION_OPS = {"corrupt": ("read",), "zero": ("read",), "torn": ("write",), "short": ("read",),
               "drop": ("write", "flush")}
 DEFAULT_OPS = ("read", "write")
 STATUSES = {"ioerr": 1, "unsupp": 2}
@@ -109,7 +116,7 @@ KEYS = {
               "after",
               "every", "nth", "times", "once", "probability", "seed", "action", "errno",
               "status", "delay", "delay-max", "distribution", "bits", "sectors", "count",
-              "order", "timeout", "keep", "torn"),
+              "order", "timeout", "release-after", "keep", "torn"),
 }
 
 
@@ -145,6 +152,8 @@ class Rule:
         self.order = kw.get("order", "reverse")
         self.timeout_ns = kw.get("timeout_ns", 10_000_000)
         self.order_value = kw.get("order_value")      # power-cut: torn (in the order field)
+        self.order_list = kw.get("order_list", ())    # hold: order given as positions
+        self.release_after = kw.get("release_after", 0)
 
     def __repr__(self):
         return f"<Rule {self.kind} {self.action} at {self.where}>"
@@ -171,8 +180,16 @@ class Rule:
         r.dist = DISTRIBUTIONS[self.distribution]
         r.delay_ns = self.delay_ns
         r.delay_max_ns = self.delay_max_ns
-        r.order = self.order_value if self.order_value is not None else ORDERS[self.order]
+        if self.order_value is not None:
+            r.order = self.order_value
+        elif self.order_list:
+            r.order = lib.PYKVM_INJ_ORDER_GIVEN
+        else:
+            r.order = ORDERS[self.order]
         r.timeout_ns = self.timeout_ns
+        r.order_list = sum(p << 4 * k for k, p in enumerate(self.order_list))
+        r.order_n = len(self.order_list)
+        r.release_after = self.release_after
 
 
 # -- parsing --------------------------------------------------------------------------
@@ -318,21 +335,31 @@ def rule_from(kind: str, items: dict, where: str) -> Rule:
                 raise err("delay-max", "is shorter than delay")
     elif action == "corrupt":
         kw["value"] = get("bits", _int_range(1, MAX_BITS), 1)
-    elif action == "torn":
+    elif action in ("torn", "short"):
         kw["value"] = get("sectors", _int_range(0, 1 << 30), 1)
     elif action == "power-cut":
         kw["value"] = KEEPS.index(get("keep", _choice(KEEPS), "flushed"))
         kw["order_value"] = int(get("torn", _bool, False))
     elif action == "hold":
-        kw["value"] = get("count", _int_range(1, 65536), 2)
-        kw["order"] = get("order", _choice(ORDERS), "reverse")
-        kw["timeout_ns"] = get("timeout", _duration, 10_000_000)
+        order = get("order", _order, "reverse")
+        if isinstance(order, tuple):
+            kw["order"], kw["order_list"] = "fifo", order
+        else:
+            kw["order"] = order
+        kw["release_after"] = get("release-after", _int_range(1, 1 << 30), 0)
+        # release-after: held until that many others completed (count and
+        # timeout only when given); an order given: as many as it names
+        kw["value"] = get("count", _int_range(1, 65536),
+                          65536 if kw["release_after"] else
+                          len(kw["order_list"]) if "order_list" in kw else 2)
+        kw["timeout_ns"] = get("timeout", _duration, 0 if kw["release_after"] else 10_000_000)
     for key, applies in (("errno", "error"), ("status", "status"), ("delay", "delay"),
                          ("distribution", "delay"), ("delay-max", "delay"), ("bits", "corrupt"),
-                         ("sectors", "torn"), ("count", "hold"), ("order", "hold"),
-                         ("timeout", "hold"), ("keep", "power-cut"), ("torn", "power-cut")):
-        if key in items and action != applies:
-            raise err(key, f"applies to action {applies}, not {action}")
+                         ("sectors", ("torn", "short")), ("count", "hold"), ("order", "hold"),
+                         ("timeout", "hold"), ("release-after", "hold"), ("keep", "power-cut"),
+                         ("torn", "power-cut")):
+        if key in items and action not in (applies if isinstance(applies, tuple) else (applies,)):
+            raise err(key, f"applies to action {' or '.join(applies) if isinstance(applies, tuple) else applies}, not {action}")
     return Rule("fault", where, **kw)
 
 
@@ -404,6 +431,28 @@ def _errno_value(v) -> int:
     return n
 
 
+def _order(v):
+    """hold's order: reverse, random, fifo, or the positions of the held
+    completions in the order they go back (0: the first held), comma-separated."""
+    if isinstance(v, (list, tuple)):        # from the API: order=[2, 0, 1]
+        v = ",".join(str(int(x)) for x in v)
+    v = str(v).strip()
+    if v in ORDERS:
+        return v
+    try:
+        pos = tuple(int(x) for x in v.split(","))
+    except ValueError:
+        raise ValueError(f"not one of {', '.join(ORDERS)}, nor positions such as 2,0,1") \
+            from None
+    if not 1 <= len(pos) <= lib.PYKVM_INJ_MAX_ORDER_LIST or \
+            not all(0 <= p < lib.PYKVM_INJ_MAX_ORDER_LIST for p in pos):
+        raise ValueError(f"at most {lib.PYKVM_INJ_MAX_ORDER_LIST} positions, each in "
+                         f"[0, {lib.PYKVM_INJ_MAX_ORDER_LIST - 1}]")
+    if len(set(pos)) != len(pos):
+        raise ValueError("a position is named twice")
+    return pos
+
+
 def _probability(v) -> float:
     p = float(v)
     if not 0.0 <= p <= 1.0:
@@ -445,7 +494,8 @@ def read_rules(path: str) -> list[Rule]:
 class Hit:
     """What the engine said about one request (struct pykvm_inject_hit)."""
 
-    __slots__ = ("rule", "action", "value", "order", "delay_ns", "timeout_ns", "seed")
+    __slots__ = ("rule", "action", "value", "order", "delay_ns", "timeout_ns", "seed",
+                 "order_list", "release_after")
 
     def __init__(self, h):
         self.rule = h.rule
@@ -455,6 +505,8 @@ class Hit:
         self.delay_ns = h.delay_ns
         self.timeout_ns = h.timeout_ns
         self.seed = h.seed
+        self.order_list = tuple(h.order_list >> 4 * k & 15 for k in range(h.order_n))
+        self.release_after = h.release_after
 
 
 class Injector:
@@ -475,6 +527,7 @@ class Injector:
         self._hit = ffi.new("struct pykvm_inject_hit *")
         self._lock = threading.Lock()
         self.on_release: list = []
+        self.removed: set[int] = set()
 
     def add(self, rule: Rule) -> int:
         """Add a rule now (the paths may be serving); its index."""
@@ -486,6 +539,14 @@ class Injector:
                 raise MemoryError("out of memory for a rule")
             self.rules.append(rule)
         return i
+
+    def remove(self, i: int) -> None:
+        """Rule ``i`` matches nothing from now on (its counts stay; the other
+        rules keep their indexes)."""
+        if not 0 <= i < len(self.rules):
+            raise IndexError(f"no rule {i}")
+        lib.pykvm_inject_remove(self.c, i)
+        self.removed.add(i)
 
     def check(self, op: str, offset: int, length: int, queue: int = 0,
               guest: bool = True) -> Hit | None:
@@ -520,7 +581,7 @@ class Injector:
             lib.pykvm_inject_rule_counts(self.c, i, m, f)
             out.append({"rule": i, "where": rule.where, "kind": rule.kind,
                         "action": rule.action if rule.kind != "set-state" else "set-state",
-                        "matched": m[0], "fired": f[0]})
+                        "matched": m[0], "fired": f[0], "removed": i in self.removed})
         return out
 
     def events(self) -> dict:

@@ -446,40 +446,46 @@ class NbdServer:
         os.eventfd_write(self._stop_fd, 1)
 
     def serve_forever(self) -> None:
-        ep = self._ep
+        while self.step():
+            pass
+
+    def step(self, timeout=-1) -> bool:
+        """One turn of the event loop: wait up to ``timeout`` seconds (None:
+        until something happens; the default: 1 s while a handshake runs, else
+        None), handle what is ready. False once serve_forever must return
+        (stop(), or without ``persistent`` the last client gone)."""
+        if timeout == -1:
+            timeout = self._timeout()
+        try:
+            events = self._ep.poll(timeout)
+        except InterruptedError:
+            return True
         notifier = self.backend.notifier
         lfd = self.listener.fileno()
-        while True:
-            timeout = self._timeout()
-            try:
-                events = ep.poll(timeout)
-            except InterruptedError:
-                continue
-            for fd, ev in events:
-                if fd == notifier:
-                    self._reap()
-                elif fd == lfd:
-                    self._accept()
-                elif fd == self._stop_fd:
-                    return
-                else:
-                    c = self.conns.get(fd)
-                    if c is None:
-                        continue
-                    self._dirty.add(c)      # its epoll interest is looked at again
-                    try:
-                        if ev & select.EPOLLOUT:
-                            self._send(c)
-                        if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and \
-                                not c.closed:
-                            self._readable(c)
-                    except _Close as e:
-                        self._close(c, str(e))
-            self._flush_dirty()
-            if timeout is not None:
-                self._expire()
-            if not self.persistent and self.served and not self.conns:
-                return
+        for fd, ev in events:
+            if fd == notifier:
+                self._reap()
+            elif fd == lfd:
+                self._accept()
+            elif fd == self._stop_fd:
+                return False
+            else:
+                c = self.conns.get(fd)
+                if c is None:
+                    continue
+                self._dirty.add(c)      # its epoll interest is looked at again
+                try:
+                    if ev & select.EPOLLOUT:
+                        self._send(c)
+                    if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and \
+                            not c.closed:
+                        self._readable(c)
+                except _Close as e:
+                    self._close(c, str(e))
+        self._flush_dirty()
+        if timeout is not None:
+            self._expire()
+        return self.persistent or not self.served or bool(self.conns)
 
     def _timeout(self):
         if any(not c.tx for c in self.conns.values()):
@@ -584,6 +590,8 @@ class NbdServer:
             return
         out = c.out
         for b in bufs:
+            if not len(b):
+                continue        # (sendmsg of nothing but empty buffers sends 0: no progress)
             out.append(b)
             c.out_bytes += len(b)
             c.queued += len(b)

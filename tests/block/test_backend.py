@@ -678,3 +678,44 @@ def test_reused_clusters_are_not_mapped_ahead(tmp_path):
     d.close()
     assert_clean(p)
     assert _mapped(p) == [(0, 2 * MiB)]
+
+
+def test_discard_while_plugged_after_an_allocating_write(tmp_path):
+    """A qcow2 discard waits for the writes in flight; an allocating write's
+    second step (its L2 update, submitted from a completion while it waits)
+    goes to the engine too, not to the plugged batch nobody submits (it hung:
+    an NBD client's write then trim in one socket read)."""
+    import select
+    import threading
+    qcow = tmp_path / "small-clusters.qcow2"
+    Qcow2Driver.create(str(qcow), 4 * MiB, cluster_size=4096)
+    b = BlockBackend(str(qcow), fmt="qcow2")
+    try:
+        done = threading.Event()
+
+        def requests():
+            b.plug()
+            try:
+                b.writev(1, 4096, [bytearray(b"w" * 512)])     # part of a new cluster
+                b.writev(2, 7680, [bytearray(b"x" * 1024)])    # parts of two
+                b.discard(3, 65536, 65536)
+            finally:
+                b.unplug()
+            done.set()
+        t = threading.Thread(target=requests, daemon=True)
+        t.start()
+        assert done.wait(10), "discard waited for a write that was never submitted"
+        got, poller = {}, select.poll()
+        poller.register(b.notifier, select.POLLIN)
+        while len(got) < 3:
+            assert poller.poll(10000), f"completions missing: {got}"
+            got.update(b.reap())
+        assert got == {1: 512, 2: 1024, 3: 0}
+        out = bytearray(12288)
+        b.readv(4, 0, [out])
+        while not (r := b.reap()):
+            poller.poll(1000)
+        assert r == [(4, 12288)]
+        assert out == bytes(4096) + b"w" * 512 + bytes(3072) + b"x" * 1024 + bytes(3584)
+    finally:
+        b.close()

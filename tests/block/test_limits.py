@@ -96,6 +96,30 @@ def test_l1_table_just_past_the_limit(baseline, good):
                             f"{MAX_L1_BYTES} bytes)")
 
 
+def test_l1_table_at_the_limit_costs_its_size(baseline, tmp_path):
+    """The largest L1 table allowed (32 MiB, 4M entries), every entry set: held
+    as 8 bytes an entry, its open costs the table read and the table (a list of
+    ints was 40 bytes an entry: 160 MiB)."""
+    p = tmp_path / "l1.qcow2"
+    n = MAX_L1_BYTES // 8
+    Qcow2Driver.create(str(p), n * (CS // 8) * CS)
+    with open(p, "r+b") as f:
+        l1_size, l1_off = struct.unpack_from(">IQ", f.read(48), 36)
+        assert l1_size == n
+        l2 = end_of(p)
+        f.truncate(l2 + CS)                 # one L2 table of zeroes under every entry
+        f.seek(l1_off)
+        f.write(struct.pack(">Q", l2) * n)
+    code = ("from pykvm.block.driver import open_image\n"
+            "d = open_image(argv[0], fmt='qcow2')\n"
+            "assert len(d.l1) == %d and d.l1[0] == d.l1[-1] == %d\n"
+            "d.close()\n" % (n, l2))
+    rc, err, rss = run("py", code, p)
+    assert rc == 0, err
+    assert rss - baseline < 2 * MAX_L1_BYTES + SLACK, \
+        f"{(rss - baseline) >> 20} MiB more than a small image"
+
+
 def test_refcount_table_too_big(baseline, good):
     n = MAX_REFTABLE_BYTES // CS + 1
     patch(good, 56, ">I", n)

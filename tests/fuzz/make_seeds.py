@@ -256,8 +256,64 @@ def blk(out: str) -> None:
             f.write(data)
 
 
+def nbd_export(out: str) -> None:
+    """Client sessions in fuzz_nbd_export.py's operations: fixed newstyle with
+    NBD_OPT_GO (structured replies, both metadata contexts) and every command,
+    on each export; NBD_OPT_EXPORT_NAME with simple replies; every option; and
+    the broken ones (refused flags, a bad magic, oversized lengths, past the end,
+    an option too long, the stream cut inside a write)."""
+    def flags(f=3):
+        return bytes([0, f])
+
+    def opt(o, b=0, extra=b""):        # o: an index into OPTIONS (9: a u32 follows)
+        return bytes([1, o, b]) + extra
+
+    def req(c, f=0, o=0, ln=3, extra=b""):   # c: COMMANDS, o: OFFSETS, ln: LENGTHS
+        return bytes([2, c, f, o, ln]) + extra
+    READ, WRITE, DISC, FLUSH, TRIM, ZERO, STATUS, UNKNOWN = range(8)
+    EXPORT_NAME, ABORT, LIST, STARTTLS, INFO, GO, STRUCTURED, LIST_META, SET_META = range(9)
+    pump, eof = bytes([5]), bytes([6])
+    go = (flags() + opt(STRUCTURED) + opt(SET_META, 4, bytes([0, 1]))
+          + opt(GO, 6, bytes([0, 1, 2])))
+    commands = (req(READ) + req(WRITE, 0, 2, 2) + req(WRITE, 1, 1, 3) + req(FLUSH)
+                + req(TRIM, 0, 2, 3) + req(ZERO, 0, 2, 3) + req(ZERO, 2, 3, 3)
+                + req(ZERO, 0x10, 3, 4) + req(STATUS, 0, 0, 6) + req(STATUS, 8, 0, 6)
+                + pump + req(READ, 0, 0, 5) + req(READ, 4, 0, 5) + req(READ, 0, 3, 4)
+                + req(READ, 1, 2, 2) + pump + req(UNKNOWN) + req(READ, 0x20, 0, 3))
+    simple = flags(1) + opt(EXPORT_NAME)
+    seeds = {
+        "go-raw": bytes([0]) + go + commands + req(DISC),
+        "go-qcow2": bytes([1]) + go + commands + req(DISC),
+        "go-read-only": bytes([2]) + go + commands + req(DISC),
+        "export-name": bytes([0]) + simple + commands + req(STATUS) + req(READ, 4) + req(DISC),
+        "export-name-no-zeroes": bytes([1]) + flags(3) + opt(EXPORT_NAME) + commands,
+        "options": (bytes([0]) + flags() + opt(LIST) + opt(LIST, 0x81, b"x") + opt(STARTTLS)
+                    + opt(INFO, 7, bytes([0, 1, 2])) + opt(INFO, 0) + opt(LIST_META)
+                    + opt(STRUCTURED) + opt(STRUCTURED) + opt(LIST_META, 6, bytes([2, 3, 4]))
+                    + opt(LIST_META, 1) + opt(SET_META, 2, bytes([5]))
+                    + opt(9, 0, b"\0\0\0\x63") + opt(GO, 0x40, b"\0\0\0\x02")
+                    + pump + opt(ABORT) + req(READ)),
+        "go-then-garbage": bytes([0]) + go + req(READ) + bytes([4]) + req(READ),
+        "raw-garbage": bytes([0]) + go + req(WRITE, 0, 0, 3) + bytes([3, 8]) + b"garbage!"
+                       + req(READ),
+        "oversized": (bytes([0]) + go + req(READ, 0, 0, 7) + req(READ, 0, 0, 8)
+                      + req(WRITE, 0, 0, 8) + req(READ, 0, 9, 9, struct.pack(">Q", 1 << 40)
+                                                  + struct.pack(">I", 0xFFFFFFF0))
+                      + req(READ, 0, 6, 3) + req(TRIM, 0, 7, 3) + req(STATUS, 0, 8, 3)
+                      + req(8, 0x80, 0, 3, b"\x09" + b"\xff\xff") + req(READ)),
+        "refused": bytes([0]) + flags(0) + opt(GO),
+        "bad-flags": bytes([0]) + bytes([0, 0x80]) + b"\0\0\0\x07" + opt(GO),
+        "option-too-long": bytes([0]) + flags() + opt(LIST, 0x40, b"\x7f\xff\xff\xff"),
+        "cut-in-write": bytes([0]) + go + req(WRITE, 0, 0, 6)[:5] + eof + b"\x00" * 8,
+        "cut-in-handshake": bytes([0]) + flags() + bytes([3, 9]) + b"IHAVEOPT\0",
+    }
+    for name, data in seeds.items():
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(data)
+
+
 SEED_MAKERS = {"qcow2": qcow2, "disk": disk, "boot": boot, "queue": queue,
-               "vhost_user": vhost_user, "blk": blk}
+               "vhost_user": vhost_user, "blk": blk, "nbd_export": nbd_export}
 
 
 def main(argv) -> None:

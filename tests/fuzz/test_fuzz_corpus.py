@@ -15,7 +15,7 @@ FUZZ_SECONDS = 3
 
 
 def test_every_target_has_inputs():
-    assert set(TARGETS) >= {"boot", "disk", "qcow2", "queue", "vhost_user"}
+    assert set(TARGETS) >= {"boot", "disk", "qcow2", "queue", "vhost_user", "nbd_export"}
     for name in TARGETS:
         assert harness.inputs(name), name
 

@@ -281,6 +281,25 @@ def test_a_torn_write_lands_its_first_sectors_only(tmp_path, image, engine):
         r.close()
 
 
+def test_a_short_host_read_is_read_to_the_end(tmp_path, image, engine):
+    """Every host read returns its first 8 sectors only, far from the end of the
+    file: the rest is read (the C path hands the request to Python, which
+    continues it), and the guest gets all of the data, never a buffer that
+    is partly unread with a success status."""
+    r = debug_rig(tmp_path, image, engine, "[fault]\naction = short\nsectors = 8\n")
+    try:
+        status, data, used = r.drv.read(64, 32768)
+        assert (status, used) == (B.S_OK, 32769)
+        assert data == pattern(DISK)[64 * 512:64 * 512 + 32768]
+        assert r.backend.stats["short_read"] >= 1
+        if engine.name != "python":
+            assert r.dev.counters()["punts"] >= 1      # C saw it short, Python read on
+        assert r.drv.write(0, pattern(4096, 5)) == B.S_OK      # writes are not cut
+        assert r.drv.read(0, 4096)[:2] == (B.S_OK, pattern(4096, 5))
+    finally:
+        r.close()
+
+
 def test_a_delay_holds_the_request(tmp_path, image, engine):
     r = debug_rig(tmp_path, image, engine, "[fault]\nop = read\naction = delay\ndelay = 150ms\n")
     try:
@@ -416,3 +435,101 @@ def test_after_a_power_cut_no_request_lands_nor_completes(tmp_path, image, engin
         assert image.read_bytes()[8 * 512:24 * 512] == pattern(DISK)[8 * 512:24 * 512]
     finally:
         r.close()
+
+
+# -- held completions released in a given order, after K others; rules removed -------------
+
+@pytest.mark.matrix(cache_mode="unsafe")     # flushes complete at once, in order
+@pytest.mark.parametrize("order, count, expect", [
+    ("2,0,3,1", None, [2, 0, 3, 1]),         # count: as many as the order names
+    ("1", "3", [1, 0, 2]),                   # the ones not named go after, as they came
+    ("3,1", "2", [1, 0]),                    # a position past those held is skipped
+])
+def test_held_completions_go_back_in_the_order_given(tmp_path, image, engine, cache_mode,
+                                                      order, count, expect):
+    from tests.helpers.virtio_driver import T_FLUSH
+    text = f"[fault]\nop = flush\naction = hold\norder = {order}\ntimeout = 10s\n" + \
+        (f"count = {count}\n" if count else "")
+    r = debug_rig(tmp_path, image, engine, text)
+    try:
+        d = r.drv
+        heads = [d.submit([d.header(T_FLUSH), d.vq.arena.writable(1)], notify=False)
+                 for _ in range(len(expect))]
+        d.t.notify(0)
+        assert [h for h, _ in d.wait_used(len(expect))] == [heads[i] for i in expect]
+    finally:
+        r.close()
+
+
+def test_a_held_completion_goes_after_k_more_requests_completed(tmp_path, image, engine):
+    """release-after = 2: the held read comes back right after the second
+    write that completed after it, not before, and with no timeout."""
+    r = debug_rig(tmp_path, image, engine,
+                  "[fault]\nop = read\naction = hold\nrelease-after = 2\nonce = on\n")
+    try:
+        d = r.drv
+        held = d.submit([d.header(T_IN, 0), d.vq.arena.writable(512), d.vq.arena.writable(1)])
+        time.sleep(0.3)
+        assert d.vq.reap() == []                          # no timeout: still held
+        w1 = d.submit([d.header(B.T_OUT, 8), d.vq.arena.readable(pattern(512, 1)),
+                       d.vq.arena.writable(1)])
+        assert [h for h, _ in d.wait_used(1)] == [w1]
+        time.sleep(0.2)
+        assert d.vq.reap() == []                          # one of two: still held
+        w2 = d.submit([d.header(B.T_OUT, 16), d.vq.arena.readable(pattern(512, 2)),
+                       d.vq.arena.writable(1)])
+        assert [h for h, _ in d.wait_used(2)] == [w2, held]
+        assert r.drv.read(0, 512)[0] == B.S_OK            # once: the next one goes at once
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("text, where, words", [
+    ("[fault]\naction = hold\norder = 1,1\n", "t.conf:3", "named twice"),
+    ("[fault]\naction = hold\norder = 16\n", "t.conf:3", "at most 16 positions"),
+    ("[fault]\naction = hold\norder = sideways\n", "t.conf:3", "nor positions"),
+    ("[fault]\naction = delay\ndelay = 1ms\nrelease-after = 2\n", "t.conf:4",
+     "applies to action hold"),
+    ("[fault]\naction = hold\nrelease-after = 0\n", "t.conf:3", "key 'release-after'"),
+])
+def test_a_bad_hold_order_or_release_after_is_refused(text, where, words):
+    with pytest.raises(RulesError) as e:
+        parse_rules(text, "t.conf")
+    assert str(e.value).startswith(where) and words in str(e.value), str(e.value)
+
+
+def test_a_rule_added_at_runtime_is_removed_by_its_handle(tmp_path, image, engine):
+    from pykvm.testing import Disk
+    disk = Disk(image)
+    r = Rig({"driver": "raw", "file": {"driver": "blkdebug", "x-injector": disk._name,
+                                       "image": {"driver": "file", "filename": str(image)}}},
+            "mmio", engine)
+    try:
+        kept = disk.inject("error", op="read", offset=0, length=4096)
+        writes = disk.inject("error", op="write")
+        qemu = disk.inject(None, kind="inject-error", event="read_aio", sector=16, errno=5)
+        assert (kept, writes, qemu) == (0, 1, 2)
+        assert r.drv.write(8, pattern(512, 3)) == B.S_IOERR
+        assert r.drv.read(16, 512)[0] == B.S_IOERR        # QEMU's rule, active on read_aio
+        writes.remove()
+        qemu.remove()
+        assert r.drv.write(8, pattern(512, 3)) == B.S_OK
+        assert r.drv.read(8, 512)[:2] == (B.S_OK, pattern(512, 3))
+        assert r.drv.read(16, 512)[0] == B.S_OK
+        assert r.drv.read(0, 512)[0] == B.S_IOERR         # the rule not removed stays
+        rules = disk.rules()
+        assert [x["removed"] for x in rules] == [False, True, True]
+        assert [x["fired"] for x in rules] == [1, 1, 1]
+    finally:
+        r.close()
+
+
+def test_hold_order_and_release_after_from_the_api():
+    from pykvm.block.inject import rule_from
+    r = rule_from("fault", {"action": "hold", "order": [2, 0, 1]}, "inject()")
+    assert (r.order_list, r.value, r.timeout_ns) == ((2, 0, 1), 3, 10_000_000)
+    r = rule_from("fault", {"action": "hold", "release-after": 3}, "inject()")
+    assert (r.release_after, r.value, r.timeout_ns) == (3, 65536, 0)
+    r = rule_from("fault", {"action": "hold", "release-after": 3, "count": 5, "timeout": "1s"},
+                  "inject()")
+    assert (r.release_after, r.value, r.timeout_ns) == (3, 5, 1_000_000_000)

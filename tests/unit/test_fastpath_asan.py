@@ -76,3 +76,14 @@ def test_fast_path_tests_pass_under_asan_and_ubsan(sanitized):
     assert "ERROR: AddressSanitizer" not in r.stderr and "runtime error" not in r.stderr, tail
     passed = re.search(r"(\d+) passed", r.stdout)
     assert passed and int(passed.group(1)) > 400, tail  # the selection did run
+
+
+def test_multiqueue_run_under_asan_and_ubsan(sanitized):
+    """make stress's multiqueue run (tests/stress/mq_asan.py), for 5 s: 4 queues
+    on 4 C threads, reads, writes, flushes, discards and write-zeroes, verified."""
+    from tests.stress import mq_asan
+    rc, out = mq_asan.run(str(sanitized), 5)
+    assert rc == 0, out[-4000:]
+    m = re.search(r"mq-verify: read (\d+), write (\d+), flush (\d+), discard (\d+), "
+                  r"write-zeroes (\d+),.*: ok", out)
+    assert m and all(int(n) > 0 for n in m.groups()), out[-4000:]

@@ -408,6 +408,21 @@ def test_past_the_end(raw, serve):
     assert c.simple(512) == (0, 5, bytes(512))
 
 
+def test_zero_length_read_simple_reply_and_the_server_goes_on(raw, serve):
+    """A read of 0 bytes with simple replies: its reply, then the next ones (an
+    empty payload queued behind the header kept the one server thread sending
+    nothing, forever)."""
+    srv = serve(raw)
+    c = Client(srv.path, timeout=3)
+    c.go()
+    c.request(nbd.CMD_READ, MiB, 0, cookie=1)
+    assert c.simple() == (0, 1, b"")
+    c.request(nbd.CMD_READ, MiB, 512, cookie=2)
+    assert c.simple(512) == (0, 2, pattern(512))
+    c.request(nbd.CMD_DISC)
+    assert c.closed()
+
+
 def test_unknown_command_and_bad_flags_are_einval(raw, serve):
     srv = serve(raw)
     c = Client(srv.path)

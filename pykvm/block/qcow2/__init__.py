@@ -53,7 +53,7 @@ from .header import (AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, COMPAT_LAZY, COMPRES
                      INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
                      INCOMPAT_EXTL2, INCOMPAT_KNOWN, L2_CACHE_DEFAULT_MAX, MAGIC, MAX_L1_BYTES,
                      MAX_REFTABLE_BYTES, MAX_SNAPSHOT_TABLE, MAX_SNAPSHOTS, OFFSET_MASK,
-                     REFT_MASK, ZERO, Header)
+                     REFT_MASK, ZERO, Header, be64_table)
 from .refcount import Refcounts, rc_get, rc_set, rc_span
 from .snapshot import Snapshot, Snapshots
 from .write import WriteAllocation, _Alloc
@@ -168,8 +168,7 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
         if not read_only and h.incompat & INCOMPAT_CORRUPT:
             raise BlockError(path, "image is marked corrupt; it can only be opened read-only "
                              "(repair it with 'pykvm img check -r all')")
-        self.l1 = list(struct.unpack(f">{h.l1_size}Q",
-                                     self._read_meta(h.l1_offset, h.l1_size * 8)))
+        self.l1 = be64_table(self._read_meta(h.l1_offset, h.l1_size * 8))
         self.rt_cap = h.rt_clusters * cs // 8
         self.reftable = list(struct.unpack(f">{self.rt_cap}Q",
                                            self._read_meta(h.rt_offset, h.rt_clusters * cs)))

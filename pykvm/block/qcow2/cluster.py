@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
 
 from ..driver import BlockError, DirectExtent, Extent, fd_datasync
-from .header import COMPRESSED, COPIED, MAX_L1_BYTES, OFFSET_MASK, ZERO
+from .header import COMPRESSED, COPIED, MAX_L1_BYTES, OFFSET_MASK, ZERO, be64_bytes
 
 
 class ClusterMap:
@@ -352,23 +353,23 @@ class ClusterMap:
         if need * 8 > MAX_L1_BYTES:
             raise BlockError(self.path, f"size {size} needs an L1 table over 32 MiB")
         if need > len(self.l1):
-            self._replace_l1(self.l1 + [0] * (need - len(self.l1)))
+            self._replace_l1(self.l1 + array("Q", bytes(8 * (need - len(self.l1)))))
         self._write_header_field(24, ">Q", size)
         self.h.size = self.size = size
         self._dx_changed()
 
-    def _replace_l1(self, entries: list[int]) -> None:
+    def _replace_l1(self, entries) -> None:
         cs = self.cluster_size
         n = -(-len(entries) * 8 // cs) or 1
         new = self.alloc_clusters(n)
-        data = struct.pack(f">{len(entries)}Q", *entries)
+        data = be64_bytes(entries)
         self._meta_write("l1_grow.write_table", data + bytes(n * cs - len(data)), new)
         fd_datasync(self.mfd)
         old_off, old_n = self.h.l1_offset, -(-self.h.l1_size * 8 // cs)
         self.file.debug_event("l1_grow.activate_table")
         self._write_header_field(36, ">IQ", len(entries), new)
         self.h.l1_offset, self.h.l1_size = new, len(entries)
-        self.l1 = list(entries)
+        self.l1 = array("Q", entries)
         self._dx_changed()
         if old_off:
             for k in range(old_n):

@@ -5,6 +5,8 @@ entry masks, QEMU's size limits)."""
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 
 from ..driver import BlockError
 
@@ -213,3 +215,21 @@ class Header:
         if len(out) > cluster_size:
             raise BlockError("", "qcow2 header does not fit in the first cluster")
         return bytes(out)
+
+
+def be64_table(data) -> array:
+    """A table of big-endian u64 entries (an L1 table) as an array('Q'): 8 bytes
+    an entry, where a list of ints costs 40 (4M entries: 32 MiB, not 160)."""
+    a = array("Q")
+    a.frombytes(data)
+    if sys.byteorder == "little":
+        a.byteswap()
+    return a
+
+
+def be64_bytes(table) -> bytes:
+    """The entries of ``table`` (an array('Q') or a list) big-endian, as on disk."""
+    a = array("Q", table)
+    if sys.byteorder == "little":
+        a.byteswap()
+    return a.tobytes()

@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import struct
 import time
+from array import array
 
 from ..driver import BlockError, fd_datasync, pwrite_full
 from .header import (COMPRESSED, COPIED, MAX_L1_BYTES, MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOT_TABLE,
-                     OFFSET_MASK)
+                     OFFSET_MASK, be64_bytes, be64_table)
 
 
 class Snapshot:
@@ -143,9 +144,9 @@ class Snapshots:
                 return s
         raise BlockError(self.path, f"snapshot {name!r} not found")
 
-    def _read_l1(self, s: Snapshot) -> list[int]:
+    def _read_l1(self, s: Snapshot) -> array:
         self._check_table(s.l1_offset, s.l1_size * 8, f"snapshot {s.name!r} L1 table")
-        return list(struct.unpack(f">{s.l1_size}Q", self._read_meta(s.l1_offset, s.l1_size * 8)))
+        return be64_table(self._read_meta(s.l1_offset, s.l1_size * 8))
 
     def snapshot_create(self, name: str) -> None:
         if self.data_fd >= 0:
@@ -160,7 +161,7 @@ class Snapshots:
         self._fix_copied()
         n = -(-len(self.l1) * 8 // cs) or 1
         l1_off = self.alloc_clusters(n)
-        data = struct.pack(f">{len(self.l1)}Q", *[e & ~COPIED for e in self.l1])
+        data = be64_bytes(array("Q", (e & ~COPIED for e in self.l1)))
         pwrite_full(self.mfd, data + bytes(n * cs - len(data)), l1_off)
         s = Snapshot()
         ids = [int(x.id) for x in self.snapshots if x.id.isdigit()]
@@ -184,13 +185,13 @@ class Snapshots:
         l1 = self._read_l1(s)
         self._unmapping(0, max(self.size, s.disk_size))
         self._tree_refs(l1, +1)
-        old = list(self.l1)
+        old = array("Q", self.l1)
         if len(l1) != len(self.l1):
             self._replace_l1(l1)
         else:
-            self.l1 = list(l1)
+            self.l1 = array("Q", l1)
             self._dx_changed()
-            pwrite_full(self.mfd, struct.pack(f">{len(l1)}Q", *l1), self.h.l1_offset)
+            pwrite_full(self.mfd, be64_bytes(l1), self.h.l1_offset)
         if s.disk_size != self.size:
             self._write_header_field(24, ">Q", s.disk_size)
             self.h.size = self.size = s.disk_size
