@@ -68,7 +68,8 @@ struct pykvm_aio {
     uint32_t nrdone;
     /* the connections it has sent requests to; once its thread watches their
      * sockets (pykvm_aio_watch), it reads their replies itself */
-    struct pykvm_nbd *conn[AIO_CONNS];
+    struct pykvm_nbd *conn[AIO_CONNS];     /* each holds a reference (nbd_get) */
+    uint8_t attached[AIO_CONNS];            /* its replies are this thread's to read */
     uint32_t nconn;
     int watching;
 };
@@ -81,9 +82,12 @@ static struct pykvm_nbd *nbd_route_find(int fd);
 static void nbd_submit(struct pykvm_nbd *c, const struct pykvm_aio_req *r,
                        void (*done)(void *ctx, uint64_t token, int64_t result), void *ctx,
                        int driven);
+static void nbd_get(struct pykvm_nbd *c);
+static void nbd_put(struct pykvm_nbd *c);
 static int nbd_attach(struct pykvm_nbd *c, int notifier);
 static void nbd_detach(struct pykvm_nbd *c, int notifier);
 static int nbd_watch(struct pykvm_nbd *c, uint32_t *gen);
+static int nbd_route_fua(int fd);
 static void nbd_drive(struct pykvm_nbd *c);
 
 /* the engine whose thread is reading its connections' replies right now
@@ -256,16 +260,22 @@ static void aio_routed_done(void *ctx, uint64_t token, int64_t result)
         eventfd_write(aio->notifier, 1);
 }
 
-/* Remember a connection this engine sends to (its thread may read its replies). */
-static void aio_note_conn(struct pykvm_aio *aio, struct pykvm_nbd *c)
+/* Remember a connection this engine sends to; whether this thread reads its
+ * replies (past AIO_CONNS, or NBD_DRIVERS engines on c, the pump does). */
+static int aio_note_conn(struct pykvm_aio *aio, struct pykvm_nbd *c)
 {
-    for (uint32_t i = 0; i < aio->nconn; i++)
+    uint32_t i;
+
+    for (i = 0; i < aio->nconn; i++)
         if (aio->conn[i] == c)
-            return;
-    /* more than AIO_CONNS (or NBD_DRIVERS engines on c): the pump reads for them */
-    if (aio->nconn == AIO_CONNS || (aio->watching && nbd_attach(c, aio->notifier) < 0))
-        return;
-    aio->conn[aio->nconn++] = c;
+            return aio->attached[i];
+    if (aio->nconn == AIO_CONNS)
+        return 0;
+    nbd_get(c);
+    aio->conn[i] = c;
+    aio->attached[i] = aio->watching && nbd_attach(c, aio->notifier) == 0;
+    aio->nconn++;
+    return aio->attached[i];
 }
 
 /* Read the replies waiting on the connections this engine's thread watches. */
@@ -275,7 +285,8 @@ static void aio_drive(struct pykvm_aio *aio)
         return;
     aio_driving = aio;
     for (uint32_t i = 0; i < aio->nconn; i++)
-        nbd_drive(aio->conn[i]);
+        if (aio->attached[i])
+            nbd_drive(aio->conn[i]);
     aio_driving = NULL;
 }
 
@@ -284,16 +295,15 @@ static int pykvm_aio_watch(struct pykvm_aio *aio, int *fds, uint32_t *gens, uint
     uint32_t n = 0;
 
     if (!aio->watching) {
-        uint32_t kept = 0;
-
         aio->watching = 1;
         for (uint32_t i = 0; i < aio->nconn; i++)
-            if (nbd_attach(aio->conn[i], aio->notifier) == 0)
-                aio->conn[kept++] = aio->conn[i];
-        aio->nconn = kept;
+            aio->attached[i] = nbd_attach(aio->conn[i], aio->notifier) == 0;
     }
-    for (uint32_t i = 0; i < aio->nconn && n < max; i++, n++)
-        fds[n] = nbd_watch(aio->conn[i], &gens[n]);
+    for (uint32_t i = 0; i < aio->nconn && n < max; i++)
+        if (aio->attached[i]) {
+            fds[n] = nbd_watch(aio->conn[i], &gens[n]);
+            n++;
+        }
     return (int)n;
 }
 
@@ -313,9 +323,10 @@ static int pykvm_aio_submit(struct pykvm_aio *aio, const struct pykvm_aio_req *r
         uint32_t run = 1;   /* reqs[done] is plain */
 
         if (c) {
-            aio_note_conn(aio, c);
+            int driven = aio_note_conn(aio, c);
+
             aio->in_flight++;
-            nbd_submit(c, &reqs[done], aio_routed_done, aio, aio->watching);
+            nbd_submit(c, &reqs[done], aio_routed_done, aio, driven);
             done++;
             continue;
         }
@@ -376,6 +387,11 @@ static uint32_t pykvm_aio_ready(struct pykvm_aio *aio)
     return aio->nnow + aio->ops->ready(aio) + __atomic_load_n(&aio->nrdone, __ATOMIC_ACQUIRE);
 }
 
+static int pykvm_aio_can_fua(int fd)
+{
+    return nbd_routes_any() && nbd_route_fua(fd);
+}
+
 static uint32_t pykvm_aio_in_flight(const struct pykvm_aio *aio)
 {
     return aio->in_flight;
@@ -388,9 +404,11 @@ static void pykvm_aio_close(struct pykvm_aio *aio)
     if (!aio)
         return;
     /* the connections' pumps read what is still to come */
-    for (uint32_t i = 0; aio->watching && i < aio->nconn; i++)
-        nbd_detach(aio->conn[i], aio->notifier);
-    aio->nconn = 0;
+    for (uint32_t i = 0; i < aio->nconn; i++)
+        if (aio->attached[i]) {
+            nbd_detach(aio->conn[i], aio->notifier);
+            aio->attached[i] = 0;
+        }
     aio->watching = 0;
     while (aio->in_flight) {
         struct pollfd pfd = {.fd = aio->notifier, .events = POLLIN};
@@ -398,6 +416,8 @@ static void pykvm_aio_close(struct pykvm_aio *aio)
         if (pykvm_aio_reap(aio, done, 64) == 0)
             poll(&pfd, 1, 100);
     }
+    for (uint32_t i = 0; i < aio->nconn; i++)
+        nbd_put(aio->conn[i]);
     aio->ops->fini(aio);
     close(aio->notifier);
     free(aio->now);

@@ -56,6 +56,10 @@ int pykvm_aio_reap(struct pykvm_aio *aio, struct pykvm_aio_done *out, uint32_t m
 /* Completions waiting to be reaped, seen without a system call (for polling). */
 uint32_t pykvm_aio_ready(struct pykvm_aio *aio);
 uint32_t pykvm_aio_in_flight(const struct pykvm_aio *aio);
+/* Whether a WRITE on fd may carry PYKVM_NBD_FUA in its mode (nbd.h): fd is
+ * routed to an NBD connection whose server offers FUA. Such a write is
+ * durable when it completes: no flush after it is needed. */
+int pykvm_aio_can_fua(int fd);
 /* The sockets of the NBD connections this engine has sent requests to, for
  * the calling thread to poll for readability with its own fds; from the
  * first call on, reap and ready read those connections' replies in the

@@ -918,6 +918,12 @@ static int blk_rw_go(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, in
         blk_req_free_iov(req);
         return blk_fatal(b, q, "internal error: submission queue full");
     }
+    if (req->then_flush && pykvm_aio_can_fua(fd)) {
+        /* writethrough on an NBD server that takes FUA: one round trip, the
+         * write itself durable, instead of a write and a flush */
+        b->sub[b->nsub - 1].mode = PYKVM_NBD_FUA;
+        req->then_flush = 0;
+    }
     return 0;
 }
 

@@ -46,6 +46,7 @@ struct pykvm_nbd_info {
 
 #define PYKVM_NBD_MAX_PAYLOAD 33554432
 #define PYKVM_NBD_TRIM 0x100
+#define PYKVM_NBD_FUA 0x200
 
 #define NBD_ROUTES 64
 #define NBD_DRIVERS 8           /* I/O threads polling one connection themselves */
@@ -104,7 +105,7 @@ struct pykvm_nbd {
     uint32_t drivers;
     int driver_fd[NBD_DRIVERS];
     uint32_t gen;               /* counts connections: a socket's identity beyond its fd */
-    uint32_t refs;              /* the owner and each attached engine (under mu) */
+    uint32_t refs;              /* the owner and each engine that sent to it (under mu) */
     uint32_t foreign;           /* requests in flight whose submitter does not read
                                  * replies (atomic): the pump reads for them */
     struct pykvm_nbd_info info;
@@ -250,7 +251,8 @@ static int nbd_issue_part(struct nbd_handle *h, struct nbd_op *op, uint64_t off,
         rc = nbd_aio_pread(h, buf, n, off, cb, 0);
         break;
     case PYKVM_AIO_WRITE:
-        rc = nbd_aio_pwrite(h, buf, n, off, cb, 0);
+        rc = nbd_aio_pwrite(h, buf, n, off, cb,
+                            (op->mode & PYKVM_NBD_FUA) ? LIBNBD_CMD_FLAG_FUA : 0);
         break;
     case PYKVM_AIO_FLUSH:
         rc = nbd_aio_flush(h, cb, 0);
@@ -348,6 +350,8 @@ static int nbd_check(struct pykvm_nbd *c, const struct pykvm_aio_req *r, uint64_
         return -EROFS;
     if (r->op == PYKVM_AIO_FLUSH && !c->info.can_flush)
         return 1;   /* nothing to make durable beyond what the server does */
+    if (r->op == PYKVM_AIO_WRITE && (r->mode & PYKVM_NBD_FUA) && !c->info.can_fua)
+        return -EOPNOTSUPP;  /* the caller asks nbd_route_fua first */
     if (r->op == PYKVM_AIO_FALLOCATE) {
         if ((r->mode & PYKVM_NBD_TRIM) ? !c->info.can_trim : !c->info.can_zero)
             return -EOPNOTSUPP;
@@ -728,7 +732,6 @@ static int nbd_attach(struct pykvm_nbd *c, int notifier)
     pthread_mutex_lock(&c->mu);
     if (c->drivers < NBD_DRIVERS) {
         c->driver_fd[c->drivers++] = notifier;
-        c->refs++;
         rc = 0;
     }
     pthread_mutex_unlock(&c->mu);
@@ -743,7 +746,15 @@ static void nbd_free(struct pykvm_nbd *c)
     free(c);
 }
 
-/* Drop a reference (an attached engine's, or the owner's at close). */
+/* An engine that sends to c holds a reference until it closes. */
+static void nbd_get(struct pykvm_nbd *c)
+{
+    pthread_mutex_lock(&c->mu);
+    c->refs++;
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* Drop a reference (an engine's, or the owner's at close). */
 static void nbd_put(struct pykvm_nbd *c)
 {
     int last;
@@ -765,7 +776,6 @@ static void nbd_detach(struct pykvm_nbd *c, int notifier)
         }
     pthread_mutex_unlock(&c->mu);
     nbd_wake(c);    /* the pump may have to read replies again */
-    nbd_put(c);
 }
 
 /* The socket an attached thread polls for readability and its generation
@@ -1019,6 +1029,14 @@ static struct pykvm_nbd *nbd_route_find(int fd)
     return c;
 }
 
+/* Does fd route to a connection whose server takes FUA writes? */
+static int nbd_route_fua(int fd)
+{
+    struct pykvm_nbd *c = nbd_route_find(fd);
+
+    return c && c->info.can_fua;
+}
+
 static int pykvm_nbd_route(int key_fd, struct pykvm_nbd *c)
 {
     int rc = -ENOSPC;
@@ -1068,5 +1086,5 @@ static void pykvm_nbd_close(struct pykvm_nbd *c)
         nbd_close(h);        /* what was in flight becomes orphans */
     nbd_fail_list(pending);
     nbd_adopt_orphans(c);    /* stopped: they fail */
-    nbd_put(c);              /* freed here, or by the last engine that detaches */
+    nbd_put(c);              /* freed here, or by the last engine that sent to it */
 }

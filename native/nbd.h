@@ -37,6 +37,7 @@ struct pykvm_nbd_info {
 
 #define PYKVM_NBD_MAX_PAYLOAD 33554432
 #define PYKVM_NBD_TRIM 0x100    /* a FALLOCATE mode bit of this module: NBD_CMD_TRIM */
+#define PYKVM_NBD_FUA 0x200     /* a WRITE mode bit: NBD_CMD_FLAG_FUA (the server offers it) */
 
 /* Connect to uri (the NBD URI standard: nbd://, nbd+unix://); NULL with one
  * line in err when it cannot. request_timeout_ms: a connection with requests

@@ -326,3 +326,4 @@ def test_usage_errors_are_one_line(sparse_raw, tmp_path):
         err = r.stderr.decode().strip()
         assert r.returncode != 0, args
         assert text in err and len(err.splitlines()) == 1, (args, err)
+

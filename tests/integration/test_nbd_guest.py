@@ -4,6 +4,7 @@ writes with verification over virtio-blk (MMIO and PCI) on the C path
 (aio=io_uring) and the Python path (aio=python), and the host checks the
 server's file against the guest's I/O stream afterwards."""
 import json
+import re
 import subprocess
 import sys
 
@@ -56,3 +57,31 @@ def test_workload_verifies_on_an_nbd_disk(pykvm, tmp_path, nbd_server, server, n
                             str(ios), "--zero-unwritten"],
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 0 and check.stdout.startswith("ok:"), check.stdout + check.stderr
+
+
+@pytest.mark.parametrize("aio", ["io_uring", "python"])
+def test_writethrough_writes_are_fua_or_flushed(pykvm, tmp_path, nbd_server, aio):
+    """cache=writethrough on a server that takes FUA: the C path sends each write
+    with NBD_CMD_FLAG_FUA and no flush after it (one round trip); the Python
+    path writes and flushes. Either way every write is durable when the guest
+    sees it complete (nbdkit's log filter records what the server got)."""
+    log = tmp_path / "requests.log"
+    srv = nbd_server("nbdkit", "memory", "size=16M", f"logfile={log}", filters=["log"])
+    r = pykvm("fio", "--disk", f"file={srv.uri},format=raw,cache=writethrough,aio={aio}",
+              "--rw", "randwrite", "--bs", "4k", "--iodepth", "8", "--size", str(AREA),
+              "--runtime", "0.5", "--output-format", "json", timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    writes = json.loads(r.stdout)["jobs"][0]["write"]["total_ios"]
+    text = log.read_text()
+    sent = re.findall(r" connection=\d+ Write id=\d+ offset=0x[0-9a-f]+ count=0x[0-9a-f]+ "
+                      r"fua=(\d)", text)
+    fua = [f for f in sent if f == "1"]
+    flushes = len(re.findall(r" connection=\d+ Flush id=\d+", text))
+    # (adjacent writes may go as one request)
+    assert writes > 50 and len(sent) >= writes // 2, (writes, text[-500:])
+    if aio == "io_uring":
+        # (a few go by the Python side, as a write and a flush)
+        assert len(fua) >= 0.9 * len(sent) and flushes >= len(sent) - len(fua), \
+            (len(fua), len(sent), flushes)
+    else:
+        assert not fua and flushes >= len(sent) // 2, (flushes, len(sent))
