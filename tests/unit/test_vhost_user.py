@@ -423,8 +423,10 @@ def test_serve_killed_and_restarted_loses_no_completed_write(tmp_path):
             heads[fe.add_request(T_OUT, i * bs // 512, data=data)[0]] = i
         fe.vq.publish()
         os.eventfd_write(fe.kick, 1)
+        # the kill lands once the server has taken requests (not once some
+        # completed: on a fast host all 48 could be done by then)
         deadline = time.monotonic() + 10
-        while not fe.vq.used() and time.monotonic() < deadline:
+        while not _inflight_heads(fe) and time.monotonic() < deadline:
             time.sleep(0.0002)
         p.kill()
         p.wait()
