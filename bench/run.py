@@ -69,7 +69,6 @@ import platform
 import re
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -362,34 +361,11 @@ NBD_CLIENT_WORKLOADS = {
 }
 
 
-def _start_qemu_nbd(img: pathlib.Path, transport: str, tmp: pathlib.Path):
-    """qemu-nbd serving img (two connections at once), and its URI."""
-    if transport == "unix":
-        sock = tmp / "qemu-nbd.sock"
-        where, uri = ["-k", str(sock)], f"nbd+unix:///?socket={sock}"
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        where, uri = ["-b", "127.0.0.1", "-p", str(port)], f"nbd://127.0.0.1:{port}/"
-    server = subprocess.Popen(["qemu-nbd", "-t", "-e", "2", "-f", "raw", *where, str(img)],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while subprocess.run(["nbdinfo", "--size", uri], capture_output=True).returncode != 0:
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise SystemExit(f"bench: qemu-nbd did not start: "
-                             f"{server.stderr.read().decode()[-300:]}")
-        time.sleep(0.1)
-    return server, uri
-
-
 def bench_nbd_client(runtime: float, rounds: int) -> list[dict]:
     """pykvm's C path and QEMU, the same workload guest on the same NBD export
     (qemu-nbd serving a preallocated 1 GiB raw image), alternated."""
     sys.path.insert(0, str(ROOT))
-    from nbd_export import make_image as make_full_image
+    from nbd_export import _start as start_server, make_image as make_full_image
     from pykvm import fio
 
     tsc = host_tsc_khz()
@@ -399,7 +375,7 @@ def bench_nbd_client(runtime: float, rounds: int) -> list[dict]:
         img = tmp / "disk.raw"
         make_full_image(img)
         for transport in ("unix", "tcp"):
-            server, uri = _start_qemu_nbd(img, transport, tmp)
+            server, uri = start_server("qemu-nbd", img, transport, tmp, [])
             try:
                 for wname, (rw, bs, qd) in NBD_CLIENT_WORKLOADS.items():
                     workload = f"nbd-client-{transport}-{wname}"

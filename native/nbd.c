@@ -131,6 +131,29 @@ static void nbd_wake(struct pykvm_nbd *c)
     eventfd_write(c->wake, 1);
 }
 
+/* The live handle, borrowed (users) so that nbd_lost waits before closing it;
+ * NULL while the connection is down. nbd_unborrow gives it back. */
+static struct nbd_handle *nbd_borrow(struct pykvm_nbd *c)
+{
+    struct nbd_handle *h = NULL;
+
+    pthread_mutex_lock(&c->mu);
+    if (c->state == NBD_READY) {
+        h = c->h;
+        c->users++;
+    }
+    pthread_mutex_unlock(&c->mu);
+    return h;
+}
+
+static void nbd_unborrow(struct pykvm_nbd *c)
+{
+    pthread_mutex_lock(&c->mu);
+    if (--c->users == 0)
+        pthread_cond_broadcast(&c->idle);
+    pthread_mutex_unlock(&c->mu);
+}
+
 /* -- finishing ops ------------------------------------------------------------------- */
 
 static void nbd_op_free(struct nbd_op *op)
@@ -328,10 +351,7 @@ static void nbd_start(struct pykvm_nbd *c, struct nbd_op *op)
         /* libnbd sent what it could; only output left waiting for the socket
          * changes what the pump must poll for (POLLOUT) */
         blocked = (nbd_aio_get_direction(h) & LIBNBD_AIO_DIRECTION_WRITE) != 0;
-        pthread_mutex_lock(&c->mu);
-        if (--c->users == 0)
-            pthread_cond_broadcast(&c->idle);
-        pthread_mutex_unlock(&c->mu);
+        nbd_unborrow(c);
         if (blocked)
             nbd_wake(c);
     } else if (!kept) {
@@ -702,10 +722,7 @@ static void *nbd_pump(void *arg)
                     next = op->next;
                     nbd_issue(c, nh, op);
                 }
-                pthread_mutex_lock(&c->mu);
-                if (--c->users == 0)
-                    pthread_cond_broadcast(&c->idle);
-                pthread_mutex_unlock(&c->mu);
+                nbd_unborrow(c);
                 /* attached I/O threads watch the old socket: wake them to
                  * take the new one (nbd_watch) */
                 for (uint32_t i = 0; i < ntell; i++)
@@ -800,21 +817,13 @@ static void nbd_drive(struct pykvm_nbd *c)
     struct nbd_handle *h = NULL;
     int rc = 0, dead;
 
-    pthread_mutex_lock(&c->mu);
-    if (c->state == NBD_READY) {
-        h = c->h;
-        c->users++;
-    }
-    pthread_mutex_unlock(&c->mu);
+    h = nbd_borrow(c);
     if (!h)
         return;
     if (nbd_aio_get_direction(h) & LIBNBD_AIO_DIRECTION_READ)
         rc = nbd_aio_notify_read(h);
     dead = rc < 0 || nbd_aio_is_dead(h) > 0 || nbd_aio_is_closed(h) > 0;
-    pthread_mutex_lock(&c->mu);
-    if (--c->users == 0)
-        pthread_cond_broadcast(&c->idle);
-    pthread_mutex_unlock(&c->mu);
+    nbd_unborrow(c);
     if (dead)
         nbd_wake(c);
 }
@@ -977,12 +986,7 @@ static int pykvm_nbd_block_status(struct pykvm_nbd *c, uint64_t offset, uint64_t
         return -EOPNOTSUPP;
     if (offset > c->info.size || length > c->info.size - offset || length > UINT32_MAX)
         return -EINVAL;
-    pthread_mutex_lock(&c->mu);
-    if (c->state == NBD_READY) {
-        h = c->h;
-        c->users++;
-    }
-    pthread_mutex_unlock(&c->mu);
+    h = nbd_borrow(c);
     if (!h)
         return -EIO;
     nbd_foreign(c, 1);
@@ -991,10 +995,7 @@ static int pykvm_nbd_block_status(struct pykvm_nbd *c, uint64_t offset, uint64_t
                               (nbd_completion_callback){.callback = nbd_bs_done,
                                                         .user_data = &w, .free = nbd_bs_free},
                               0);
-    pthread_mutex_lock(&c->mu);
-    if (--c->users == 0)
-        pthread_cond_broadcast(&c->idle);
-    pthread_mutex_unlock(&c->mu);
+    nbd_unborrow(c);
     nbd_wake(c);
     pthread_mutex_lock(&w.mu);
     while (!w.done)
