@@ -29,9 +29,10 @@ A ``Disk`` is an image with a blkdebug node and a trace, both live across
 runs: ``inject(action, **keys)`` adds a rule (the rules file's ``[fault]``
 keys, ``_`` for ``-``; ``kind="inject-error"`` or ``"set-state"`` for QEMU's
 sections), ``release()`` lets hung requests and held completions go (from
-another thread while a run blocks), ``trace()`` the trace records so far,
-``rules()`` how often each rule matched and fired, ``counters()`` the device's
-counters of the last run.
+another thread while a run blocks), ``mark(name)`` makes a named point of a
+live run (a write-log mark; rules with ``mark=name`` wait for it), ``trace()``
+the trace records so far, ``rules()`` how often each rule matched and fired,
+``counters()`` the device's counters of the last run.
 
 Stability: the names above are the API; anything else here may change.
 """
@@ -126,6 +127,16 @@ class Disk:
 
     def release(self) -> None:
         self.injector.release()
+
+    def mark(self, name: str) -> dict:
+        """A named point of the running VM's (or export's) run: a mark in the
+        write log (``log=``), and the rules waiting for it (``mark=NAME``) are
+        armed or cut the power. Call it from another thread while a run blocks."""
+        from .errors import PykvmError
+        hooks = list(self.injector.on_mark)
+        if not hooks:
+            raise PykvmError(f"{self.path}: mark({name!r}): no run of this disk is live")
+        return [fn(name) for fn in hooks][-1]
 
     def rules(self) -> list[dict]:
         return self.injector.counts()

@@ -129,6 +129,7 @@ class BlockBackend:
         self.cache_name = cache
         spec = image_spec(image, fmt)
         # the image locks of a VM's disk, as QEMU takes them (block/locking.py)
+        self.name = name or "disk0"        # the device's disk (QMP's device argument)
         self.root = open_node(spec, read_only=read_only, direct=self.cache.direct, name=name,
                               use=disk_use(not read_only))
         self.driver = self.root
@@ -216,6 +217,7 @@ class BlockBackend:
         self.fired: dict | None = None
         if self.inject is not None:
             self.inject.on_release.append(self._released)
+            self.inject.on_mark.append(self.mark)
 
     # -- set-up ------------------------------------------------------------------
 
@@ -573,6 +575,36 @@ class BlockBackend:
                 w.completed_zeroes(offset, x, durable)
             else:
                 w.completed_discard(offset, x)
+
+    def mark(self, name: str) -> dict:
+        """A named point of the run (the API's ``mark()``, QMP's ``log-mark``):
+        written into the write log, and raised to the rules waiting for it (a
+        power cut at a mark happens here). What it reached: ``logged``, and
+        ``rules``, how many rules it armed or fired."""
+        from .inject import _mark_name
+        try:
+            _mark_name(name)
+        except ValueError as e:
+            raise GraphError(self.root.describe(), f"mark {name[:80]!r}: {e}") from None
+        waiting = [i for i, r in enumerate(self.inject.rules) if r.mark == name] \
+            if self.inject is not None else []
+        if self.wlog is None and not waiting:
+            raise GraphError(self.root.describe(), f"mark {name!r}: the disk has no "
+                             "blklogwrites node and no rule waits for this mark")
+        if self.wlog is not None:
+            self.wlog.mark(name)
+        for i in self.inject.mark(name) if self.inject is not None else []:
+            self._cut_by_rule(i)
+        return {"logged": self.wlog is not None, "rules": len(waiting)}
+
+    def start_clock(self) -> None:
+        """The run starts: rules with a ``time`` count from now."""
+        if self.inject is not None:
+            self.inject.start_clock(self._cut_by_rule)
+
+    def _cut_by_rule(self, i: int) -> None:
+        r = self.inject.rules[i]
+        self.power_cut_fired(i, r.value, bool(r.order_value), r.seed)
 
     def power_cut_fired(self, rule: int, keep: int, torn: bool, seed: int) -> None:
         """A blkdebug power-cut rule fired (on either path): from now on no request
@@ -1179,6 +1211,10 @@ class BlockBackend:
             if v.plan is not None:
                 v.plan["result"] = v.last_cut
         self._closed = True
+        if self.inject is not None:
+            self.inject.stop_clock()
+            if self.mark in self.inject.on_mark:
+                self.inject.on_mark.remove(self.mark)
         if self.inject is not None and self._released in self.inject.on_release:
             self.inject.on_release.remove(self._released)
         if self._throttled:
