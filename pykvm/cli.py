@@ -241,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(README, Crash testing)")
     crash.add_argument("--base", required=True, metavar="IMAGE",
                        help="the disk before the logged run (raw or qcow2)")
+    crash.add_argument("--base-format", choices=["raw", "qcow2"], metavar="FMT",
+                       help="raw: the base file's bytes as they are (a log of a qcow2 file's "
+                            "own writes: a qcow2 base is then not read through qcow2); "
+                            "default: probed")
     crash.add_argument("--log", required=True, metavar="LOG", help="a write log (blklogwrites, "
                        "dm-log-writes)")
     crash.add_argument("--check", required=True, metavar="'CMD {image}'",
@@ -474,6 +478,7 @@ def cmd_crashtest(args) -> int:
     t = crash.Crashtest(args.base, args.log, args.check, max_states=args.max_states,
                         seed=args.seed, torn=args.torn, jobs=args.jobs,
                         check_timeout=args.check_timeout, resume=not args.no_resume,
+                        base_format=args.base_format,
                         progress=crash.progress_bar if sys.stderr.isatty() else None)
     try:
         s = t.run()

@@ -49,7 +49,8 @@ from .block.filters.volatile import new_plan
 from .block.inject import Injector, name_injector, rule_from
 from .block.trace import read as read_trace
 
-__all__ = ["Disk", "LinuxRun", "Run", "VM", "image", "linux_guest", "run_linux", "vm"]
+__all__ = ["Disk", "LinuxRun", "Run", "VM", "image", "linux_guest", "run_linux", "serve_nbd",
+           "vm"]
 
 
 class InjectedRule(int):
@@ -256,6 +257,33 @@ def run_linux(disk, script: str, timeout: float = 300, **disk_options) -> LinuxR
         os.rmdir(folder)
     disk.last_counters = device
     return LinuxRun(result, device)
+
+
+@contextlib.contextmanager
+def serve_nbd(disk, **disk_options):
+    """``disk`` (a ``Disk`` or a path) served over NBD (``pykvm serve --nbd``'s
+    NbdExport) from a thread of the test, on a Unix socket: yields the export's
+    ``nbd+unix:///?socket=...`` URI; the export stops when the block ends (a
+    write log is then complete)."""
+    import threading
+
+    from .machine import DiskSpec
+    from .serve import NbdExport
+    disk = disk if isinstance(disk, Disk) else Disk(disk)
+    folder = tempfile.mkdtemp(prefix="pykvm-nbd-")
+    sock = os.path.join(folder, "nbd.sock")
+    export = NbdExport(DiskSpec.parse(disk.spec(**disk_options)), f"unix:{sock}",
+                       persistent=True)
+    thread = threading.Thread(target=export.serve_forever, name="nbd-export", daemon=True)
+    thread.start()
+    try:
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        export.stop()
+        thread.join(30)
+        disk.last_counters = export.counters()
+        export.close()
+        os.rmdir(folder)
 
 
 def make_image(folder, fmt: str = "raw", size="16M", backing=None, name=None, **opts) -> str:

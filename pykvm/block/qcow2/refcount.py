@@ -91,6 +91,8 @@ class Refcounts:
                 return
             boff = self._alloc_refblock(ti)
         blk = self._refblock(boff)
+        if value < rc_get(blk, bi, self.rc_order):
+            self._freeing()
         rc_set(blk, bi, self.rc_order, value)
         if self.lazy and self._marked_dirty:
             self._rb_dirty.add(boff)
