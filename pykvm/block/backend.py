@@ -74,6 +74,10 @@ CACHE_MODES = {
 DISCARD_MODES = ("ignore", "unmap")
 DETECT_ZEROES_MODES = ("off", "on", "unmap")
 SECTOR = 512
+# How far ahead a format may raise the refcounts of new clusters for a guest's
+# writes (qcow2: one refcount write and one ordering sync per run, not per
+# allocation; after a crash the unused rest of a run is a leak, at most this)
+ALLOC_AHEAD = 16 << 20
 # Bounce buffers (O_DIRECT, unaligned guest buffers) in flight at once, in bytes
 # (README.md, "Limits"): a request that would pass it waits for those before it.
 # One request alone always goes (a guest request is at most 256 MiB).
@@ -163,6 +167,8 @@ class BlockBackend:
         self._vol_ops: dict = {}
         self.format = self.driver.format_name
         self.driver.no_flush = self.cache.no_flush     # (qcow2's own ordering syncs too)
+        if not read_only:       # a guest's allocations: a few MiB raised ahead at once
+            self.driver.alloc_ahead_bytes = ALLOC_AHEAD
         self.path = self.driver.filename
         self.read_only = read_only
         self.discard_mode = discard

@@ -191,6 +191,8 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
         # and an entry's removal durable before the refcount that frees it.
         # _meta_write syncs the file between the two kinds when one is pending.
         self._rc_pending = False        # refcounts written since the file was last synced
+        self._pool = (0, 0, False)      # clusters raised ahead: [lo, hi), fresh (alloc_clusters)
+        self._unpointed = False         # freeing clusters no entry points at (no sync first)
         self._ref_pending = False       # L1/L2 entries written since then
         self._prealloc: dict[int, int] = {}
         self._stream_end = -1            # where a sequential run of allocating writes goes on
@@ -342,6 +344,7 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
             return
         try:
             if not self.read_only:
+                self._release_pool()
                 self.flush_metadata()
                 if self._grown_to > max(self.eof, self._size_at_open):
                     os.ftruncate(self.mfd, max(self.eof, self._size_at_open))  # _grow_file
