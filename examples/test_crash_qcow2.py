@@ -32,7 +32,7 @@ def write_through_qcow2(uri, writer: str):
     if writer == "pykvm":       # the workload guest, random 4k writes, a flush every 8
         server = uri.split("socket=")[1]
         cmd = [sys.executable, "-m", "pykvm", "fio", "--disk", "driver=qcow2,file.driver=nbd,"
-               f"file.server.type=unix,file.server.path={server},aio=python", "--rw",
+               f"file.server.type=unix,file.server.path={server}", "--rw",
                "randwrite", "--ios", str(WRITES), "--fsync", str(FLUSH_EVERY), "--iodepth", "4",
                "--verify", "crc32c"]
     else:                       # QEMU's driver: the same pattern from qemu-io
