@@ -52,6 +52,9 @@ Workloads so far:
                (targets: >= 0.9x qemu-nbd at 4K, >= 1.0x at 1M;
                bench/nbd_export.py). Each half alone: --suite nbd-client,
                --suite nbd-export
+  dedup        `pykvm img dedup` on a 4 GiB qcow2 image, half of its clusters
+               duplicates: dry run and real run, GB/s of allocated data read
+               (target: >= 1 GB/s; bench/dedup.py)
   crash        crashtest's states per minute on a 256 MiB ext4 image written
                by the Linux kit (e2fsck -fn as the check, and e2fsck after
                journal recovery), the time making a state takes against
@@ -78,6 +81,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from nbd_export import bench_nbd_export, nbd_export_table  # noqa: E402
+from dedup import bench_dedup, dedup_table  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 GUESTS = ROOT / "guest" / "build"
 PYKVM = [str(ROOT / ".venv" / "bin" / "pykvm")]
@@ -1169,6 +1173,8 @@ def suite_of(workload: str) -> str:
         return "inject"
     if workload.startswith("crash-"):
         return "crash"
+    if workload.startswith("dedup-"):
+        return "dedup"
     if workload.startswith("nbd-client-"):
         return "nbd-client"
     if workload.startswith("nbd-"):
@@ -1177,7 +1183,7 @@ def suite_of(workload: str) -> str:
 
 
 SUITES = ["boot", "pio", "io", "qcow2", "vhost", "mq", "throttle", "inject", "crash",
-          "nbd-client", "nbd-export"]
+          "nbd-client", "nbd-export", "dedup"]
 SUITE_GROUPS = {"nbd": ["nbd-client", "nbd-export"]}
 
 
@@ -1236,6 +1242,7 @@ def main() -> int:
                                                1 if args.quick else 3),
         "nbd-export": lambda: bench_nbd_export(1.0 if args.quick else 5.0,
                                                1 if args.quick else 3),
+        "dedup": lambda: bench_dedup((1 if args.quick else 4) << 30, 1 if args.quick else 3),
     }
     # some suites (or some io engines/workloads) only: the latest results of
     # the others stay, marked as older
@@ -1272,7 +1279,7 @@ def save(runs: list[dict], final: bool) -> None:
     (RESULTS / f"{_STAMP}.json").write_text(text)
     md = table(runs) + io_table(runs) + qcow2_table(runs) + vhost_table(runs) + mq_table(runs) + \
         throttle_table(runs) + inject_table(runs) + crash_table(runs) + nbd_client_table(runs) + \
-        nbd_export_table(runs)
+        nbd_export_table(runs) + dedup_table(runs)
     plot(runs, RESULTS / "latest.png")
     (RESULTS / "latest.md").write_text(md)
     if final:
