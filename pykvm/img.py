@@ -5,6 +5,7 @@ they exist, over pykvm's block drivers.
   info     [-f FMT] [--output human|json] [--backing-chain] FILE
   check    [-f FMT] [--output human|json] [-r leaks|all] FILE   (0 clean, 2 corrupt, 3 leaks)
   map      [-f FMT] [--output human|json] FILE
+  measure  [--output human|json] [-O FMT] [-o OPTS] (--size SIZE | [-f FMT] FILE)
   convert  [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [-n] [-B BACKING [-F FMT]] SRC DST
   compare  [-f FMT] [-F FMT] [-s] [-p] IMG1 IMG2            (0 same, 1 different, 2 error)
   commit   [-f FMT] [-d] [-p] FILE
@@ -1018,6 +1019,59 @@ def _progress_err(done: int, total: int) -> None:
     sys.stderr.flush()
 
 
+# -- measure ----------------------------------------------------------------------------
+
+def cmd_measure(a) -> int:
+    """qemu-img measure: the file size an image of ``-O``'s format needs for
+    --size bytes, or for the content of an image (its zero and unallocated
+    ranges left out, through its backing chain)."""
+    import json
+
+    from .block.qcow2.measure import measure, read_bitmaps
+    if a.filename is None and (a.image_opts or a.f):
+        raise ImgError("--image-opts and -f require a filename argument")
+    if a.filename is not None and a.size is not None:
+        raise ImgError("--size N cannot be used together with a filename")
+    if a.filename is None and a.size is None:
+        raise ImgError("either --size N or one filename must be specified")
+    out_fmt = a.O or "raw"
+    if out_fmt not in ("raw", "qcow2"):
+        if out_fmt in FORMATS:
+            raise ImgError(f"format {out_fmt!r} does not support size measurement")
+        raise ImgError(f"unknown file format {out_fmt!r}")
+    opts = parse_options(out_fmt, a.o)
+    opts.pop("size", None)              # (as qemu-img: --size or the image gives it)
+    size = parse_size(a.size) if a.size is not None else None
+    if size is not None and size >= 1 << 63:
+        raise ImgError(f"invalid size {a.size!r}")
+    src_size = runs = bitmaps = None
+    if a.filename is not None:
+        src = _open(a.filename, a.f, use=img_use(force_share=a.U))
+        try:
+            src_size = src.size
+            if out_fmt == "qcow2":
+                runs = _data_runs(src, src_size) if not opts.get("backing_file") else []
+                bitmaps = read_bitmaps(src) if isinstance(src, Qcow2Driver) else None
+        finally:
+            src.close()
+    if out_fmt == "raw":
+        n = -(-(src_size if src_size is not None else size) // 512) * 512
+        res = {"required": n, "fully-allocated": n}
+    else:
+        try:
+            res = measure(opts, size, src_size, runs, bitmaps)
+        except BlockError as e:
+            raise ImgError(e.why) from None
+    if a.output == "json":
+        print(json.dumps(res, indent=4))
+    else:
+        print(f"required size: {res['required']}")
+        print(f"fully allocated size: {res['fully-allocated']}")
+        if "bitmaps" in res:
+            print(f"bitmaps size: {res['bitmaps']}")
+    return 0
+
+
 # -- the parser -------------------------------------------------------------------------
 
 def build_img_parser(p: argparse.ArgumentParser) -> None:
@@ -1164,6 +1218,20 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     d.add_argument("filename")
     d.set_defaults(func=cmd_dedup)
 
+
+    e = sub.add_parser("measure", help="the file size an image needs")
+    e.add_argument("-U", "--force-share", dest="U", action="store_true",
+                   help="open the image even if another process has it in use (read-only)")
+    e.add_argument("--image-opts", action="store_true",
+                   help="the image names are node options (driver=...,file.filename=...)")
+    e.add_argument("-f", metavar="FMT")
+    e.add_argument("-O", metavar="OUTPUT_FMT", help="the format to measure for (raw)")
+    e.add_argument("-o", action="append", default=[], metavar="OPTIONS",
+                   help="creation options of the output format")
+    e.add_argument("--size", metavar="SIZE", help="measure an empty image of SIZE bytes")
+    e.add_argument("--output", choices=["human", "json"], default="human")
+    e.add_argument("filename", nargs="?")
+    e.set_defaults(func=cmd_measure)
 
 _CONVERT_VALUES = {"-f": "f", "-O": "O", "-o": "o", "-B": "B", "-F": "F"}
 _CONVERT_FLAGS = {"-c": "c", "-p": "p", "-q": "q", "-U": "U", "-n": "n"}
