@@ -5,6 +5,7 @@ they exist, over pykvm's block drivers.
   info     [-f FMT] [--output human|json] [--backing-chain] FILE
   check    [-f FMT] [--output human|json] [-r leaks|all] FILE   (0 clean, 2 corrupt, 3 leaks)
   map      [-f FMT] [--output human|json] FILE
+  amend    [-f qcow2] [-p] [--force] -o OPTS FILE
   measure  [--output human|json] [-O FMT] [-o OPTS] (--size SIZE | [-f FMT] FILE)
   convert  [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [-n] [-B BACKING [-F FMT]] SRC DST
   compare  [-f FMT] [-F FMT] [-s] [-p] IMG1 IMG2            (0 same, 1 different, 2 error)
@@ -1019,6 +1020,30 @@ def _progress_err(done: int, total: int) -> None:
     sys.stderr.flush()
 
 
+# -- amend ------------------------------------------------------------------------------
+
+def cmd_amend(a) -> int:
+    """qemu-img amend: change a qcow2 image's creation options in place
+    (block/qcow2/amend.py); every refusal before the first write."""
+    if not a.o:
+        raise ImgError("amend: options must be given (-o)")
+    fmt = _fmt_of(a.filename, a.f)
+    if fmt != "qcow2":
+        raise ImgError(f"format {fmt!r} does not support option amendment")
+    opts = parse_options(fmt, a.o)
+    drv = _open(a.filename, fmt, writable=True, backing=False, use=img_use(writes=True,
+                                                                             resizes=True))
+    try:
+        drv.amend(opts, progress=(lambda done, total: _progress(True, done, total)) if a.p
+                  else None)
+    finally:
+        drv.close()
+        if a.p:
+            _progress(True, 1, 1)
+            print()
+    return 0
+
+
 # -- measure ----------------------------------------------------------------------------
 
 def cmd_measure(a) -> int:
@@ -1218,6 +1243,19 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     d.add_argument("filename")
     d.set_defaults(func=cmd_dedup)
 
+
+    n = sub.add_parser("amend", help="change a qcow2 image's creation options in place")
+    n.add_argument("--image-opts", action="store_true",
+                   help="the image names are node options (driver=...,file.filename=...)")
+    n.add_argument("-f", metavar="FMT")
+    n.add_argument("-o", action="append", default=[], metavar="OPTIONS",
+                   help="compat, lazy_refcounts, refcount_bits, size, data_file, ...")
+    n.add_argument("-p", action="store_true", help="show progress")
+    n.add_argument("-q", action="store_true")
+    n.add_argument("--force", action="store_true",
+                   help="(qemu-img's, for encryption changes; nothing here needs it)")
+    n.add_argument("filename")
+    n.set_defaults(func=cmd_amend)
 
     e = sub.add_parser("measure", help="the file size an image needs")
     e.add_argument("-U", "--force-share", dest="U", action="store_true",
