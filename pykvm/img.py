@@ -6,6 +6,7 @@ they exist, over pykvm's block drivers.
   check    [-f FMT] [--output human|json] [-r leaks|all] FILE   (0 clean, 2 corrupt, 3 leaks)
   map      [-f FMT] [--output human|json] FILE
   amend    [-f qcow2] [-p] [--force] -o OPTS FILE
+  dd       [-f FMT] [-O FMT] [bs=N] [count=N] [skip=N] if=INPUT of=OUTPUT
   measure  [--output human|json] [-O FMT] [-o OPTS] (--size SIZE | [-f FMT] FILE)
   convert  [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [-n] [-B BACKING [-F FMT]] SRC DST
   compare  [-f FMT] [-F FMT] [-s] [-p] IMG1 IMG2            (0 same, 1 different, 2 error)
@@ -1044,6 +1045,90 @@ def cmd_amend(a) -> int:
     return 0
 
 
+# -- dd ---------------------------------------------------------------------------------
+
+_DD_LIMITS = {"bs": (1, (1 << 31) - 1), "count": (0, (1 << 63) - 1), "skip": (0, (1 << 63) - 1)}
+
+
+def _dd_number(key: str, text: str) -> int:
+    try:
+        n = parse_size(text)
+    except ImgError:
+        raise ImgError(f"invalid {key} {text!r} (a number, with k, M, G, T, P or E "
+                       f"suffixes)") from None
+    lo, hi = _DD_LIMITS[key]
+    if not lo <= n <= hi:
+        raise ImgError(f"invalid {key} {text!r}: must be between {lo} and {hi}")
+    return n
+
+
+def cmd_dd(a) -> int:
+    """qemu-img dd: copy ``count`` blocks of ``bs`` bytes from ``if`` into a
+    new image ``of`` of ``-O``'s format, skipping ``skip`` blocks of the
+    input. As qemu-img: the input's size is counted in 512-byte sectors,
+    ``count`` limits the input from its start (so the output holds
+    count - skip blocks), and a skip past the end makes an empty image
+    (with a warning, exit 0)."""
+    ops: dict = {}
+    for item in a.operands:
+        key, eq, value = item.partition("=")
+        if key not in ("if", "of", "bs", "count", "skip") or not eq:
+            raise ImgError(f"unrecognized operand {key}")
+        ops[key] = value if key in ("if", "of") else _dd_number(key, value)
+    if "if" not in ops or "of" not in ops:
+        raise ImgError("both the input and the output must be given (if=, of=)")
+    out_fmt = a.O or "raw"
+    if out_fmt not in ("raw", "qcow2"):
+        raise ImgError(f"unknown output format {out_fmt!r} (raw or qcow2)")
+    if not ops["if"]:
+        raise ImgError("could not open '': a file name is needed")
+    if a.image_opts:                 # (the input is node options, as --image-opts says)
+        ns = type(a)(filename=ops["if"], f=None)
+        _image_opts(ns)
+        ops["if"] = ns.filename
+    bs = ops.get("bs", 512)
+    src = _open(ops["if"], a.f, use=img_use(stable=True, force_share=a.U))
+    try:
+        size = -(-src.size // 512) * 512
+        if "count" in ops and size > ops["count"] * bs:
+            size = ops["count"] * bs
+        start = ops.get("skip", 0) * bs
+        if start > size:
+            out_size, start = 0, size
+        else:
+            out_size = size - start
+        if os.path.exists(ops["of"]) and os.path.realpath(ops["of"]) == \
+                os.path.realpath(ops["if"]):
+            raise ImgError("the input and the output are the same file")
+        out_size = -(-out_size // 512) * 512
+        try:
+            (RawDriver if out_fmt == "raw" else Qcow2Driver).create(ops["of"], out_size)
+        except BlockError as e:
+            raise ImgError(f"{ops['of']}: error while creating the output image: "
+                           f"{e.why}" + (f" ({os.strerror(e.errno)})" if e.errno else "")) \
+                from None
+        if ops.get("skip", 0) * bs > size:
+            print(f"pykvm img: {ops['if']}: cannot skip to specified offset", file=sys.stderr)
+        dst = _open(ops["of"], out_fmt, writable=True, use=img_use(writes=True))
+        try:
+            buf = bytearray(max(bs, min(CHUNK, bs * max(1, CHUNK // bs))))
+            view = memoryview(buf)
+            pos = start
+            while pos < size:
+                n = min(len(buf), size - pos)
+                inside = max(0, min(n, src.size - pos))
+                read_into(src, pos, view[:inside])
+                view[inside:n] = ZEROES[:n - inside]
+                for o, k in _nonzero_runs(buf, n, 512):     # (the new image reads as zeroes)
+                    write_range(dst, pos - start + o, view[o:o + k])
+                pos += n
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    return 0
+
+
 # -- measure ----------------------------------------------------------------------------
 
 def cmd_measure(a) -> int:
@@ -1256,6 +1341,16 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
                    help="(qemu-img's, for encryption changes; nothing here needs it)")
     n.add_argument("filename")
     n.set_defaults(func=cmd_amend)
+
+    y = sub.add_parser("dd", help="copy blocks of an image into a new image, as dd(1)")
+    y.add_argument("-U", "--force-share", dest="U", action="store_true",
+                   help="open the image even if another process has it in use (read-only)")
+    y.add_argument("--image-opts", action="store_true",
+                   help="the image names are node options (driver=...,file.filename=...)")
+    y.add_argument("-f", metavar="FMT")
+    y.add_argument("-O", metavar="OUTPUT_FMT")
+    y.add_argument("operands", nargs="*", metavar="if=INPUT|of=OUTPUT|bs=N|count=N|skip=N")
+    y.set_defaults(func=cmd_dd)
 
     e = sub.add_parser("measure", help="the file size an image needs")
     e.add_argument("-U", "--force-share", dest="U", action="store_true",

@@ -68,10 +68,10 @@ class Create:
         h.backing_file = backing_file
         h.backing_fmt = backing_fmt
         h.data_file = data_file
-        l1_clusters = max(1, -(-l1_size * 8 // cluster_size))
+        l1_clusters = -(-l1_size * 8 // cluster_size)     # (none for an empty disk, as QEMU)
         h.rt_offset = cluster_size
         h.rt_clusters = 1
-        h.l1_offset = 3 * cluster_size
+        h.l1_offset = 3 * cluster_size if l1_clusters else 0
         h.l1_size = l1_size
         header = h.pack(cluster_size)
         used = 3 + l1_clusters
@@ -91,7 +91,8 @@ class Create:
             pwrite_full(fd, struct.pack(">Q", 2 * cluster_size) + bytes(cluster_size - 8),
                         cluster_size)
             pwrite_full(fd, blk, 2 * cluster_size)
-            pwrite_full(fd, bytes(l1_clusters * cluster_size), 3 * cluster_size)
+            if l1_clusters:
+                pwrite_full(fd, bytes(l1_clusters * cluster_size), 3 * cluster_size)
         finally:
             os.close(fd)
         if data_file:
