@@ -7,6 +7,8 @@ they exist, over pykvm's block drivers.
   map      [-f FMT] [--output human|json] FILE
   amend    [-f qcow2] [-p] [--force] -o OPTS FILE
   dd       [-f FMT] [-O FMT] [bs=N] [count=N] [skip=N] if=INPUT of=OUTPUT
+  bench    [-c N] [-d N] [-s SIZE] [-S STEP] [-o OFF] [-t CACHE] [-i AIO] [-n] [-w]
+           [--pattern B] [--flush-interval N] [--no-drain] [-f FMT] FILE
   measure  [--output human|json] [-O FMT] [-o OPTS] (--size SIZE | [-f FMT] FILE)
   convert  [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [-n] [-B BACKING [-F FMT]] SRC DST
   compare  [-f FMT] [-F FMT] [-s] [-p] IMG1 IMG2            (0 same, 1 different, 2 error)
@@ -1129,6 +1131,151 @@ def cmd_dd(a) -> int:
     return 0
 
 
+# -- bench ------------------------------------------------------------------------------
+
+def _bench_int(text: str, what: str, top: int = (1 << 31) - 1) -> int:
+    """A count as qemu-img bench reads it (decimal, 0x hex or 0 octal)."""
+    try:
+        n = int(text, 0)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= top:
+        raise ImgError(f"invalid {what} {text!r}")
+    return n
+
+
+def _bench_size(text: str, what: str, top: int = (1 << 31) - 1) -> int:
+    try:
+        n = parse_size(text)
+    except ImgError:
+        raise ImgError(f"invalid {what} {text!r} (a number, with k, M, G, T, P or E "
+                       f"suffixes)") from None
+    if n > top:
+        raise ImgError(f"invalid {what} {text!r}: must be between 0 and {top}")
+    return n
+
+
+def cmd_bench(a) -> int:
+    """qemu-img bench: ``-c`` reads (or writes, ``-w``) of ``-s`` bytes, ``-d``
+    in flight, from ``-o`` on by ``-S`` (wrapping at the end of the disk),
+    through a BlockBackend and an AIO engine (``-i``: threads by default, as
+    QEMU's; native, io_uring, python), in the cache mode ``-t``. With
+    ``--flush-interval N`` a flush goes out after every N requests, once the
+    requests in flight are done (or beside them, ``--no-drain``)."""
+    import errno
+    import mmap
+    import select
+
+    from .aio.native import EngineUnavailable, open_engine
+    from .block.backend import CACHE_MODES, BlockBackend
+    count = _bench_int(a.c, "request count") if a.c is not None else 75000
+    depth = _bench_int(a.d, "queue depth") if a.d is not None else 64
+    if depth < 1:
+        raise ImgError("invalid queue depth 0 (at least 1 request in flight)")
+    bufsize = _bench_size(a.s, "buffer size") if a.s is not None else 4096
+    step = _bench_size(a.S, "step size") if a.S is not None else 0
+    step = step or bufsize
+    offset = _bench_size(a.o, "offset", (1 << 63) - 1) if a.o is not None else 0
+    pattern = _bench_int(a.pattern, "pattern byte", 0xFF) if a.pattern is not None else 0
+    flush_every = _bench_int(a.flush_interval, "flush interval") \
+        if a.flush_interval is not None else 0
+    cache = a.t or "writeback"
+    if cache not in CACHE_MODES:
+        raise ImgError(f"invalid cache mode {cache!r} (one of {', '.join(CACHE_MODES)})")
+    aio = "native" if a.n else a.i or "threads"
+    if aio not in ("threads", "native", "io_uring", "python"):
+        raise ImgError(f"invalid aio option {aio!r} (threads, native, io_uring or python)")
+    if flush_every and not a.w:
+        raise ImgError("--flush-interval is only available in write tests")
+    if flush_every and flush_every < depth:
+        raise ImgError("flush interval can't be smaller than depth")
+    if a.U and a.w:
+        raise ImgError("force-share (-U) can only be used with read-only images")
+    if not a.filename.startswith("json:"):     # (a missing image: one line, before the engine)
+        _fmt_of(a.filename, a.f)
+    try:
+        engine = open_engine(aio, CACHE_MODES[cache].direct)
+    except EngineUnavailable as e:
+        raise ImgError(f"could not open '{a.filename}': {e}") from None
+    try:
+        b = BlockBackend(a.filename, fmt=a.f, cache=cache, read_only=not a.w, engine=engine)
+    except BaseException:
+        engine.close()
+        raise
+    slots = max(1, min(depth, count))
+    mem = mmap.mmap(-1, max(slots * bufsize, 1))    # page-aligned: O_DIRECT takes it as it is
+    if pattern:
+        mem.write(bytes([pattern]) * (slots * bufsize))
+    view = memoryview(mem)
+    iovs = [[view[k * bufsize:(k + 1) * bufsize]] for k in range(slots)]
+    poller = select.poll()
+    poller.register(b.notifier, select.POLLIN)
+    op = b.writev if a.w else b.readv
+    print(f"Sending {count} {'write' if a.w else 'read'} requests, {bufsize} bytes each, "
+          f"{depth} in parallel (starting at offset {offset}, step size {step})")
+    if flush_every:
+        print(f"Sending flush every {flush_every} requests")
+    sys.stdout.flush()
+    flush_tokens = iter(range(slots, 1 << 62))     # (each request in flight has its own)
+    free = list(range(slots - 1, -1, -1))
+    # QEMU's bench_cb, completion by completion: ``left`` requests not
+    # completed, ``in_flight`` of them submitted; each completion sends what
+    # the queue takes, unless a drained flush is due (then nothing goes out
+    # until the queue is empty and the flush has completed)
+    st = {"left": count, "in_flight": 0, "offset": offset, "draining": False,
+          "in_flush": False, "flushes": 0}
+    size = b.size
+
+    def fill():
+        while st["left"] > st["in_flight"] and st["in_flight"] < depth and \
+                not st["draining"]:
+            k = free.pop()
+            st["in_flight"] += 1
+            at = st["offset"]
+            st["offset"] = (at + step) % size if size else 0
+            if at + bufsize > size:                 # (QEMU's block layer: EIO)
+                raise ImgError(f"failed request: {os.strerror(errno.EIO)}")
+            op(k, at, iovs[k])
+
+    start = time.monotonic()
+    try:
+        fill()
+        while st["left"] or st["flushes"]:
+            poller.poll(1000)
+            for token, res in b.reap():
+                if res < 0:
+                    raise ImgError(f"failed request: {os.strerror(-res)}")
+                if token >= slots:
+                    st["flushes"] -= 1
+                    if st["in_flush"]:
+                        st["in_flush"] = st["draining"] = False
+                        fill()
+                    continue
+                remaining = st["left"] - st["in_flight"]     # not sent yet
+                st["left"] -= 1
+                st["in_flight"] -= 1
+                free.append(token)
+                if flush_every and remaining % flush_every == 0:
+                    if a.no_drain:
+                        st["flushes"] += 1
+                        b.flush(next(flush_tokens))
+                    else:
+                        st["draining"] = True
+                if st["draining"] and not st["in_flush"] and st["in_flight"] == 0 and \
+                        st["left"]:
+                    st["in_flush"] = True
+                    st["flushes"] += 1
+                    b.flush(next(flush_tokens))
+                fill()
+        took = time.monotonic() - start
+    finally:
+        b.close()                   # (and its engine)
+        del view, iovs
+        mem.close()
+    print(f"Run completed in {took:.3f} seconds.")
+    return 0
+
+
 # -- measure ----------------------------------------------------------------------------
 
 def cmd_measure(a) -> int:
@@ -1351,6 +1498,29 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     y.add_argument("-O", metavar="OUTPUT_FMT")
     y.add_argument("operands", nargs="*", metavar="if=INPUT|of=OUTPUT|bs=N|count=N|skip=N")
     y.set_defaults(func=cmd_dd)
+
+    h = sub.add_parser("bench", help="time requests through the block layer (no guest)")
+    h.add_argument("-U", "--force-share", dest="U", action="store_true",
+                   help="open the image even if another process has it in use (read-only)")
+    h.add_argument("--image-opts", action="store_true",
+                   help="the image names are node options (driver=...,file.filename=...)")
+    h.add_argument("-f", metavar="FMT")
+    h.add_argument("-c", metavar="COUNT", help="requests (75000)")
+    h.add_argument("-d", metavar="DEPTH", help="requests in flight (64)")
+    h.add_argument("-s", metavar="BUFFER_SIZE", help="bytes a request (4k)")
+    h.add_argument("-S", metavar="STEP_SIZE", help="offset step (the buffer size)")
+    h.add_argument("-o", metavar="OFFSET", help="the first request's offset (0)")
+    h.add_argument("-t", metavar="CACHE", help="cache mode (writeback)")
+    h.add_argument("-i", metavar="AIO", help="threads (default), native, io_uring, python")
+    h.add_argument("-n", action="store_true", help="-i native")
+    h.add_argument("-w", action="store_true", help="write (read by default)")
+    h.add_argument("-q", action="store_true")
+    h.add_argument("--pattern", metavar="BYTE", help="the byte written (0)")
+    h.add_argument("--flush-interval", metavar="N", help="a flush every N requests (-w)")
+    h.add_argument("--no-drain", action="store_true",
+                   help="flush beside the requests in flight, not after them")
+    h.add_argument("filename")
+    h.set_defaults(func=cmd_bench)
 
     e = sub.add_parser("measure", help="the file size an image needs")
     e.add_argument("-U", "--force-share", dest="U", action="store_true",
