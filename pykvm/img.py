@@ -3,7 +3,7 @@ they exist, over pykvm's block drivers.
 
   create   [-f FMT] [-o OPTS] [-b BACKING [-F FMT]] [-u] FILE [SIZE]
   info     [-f FMT] [--output human|json] [--backing-chain] FILE
-  check    [-f FMT] [--output human|json] [-r leaks|all] FILE   (0 clean, 2 corrupt, 3 leaks)
+  check    [-f FMT] [--output human|json] [-r leaks|all] [-p] FILE  (0 clean, 2 corrupt, 3 leaks)
   map      [-f FMT] [--output human|json] FILE
   amend    [-f qcow2] [-p] [--force] -o OPTS FILE
   dd       [-f FMT] [-O FMT] [bs=N] [count=N] [skip=N] if=INPUT of=OUTPUT
@@ -194,11 +194,61 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _progress(enabled: bool, done: int, total: int) -> None:
-    if enabled:
-        pct = 100.0 * done / total if total else 100.0
-        sys.stdout.write(f"    ({pct:.2f}/100%)\r")
-        sys.stdout.flush()
+class Progress:
+    """``-p``: how far a long command is. On a terminal, a tqdm bar; anywhere
+    else, qemu-img's display: ``    (x.xx/100%)`` and a carriage return each
+    time the share done grows by a whole percent, 100% and a newline at the
+    end. It goes to stdout as qemu-img's does (``stream``: dedup keeps
+    stdout for its result). Disabled, it does nothing, so commands call it
+    unconditionally: ``progress(done, total)``, then ``progress.close()``."""
+
+    def __init__(self, enabled: bool, stream=None, desc: str = ""):
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        self.bar = None
+        self.shown = -1.0
+        if enabled and self.stream.isatty():
+            import shutil
+
+            from tqdm import tqdm
+            # (a terminal that says it is 0 by 0 gets 80 by 24: tqdm would draw nothing)
+            cols, rows = shutil.get_terminal_size()
+            self.bar = tqdm(total=100.0, file=self.stream, desc=f"{desc}:" if desc else "",
+                            leave=True, ncols=cols,
+                            nrows=rows,
+                            bar_format="{desc}{percentage:7.2f}%|{bar}| [{elapsed}<{remaining}]")
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        pct = min(100.0, 100.0 * done / total) if total else 100.0
+        if pct < self.shown + 1.0 and not (pct == 100.0 and self.shown < 100.0):
+            return
+        if self.bar is not None:
+            self.bar.update(pct - self.bar.n)
+        else:
+            self.stream.write(f"    ({pct:.2f}/100%)\r")
+            self.stream.flush()
+        self.shown = pct
+
+    def close(self, finished: bool = True) -> None:
+        """100% (when ``finished``), and the display ends (a newline)."""
+        if not self.enabled or self.shown is None:
+            return
+        if finished:
+            self(1, 1)
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.shown = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(finished=exc_type is None)
 
 
 # -- create -----------------------------------------------------------------------------
@@ -387,8 +437,9 @@ def cmd_check(a) -> int:
         raise ImgError("force-share (-U) can only be used with read-only images")
     drv = _open(a.filename, fmt, writable=bool(a.r), backing=False, repair=False,
                 use=img_use(writes=bool(a.r), force_share=a.U))
+    progress = Progress(a.p, stream=sys.stderr, desc="check")    # (stdout: the report)
     try:
-        res = drv.check(repair=a.r)
+        res = drv.check(repair=a.r, progress=progress)
         if a.r:
             dirty = drv.h.incompat & 1
             if dirty:
@@ -399,7 +450,9 @@ def cmd_check(a) -> int:
                 res = drv.check()
                 res["leaks_fixed"], res["corruptions_fixed"] = first["leaks_fixed"], \
                     first["corruptions_fixed"]
+        progress.close()
     finally:
+        progress.close(finished=False)
         drv.close()
     if a.output == "json":
         d = {"image-end-offset": res["image_end_offset"], "total-clusters": res["total_clusters"],
@@ -622,10 +675,9 @@ def cmd_convert(a) -> int:
                     raise ImgError(f"{a.dst}: the target ({dst.size} bytes) is smaller than "
                                    f"the image ({size} bytes): it cannot grow")
                 write_zeroes_range(dst, 0, size, unmap=True)  # it holds what it held
-            _copy(src, dst, size, a.c, a.p, skip_unallocated_in_src=bool(a.B), fresh=not exists)
-            _progress(a.p, size, size)
-            if a.p:
-                print()
+            with Progress(a.p, desc="convert") as progress:
+                _copy(src, dst, size, a.c, progress, skip_unallocated_in_src=bool(a.B),
+                      fresh=not exists)
         finally:
             dst.close()
     finally:
@@ -636,7 +688,7 @@ def cmd_convert(a) -> int:
 COPY_PIECE = 1 << 20
 
 
-def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_in_src=False,
+def _copy(src, dst, size: int, compress: bool, progress, skip_unallocated_in_src=False,
           fresh: bool = True):
     """Copy guest content, skipping holes and zeroes (the destination reads
     as zeroes: new, or zeroed; ``fresh``: new, no cluster allocated). The
@@ -679,7 +731,7 @@ def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_
                         pwrite_full(dst.fd, sub[o:o + k], pos + o)
                     elif not (qcow2_new and dst.write_new(pos + o, sub[o:o + k])):
                         write_range(dst, pos + o, sub[o:o + k])
-            _progress(progress, pos + n, size)
+            progress(pos + n, size)
 
 
 class _Readers:
@@ -766,6 +818,7 @@ def cmd_compare(a) -> int:
             print("Strict mode: Image size mismatch!")
             return 1
         common = min(one.size, two.size)
+        progress = Progress(a.p, desc="compare")
         b1, b2 = bytearray(CHUNK), bytearray(CHUNK)
         v1, v2 = memoryview(b1), memoryview(b2)
         pos = 0
@@ -777,6 +830,7 @@ def cmd_compare(a) -> int:
                 read_into(two, pos, v2[:n])
                 if v1[:n] != v2[:n]:
                     i = next(k for k in range(0, n, 512) if v1[k:k + 512] != v2[k:k + 512])
+                    progress.close(finished=False)
                     print(f"Content mismatch at offset {pos + i}!")
                     return 1
             else:
@@ -784,12 +838,12 @@ def cmd_compare(a) -> int:
                 read_into(longer, pos, v1[:n])
                 if v1[:n] != ZEROES[:n] if n <= len(ZEROES) else any(v1[:n]):
                     i = next(k for k in range(0, n, 512) if any(v1[k:k + 512]))
+                    progress.close(finished=False)
                     print(f"Content mismatch at offset {pos + i}!")
                     return 1
             pos += n
-            _progress(a.p, pos, max(one.size, two.size))
-        if a.s:
-            pass
+            progress(pos, max(one.size, two.size))
+        progress.close()
         print("Images are identical.")
         return 0
     except BlockError as e:
@@ -814,6 +868,7 @@ def cmd_commit(a) -> int:
             pos = 0
             buf = bytearray(CHUNK)
             view = memoryview(buf)
+            progress = Progress(a.p, desc="commit")
             while pos < top.size:
                 n = min(CHUNK, top.size - pos)
                 for e in top.map(pos, n):
@@ -826,7 +881,8 @@ def cmd_commit(a) -> int:
                     read_into(top, e.offset, sub)
                     write_range(base, e.offset, sub)
                 pos += n
-                _progress(a.p, pos, top.size)
+                progress(pos, top.size)
+            progress.close()
             base.flush_metadata()
             os.fsync(base.fd)
         finally:
@@ -866,7 +922,8 @@ def cmd_rebase(a) -> int:
                 new_fmt = new_fmt or new.format_name
         try:
             if not a.u:
-                _rebase_copy(top, new, a.p)
+                with Progress(a.p, desc="rebase") as progress:
+                    _rebase_copy(top, new, progress)
         finally:
             if new is not None:
                 new.close()
@@ -878,7 +935,7 @@ def cmd_rebase(a) -> int:
     return 0
 
 
-def _rebase_copy(top: Qcow2Driver, new, progress: bool) -> None:
+def _rebase_copy(top: Qcow2Driver, new, progress) -> None:
     """Where the top image is unallocated and the old and new backing chains
     differ, copy the old content into the top image."""
     cs = top.cluster_size
@@ -901,8 +958,7 @@ def _rebase_copy(top: Qcow2Driver, new, progress: bool) -> None:
                 k[:] = ZEROES[:e.length]
             if o != k:
                 write_range(top, e.offset, o)
-        if ci % 64 == 0:
-            _progress(progress, g, top.size)
+        progress(g + n, top.size)
 
 
 # -- resize -----------------------------------------------------------------------------
@@ -980,13 +1036,14 @@ def cmd_dedup(a) -> int:
     drv = _open(a.filename, fmt, writable=writing, backing=a.chain,
                 use=img_use(writes=writing, stable=not writing))
     start = time.monotonic()
+    progress = Progress(a.p, stream=sys.stderr, desc="dedup")   # (stdout: the result)
     try:
         res = dedup(drv, dry_run=a.dry_run, min_refs=a.min_refs, chain=a.chain,
-                    progress=(lambda done, total: _progress_err(done, total)) if a.p else None)
+                    progress=progress)
+        progress.close()
     finally:
+        progress.close(finished=False)
         drv.close()
-        if a.p:
-            sys.stderr.write("\n")
     took = time.monotonic() - start
     if a.q:
         return 0
@@ -1016,13 +1073,6 @@ def cmd_dedup(a) -> int:
     return 0
 
 
-def _progress_err(done: int, total: int) -> None:
-    """qemu-img -p's display, on stderr (stdout carries the result)."""
-    pct = 100.0 * done / total if total else 100.0
-    sys.stderr.write(f"    ({pct:.2f}/100%)\r")
-    sys.stderr.flush()
-
-
 # -- amend ------------------------------------------------------------------------------
 
 def cmd_amend(a) -> int:
@@ -1036,14 +1086,13 @@ def cmd_amend(a) -> int:
     opts = parse_options(fmt, a.o)
     drv = _open(a.filename, fmt, writable=True, backing=False, use=img_use(writes=True,
                                                                              resizes=True))
+    progress = Progress(a.p, desc="amend")
     try:
-        drv.amend(opts, progress=(lambda done, total: _progress(True, done, total)) if a.p
-                  else None)
+        drv.amend(opts, progress=progress)
+        progress.close()
     finally:
+        progress.close(finished=False)
         drv.close()
-        if a.p:
-            _progress(True, 1, 1)
-            print()
     return 0
 
 
@@ -1365,6 +1414,8 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     k.add_argument("-f", metavar="FMT")
     k.add_argument("--output", choices=["human", "json"], default="human")
     k.add_argument("-r", choices=["leaks", "all"])
+    k.add_argument("-p", action="store_true", help="show progress (on stderr; not in "
+                   "qemu-img's check)")
     k.add_argument("-q", action="store_true")
     k.add_argument("filename")
     k.set_defaults(func=cmd_check)
@@ -1406,7 +1457,7 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     q.add_argument("-f", metavar="FMT")
     q.add_argument("-F", metavar="FMT2")
     q.add_argument("-s", action="store_true", help="strict: sizes must match")
-    q.add_argument("-p", action="store_true")
+    q.add_argument("-p", action="store_true", help="show progress")
     q.add_argument("-q", action="store_true")
     q.add_argument("img1")
     q.add_argument("img2")
@@ -1417,7 +1468,7 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
                    help="the image names are node options (driver=...,file.filename=...)")
     o.add_argument("-f", metavar="FMT")
     o.add_argument("-d", action="store_true", help="keep the overlay's data")
-    o.add_argument("-p", action="store_true")
+    o.add_argument("-p", action="store_true", help="show progress")
     o.add_argument("-q", action="store_true")
     o.add_argument("filename")
     o.set_defaults(func=cmd_commit)
@@ -1429,7 +1480,7 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
                    help="the image names are node options (driver=...,file.filename=...)")
     r.add_argument("-f", metavar="FMT")
     r.add_argument("-u", action="store_true", help="unsafe: only change the name")
-    r.add_argument("-p", action="store_true")
+    r.add_argument("-p", action="store_true", help="show progress")
     r.add_argument("-q", action="store_true")
     r.add_argument("-b", metavar="BACKING")
     r.add_argument("-F", metavar="BACKING_FMT")
