@@ -161,3 +161,38 @@ def test_measure_errors_are_one_line(tmp_path, capsys, sources, argv, want):
     assert rc == theirs.returncode == 1
     assert out == ""
     assert err.count("\n") == 1 and want in err, err
+
+
+@pytest.mark.parametrize("argv", [["measure", "-f", "nosuch", "IMG"],
+                                  ["amend", "-f", "nosuch", "-o", "compat=1.1", "IMG"],
+                                  ["dd", "-f", "nosuch", "if=IMG", "of=OUT"],
+                                  ["bench", "-f", "nosuch", "-c", "1", "IMG"]])
+def test_new_commands_refuse_an_unknown_format(tmp_path, capsys, argv):
+    p = tmp_path / "u.qcow2"
+    qemu_img("create", "-f", "qcow2", p, "1M")
+    before = p.read_bytes()
+    argv = [a.replace("IMG", str(p)).replace("OUT", str(tmp_path / "o")) for a in argv]
+    assert qemu_img(*argv, check=False).returncode == 1
+    rc, out, err = img(capsys, *argv)
+    assert rc == 1 and out == "" and err.count("\n") == 1 and "nosuch" in err, err
+    assert p.read_bytes() == before
+
+
+def test_image_opts_for_measure_amend_and_dd(tmp_path, capsys, sources):
+    path, _ = sources["partly-qcow2"]
+    node = f"driver=qcow2,file.filename={path}"
+    args = ["measure", "--image-opts", "--output=json", "-O", "qcow2", node]
+    rc, out, err = img(capsys, *args)
+    assert rc == 0, err
+    assert json.loads(out) == json.loads(qemu_img(*args).stdout)
+    out_raw = tmp_path / "o.raw"
+    rc, _, err = img(capsys, "dd", "--image-opts", f"if={node}", f"of={out_raw}")
+    assert rc == 0, err
+    qemu_img("compare", "-F", "raw", path, out_raw)
+    p = tmp_path / "a.qcow2"
+    qemu_img("create", "-f", "qcow2", p, "1M")
+    rc, _, err = img(capsys, "amend", "--image-opts", "-o", "lazy_refcounts=on",
+                     f"driver=qcow2,file.filename={p}")
+    assert rc == 0, err
+    info = json.loads(qemu_img("info", "--output=json", p).stdout)
+    assert info["format-specific"]["data"]["lazy-refcounts"] is True
