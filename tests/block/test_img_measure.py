@@ -115,8 +115,8 @@ def test_measure_human_output_matches_qemu(capsys, sources):
 
 @pytest.mark.parametrize("opts", ["", "cluster_size=512", "cluster_size=4k", "cluster_size=2M",
                                   "refcount_bits=1,cluster_size=4k"])
-@pytest.mark.parametrize("name", ["empty-raw", "holey-raw", "empty-qcow2", "partly-qcow2",
-                                  "chain-qcow2"])
+@pytest.mark.parametrize("name", ["empty-raw", "holey-raw", "empty-qcow2", "big-empty-qcow2",
+                                  "partly-qcow2", "chain-qcow2"])
 def test_convert_fits_the_required_size(tmp_path, capsys, sources, name, opts):
     path, fmt = sources[name]
     for out_fmt in ("qcow2", "raw"):
