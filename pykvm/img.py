@@ -9,7 +9,7 @@ they exist, over pykvm's block drivers.
   dd       [-f FMT] [-O FMT] [bs=N] [count=N] [skip=N] if=INPUT of=OUTPUT
   bench    [-c N] [-d N] [-s SIZE] [-S STEP] [-o OFF] [-t CACHE] [-i AIO] [-n] [-w]
            [--pattern B] [--flush-interval N] [--no-drain] [-f FMT] FILE
-  measure  [--output human|json] [-O FMT] [-o OPTS] (--size SIZE | [-f FMT] FILE)
+  measure  [--output human|json] [-O FMT] [-o OPTS] (--size SIZE | [-f FMT] [-l SN] FILE)
   convert  [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [-n] [-B BACKING [-F FMT]] SRC DST
   compare  [-f FMT] [-F FMT] [-s] [-p] IMG1 IMG2            (0 same, 1 different, 2 error)
   commit   [-f FMT] [-d] [-p] FILE
@@ -1334,8 +1334,8 @@ def cmd_measure(a) -> int:
     import json
 
     from .block.qcow2.measure import measure, read_bitmaps
-    if a.filename is None and (a.image_opts or a.f):
-        raise ImgError("--image-opts and -f require a filename argument")
+    if a.filename is None and (a.image_opts or a.f or a.l):
+        raise ImgError("--image-opts, -f and -l require a filename argument")
     if a.filename is not None and a.size is not None:
         raise ImgError("--size N cannot be used together with a filename")
     if a.filename is None and a.size is None:
@@ -1354,6 +1354,8 @@ def cmd_measure(a) -> int:
     if a.filename is not None:
         src = _open(a.filename, a.f, use=img_use(force_share=a.U))
         try:
+            if a.l is not None:
+                _load_snapshot(src, a.l)
             src_size = src.size
             if out_fmt == "qcow2":
                 runs = _data_runs(src, src_size) if not opts.get("backing_file") else []
@@ -1376,6 +1378,28 @@ def cmd_measure(a) -> int:
         if "bitmaps" in res:
             print(f"bitmaps size: {res['bitmaps']}")
     return 0
+
+
+def _load_snapshot(drv, text: str) -> None:
+    """``-l``: a snapshot's id or name, or ``snapshot.id=ID,snapshot.name=NAME``."""
+    if not isinstance(drv, Qcow2Driver):
+        raise ImgError(f"format {drv.format_name} has no internal snapshots")
+    ident = name = None
+    if text.startswith("snapshot."):
+        for item in text.split(","):
+            k, eq, v = item.partition("=")
+            if k == "snapshot.id" and eq:
+                ident = v
+            elif k == "snapshot.name" and eq:
+                name = v
+            else:
+                raise ImgError(f"-l: {item!r} is not snapshot.id=ID or snapshot.name=NAME")
+    else:
+        name = text
+    try:
+        drv.snapshot_load_tmp(name, ident)
+    except BlockError as e:
+        raise ImgError(f"failed to load snapshot: {e.why}") from None
 
 
 # -- the parser -------------------------------------------------------------------------
@@ -1583,6 +1607,8 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     e.add_argument("-o", action="append", default=[], metavar="OPTIONS",
                    help="creation options of the output format")
     e.add_argument("--size", metavar="SIZE", help="measure an empty image of SIZE bytes")
+    e.add_argument("-l", metavar="SNAPSHOT", help="measure this internal snapshot (an id or "
+                   "a name, or snapshot.id=ID,snapshot.name=NAME)")
     e.add_argument("--output", choices=["human", "json"], default="human")
     e.add_argument("filename", nargs="?")
     e.set_defaults(func=cmd_measure)

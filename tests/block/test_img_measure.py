@@ -196,3 +196,32 @@ def test_image_opts_for_measure_amend_and_dd(tmp_path, capsys, sources):
     assert rc == 0, err
     info = json.loads(qemu_img("info", "--output=json", p).stdout)
     assert info["format-specific"]["data"]["lazy-refcounts"] is True
+
+
+@pytest.mark.parametrize("spec", ["s1", "1", "snapshot.name=s1", "snapshot.id=1",
+                                  "snapshot.id=1,snapshot.name=s1", "s2"])
+def test_measure_a_snapshot_matches_qemu(tmp_path, capsys, spec):
+    p = tmp_path / "sn.qcow2"
+    qemu_img("create", "-f", "qcow2", p, "10M")
+    qemu_io(p, "write -P 1 0 3M")
+    qemu_img("snapshot", "-c", "s1", p)
+    qemu_img("resize", p, "40M")
+    qemu_io(p, "write -P 2 5M 5M", "write -z 0 1M")
+    qemu_img("snapshot", "-c", "s2", p)
+    qemu_io(p, "write -P 3 20M 8M")
+    ours, theirs = _both(capsys, ["-O", "qcow2", "-l", spec, p])
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("spec,want", [("nosuch", "cannot find snapshot"),
+                                       ("snapshot.id=9", "cannot find snapshot"),
+                                       ("snapshot.foo=1", "snapshot.foo")])
+def test_measure_snapshot_errors(tmp_path, capsys, spec, want):
+    p = tmp_path / "sn.qcow2"
+    qemu_img("create", "-f", "qcow2", p, "10M")
+    qemu_img("snapshot", "-c", "s1", p)
+    assert qemu_img("measure", "-l", spec, p, check=False).returncode == 1
+    rc, out, err = img(capsys, "measure", "-l", spec, p)
+    assert rc == 1 and out == "" and err.count("\n") == 1 and want in err, err
+    rc, _, err = img(capsys, "measure", "-l", "s1", "--size", "1M")
+    assert rc == 1 and "require a filename" in err
