@@ -53,7 +53,9 @@ int pykvm_aio_notifier(const struct pykvm_aio *aio);
 int pykvm_aio_submit(struct pykvm_aio *aio, const struct pykvm_aio_req *reqs, uint32_t n);
 /* Up to max completions; never blocks. Clears the notifier first. */
 int pykvm_aio_reap(struct pykvm_aio *aio, struct pykvm_aio_done *out, uint32_t max);
-/* Completions waiting to be reaped, seen without a system call (for polling). */
+/* Completions waiting to be reaped, seen without a system call (for polling);
+ * once the thread watches NBD connections (pykvm_aio_watch), it also reads the
+ * replies their sockets hold (one poll each to look). */
 uint32_t pykvm_aio_ready(struct pykvm_aio *aio);
 uint32_t pykvm_aio_in_flight(const struct pykvm_aio *aio);
 /* Whether a WRITE on fd may carry PYKVM_NBD_FUA in its mode (nbd.h): fd is

@@ -14,6 +14,7 @@ struct inj_rule {
     struct pykvm_inject_rule r;
     uint64_t matched, fired, rng;
     int removed;                /* inject-error with once=on, after it fired; or removed */
+    int waiting;                /* r.waiting until pykvm_inject_arm */
 };
 
 struct pykvm_inject {
@@ -61,6 +62,7 @@ struct pykvm_inject *pykvm_inject_new(const struct pykvm_inject_rule *rules, uin
     for (uint32_t i = 0; i < n; i++) {
         inj->rules[i].r = rules[i];
         inj->rules[i].rng = rules[i].seed;
+        inj->rules[i].waiting = (int)rules[i].waiting;
     }
     inj->nrules = n;
     inj->state = 1;
@@ -86,6 +88,7 @@ int32_t pykvm_inject_add(struct pykvm_inject *inj, const struct pykvm_inject_rul
         memset(&inj->rules[i], 0, sizeof(inj->rules[i]));
         inj->rules[i].r = *rule;
         inj->rules[i].rng = rule->seed;
+        inj->rules[i].waiting = (int)rule->waiting;
     }
     pthread_mutex_unlock(&inj->lock);
     return i;
@@ -106,6 +109,30 @@ void pykvm_inject_remove(struct pykvm_inject *inj, uint32_t i)
         }
     }
     pthread_mutex_unlock(&inj->lock);
+}
+
+void pykvm_inject_arm(struct pykvm_inject *inj, uint32_t i)
+{
+    pthread_mutex_lock(&inj->lock);
+    if (i < inj->nrules)
+        inj->rules[i].waiting = 0;
+    pthread_mutex_unlock(&inj->lock);
+}
+
+int pykvm_inject_cut(struct pykvm_inject *inj, uint32_t i)
+{
+    int fired = 0;
+
+    pthread_mutex_lock(&inj->lock);
+    if (i < inj->nrules && !inj->cut && !inj->rules[i].removed &&
+        inj->rules[i].r.action == PYKVM_INJ_POWER_CUT) {
+        inj->rules[i].waiting = 0;
+        inj->rules[i].fired++;
+        inj->cut = (int32_t)i + 1;
+        fired = 1;
+    }
+    pthread_mutex_unlock(&inj->lock);
+    return fired;
 }
 
 void pykvm_inject_free(struct pykvm_inject *inj)
@@ -242,7 +269,8 @@ int pykvm_inject_check(struct pykvm_inject *inj, uint32_t op, uint64_t offset, u
         const struct pykvm_inject_rule *r = &x->r;
         uint64_t n;
 
-        if (x->removed || r->kind != PYKVM_INJ_RULE_FAULT || !(r->ops & (1u << op)) ||
+        if (x->removed || x->waiting || r->kind != PYKVM_INJ_RULE_FAULT ||
+            !(r->ops & (1u << op)) ||
             (r->state && r->state != inj->state) || (r->queue >= 0 && r->queue != queue))
             continue;
         if (r->offset >= 0) {

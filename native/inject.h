@@ -97,6 +97,8 @@ struct pykvm_inject_rule {
     uint64_t order_list;        /* hold, order given: the release order (PYKVM_INJ_ORDER_GIVEN) */
     uint32_t order_n;
     uint32_t release_after;     /* hold: release once this many more requests completed (0: no) */
+    uint32_t waiting;           /* fault: matches nothing until pykvm_inject_arm (a mark or a
+                                   time the rule waits for: Python keeps those) */
 };
 
 /* What a check found: the rule's index (-1: none) and what to do. */
@@ -123,6 +125,11 @@ void pykvm_inject_free(struct pykvm_inject *inj);
 int32_t pykvm_inject_add(struct pykvm_inject *inj, const struct pykvm_inject_rule *rule);
 /* Remove rule i (it matches nothing from now on; indexes stay as they are). */
 void pykvm_inject_remove(struct pykvm_inject *inj, uint32_t i);
+/* Rule i stops waiting: from now on it matches requests. */
+void pykvm_inject_arm(struct pykvm_inject *inj, uint32_t i);
+/* Power-cut rule i fires now, on no request (at a mark or a time): 1, or 0
+ * when the power is already off or the rule was removed. */
+int pykvm_inject_cut(struct pykvm_inject *inj, uint32_t i);
 /* Raise an event (QEMU's blkdebug_debug_event). */
 void pykvm_inject_event(struct pykvm_inject *inj, uint32_t event);
 /* 1 when a rule fired on the request (``hit`` filled), else 0. */

@@ -7,12 +7,15 @@
  * attached itself (it polls the socket in its own epoll set and reads while
  * it runs: no thread hop between the reply and the used ring), else the pump
  * thread. The pump also sends what libnbd could not (POLLOUT), notices a
- * dead connection and reconnects. Two locks besides libnbd's own:
+ * dead connection and reconnects. Three locks besides libnbd's own:
  *   c->mu   the handle pointer, the connection state, the pending list and
  *           `users` (submitters inside a libnbd call on c->h); never held
  *           across a libnbd call, so that no lock order meets libnbd's own
  *   c->lk   a leaf: an op's part count and error, the orphan list (taken in
  *           libnbd's callbacks, which run under libnbd's handle lock)
+ *   c->rd   the reader: one thread at a time looks at the socket and reads
+ *           from it (nbd_read); held across nbd_aio_notify_read, so the
+ *           callbacks run under it (they never take it, nor c->mu)
  * An op (one request) becomes one libnbd command per part of at most
  * block_max bytes. A part is accounted in its .free callback, which libnbd
  * calls exactly once, also when the command fails to start or the
@@ -97,6 +100,7 @@ struct pykvm_nbd {
     struct nbd_op *pending, **pending_tail;
     pthread_mutex_t lk;
     struct nbd_op *orphans;
+    pthread_mutex_t rd;         /* nbd_read: one reader of the socket at a time */
     int wake;                   /* eventfd: the pump re-reads the direction, the lists */
     pthread_t pump;
     /* I/O threads that poll the socket for replies themselves (nbd_attach):
@@ -504,6 +508,30 @@ static void nbd_read_info(struct pykvm_nbd *c, struct nbd_handle *h)
     c->info.block_max -= c->info.block_max % c->info.block_min;
 }
 
+/* -- reading replies ----------------------------------------------------------------- */
+
+/* Read what the server has sent on h, if anything: libnbd is told the socket
+ * is readable only when it is. Told with nothing to read, libnbd (1.14 and
+ * later alike) leaves READY for REPLY.START, and its recv's EAGAIN keeps it
+ * there; a command issued then is only queued (libnbd sends from READY), and
+ * it stays queued until the next reply moves the state machine, which never
+ * comes when nothing else is on the wire: the request hangs until
+ * request-timeout drops the connection. The pump and an attached I/O thread
+ * may both see the socket readable and race for one reply, so the look and
+ * the read are one step under c->rd: what the holder sees stays readable
+ * until it reads. One reply (or a piece of one) per call. */
+static int nbd_read(struct pykvm_nbd *c, struct nbd_handle *h)
+{
+    struct pollfd pfd = {.fd = nbd_aio_get_fd(h), .events = POLLIN};
+    int rc = 0;
+
+    pthread_mutex_lock(&c->rd);
+    if (poll(&pfd, 1, 0) > 0 && (pfd.revents & (POLLIN | POLLHUP | POLLERR)))
+        rc = nbd_aio_notify_read(h);
+    pthread_mutex_unlock(&c->rd);
+    return rc;
+}
+
 /* -- the pump ------------------------------------------------------------------------ */
 
 /* The connection went: wait for the submitters inside libnbd, then close the
@@ -650,7 +678,7 @@ static void *nbd_pump(void *arg)
             if (pfd[1].revents)
                 (void)eventfd_read(c->wake, &v);
             if (pfd[0].revents & (POLLIN | POLLHUP | POLLERR))
-                rc = nbd_aio_notify_read(h);
+                rc = nbd_read(c, h);    /* an attached thread may have read it since */
             else if (pfd[0].revents & POLLOUT)
                 rc = nbd_aio_notify_write(h);
             if (rc < 0 || nbd_aio_is_dead(h) > 0 || nbd_aio_is_closed(h) > 0)
@@ -810,8 +838,8 @@ static int nbd_watch(struct pykvm_nbd *c, uint32_t *gen)
 }
 
 /* Read what the server has sent, in this thread: the completion callbacks run
- * here. Never blocks (a socket with nothing to read leaves libnbd where it
- * was); a dead connection is left to the pump, which is woken. */
+ * here. Never blocks (called on every round, readable or not: nbd_read looks
+ * first); a dead connection is left to the pump, which is woken. */
 static void nbd_drive(struct pykvm_nbd *c)
 {
     struct nbd_handle *h = NULL;
@@ -821,7 +849,7 @@ static void nbd_drive(struct pykvm_nbd *c)
     if (!h)
         return;
     if (nbd_aio_get_direction(h) & LIBNBD_AIO_DIRECTION_READ)
-        rc = nbd_aio_notify_read(h);
+        rc = nbd_read(c, h);
     dead = rc < 0 || nbd_aio_is_dead(h) > 0 || nbd_aio_is_closed(h) > 0;
     nbd_unborrow(c);
     if (dead)
@@ -859,6 +887,7 @@ static struct pykvm_nbd *pykvm_nbd_open(const char *uri, uint32_t reconnect_dela
     c->progress_ns = nbd_now_ns();
     pthread_mutex_init(&c->mu, NULL);
     pthread_mutex_init(&c->lk, NULL);
+    pthread_mutex_init(&c->rd, NULL);
     pthread_cond_init(&c->idle, NULL);
     c->state = NBD_READY;
     if (pthread_create(&c->pump, NULL, nbd_pump, c) != 0) {

@@ -116,6 +116,13 @@ def _common_vm_args(p: argparse.ArgumentParser) -> None:
                    help="'exits': print every VM exit and a count per reason at the end")
     p.add_argument("--verbose", "-v", action="count", default=0,
                    help="log each disk's block graph at start (-vv: debug messages)")
+    _qmp_arg(p)
+
+
+def _qmp_arg(p) -> None:
+    p.add_argument("--qmp", metavar="unix:PATH,server=on,wait=off",
+                   help="a QMP control socket (QEMU's -qmp): query-status, stop, cont, quit, "
+                        "log-mark (see 'pykvm log mark')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,11 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     _object_arg(serve)
     serve.add_argument("--disk", type=_disk, required=True, metavar="SPEC",
                        help="as for run (transport= does not apply)")
+    _qmp_arg(serve)
     serve.add_argument("--verbose", "-v", action="count", default=0,
                        help="log connections and restarts (-vv: every message)")
 
     wlog = sub.add_parser("log", help="write logs (blklogwrites, dm-log-writes format)")
-    lsub = wlog.add_subparsers(dest="log_command", metavar="info|replay", required=True)
+    lsub = wlog.add_subparsers(dest="log_command", metavar="info|replay|mark", required=True)
     linfo = lsub.add_parser("info", help="the log's sector size, entries, flushes and marks")
     linfo.add_argument("log")
     linfo.add_argument("--output-format", choices=["human", "json"], default="human")
@@ -221,11 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--next-flush", action="store_true", help="up to the next flush")
     replay.add_argument("--start-entry", type=int, default=0, metavar="N",
                         help="begin with entry N (0-based)")
+    lmark = lsub.add_parser("mark", help="a mark in a running disk's log, through its QMP "
+                                         "socket (rules with mark=NAME wait for it)")
+    lmark.add_argument("name", metavar="NAME")
+    lmark.add_argument("--qmp", required=True, metavar="PATH",
+                       help="the socket of --qmp unix:PATH,server=on")
+    lmark.add_argument("--device", metavar="DISK", help="disk0, disk1, ... (default: the "
+                       "only disk)")
 
     crash = sub.add_parser("crashtest", help="check every crash state a write log allows "
                                              "(README, Crash testing)")
     crash.add_argument("--base", required=True, metavar="IMAGE",
                        help="the disk before the logged run (raw or qcow2)")
+    crash.add_argument("--base-format", choices=["raw", "qcow2"], metavar="FMT",
+                       help="raw: the base file's bytes as they are (a log of a qcow2 file's "
+                            "own writes: a qcow2 base is then not read through qcow2); "
+                            "default: probed")
     crash.add_argument("--log", required=True, metavar="LOG", help="a write log (blklogwrites, "
                        "dm-log-writes)")
     crash.add_argument("--check", required=True, metavar="'CMD {image}'",
@@ -270,18 +289,37 @@ def _run_machine(args, kernel: str, cmdline: str, disks, serial_out=None, initrd
     cfg = MachineConfig(kernel=kernel, cmdline=cmdline, mem_size=args.mem,
                         cpus=getattr(args, "cpus", 1), trace=trace, disks=disks,
                         serial_out=serial_out, initrd=initrd, boot=getattr(args, "boot", "auto"))
+    qmp = _qmp_spec(args)
     with Machine(cfg) as machine:
         if check is not None:
             check(machine)
+        server = _qmp_server(machine, qmp)
         try:
             result = machine.run(timeout=args.timeout)
         finally:
+            if server is not None:
+                server.close()
             if trace:
                 print_exit_counts(machine.exit_counts(), trace)
         stats = [d.core.device.counters() for d in machine.disks]
     if machine.power_cut is not None:       # (after close: a planned cut has applied)
         raise PykvmError(machine.power_cut)
     return result, stats
+
+
+def _qmp_spec(args):
+    """--qmp's (path, wait), checked before anything is built; None without --qmp."""
+    if not getattr(args, "qmp", None):
+        return None
+    from .qmp import parse_spec
+    return parse_spec(args.qmp)
+
+
+def _qmp_server(target, spec):
+    if spec is None:
+        return None
+    from .qmp import QmpServer
+    return QmpServer(target, *spec)
 
 
 def cmd_run(args) -> int:
@@ -356,6 +394,7 @@ def cmd_serve(args) -> int:
 
     from .serve import NbdExport, VhostUserExport
 
+    qmp = _qmp_spec(args)
     if args.nbd is not None:
         export = NbdExport(args.disk, args.nbd, name=args.export_name,
                            read_only=args.read_only, shared=args.shared,
@@ -377,9 +416,13 @@ def cmd_serve(args) -> int:
     if args.nbd is None:
         old[signal.SIGCONT] = signal.signal(signal.SIGCONT, lambda *_: export.resume())
     print(f"pykvm: serving {args.disk.file} on {where}", file=sys.stderr, flush=True)
+    server = None
     try:
+        server = _qmp_server(export, qmp)
         export.serve_forever()
     finally:
+        if server is not None:
+            server.close()
         for sig, handler in old.items():
             signal.signal(sig, handler)
         export.close()
@@ -399,6 +442,14 @@ def cmd_log(args) -> int:
     import json
 
     from .block import writelog
+    if args.log_command == "mark":
+        from .qmp import command
+        path = args.qmp.removeprefix("unix:").split(",")[0]
+        r = command(path, "log-mark", {"name": args.name,
+                                       **({"device": args.device} if args.device else {})})
+        where = "the write log" if r.get("logged") else "no write log"
+        print(f"mark {args.name!r}: {where}, {r.get('rules', 0)} rules waiting for it")
+        return 0
     if args.log_command == "info":
         i = writelog.info(args.log)
         if args.output_format == "json":
@@ -427,6 +478,7 @@ def cmd_crashtest(args) -> int:
     t = crash.Crashtest(args.base, args.log, args.check, max_states=args.max_states,
                         seed=args.seed, torn=args.torn, jobs=args.jobs,
                         check_timeout=args.check_timeout, resume=not args.no_resume,
+                        base_format=args.base_format,
                         progress=crash.progress_bar if sys.stderr.isatty() else None)
     try:
         s = t.run()

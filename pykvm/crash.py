@@ -29,6 +29,7 @@ stopped.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import hashlib
 import json
 import os
@@ -213,7 +214,7 @@ def _sparse_copy(src: str, dst: str) -> None:
 class Crashtest:
     def __init__(self, base: str, log: str, check: str, max_states: int = 256, seed: int = 0,
                  torn: bool = False, jobs: int = 1, check_timeout: float = 60.0,
-                 progress=None, resume: bool = True):
+                 progress=None, resume: bool = True, base_format: str | None = None):
         if "{image}" not in check:
             raise CrashtestError(f"--check {check!r}: the command must name the state as "
                                  f"{{image}}")
@@ -221,6 +222,7 @@ class Crashtest:
             raise CrashtestError("--max-states and --jobs take 1 or more, --check-timeout a "
                                  "positive number of seconds")
         self.base, self.log, self.check = base, log, check
+        self.base_format = base_format      # None: probed; "raw": the file's bytes as they are
         self.max_states, self.seed, self.torn = max_states, seed, torn
         self.jobs, self.timeout = jobs, check_timeout
         self.progress = progress
@@ -249,8 +251,12 @@ class Crashtest:
     def _raw_base(self) -> int:
         """The base as a raw file (a raw base is used as it is)."""
         from .block.driver import BlockError, probe_format
+        if self.base_format not in (None, "raw", "qcow2"):
+            raise CrashtestError(f"--base-format {self.base_format}: raw or qcow2")
         try:
-            fmt = probe_format(self.base)
+            fmt = self.base_format or probe_format(self.base)
+            if not os.path.isfile(self.base):
+                raise OSError(errno.ENOENT, "No such file or directory")
         except (BlockError, OSError) as e:
             raise CrashtestError(f"--base {self.base}: {e}") from None
         if fmt == "raw":

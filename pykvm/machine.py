@@ -474,6 +474,8 @@ class Machine:
         old = None
         if threading.current_thread() is threading.main_thread():
             old = signal.signal(self.RESUME_SIGNAL, lambda *_: self.resume())
+        for dev in self.blk_devices:     # rules with a time count from here
+            dev.backend.start_clock()
         for t in threads:
             t.start()
         try:
@@ -544,6 +546,26 @@ class Machine:
                 dev.resume()
             for v in self.vcpus:
                 v.resume()
+
+    # -- a QMP socket's target (qmp.py) -------------------------------------
+
+    def qmp_disks(self) -> dict:
+        return {dev.backend.name: dev.backend for dev in self.blk_devices}
+
+    def qmp_status(self) -> str:
+        return "paused" if self._paused else "running"
+
+    def qmp_stop(self) -> None:
+        self.pause()
+
+    def qmp_cont(self) -> None:
+        self.resume()
+
+    def qmp_quit(self) -> None:
+        with self._lock:        # as QEMU's quit: a normal end (exit 0)
+            if self._exit_status is None:
+                self._exit_status = 0
+        self.stop()
 
     def exit_counts(self) -> collections.Counter:
         """VM exits per reason, summed over the vCPUs."""

@@ -23,7 +23,34 @@ def _stopped(dev, line: str) -> None:
         "%s; export paused: fix the cause, then send SIGCONT to pid %d", line, os.getpid())
 
 
-class VhostUserExport:
+class _Export:
+    """What both exports share: the run's clock, and a QMP socket's target (qmp.py)."""
+
+    def serve_forever(self) -> None:
+        self.backend.start_clock()      # blkdebug rules with a time count from here
+        self.server.serve_forever()
+
+    def qmp_disks(self) -> dict:
+        return {self.backend.name: self.backend}
+
+    def qmp_status(self) -> str:
+        return "running"
+
+    def qmp_stop(self) -> None:
+        from .qmp import QmpError
+        raise QmpError("an export does not pause (pykvm serve); quit ends it")
+
+    def qmp_cont(self) -> None:
+        self.resume()
+
+    def resume(self) -> None:
+        pass
+
+    def qmp_quit(self) -> None:
+        self.stop()
+
+
+class VhostUserExport(_Export):
     def __init__(self, spec: DiskSpec, path: str, mode: int = 0o600,
                  name: str = "vhost-user-blk"):
         from .virtio.blk import VirtioBlk
@@ -63,9 +90,6 @@ class VhostUserExport:
                 self.trace.close()
             raise
 
-    def serve_forever(self) -> None:
-        self.server.serve_forever()
-
     def stop(self) -> None:
         """Ask serve_forever to return (async-signal-safe)."""
         self.server.stop()
@@ -84,7 +108,7 @@ class VhostUserExport:
             self.trace.close()
 
 
-class NbdExport:
+class NbdExport(_Export):
     """``pykvm serve --nbd ADDR``: a ``--disk`` spec's block graph served by the
     NBD server of export/nbd.py on ``addr`` (``unix:PATH`` or ``HOST:PORT``).
     ``name``, ``read_only``, ``shared``, ``persistent`` and ``description``
@@ -129,9 +153,6 @@ class NbdExport:
             return f"unix:{name}"
         host = f"[{name[0]}]" if ":" in name[0] else name[0]
         return f"{host}:{name[1]}"
-
-    def serve_forever(self) -> None:
-        self.server.serve_forever()
 
     def stop(self) -> None:
         """Ask serve_forever to return (async-signal-safe)."""

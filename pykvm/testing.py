@@ -29,9 +29,10 @@ A ``Disk`` is an image with a blkdebug node and a trace, both live across
 runs: ``inject(action, **keys)`` adds a rule (the rules file's ``[fault]``
 keys, ``_`` for ``-``; ``kind="inject-error"`` or ``"set-state"`` for QEMU's
 sections), ``release()`` lets hung requests and held completions go (from
-another thread while a run blocks), ``trace()`` the trace records so far,
-``rules()`` how often each rule matched and fired, ``counters()`` the device's
-counters of the last run.
+another thread while a run blocks), ``mark(name)`` makes a named point of a
+live run (a write-log mark; rules with ``mark=name`` wait for it), ``trace()``
+the trace records so far, ``rules()`` how often each rule matched and fired,
+``counters()`` the device's counters of the last run.
 
 Stability: the names above are the API; anything else here may change.
 """
@@ -48,7 +49,8 @@ from .block.filters.volatile import new_plan
 from .block.inject import Injector, name_injector, rule_from
 from .block.trace import read as read_trace
 
-__all__ = ["Disk", "LinuxRun", "Run", "VM", "image", "linux_guest", "run_linux", "vm"]
+__all__ = ["Disk", "LinuxRun", "Run", "VM", "image", "linux_guest", "run_linux", "serve_nbd",
+           "vm"]
 
 
 class InjectedRule(int):
@@ -126,6 +128,16 @@ class Disk:
 
     def release(self) -> None:
         self.injector.release()
+
+    def mark(self, name: str) -> dict:
+        """A named point of the running VM's (or export's) run: a mark in the
+        write log (``log=``), and the rules waiting for it (``mark=NAME``) are
+        armed or cut the power. Call it from another thread while a run blocks."""
+        from .errors import PykvmError
+        hooks = list(self.injector.on_mark)
+        if not hooks:
+            raise PykvmError(f"{self.path}: mark({name!r}): no run of this disk is live")
+        return [fn(name) for fn in hooks][-1]
 
     def rules(self) -> list[dict]:
         return self.injector.counts()
@@ -245,6 +257,33 @@ def run_linux(disk, script: str, timeout: float = 300, **disk_options) -> LinuxR
         os.rmdir(folder)
     disk.last_counters = device
     return LinuxRun(result, device)
+
+
+@contextlib.contextmanager
+def serve_nbd(disk, **disk_options):
+    """``disk`` (a ``Disk`` or a path) served over NBD (``pykvm serve --nbd``'s
+    NbdExport) from a thread of the test, on a Unix socket: yields the export's
+    ``nbd+unix:///?socket=...`` URI; the export stops when the block ends (a
+    write log is then complete)."""
+    import threading
+
+    from .machine import DiskSpec
+    from .serve import NbdExport
+    disk = disk if isinstance(disk, Disk) else Disk(disk)
+    folder = tempfile.mkdtemp(prefix="pykvm-nbd-")
+    sock = os.path.join(folder, "nbd.sock")
+    export = NbdExport(DiskSpec.parse(disk.spec(**disk_options)), f"unix:{sock}",
+                       persistent=True)
+    thread = threading.Thread(target=export.serve_forever, name="nbd-export", daemon=True)
+    thread.start()
+    try:
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        export.stop()
+        thread.join(30)
+        disk.last_counters = export.counters()
+        export.close()
+        os.rmdir(folder)
 
 
 def make_image(folder, fmt: str = "raw", size="16M", backing=None, name=None, **opts) -> str:

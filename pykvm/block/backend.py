@@ -74,6 +74,10 @@ CACHE_MODES = {
 DISCARD_MODES = ("ignore", "unmap")
 DETECT_ZEROES_MODES = ("off", "on", "unmap")
 SECTOR = 512
+# How far ahead a format may raise the refcounts of new clusters for a guest's
+# writes (qcow2: one refcount write and one ordering sync per run, not per
+# allocation; after a crash the unused rest of a run is a leak, at most this)
+ALLOC_AHEAD = 16 << 20
 # Bounce buffers (O_DIRECT, unaligned guest buffers) in flight at once, in bytes
 # (README.md, "Limits"): a request that would pass it waits for those before it.
 # One request alone always goes (a guest request is at most 256 MiB).
@@ -129,6 +133,7 @@ class BlockBackend:
         self.cache_name = cache
         spec = image_spec(image, fmt)
         # the image locks of a VM's disk, as QEMU takes them (block/locking.py)
+        self.name = name or "disk0"        # the device's disk (QMP's device argument)
         self.root = open_node(spec, read_only=read_only, direct=self.cache.direct, name=name,
                               use=disk_use(not read_only))
         self.driver = self.root
@@ -161,6 +166,9 @@ class BlockBackend:
             "cache)", refused=read_only or self.cache.direct)
         self._vol_ops: dict = {}
         self.format = self.driver.format_name
+        self.driver.no_flush = self.cache.no_flush     # (qcow2's own ordering syncs too)
+        if not read_only:       # a guest's allocations: a few MiB raised ahead at once
+            self.driver.alloc_ahead_bytes = ALLOC_AHEAD
         self.path = self.driver.filename
         self.read_only = read_only
         self.discard_mode = discard
@@ -216,6 +224,7 @@ class BlockBackend:
         self.fired: dict | None = None
         if self.inject is not None:
             self.inject.on_release.append(self._released)
+            self.inject.on_mark.append(self.mark)
 
     # -- set-up ------------------------------------------------------------------
 
@@ -567,12 +576,62 @@ class BlockBackend:
                 w.flush_done(x, result >= 0)
             elif result < 0:
                 continue
+            elif kind in ("w", "z") and ((offset | (len(x) if kind == "w" else x)) %
+                                         w.writer.ss):
+                w.completed_write(*self._wlog_widened(offset, len(x) if kind == "w" else x),
+                                  durable)
             elif kind == "w":
                 w.completed_write(offset, x, durable)
             elif kind == "z":
                 w.completed_zeroes(offset, x, durable)
             else:
                 w.completed_discard(offset, x)
+
+    def mark(self, name: str) -> dict:
+        """A named point of the run (the API's ``mark()``, QMP's ``log-mark``):
+        written into the write log, and raised to the rules waiting for it (a
+        power cut at a mark happens here). What it reached: ``logged``, and
+        ``rules``, how many rules it armed or fired."""
+        from .inject import _mark_name
+        try:
+            _mark_name(name)
+        except ValueError as e:
+            raise GraphError(self.root.describe(), f"mark {name[:80]!r}: {e}") from None
+        waiting = [i for i, r in enumerate(self.inject.rules) if r.mark == name] \
+            if self.inject is not None else []
+        if self.wlog is None and not waiting:
+            raise GraphError(self.root.describe(), f"mark {name!r}: the disk has no "
+                             "blklogwrites node and no rule waits for this mark")
+        if self.wlog is not None:
+            self.wlog.mark(name)
+        for i in self.inject.mark(name) if self.inject is not None else []:
+            self._cut_by_rule(i)
+        return {"logged": self.wlog is not None, "rules": len(waiting)}
+
+    def start_clock(self) -> None:
+        """The run starts: rules with a ``time`` count from now."""
+        if self.inject is not None:
+            self.inject.start_clock(self._cut_by_rule)
+
+    def _cut_by_rule(self, i: int) -> None:
+        r = self.inject.rules[i]
+        self.power_cut_fired(i, r.value, bool(r.order_value), r.seed)
+
+    def _wlog_widened(self, offset: int, length: int) -> tuple[int, bytes]:
+        """A write not aligned to the log's sectors (an NBD client's few bytes of
+        qcow2 metadata): the sectors it touches, as they read now that it has
+        completed (dm-log-writes sees whole sectors only; QEMU pads such a write
+        with a read-modify-write instead). A write to the same sectors in flight
+        at the same time may show in them too; qcow2's metadata writes, the
+        case this is for, go one at a time."""
+        from .driver import fd_pread
+        ss = self.wlog.writer.ss
+        lo, hi = offset // ss * ss, -(-(offset + length) // ss) * ss
+        if not self.driver.identity_mapped:
+            raise GraphError(self.wlog.describe(), f"a write at {offset} of {length} bytes is "
+                             f"not aligned to log-sector-size={ss}")
+        data = fd_pread(self.driver.fd, hi - lo, lo)
+        return lo, data + bytes(hi - lo - len(data))
 
     def power_cut_fired(self, rule: int, keep: int, torn: bool, seed: int) -> None:
         """A blkdebug power-cut rule fired (on either path): from now on no request
@@ -1179,6 +1238,10 @@ class BlockBackend:
             if v.plan is not None:
                 v.plan["result"] = v.last_cut
         self._closed = True
+        if self.inject is not None:
+            self.inject.stop_clock()
+            if self.mark in self.inject.on_mark:
+                self.inject.on_mark.remove(self.mark)
         if self.inject is not None and self._released in self.inject.on_release:
             self.inject.on_release.remove(self._released)
         if self._throttled:

@@ -122,6 +122,8 @@ class BlockDriver:
     growable = False           # a protocol node whose end a write past it extends (a file)
     hole_discard = False       # discard is a hole punched in ``fd`` (the backend's fast path)
     request_alignment = 0      # offsets and lengths the node needs (0: O_DIRECT's, probed)
+    no_flush = False           # cache=unsafe above: never sync the file (the backend sets it)
+    alloc_ahead_bytes = 0      # a format may raise refcounts this far ahead (the backend sets it)
 
     fd: int
     size: int          # virtual disk size in bytes

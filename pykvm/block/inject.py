@@ -21,6 +21,11 @@ A rules file is QEMU's config format: ``[section]`` lines, then ``key =
   Nth), ``nth`` N (only the Nth: after N-1, times 1), ``times`` N (at most N
   firings), ``once`` (times 1), ``probability`` P in [0, 1] with ``seed``.
   ``new_state`` N: the state machine moves to N when the rule fires.
+  When: ``mark`` NAME (the rule matches nothing until the mark NAME is made:
+  the API's ``mark()``, ``pykvm log mark``, QMP's ``log-mark``) or ``time`` T
+  (until T after the run starts: the VM runs, the export serves). A
+  power-cut rule with a mark or a time and no other match key cuts the power
+  at that mark or time itself.
   Action (``action``, required):
     pass      nothing: the rule only counts (and moves the state)
     error     ``errno`` (default EIO): the guest sees IOERR
@@ -62,6 +67,7 @@ from __future__ import annotations
 import errno as _errno
 import re
 import threading
+import time
 
 from .._native import ffi, lib
 from .driver import GraphError
@@ -116,8 +122,13 @@ KEYS = {
               "after",
               "every", "nth", "times", "once", "probability", "seed", "action", "errno",
               "status", "delay", "delay-max", "distribution", "bits", "sectors", "count",
-              "order", "timeout", "release-after", "keep", "torn"),
+              "order", "timeout", "release-after", "keep", "torn", "mark", "time"),
 }
+# [fault] keys that pick requests: a power-cut rule with a mark or a time and
+# none of these cuts the power at that mark or time itself, on no request
+MATCH_KEYS = ("op", "sector", "nsectors", "offset", "length", "queue", "state", "after",
+              "every", "nth", "times", "once", "probability")
+MAX_MARK = 64       # bytes of a mark's name (a 512-byte log sector holds 487)
 
 
 class RulesError(GraphError):
@@ -154,6 +165,9 @@ class Rule:
         self.order_value = kw.get("order_value")      # power-cut: torn (in the order field)
         self.order_list = kw.get("order_list", ())    # hold: order given as positions
         self.release_after = kw.get("release_after", 0)
+        self.mark = kw.get("mark")                    # armed by the mark of that name
+        self.time_ns = kw.get("time_ns")              # armed that long after the run starts
+        self.instant = kw.get("instant", False)       # power-cut at the mark or time itself
 
     def __repr__(self):
         return f"<Rule {self.kind} {self.action} at {self.where}>"
@@ -190,6 +204,7 @@ class Rule:
         r.order_list = sum(p << 4 * k for k, p in enumerate(self.order_list))
         r.order_n = len(self.order_list)
         r.release_after = self.release_after
+        r.waiting = int(self.mark is not None or self.time_ns is not None)
 
 
 # -- parsing --------------------------------------------------------------------------
@@ -353,6 +368,12 @@ def rule_from(kind: str, items: dict, where: str) -> Rule:
                           65536 if kw["release_after"] else
                           len(kw["order_list"]) if "order_list" in kw else 2)
         kw["timeout_ns"] = get("timeout", _duration, 0 if kw["release_after"] else 10_000_000)
+    if "mark" in items and "time" in items:
+        raise err("time", "give mark or time, not both")
+    kw["mark"] = get("mark", _mark_name)
+    kw["time_ns"] = get("time", _duration)
+    kw["instant"] = action == "power-cut" and ("mark" in items or "time" in items) and \
+        not any(k in items for k in MATCH_KEYS)
     for key, applies in (("errno", "error"), ("status", "status"), ("delay", "delay"),
                          ("distribution", "delay"), ("delay-max", "delay"), ("bits", "corrupt"),
                          ("sectors", ("torn", "short")), ("count", "hold"), ("order", "hold"),
@@ -374,6 +395,13 @@ def _event(v) -> str:
     if v in QEMU_ONLY_EVENTS:
         raise ValueError(f"an event this node never raises (it raises {', '.join(EVENTS)})")
     raise ValueError(f"unknown event (one of {', '.join(EVENTS)})")
+
+
+def _mark_name(v) -> str:
+    v = str(v)
+    if not v or len(v.encode()) > MAX_MARK or not v.isprintable():
+        raise ValueError(f"a mark's name is 1 to {MAX_MARK} printable bytes")
+    return v
 
 
 def _int_range(lo: int, hi: int):
@@ -527,7 +555,12 @@ class Injector:
         self._hit = ffi.new("struct pykvm_inject_hit *")
         self._lock = threading.Lock()
         self.on_release: list = []
+        self.on_mark: list = []             # each live disk's BlockBackend.mark (Disk.mark)
         self.removed: set[int] = set()
+        self.armed: set[int] = set()        # rules whose mark or time has come
+        self._clock = None                  # the run's start (monotonic s), once started
+        self._on_cut = None                 # callable(rule): a power cut at a mark or a time
+        self._timers: list[threading.Timer] = []
 
     def add(self, rule: Rule) -> int:
         """Add a rule now (the paths may be serving); its index."""
@@ -538,7 +571,64 @@ class Injector:
             if i < 0:
                 raise MemoryError("out of memory for a rule")
             self.rules.append(rule)
+            if self._clock is not None and rule.time_ns is not None:
+                self._schedule(i)
         return i
+
+    # -- marks and times: rules that wait for them ------------------------------------
+
+    def mark(self, name: str) -> list[int]:
+        """The mark ``name`` was made: the rules waiting for it are armed; the
+        indexes of those that cut the power at it (the caller stops the disk)."""
+        cuts = []
+        with self._lock:
+            for i, rule in enumerate(self.rules):
+                if rule.mark == name and i not in self.armed and i not in self.removed:
+                    if self._arm(i):
+                        cuts.append(i)
+        return cuts
+
+    def start_clock(self, on_cut) -> None:
+        """The run starts (the VM runs, the export serves): ``time`` counts
+        from now; ``on_cut(rule)`` is called when a rule cuts the power at its
+        time (from a timer thread)."""
+        with self._lock:
+            if self._clock is not None:
+                return
+            self._clock, self._on_cut = time.monotonic(), on_cut
+            for i, rule in enumerate(self.rules):
+                if rule.time_ns is not None:
+                    self._schedule(i)
+
+    def stop_clock(self) -> None:
+        with self._lock:
+            timers, self._timers = self._timers, []
+        for t in timers:
+            t.cancel()
+
+    def _schedule(self, i: int) -> None:
+        due = self._clock + self.rules[i].time_ns / 1e9 - time.monotonic()
+        t = threading.Timer(max(0.0, due), self._at_time, (i,))
+        t.daemon = True
+        t.name = f"blkdebug-time-{i}"
+        self._timers.append(t)
+        t.start()
+
+    def _at_time(self, i: int) -> None:
+        with self._lock:
+            if i in self.armed or i in self.removed or self._on_cut is None:
+                return
+            cut = self._arm(i)
+        if cut:
+            self._on_cut(i)
+
+    def _arm(self, i: int) -> bool:
+        """(lock held) Rule i's mark or time came; True when it cuts the power now."""
+        self.armed.add(i)
+        if self.rules[i].instant:
+            return bool(lib.pykvm_inject_cut(self.c, i))
+        lib.pykvm_inject_arm(self.c, i)
+        return False
 
     def remove(self, i: int) -> None:
         """Rule ``i`` matches nothing from now on (its counts stay; the other

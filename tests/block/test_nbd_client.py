@@ -2,14 +2,19 @@
 Unix socket and on 127.0.0.1): data both ways, holes from block status, flush,
 write-zeroes, qcow2 over NBD checked by qemu-img, and a server that goes away."""
 import os
+import select
 import socket
 import subprocess
 import time
 
 import pytest
 
+from pykvm import aio
+from pykvm._native import ffi, lib
+from pykvm.aio.native import NativeEngine
 from pykvm.block import BlockError, open_image
 from pykvm.block.driver import read_range, write_range, write_zeroes_range
+from pykvm.block.nbd import NbdDriver
 
 
 def _free_port() -> int:
@@ -120,3 +125,42 @@ def test_server_gone_fails_then_reconnects(tmp_path, qemu_nbd):
         assert time.monotonic() - t0 < 30
     finally:
         d.close()
+
+
+@pytest.mark.parametrize("name", ["io_uring", "native"])
+def test_looking_for_replies_with_none_there_leaves_the_connection_sending(tmp_path, qemu_nbd,
+                                                                          name):
+    """An engine whose thread reads the connection's replies itself
+    (pykvm_aio_watch) looks for them on every round and before each sleep
+    (pykvm_aio_ready), whether the socket holds any or not. A request from
+    the Python path that comes next (a qcow2 metadata write while the C path
+    has handed a guest write to Python) must still go to the server: libnbd
+    told of a reply that is not there stayed out of READY and only queued
+    it, and it waited for request-timeout (EIO) instead of its reply."""
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(1 << 20))
+    uri, _ = qemu_nbd(img)
+    drv = NbdDriver(filename=uri, request_timeout=2)
+    eng = NativeEngine(name)
+    try:
+        # the engine sends to the connection once, then watches its socket
+        eng.submit([aio.AioRequest(aio.WRITE, drv.fd, 0, [memoryview(b"e" * 4096)],
+                                   token=1)])
+        done = []
+        while not done:
+            select.select([eng.notifier], [], [], 5)
+            done += eng.reap()
+        assert done == [(1, 4096)]
+        fds, gens = ffi.new("int[8]"), ffi.new("uint32_t[8]")
+        assert lib.pykvm_aio_watch(eng._aio, fds, gens, 8) == 1 and fds[0] >= 0
+        for i in range(1, 5):
+            assert lib.pykvm_aio_ready(eng._aio) == 0       # nothing there to read
+            req = aio.AioRequest(aio.WRITE, drv.fd, 4096 * i, [memoryview(b"%d" % i * 4096)])
+            assert drv.execute(req) == 4096, i
+        flags = drv.info_flags()
+        assert flags["connected"] and flags["reconnects"] == 0 and flags["failed"] == 0
+    finally:
+        eng.close()
+        drv.close_node()
+    with open(img, "rb") as f:
+        assert f.read(5 * 4096) == b"e" * 4096 + b"".join(b"%d" % i * 4096 for i in range(1, 5))

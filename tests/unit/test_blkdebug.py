@@ -10,6 +10,7 @@ import time
 import pytest
 
 from pykvm.block import BlockBackend
+from pykvm.block.driver import GraphError
 from pykvm.block.graph import open_node, walk
 from pykvm.block.inject import Injector, RulesError, flip_positions, parse_rules, shuffle
 from pykvm.virtio import blk as B
@@ -533,3 +534,67 @@ def test_hold_order_and_release_after_from_the_api():
     r = rule_from("fault", {"action": "hold", "release-after": 3, "count": 5, "timeout": "1s"},
                   "inject()")
     assert (r.release_after, r.value, r.timeout_ns) == (3, 5, 1_000_000_000)
+
+
+# -- rules that wait for a mark or a time ------------------------------------------------
+
+def test_mark_and_time_parse_and_say_when_a_power_cut_is_instant():
+    rules = parse_rules("[fault]\naction = power-cut\nmark = boot-done\n"
+                        "[fault]\naction = power-cut\ntime = 250ms\n"
+                        "[fault]\naction = power-cut\nop = write\nmark = m\n"
+                        "[fault]\naction = error\ntime = 1s\n", "t.conf")
+    assert [(r.mark, r.time_ns, r.instant) for r in rules] == [
+        ("boot-done", None, True), (None, 250_000_000, True), ("m", None, False),
+        (None, 1_000_000_000, False)]
+    for text, key in (("mark = a\ntime = 1s\n", "time"), ("mark = \"\"\n", "mark"),
+                      ("mark = " + "x" * 65 + "\n", "mark"), ("time = 3h\n", "time")):
+        with pytest.raises(RulesError) as e:
+            parse_rules("[fault]\naction = error\n" + text, "t.conf")
+        assert f"key '{key}'" in str(e.value)
+
+
+def test_a_rule_waiting_for_a_mark_matches_only_after_it(tmp_path, image, engine):
+    r = debug_rig(tmp_path, image, engine, "[fault]\nop = write\nmark = go\naction = error\n")
+    try:
+        assert r.drv.write(8, pattern(512, 1)) == B.S_OK
+        with pytest.raises(GraphError) as e:    # no log, and no rule waits for it
+            r.backend.mark("other")
+        assert "no rule waits for this mark" in str(e.value)
+        assert r.drv.write(8, pattern(512, 2)) == B.S_OK
+        assert r.backend.mark("go") == {"logged": False, "rules": 1}
+        assert r.drv.write(8, pattern(512, 3)) == B.S_IOERR
+        assert r.backend.inject.counts()[0]["fired"] == 1
+    finally:
+        r.close()
+
+
+def test_a_power_cut_at_a_mark_needs_no_request(tmp_path, image, engine):
+    r = debug_rig(tmp_path, image, engine, "[fault]\naction = power-cut\nmark = cut\n")
+    cut = []
+    r.backend.on_power_cut = cut.append
+    try:
+        assert r.drv.write(8, pattern(512, 1)) == B.S_OK
+        assert not cut
+        r.backend.mark("cut")
+        assert len(cut) == 1 and "power cut by the blkdebug rule at" in cut[0]
+        d = r.drv
+        d.submit([d.header(B.T_OUT, 16), d.vq.arena.readable(pattern(512, 2)),
+                  d.vq.arena.writable(1)])
+        assert not wait_fd(d.t.interrupt_fd(0), 0.3) and d.vq.reap() == []
+        assert image.read_bytes()[16 * 512:17 * 512] == pattern(DISK)[16 * 512:17 * 512]
+    finally:
+        r.close()
+
+
+def test_a_power_cut_at_a_time_counts_from_the_start_of_the_run(tmp_path, image, engine):
+    r = debug_rig(tmp_path, image, engine, "[fault]\naction = power-cut\ntime = 10ms\n")
+    cut = threading.Event()
+    r.backend.on_power_cut = lambda _line: cut.set()
+    try:
+        assert not cut.wait(0.3)                 # the clock has not started
+        assert r.drv.write(8, pattern(512, 1)) == B.S_OK
+        r.backend.start_clock()
+        assert cut.wait(10)
+        assert r.backend.inject.counts()[0]["fired"] == 1
+    finally:
+        r.close()

@@ -12,6 +12,7 @@ Writes are the Python path's while a log is kept (the C path punts them).
 from __future__ import annotations
 
 import os
+import threading
 
 from ..driver import GraphError, register
 
@@ -53,6 +54,9 @@ class BlklogwritesDriver(FilterDriver):
             raise
         self.unflushed: list = []       # completed, not yet made durable by a flush
         self.flushes = 0
+        # the device's I/O thread logs requests, a control channel (QMP's
+        # log-mark) may add a mark from its own thread: one entry at a time
+        self.lock = threading.RLock()
 
     @property
     def children(self):
@@ -65,37 +69,43 @@ class BlklogwritesDriver(FilterDriver):
 
     def completed_write(self, offset: int, data, durable: bool) -> None:
         """A write completed; ``durable``: writethrough (it is logged as FUA now)."""
-        if durable:
-            self.writer.write(offset, data, FUA)
-        else:
-            self.unflushed.append(("w", offset, bytes(data)))
+        with self.lock:
+            if durable:
+                self.writer.write(offset, data, FUA)
+            else:
+                self.unflushed.append(("w", offset, bytes(data)))
 
     def completed_discard(self, offset: int, length: int) -> None:
-        self.unflushed.append(("d", offset, length))
+        with self.lock:
+            self.unflushed.append(("d", offset, length))
 
     def completed_zeroes(self, offset: int, length: int, durable: bool) -> None:
         """Write-zeroes: logged as a write of zeroes (a replay must read zeroes)."""
-        if durable:
-            self._log([("z", offset, length)], FUA)
-        else:
-            self.unflushed.append(("z", offset, length))
+        with self.lock:
+            if durable:
+                self._log([("z", offset, length)], FUA)
+            else:
+                self.unflushed.append(("z", offset, length))
 
     def flush_started(self) -> list:
         """A flush is submitted: the writes completed so far are the ones it makes durable."""
-        taken, self.unflushed = self.unflushed, []
-        return taken
+        with self.lock:
+            taken, self.unflushed = self.unflushed, []
+            return taken
 
     def flush_done(self, taken: list, ok: bool) -> None:
-        if not ok:
-            self.unflushed = taken + self.unflushed      # not durable after all
-            return
-        self._log(taken)
-        self.writer.flush()
-        self.flushes += 1
-        self.writer.mark(f"flush-{self.flushes}")
+        with self.lock:
+            if not ok:
+                self.unflushed = taken + self.unflushed      # not durable after all
+                return
+            self._log(taken)
+            self.writer.flush()
+            self.flushes += 1
+            self.writer.mark(f"flush-{self.flushes}")
 
     def mark(self, name: str) -> None:
-        self.writer.mark(name)
+        with self.lock:
+            self.writer.mark(name)
 
     def _log(self, items, flags: int = 0) -> None:
         for kind, offset, x in items:
@@ -111,9 +121,10 @@ class BlklogwritesDriver(FilterDriver):
                 self.writer.discard(offset, x)
 
     def close_node(self) -> None:
-        if self.writer is not None:
-            self._log(self.unflushed)       # never flushed: last, as dm-log-writes does
-            self.unflushed = []
-            self.writer.mark(END_MARK)
-            self.writer.write_super()
-            self.writer = None
+        with self.lock:
+            if self.writer is not None:
+                self._log(self.unflushed)       # never flushed: last, as dm-log-writes does
+                self.unflushed = []
+                self.writer.mark(END_MARK)
+                self.writer.write_super()
+                self.writer = None

@@ -188,6 +188,15 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
         self._busy: set[int] = set()
         self._claimed: set[int] = set()
         self._rc_batch = None
+        # Metadata write order across a power cut (docs/interop/qcow2.txt lets a
+        # crash leak clusters, never reference a free one): a refcount written
+        # must be durable before an L2 or L1 entry that points at its cluster,
+        # and an entry's removal durable before the refcount that frees it.
+        # _meta_write syncs the file between the two kinds when one is pending.
+        self._rc_pending = False        # refcounts written since the file was last synced
+        self._pool = (0, 0, False)      # clusters raised ahead: [lo, hi), fresh (alloc_clusters)
+        self._unpointed = False         # freeing clusters no entry points at (no sync first)
+        self._ref_pending = False       # L1/L2 entries written since then
         self._prealloc: dict[int, int] = {}
         self._stream_end = -1            # where a sequential run of allocating writes goes on
         self._ahead = self.AHEAD_MIN     # and how far it is mapped ahead next time
@@ -266,6 +275,8 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
         BLKDBG_EVENT, and a blkdebug node there may fail the write; a failed
         write is a BlockError that names it."""
         what = event or "metadata"
+        if fd is None or fd == self.mfd:
+            self._order(event)
         if event:
             self.file.debug_event(event)
         if fd is None or fd == self.mfd:
@@ -276,6 +287,33 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
             pwrite_full(self.mfd if fd is None else fd, data, offset)
         except OSError as e:
             raise BlockError(self.path, f"{what} write at {offset:#x}", e.errno) from None
+
+    _RC_EVENTS = frozenset(("refblock_update", "refblock_alloc", "reftable_update"))
+    _REF_EVENTS = frozenset(("l2_update", "l2_alloc.write", "l1_update"))
+
+    def _order(self, event: str | None) -> None:
+        """Before a metadata write: sync the file if an earlier write of the other
+        kind must be durable first (see _rc_pending). A refcount write that
+        only raises counts needs no sync before it (a leak at most), but which
+        way a batch goes is not known here: a decrease is announced by
+        _freeing() before it is written."""
+        if event in self._REF_EVENTS:
+            if self._rc_pending:
+                self._sync_for_order()
+            self._ref_pending = True
+        elif event in self._RC_EVENTS:
+            self._rc_pending = True
+
+    def _freeing(self) -> None:
+        """A refcount is about to go down: the entries that stopped pointing at
+        the cluster must be durable first."""
+        if self._ref_pending:
+            self._sync_for_order()
+
+    def _sync_for_order(self) -> None:
+        if not self.no_flush and not (self.lazy and self._marked_dirty):
+            fd_datasync(self.mfd)
+        self._rc_pending = self._ref_pending = False
 
     def _set_incompat(self, value: int) -> None:
         self.h.incompat = value
@@ -309,6 +347,7 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
             return
         try:
             if not self.read_only:
+                self._release_pool()
                 self.flush_metadata()
                 if self._grown_to > max(self.eof, self._size_at_open):
                     os.ftruncate(self.mfd, max(self.eof, self._size_at_open))  # _grow_file

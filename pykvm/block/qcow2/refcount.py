@@ -91,6 +91,8 @@ class Refcounts:
                 return
             boff = self._alloc_refblock(ti)
         blk = self._refblock(boff)
+        if value < rc_get(blk, bi, self.rc_order) and not self._unpointed:
+            self._freeing()
         rc_set(blk, bi, self.rc_order, value)
         if self.lazy and self._marked_dirty:
             self._rb_dirty.add(boff)
@@ -238,7 +240,47 @@ class Refcounts:
 
     def alloc_clusters(self, n: int) -> int:
         """n contiguous new host clusters, refcount 1 each; their offset.
-        ``self._fresh`` says whether they lie past anything ever written (read as zeroes)."""
+        ``self._fresh`` says whether they lie past anything ever written (read as zeroes).
+
+        With ``alloc_ahead_bytes`` (a guest's disk), clusters come from a run
+        whose refcounts were raised together: one refcount write, and one sync
+        before the first L2 entry that points into it (see _order), for a run
+        of allocations instead of one each. After a crash the run's unused
+        clusters are leaks (allowed); close() gives them back."""
+        lo, hi, fresh = self._pool
+        if hi - lo >= n:
+            self._pool = (lo + n, hi, fresh)
+            self._fresh = fresh
+            return lo * self.cluster_size
+        self._release_pool()
+        want = max(n, self.alloc_ahead_bytes // self.cluster_size)
+        off = self._alloc_run(want)
+        ci = off // self.cluster_size
+        self._pool = (ci + n, ci + want, self._fresh)
+        return off
+
+    def _release_pool(self) -> None:
+        """Give back the clusters raised ahead and never used: no entry ever
+        pointed at them, so no sync is needed first."""
+        lo, hi, _ = self._pool
+        self._pool = (0, 0, False)
+        if lo >= hi:
+            return
+        self._unpointed = True
+        self._rc_batch = {}
+        try:
+            for ci in range(lo, hi):
+                self._set_refcount(ci, 0)
+        finally:
+            batch, self._rc_batch = self._rc_batch, None
+            self._unpointed = False
+            for boff, (a, b) in batch.items():
+                blk = self._rb.get(boff) or self._refblock(boff)
+                self._meta_write("refblock_update", blk[a:b], boff + a)
+        if hi * self.cluster_size == self.eof:      # the end of the file: it ends before them
+            self.eof = lo * self.cluster_size
+
+    def _alloc_run(self, n: int) -> int:
         ci = self._find_free(n)
         cs = self.cluster_size
         self._fresh = ci * cs >= self.eof
