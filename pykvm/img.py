@@ -3,8 +3,13 @@ they exist, over pykvm's block drivers.
 
   create   [-f FMT] [-o OPTS] [-b BACKING [-F FMT]] [-u] FILE [SIZE]
   info     [-f FMT] [--output human|json] [--backing-chain] FILE
-  check    [-f FMT] [--output human|json] [-r leaks|all] FILE   (0 clean, 2 corrupt, 3 leaks)
+  check    [-f FMT] [--output human|json] [-r leaks|all] [-p] FILE  (0 clean, 2 corrupt, 3 leaks)
   map      [-f FMT] [--output human|json] FILE
+  amend    [-f qcow2] [-p] [--force] -o OPTS FILE
+  dd       [-f FMT] [-O FMT] [bs=N] [count=N] [skip=N] if=INPUT of=OUTPUT
+  bench    [-c N] [-d N] [-s SIZE] [-S STEP] [-o OFF] [-t CACHE] [-i AIO] [-n] [-w]
+           [--pattern B] [--flush-interval N] [--no-drain] [-f FMT] FILE
+  measure  [--output human|json] [-O FMT] [-o OPTS] (--size SIZE | [-f FMT] [-l SN] FILE)
   convert  [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [-n] [-B BACKING [-F FMT]] SRC DST
   compare  [-f FMT] [-F FMT] [-s] [-p] IMG1 IMG2            (0 same, 1 different, 2 error)
   commit   [-f FMT] [-d] [-p] FILE
@@ -189,11 +194,61 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _progress(enabled: bool, done: int, total: int) -> None:
-    if enabled:
-        pct = 100.0 * done / total if total else 100.0
-        sys.stdout.write(f"    ({pct:.2f}/100%)\r")
-        sys.stdout.flush()
+class Progress:
+    """``-p``: how far a long command is. On a terminal, a tqdm bar; anywhere
+    else, qemu-img's display: ``    (x.xx/100%)`` and a carriage return each
+    time the share done grows by a whole percent, 100% and a newline at the
+    end. It goes to stdout as qemu-img's does (``stream``: dedup keeps
+    stdout for its result). Disabled, it does nothing, so commands call it
+    unconditionally: ``progress(done, total)``, then ``progress.close()``."""
+
+    def __init__(self, enabled: bool, stream=None, desc: str = ""):
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        self.bar = None
+        self.shown = -1.0
+        if enabled and self.stream.isatty():
+            import shutil
+
+            from tqdm import tqdm
+            # (a terminal that says it is 0 by 0 gets 80 by 24: tqdm would draw nothing)
+            cols, rows = shutil.get_terminal_size()
+            self.bar = tqdm(total=100.0, file=self.stream, desc=f"{desc}:" if desc else "",
+                            leave=True, ncols=cols,
+                            nrows=rows,
+                            bar_format="{desc}{percentage:7.2f}%|{bar}| [{elapsed}<{remaining}]")
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        pct = min(100.0, 100.0 * done / total) if total else 100.0
+        if pct < self.shown + 1.0 and not (pct == 100.0 and self.shown < 100.0):
+            return
+        if self.bar is not None:
+            self.bar.update(pct - self.bar.n)
+        else:
+            self.stream.write(f"    ({pct:.2f}/100%)\r")
+            self.stream.flush()
+        self.shown = pct
+
+    def close(self, finished: bool = True) -> None:
+        """100% (when ``finished``), and the display ends (a newline)."""
+        if not self.enabled or self.shown is None:
+            return
+        if finished:
+            self(1, 1)
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.shown = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(finished=exc_type is None)
 
 
 # -- create -----------------------------------------------------------------------------
@@ -382,8 +437,9 @@ def cmd_check(a) -> int:
         raise ImgError("force-share (-U) can only be used with read-only images")
     drv = _open(a.filename, fmt, writable=bool(a.r), backing=False, repair=False,
                 use=img_use(writes=bool(a.r), force_share=a.U))
+    progress = Progress(a.p, stream=sys.stderr, desc="check")    # (stdout: the report)
     try:
-        res = drv.check(repair=a.r)
+        res = drv.check(repair=a.r, progress=progress)
         if a.r:
             dirty = drv.h.incompat & 1
             if dirty:
@@ -394,7 +450,9 @@ def cmd_check(a) -> int:
                 res = drv.check()
                 res["leaks_fixed"], res["corruptions_fixed"] = first["leaks_fixed"], \
                     first["corruptions_fixed"]
+        progress.close()
     finally:
+        progress.close(finished=False)
         drv.close()
     if a.output == "json":
         d = {"image-end-offset": res["image_end_offset"], "total-clusters": res["total_clusters"],
@@ -617,10 +675,9 @@ def cmd_convert(a) -> int:
                     raise ImgError(f"{a.dst}: the target ({dst.size} bytes) is smaller than "
                                    f"the image ({size} bytes): it cannot grow")
                 write_zeroes_range(dst, 0, size, unmap=True)  # it holds what it held
-            _copy(src, dst, size, a.c, a.p, skip_unallocated_in_src=bool(a.B), fresh=not exists)
-            _progress(a.p, size, size)
-            if a.p:
-                print()
+            with Progress(a.p, desc="convert") as progress:
+                _copy(src, dst, size, a.c, progress, skip_unallocated_in_src=bool(a.B),
+                      fresh=not exists)
         finally:
             dst.close()
     finally:
@@ -631,7 +688,7 @@ def cmd_convert(a) -> int:
 COPY_PIECE = 1 << 20
 
 
-def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_in_src=False,
+def _copy(src, dst, size: int, compress: bool, progress, skip_unallocated_in_src=False,
           fresh: bool = True):
     """Copy guest content, skipping holes and zeroes (the destination reads
     as zeroes: new, or zeroed; ``fresh``: new, no cluster allocated). The
@@ -674,7 +731,7 @@ def _copy(src, dst, size: int, compress: bool, progress: bool, skip_unallocated_
                         pwrite_full(dst.fd, sub[o:o + k], pos + o)
                     elif not (qcow2_new and dst.write_new(pos + o, sub[o:o + k])):
                         write_range(dst, pos + o, sub[o:o + k])
-            _progress(progress, pos + n, size)
+            progress(pos + n, size)
 
 
 class _Readers:
@@ -761,6 +818,7 @@ def cmd_compare(a) -> int:
             print("Strict mode: Image size mismatch!")
             return 1
         common = min(one.size, two.size)
+        progress = Progress(a.p, desc="compare")
         b1, b2 = bytearray(CHUNK), bytearray(CHUNK)
         v1, v2 = memoryview(b1), memoryview(b2)
         pos = 0
@@ -772,6 +830,7 @@ def cmd_compare(a) -> int:
                 read_into(two, pos, v2[:n])
                 if v1[:n] != v2[:n]:
                     i = next(k for k in range(0, n, 512) if v1[k:k + 512] != v2[k:k + 512])
+                    progress.close(finished=False)
                     print(f"Content mismatch at offset {pos + i}!")
                     return 1
             else:
@@ -779,12 +838,12 @@ def cmd_compare(a) -> int:
                 read_into(longer, pos, v1[:n])
                 if v1[:n] != ZEROES[:n] if n <= len(ZEROES) else any(v1[:n]):
                     i = next(k for k in range(0, n, 512) if any(v1[k:k + 512]))
+                    progress.close(finished=False)
                     print(f"Content mismatch at offset {pos + i}!")
                     return 1
             pos += n
-            _progress(a.p, pos, max(one.size, two.size))
-        if a.s:
-            pass
+            progress(pos, max(one.size, two.size))
+        progress.close()
         print("Images are identical.")
         return 0
     except BlockError as e:
@@ -809,6 +868,7 @@ def cmd_commit(a) -> int:
             pos = 0
             buf = bytearray(CHUNK)
             view = memoryview(buf)
+            progress = Progress(a.p, desc="commit")
             while pos < top.size:
                 n = min(CHUNK, top.size - pos)
                 for e in top.map(pos, n):
@@ -821,7 +881,8 @@ def cmd_commit(a) -> int:
                     read_into(top, e.offset, sub)
                     write_range(base, e.offset, sub)
                 pos += n
-                _progress(a.p, pos, top.size)
+                progress(pos, top.size)
+            progress.close()
             base.flush_metadata()
             os.fsync(base.fd)
         finally:
@@ -861,7 +922,8 @@ def cmd_rebase(a) -> int:
                 new_fmt = new_fmt or new.format_name
         try:
             if not a.u:
-                _rebase_copy(top, new, a.p)
+                with Progress(a.p, desc="rebase") as progress:
+                    _rebase_copy(top, new, progress)
         finally:
             if new is not None:
                 new.close()
@@ -873,7 +935,7 @@ def cmd_rebase(a) -> int:
     return 0
 
 
-def _rebase_copy(top: Qcow2Driver, new, progress: bool) -> None:
+def _rebase_copy(top: Qcow2Driver, new, progress) -> None:
     """Where the top image is unallocated and the old and new backing chains
     differ, copy the old content into the top image."""
     cs = top.cluster_size
@@ -896,8 +958,7 @@ def _rebase_copy(top: Qcow2Driver, new, progress: bool) -> None:
                 k[:] = ZEROES[:e.length]
             if o != k:
                 write_range(top, e.offset, o)
-        if ci % 64 == 0:
-            _progress(progress, g, top.size)
+        progress(g + n, top.size)
 
 
 # -- resize -----------------------------------------------------------------------------
@@ -975,13 +1036,14 @@ def cmd_dedup(a) -> int:
     drv = _open(a.filename, fmt, writable=writing, backing=a.chain,
                 use=img_use(writes=writing, stable=not writing))
     start = time.monotonic()
+    progress = Progress(a.p, stream=sys.stderr, desc="dedup")   # (stdout: the result)
     try:
         res = dedup(drv, dry_run=a.dry_run, min_refs=a.min_refs, chain=a.chain,
-                    progress=(lambda done, total: _progress_err(done, total)) if a.p else None)
+                    progress=progress)
+        progress.close()
     finally:
+        progress.close(finished=False)
         drv.close()
-        if a.p:
-            sys.stderr.write("\n")
     took = time.monotonic() - start
     if a.q:
         return 0
@@ -1011,11 +1073,333 @@ def cmd_dedup(a) -> int:
     return 0
 
 
-def _progress_err(done: int, total: int) -> None:
-    """qemu-img -p's display, on stderr (stdout carries the result)."""
-    pct = 100.0 * done / total if total else 100.0
-    sys.stderr.write(f"    ({pct:.2f}/100%)\r")
-    sys.stderr.flush()
+# -- amend ------------------------------------------------------------------------------
+
+def cmd_amend(a) -> int:
+    """qemu-img amend: change a qcow2 image's creation options in place
+    (block/qcow2/amend.py); every refusal before the first write."""
+    if not a.o:
+        raise ImgError("amend: options must be given (-o)")
+    fmt = _fmt_of(a.filename, a.f)
+    if fmt != "qcow2":
+        raise ImgError(f"format {fmt!r} does not support option amendment")
+    opts = parse_options(fmt, a.o)
+    drv = _open(a.filename, fmt, writable=True, backing=False, use=img_use(writes=True,
+                                                                             resizes=True))
+    progress = Progress(a.p, desc="amend")
+    try:
+        drv.amend(opts, progress=progress)
+        progress.close()
+    finally:
+        progress.close(finished=False)
+        drv.close()
+    return 0
+
+
+# -- dd ---------------------------------------------------------------------------------
+
+_DD_LIMITS = {"bs": (1, (1 << 31) - 1), "count": (0, (1 << 63) - 1), "skip": (0, (1 << 63) - 1)}
+
+
+def _dd_number(key: str, text: str) -> int:
+    try:
+        n = parse_size(text)
+    except ImgError:
+        raise ImgError(f"invalid {key} {text!r} (a number, with k, M, G, T, P or E "
+                       f"suffixes)") from None
+    lo, hi = _DD_LIMITS[key]
+    if not lo <= n <= hi:
+        raise ImgError(f"invalid {key} {text!r}: must be between {lo} and {hi}")
+    return n
+
+
+def cmd_dd(a) -> int:
+    """qemu-img dd: copy ``count`` blocks of ``bs`` bytes from ``if`` into a
+    new image ``of`` of ``-O``'s format, skipping ``skip`` blocks of the
+    input. As qemu-img: the input's size is counted in 512-byte sectors,
+    ``count`` limits the input from its start (so the output holds
+    count - skip blocks), and a skip past the end makes an empty image
+    (with a warning, exit 0)."""
+    ops: dict = {}
+    for item in a.operands:
+        key, eq, value = item.partition("=")
+        if key not in ("if", "of", "bs", "count", "skip") or not eq:
+            raise ImgError(f"unrecognized operand {key}")
+        ops[key] = value if key in ("if", "of") else _dd_number(key, value)
+    if "if" not in ops or "of" not in ops:
+        raise ImgError("both the input and the output must be given (if=, of=)")
+    out_fmt = a.O or "raw"
+    if out_fmt not in ("raw", "qcow2"):
+        raise ImgError(f"unknown output format {out_fmt!r} (raw or qcow2)")
+    if not ops["if"]:
+        raise ImgError("could not open '': a file name is needed")
+    if a.image_opts:                 # (the input is node options, as --image-opts says)
+        ns = type(a)(filename=ops["if"], f=None)
+        _image_opts(ns)
+        ops["if"] = ns.filename
+    bs = ops.get("bs", 512)
+    src = _open(ops["if"], a.f, use=img_use(stable=True, force_share=a.U))
+    try:
+        size = -(-src.size // 512) * 512
+        if "count" in ops and size > ops["count"] * bs:
+            size = ops["count"] * bs
+        start = ops.get("skip", 0) * bs
+        if start > size:
+            out_size, start = 0, size
+        else:
+            out_size = size - start
+        if os.path.exists(ops["of"]) and os.path.realpath(ops["of"]) == \
+                os.path.realpath(ops["if"]):
+            raise ImgError("the input and the output are the same file")
+        out_size = -(-out_size // 512) * 512
+        try:
+            (RawDriver if out_fmt == "raw" else Qcow2Driver).create(ops["of"], out_size)
+        except BlockError as e:
+            raise ImgError(f"{ops['of']}: error while creating the output image: "
+                           f"{e.why}" + (f" ({os.strerror(e.errno)})" if e.errno else "")) \
+                from None
+        if ops.get("skip", 0) * bs > size:
+            print(f"pykvm img: {ops['if']}: cannot skip to specified offset", file=sys.stderr)
+        dst = _open(ops["of"], out_fmt, writable=True, use=img_use(writes=True))
+        try:
+            buf = bytearray(max(bs, min(CHUNK, bs * max(1, CHUNK // bs))))
+            view = memoryview(buf)
+            pos = start
+            while pos < size:
+                n = min(len(buf), size - pos)
+                inside = max(0, min(n, src.size - pos))
+                read_into(src, pos, view[:inside])
+                view[inside:n] = ZEROES[:n - inside]
+                for o, k in _nonzero_runs(buf, n, 512):     # (the new image reads as zeroes)
+                    write_range(dst, pos - start + o, view[o:o + k])
+                pos += n
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    return 0
+
+
+# -- bench ------------------------------------------------------------------------------
+
+def _bench_int(text: str, what: str, top: int = (1 << 31) - 1) -> int:
+    """A count as qemu-img bench reads it (decimal, 0x hex or 0 octal)."""
+    try:
+        n = int(text, 0)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= top:
+        raise ImgError(f"invalid {what} {text!r}")
+    return n
+
+
+def _bench_size(text: str, what: str, top: int = (1 << 31) - 1) -> int:
+    try:
+        n = parse_size(text)
+    except ImgError:
+        raise ImgError(f"invalid {what} {text!r} (a number, with k, M, G, T, P or E "
+                       f"suffixes)") from None
+    if n > top:
+        raise ImgError(f"invalid {what} {text!r}: must be between 0 and {top}")
+    return n
+
+
+def cmd_bench(a) -> int:
+    """qemu-img bench: ``-c`` reads (or writes, ``-w``) of ``-s`` bytes, ``-d``
+    in flight, from ``-o`` on by ``-S`` (wrapping at the end of the disk),
+    through a BlockBackend and an AIO engine (``-i``: threads by default, as
+    QEMU's; native, io_uring, python), in the cache mode ``-t``. With
+    ``--flush-interval N`` a flush goes out after every N requests, once the
+    requests in flight are done (or beside them, ``--no-drain``)."""
+    import errno
+    import mmap
+    import select
+
+    from .aio.native import EngineUnavailable, open_engine
+    from .block.backend import CACHE_MODES, BlockBackend
+    count = _bench_int(a.c, "request count") if a.c is not None else 75000
+    depth = _bench_int(a.d, "queue depth") if a.d is not None else 64
+    if depth < 1:
+        raise ImgError("invalid queue depth 0 (at least 1 request in flight)")
+    bufsize = _bench_size(a.s, "buffer size") if a.s is not None else 4096
+    step = _bench_size(a.S, "step size") if a.S is not None else 0
+    step = step or bufsize
+    offset = _bench_size(a.o, "offset", (1 << 63) - 1) if a.o is not None else 0
+    pattern = _bench_int(a.pattern, "pattern byte", 0xFF) if a.pattern is not None else 0
+    flush_every = _bench_int(a.flush_interval, "flush interval") \
+        if a.flush_interval is not None else 0
+    cache = a.t or "writeback"
+    if cache not in CACHE_MODES:
+        raise ImgError(f"invalid cache mode {cache!r} (one of {', '.join(CACHE_MODES)})")
+    aio = "native" if a.n else a.i or "threads"
+    if aio not in ("threads", "native", "io_uring", "python"):
+        raise ImgError(f"invalid aio option {aio!r} (threads, native, io_uring or python)")
+    if flush_every and not a.w:
+        raise ImgError("--flush-interval is only available in write tests")
+    if flush_every and flush_every < depth:
+        raise ImgError("flush interval can't be smaller than depth")
+    if a.U and a.w:
+        raise ImgError("force-share (-U) can only be used with read-only images")
+    if not a.filename.startswith("json:"):     # (a missing image: one line, before the engine)
+        _fmt_of(a.filename, a.f)
+    try:
+        engine = open_engine(aio, CACHE_MODES[cache].direct)
+    except EngineUnavailable as e:
+        raise ImgError(f"could not open '{a.filename}': {e}") from None
+    try:
+        b = BlockBackend(a.filename, fmt=a.f, cache=cache, read_only=not a.w, engine=engine)
+    except BaseException:
+        engine.close()
+        raise
+    slots = max(1, min(depth, count))
+    mem = mmap.mmap(-1, max(slots * bufsize, 1))    # page-aligned: O_DIRECT takes it as it is
+    if pattern:
+        mem.write(bytes([pattern]) * (slots * bufsize))
+    view = memoryview(mem)
+    iovs = [[view[k * bufsize:(k + 1) * bufsize]] for k in range(slots)]
+    poller = select.poll()
+    poller.register(b.notifier, select.POLLIN)
+    op = b.writev if a.w else b.readv
+    print(f"Sending {count} {'write' if a.w else 'read'} requests, {bufsize} bytes each, "
+          f"{depth} in parallel (starting at offset {offset}, step size {step})")
+    if flush_every:
+        print(f"Sending flush every {flush_every} requests")
+    sys.stdout.flush()
+    flush_tokens = iter(range(slots, 1 << 62))     # (each request in flight has its own)
+    free = list(range(slots - 1, -1, -1))
+    # QEMU's bench_cb, completion by completion: ``left`` requests not
+    # completed, ``in_flight`` of them submitted; each completion sends what
+    # the queue takes, unless a drained flush is due (then nothing goes out
+    # until the queue is empty and the flush has completed)
+    st = {"left": count, "in_flight": 0, "offset": offset, "draining": False,
+          "in_flush": False, "flushes": 0}
+    size = b.size
+
+    def fill():
+        while st["left"] > st["in_flight"] and st["in_flight"] < depth and \
+                not st["draining"]:
+            k = free.pop()
+            st["in_flight"] += 1
+            at = st["offset"]
+            st["offset"] = (at + step) % size if size else 0
+            if at + bufsize > size:                 # (QEMU's block layer: EIO)
+                raise ImgError(f"failed request: {os.strerror(errno.EIO)}")
+            op(k, at, iovs[k])
+
+    start = time.monotonic()
+    try:
+        fill()
+        while st["left"] or st["flushes"]:
+            poller.poll(1000)
+            for token, res in b.reap():
+                if res < 0:
+                    raise ImgError(f"failed request: {os.strerror(-res)}")
+                if token >= slots:
+                    st["flushes"] -= 1
+                    if st["in_flush"]:
+                        st["in_flush"] = st["draining"] = False
+                        fill()
+                    continue
+                remaining = st["left"] - st["in_flight"]     # not sent yet
+                st["left"] -= 1
+                st["in_flight"] -= 1
+                free.append(token)
+                if flush_every and remaining % flush_every == 0:
+                    if a.no_drain:
+                        st["flushes"] += 1
+                        b.flush(next(flush_tokens))
+                    else:
+                        st["draining"] = True
+                if st["draining"] and not st["in_flush"] and st["in_flight"] == 0 and \
+                        st["left"]:
+                    st["in_flush"] = True
+                    st["flushes"] += 1
+                    b.flush(next(flush_tokens))
+                fill()
+        took = time.monotonic() - start
+    finally:
+        b.close()                   # (and its engine)
+        del view, iovs
+        mem.close()
+    print(f"Run completed in {took:.3f} seconds.")
+    return 0
+
+
+# -- measure ----------------------------------------------------------------------------
+
+def cmd_measure(a) -> int:
+    """qemu-img measure: the file size an image of ``-O``'s format needs for
+    --size bytes, or for the content of an image (its zero and unallocated
+    ranges left out, through its backing chain)."""
+    import json
+
+    from .block.qcow2.measure import measure, read_bitmaps
+    if a.filename is None and (a.image_opts or a.f or a.l):
+        raise ImgError("--image-opts, -f and -l require a filename argument")
+    if a.filename is not None and a.size is not None:
+        raise ImgError("--size N cannot be used together with a filename")
+    if a.filename is None and a.size is None:
+        raise ImgError("either --size N or one filename must be specified")
+    out_fmt = a.O or "raw"
+    if out_fmt not in ("raw", "qcow2"):
+        if out_fmt in FORMATS:
+            raise ImgError(f"format {out_fmt!r} does not support size measurement")
+        raise ImgError(f"unknown file format {out_fmt!r}")
+    opts = parse_options(out_fmt, a.o)
+    opts.pop("size", None)              # (as qemu-img: --size or the image gives it)
+    size = parse_size(a.size) if a.size is not None else None
+    if size is not None and size >= 1 << 63:
+        raise ImgError(f"invalid size {a.size!r}")
+    src_size = runs = bitmaps = None
+    if a.filename is not None:
+        src = _open(a.filename, a.f, use=img_use(force_share=a.U))
+        try:
+            if a.l is not None:
+                _load_snapshot(src, a.l)
+            src_size = src.size
+            if out_fmt == "qcow2":
+                runs = _data_runs(src, src_size) if not opts.get("backing_file") else []
+                bitmaps = read_bitmaps(src) if isinstance(src, Qcow2Driver) else None
+        finally:
+            src.close()
+    if out_fmt == "raw":
+        n = -(-(src_size if src_size is not None else size) // 512) * 512
+        res = {"required": n, "fully-allocated": n}
+    else:
+        try:
+            res = measure(opts, size, src_size, runs, bitmaps)
+        except BlockError as e:
+            raise ImgError(e.why) from None
+    if a.output == "json":
+        print(json.dumps(res, indent=4))
+    else:
+        print(f"required size: {res['required']}")
+        print(f"fully allocated size: {res['fully-allocated']}")
+        if "bitmaps" in res:
+            print(f"bitmaps size: {res['bitmaps']}")
+    return 0
+
+
+def _load_snapshot(drv, text: str) -> None:
+    """``-l``: a snapshot's id or name, or ``snapshot.id=ID,snapshot.name=NAME``."""
+    if not isinstance(drv, Qcow2Driver):
+        raise ImgError(f"format {drv.format_name} has no internal snapshots")
+    ident = name = None
+    if text.startswith("snapshot."):
+        for item in text.split(","):
+            k, eq, v = item.partition("=")
+            if k == "snapshot.id" and eq:
+                ident = v
+            elif k == "snapshot.name" and eq:
+                name = v
+            else:
+                raise ImgError(f"-l: {item!r} is not snapshot.id=ID or snapshot.name=NAME")
+    else:
+        name = text
+    try:
+        drv.snapshot_load_tmp(name, ident)
+    except BlockError as e:
+        raise ImgError(f"failed to load snapshot: {e.why}") from None
 
 
 # -- the parser -------------------------------------------------------------------------
@@ -1054,6 +1438,8 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     k.add_argument("-f", metavar="FMT")
     k.add_argument("--output", choices=["human", "json"], default="human")
     k.add_argument("-r", choices=["leaks", "all"])
+    k.add_argument("-p", action="store_true", help="show progress (on stderr; not in "
+                   "qemu-img's check)")
     k.add_argument("-q", action="store_true")
     k.add_argument("filename")
     k.set_defaults(func=cmd_check)
@@ -1095,7 +1481,7 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     q.add_argument("-f", metavar="FMT")
     q.add_argument("-F", metavar="FMT2")
     q.add_argument("-s", action="store_true", help="strict: sizes must match")
-    q.add_argument("-p", action="store_true")
+    q.add_argument("-p", action="store_true", help="show progress")
     q.add_argument("-q", action="store_true")
     q.add_argument("img1")
     q.add_argument("img2")
@@ -1106,7 +1492,7 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
                    help="the image names are node options (driver=...,file.filename=...)")
     o.add_argument("-f", metavar="FMT")
     o.add_argument("-d", action="store_true", help="keep the overlay's data")
-    o.add_argument("-p", action="store_true")
+    o.add_argument("-p", action="store_true", help="show progress")
     o.add_argument("-q", action="store_true")
     o.add_argument("filename")
     o.set_defaults(func=cmd_commit)
@@ -1118,7 +1504,7 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
                    help="the image names are node options (driver=...,file.filename=...)")
     r.add_argument("-f", metavar="FMT")
     r.add_argument("-u", action="store_true", help="unsafe: only change the name")
-    r.add_argument("-p", action="store_true")
+    r.add_argument("-p", action="store_true", help="show progress")
     r.add_argument("-q", action="store_true")
     r.add_argument("-b", metavar="BACKING")
     r.add_argument("-F", metavar="BACKING_FMT")
@@ -1164,6 +1550,68 @@ def build_img_parser(p: argparse.ArgumentParser) -> None:
     d.add_argument("filename")
     d.set_defaults(func=cmd_dedup)
 
+
+    n = sub.add_parser("amend", help="change a qcow2 image's creation options in place")
+    n.add_argument("--image-opts", action="store_true",
+                   help="the image names are node options (driver=...,file.filename=...)")
+    n.add_argument("-f", metavar="FMT")
+    n.add_argument("-o", action="append", default=[], metavar="OPTIONS",
+                   help="compat, lazy_refcounts, refcount_bits, size, data_file, ...")
+    n.add_argument("-p", action="store_true", help="show progress")
+    n.add_argument("-q", action="store_true")
+    n.add_argument("--force", action="store_true",
+                   help="(qemu-img's, for encryption changes; nothing here needs it)")
+    n.add_argument("filename")
+    n.set_defaults(func=cmd_amend)
+
+    y = sub.add_parser("dd", help="copy blocks of an image into a new image, as dd(1)")
+    y.add_argument("-U", "--force-share", dest="U", action="store_true",
+                   help="open the image even if another process has it in use (read-only)")
+    y.add_argument("--image-opts", action="store_true",
+                   help="the image names are node options (driver=...,file.filename=...)")
+    y.add_argument("-f", metavar="FMT")
+    y.add_argument("-O", metavar="OUTPUT_FMT")
+    y.add_argument("operands", nargs="*", metavar="if=INPUT|of=OUTPUT|bs=N|count=N|skip=N")
+    y.set_defaults(func=cmd_dd)
+
+    h = sub.add_parser("bench", help="time requests through the block layer (no guest)")
+    h.add_argument("-U", "--force-share", dest="U", action="store_true",
+                   help="open the image even if another process has it in use (read-only)")
+    h.add_argument("--image-opts", action="store_true",
+                   help="the image names are node options (driver=...,file.filename=...)")
+    h.add_argument("-f", metavar="FMT")
+    h.add_argument("-c", metavar="COUNT", help="requests (75000)")
+    h.add_argument("-d", metavar="DEPTH", help="requests in flight (64)")
+    h.add_argument("-s", metavar="BUFFER_SIZE", help="bytes a request (4k)")
+    h.add_argument("-S", metavar="STEP_SIZE", help="offset step (the buffer size)")
+    h.add_argument("-o", metavar="OFFSET", help="the first request's offset (0)")
+    h.add_argument("-t", metavar="CACHE", help="cache mode (writeback)")
+    h.add_argument("-i", metavar="AIO", help="threads (default), native, io_uring, python")
+    h.add_argument("-n", action="store_true", help="-i native")
+    h.add_argument("-w", action="store_true", help="write (read by default)")
+    h.add_argument("-q", action="store_true")
+    h.add_argument("--pattern", metavar="BYTE", help="the byte written (0)")
+    h.add_argument("--flush-interval", metavar="N", help="a flush every N requests (-w)")
+    h.add_argument("--no-drain", action="store_true",
+                   help="flush beside the requests in flight, not after them")
+    h.add_argument("filename")
+    h.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("measure", help="the file size an image needs")
+    e.add_argument("-U", "--force-share", dest="U", action="store_true",
+                   help="open the image even if another process has it in use (read-only)")
+    e.add_argument("--image-opts", action="store_true",
+                   help="the image names are node options (driver=...,file.filename=...)")
+    e.add_argument("-f", metavar="FMT")
+    e.add_argument("-O", metavar="OUTPUT_FMT", help="the format to measure for (raw)")
+    e.add_argument("-o", action="append", default=[], metavar="OPTIONS",
+                   help="creation options of the output format")
+    e.add_argument("--size", metavar="SIZE", help="measure an empty image of SIZE bytes")
+    e.add_argument("-l", metavar="SNAPSHOT", help="measure this internal snapshot (an id or "
+                   "a name, or snapshot.id=ID,snapshot.name=NAME)")
+    e.add_argument("--output", choices=["human", "json"], default="human")
+    e.add_argument("filename", nargs="?")
+    e.set_defaults(func=cmd_measure)
 
 _CONVERT_VALUES = {"-f": "f", "-O": "O", "-o": "o", "-B": "B", "-F": "F"}
 _CONVERT_FLAGS = {"-c": "c", "-p": "p", "-q": "q", "-U": "U", "-n": "n"}

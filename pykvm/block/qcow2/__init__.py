@@ -32,7 +32,9 @@ single-field header updates and close:
 - ``compress.py``: compressed clusters, ``Compression``;
 - ``snapshot.py``: internal snapshots, ``Snapshots``;
 - ``check.py``: consistency check and repair, info, ``CheckRepair``;
-- ``create.py``: new images and preallocation, ``Create``.
+- ``create.py``: new images and preallocation, ``Create``;
+- ``amend.py``: header changes in place (version, lazy refcounts, refcount width), ``Amend``;
+- ``measure.py``: the sizes an image needs (qemu-img measure), pure arithmetic.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ import struct
 
 from ..driver import (BlockDriver, BlockError, GraphError, fd_datasync,
                       fd_pread, pwrite_full, register)
+from .amend import Amend
 from .check import CheckRepair
 from .cluster import ClusterMap, _append, _bit_runs
 from .compress import Compression, _zstd
@@ -73,7 +76,7 @@ __all__ = [
 
 @register
 class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compression,
-                 Snapshots, CheckRepair, Create, BlockDriver):
+                 Snapshots, CheckRepair, Create, Amend, BlockDriver):
     format_name = "qcow2"
     supports_backing = True
     supports_discard = True

@@ -19,9 +19,11 @@ class CheckRepair:
 
     # -- check and repair --------------------------------------------------------------
 
-    def check(self, repair: str | None = None) -> dict:
+    def check(self, repair: str | None = None, progress=None) -> dict:
         """Count references to every host cluster from the metadata and compare
-        them with the refcounts. repair: None, 'leaks' or 'all'."""
+        them with the refcounts. repair: None, 'leaks' or 'all'.
+        ``progress(done, total)`` is called as the tables are walked and the
+        refcounts compared."""
         cs, cb = self.cluster_size, self.cluster_bits
         h = self.h
         nclusters = -(-self.eof // cs)
@@ -76,7 +78,10 @@ class CheckRepair:
                 l2s[off] += times
                 if tree_no == 0:
                     active.add(off)
-        for off, times in l2s.items():
+        work = len(l2s) + nclusters       # (for progress: tables walked, clusters compared)
+        for done, (off, times) in enumerate(l2s.items()):
+            if progress and done % 64 == 0:
+                progress(done, work)
             try:
                 table = self._load_l2(off)
             except BlockError as e:
@@ -140,6 +145,8 @@ class CheckRepair:
                 fail(f"refcount block {ti} at {boff:#x} is misaligned or past the end")
         highest = -1          # QEMU's image end: the last cluster in use or referenced
         for c in range(top):
+            if progress and c % 4096 == 0:
+                progress(len(l2s) + min(c, nclusters), work)
             ti = c // self.rb_entries
             if ti in bad_blocks:
                 if repair == "all" and not self.read_only:

@@ -68,17 +68,19 @@ class Create:
         h.backing_file = backing_file
         h.backing_fmt = backing_fmt
         h.data_file = data_file
-        l1_clusters = max(1, -(-l1_size * 8 // cluster_size))
+        l1_clusters = -(-l1_size * 8 // cluster_size)     # (none for an empty disk, as QEMU)
+        # an L1 table bigger than one refcount block counts: the image is made
+        # empty, and then grows to its size as any image does (the L1 table and
+        # the refcount structures allocated through the refcounts)
+        grow_to = None
+        if 3 + l1_clusters > cluster_size * 8 // refcount_bits:
+            grow_to, h.size, l1_size, l1_clusters = size, 0, 0, 0
         h.rt_offset = cluster_size
         h.rt_clusters = 1
-        h.l1_offset = 3 * cluster_size
+        h.l1_offset = 3 * cluster_size if l1_clusters else 0
         h.l1_size = l1_size
         header = h.pack(cluster_size)
         used = 3 + l1_clusters
-        rb_entries = cluster_size * 8 // refcount_bits
-        if used > rb_entries:
-            raise BlockError(path, f"size {size} needs more metadata than one refcount block "
-                             f"of refcount_bits={refcount_bits} covers")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as e:
@@ -91,7 +93,8 @@ class Create:
             pwrite_full(fd, struct.pack(">Q", 2 * cluster_size) + bytes(cluster_size - 8),
                         cluster_size)
             pwrite_full(fd, blk, 2 * cluster_size)
-            pwrite_full(fd, bytes(l1_clusters * cluster_size), 3 * cluster_size)
+            if l1_clusters:
+                pwrite_full(fd, bytes(l1_clusters * cluster_size), 3 * cluster_size)
         finally:
             os.close(fd)
         if data_file:
@@ -103,11 +106,14 @@ class Create:
                 os.close(dfd)
             except OSError as e:
                 raise BlockError(dpath, "cannot create the data file", e.errno) from None
-        if preallocation != "off":
+        if preallocation != "off" or grow_to is not None:
             from ..driver import open_image
             d = open_image(path, cls.format_name, open_backing=False)
             try:
-                d._preallocate(preallocation)
+                if grow_to is not None:
+                    d.resize(grow_to)
+                if preallocation != "off":
+                    d._preallocate(preallocation)
             finally:
                 d.close()
 

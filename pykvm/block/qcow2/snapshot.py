@@ -180,6 +180,23 @@ class Snapshots:
         self._write_snapshot_table(self.snapshots + [s])
         fd_datasync(self.mfd)
 
+    def snapshot_load_tmp(self, name: str | None = None, ident: str | None = None) -> None:
+        """Make a read-only node show snapshot ``name`` (an id or a name) or the
+        one with ``ident`` and/or ``name`` (QEMU's bdrv_snapshot_load_tmp):
+        its L1 table, nothing written; the size stays the image's, as QEMU's.
+        For qemu-img measure -l."""
+        if not self.read_only:
+            raise BlockError(self.path, "a snapshot is loaded only into a read-only image")
+        for s in self.snapshots:
+            if (ident is None and name is not None and name in (s.id, s.name)) or \
+                    (ident is not None and s.id == ident and name in (None, s.name)):
+                break
+        else:
+            raise BlockError(self.path, f"cannot find snapshot {ident or name!r}")
+        self.l1 = self._read_l1(s)
+        self._l2.clear()
+        self._dx_changed()
+
     def snapshot_apply(self, name: str) -> None:
         s = self.find_snapshot(name)
         l1 = self._read_l1(s)
