@@ -119,6 +119,7 @@ struct pykvm_blk_punt {
 #define BLK_T_GET_ID 8
 #define BLK_T_DISCARD 11
 #define BLK_T_WRITE_ZEROES 13
+#define BLK_T_SECURE_ERASE 14
 #define BLK_S_OK 0
 #define BLK_S_IOERR 1
 #define BLK_S_UNSUPP 2
@@ -1479,11 +1480,12 @@ static int blk_submit_chain(struct pykvm_blk *b, struct blk_queue *q)
     req->type = (uint8_t)type;
     req->sector = sector;
     if (type != BLK_T_IN && type != BLK_T_OUT && type != BLK_T_FLUSH && type != BLK_T_GET_ID &&
-        type != BLK_T_DISCARD && type != BLK_T_WRITE_ZEROES)
+        type != BLK_T_DISCARD && type != BLK_T_WRITE_ZEROES && type != BLK_T_SECURE_ERASE)
         return blk_bad(b, q, head, status, BLK_S_UNSUPP, "unsupported request type 0x%x", type);
     if (type == BLK_T_IN || type == BLK_T_OUT)
         return blk_rw(b, q, type, sector, status, k, skip, rout_count, win_count);
-    if ((rout_count && type != BLK_T_DISCARD && type != BLK_T_WRITE_ZEROES) ||
+    if ((rout_count && type != BLK_T_DISCARD && type != BLK_T_WRITE_ZEROES &&
+         type != BLK_T_SECURE_ERASE) ||
         (win_count && type != BLK_T_GET_ID))
         return blk_bad(b, q, head, status, BLK_S_IOERR,
                        "type %u request with unexpected data buffers", type);
@@ -1518,7 +1520,8 @@ static int blk_submit_chain(struct pykvm_blk *b, struct blk_queue *q)
             return 0;
         return blk_get_id(b, q, status);
     }
-    return blk_punt(b, q);  /* discard, write zeroes: BlockBackend (holes, fallbacks) */
+    /* discard, write zeroes, secure erase: BlockBackend (holes, fallbacks, overwrites) */
+    return blk_punt(b, q);
 }
 
 /* Pop and parse everything available on q; the number of chains. */

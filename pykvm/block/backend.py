@@ -55,8 +55,8 @@ import time
 
 from .._native import ffi, lib
 from ..aio import FALLOCATE, FLUSH, READ, WRITE, AioRequest, PythonEngine
-from .driver import (FORMATS, ZERO_CHUNK, BlockError, GraphError, WriteBusy, iov_copy_in,
-                     iov_is_zero, iov_length, iov_slice, iov_zero)
+from .driver import (FORMATS, ZERO_CHUNK, BlockError, GraphError, WriteBusy, fd_datasync,
+                     iov_copy_in, iov_is_zero, iov_length, iov_slice, iov_zero, pwrite_full)
 from .graph import image_spec, open_node
 from .locking import disk_use
 from .throttle import _WAKER, ThrottledQueue
@@ -949,6 +949,45 @@ class BlockBackend:
             self._warn(e)
             result = -errno.EIO
         self._complete_now(token, result)
+
+    def secure_erase(self, token: int, offset: int, length: int, queue: int = 0) -> None:
+        """VIRTIO_BLK_T_SECURE_ERASE: the range must never read back its old data,
+        from the guest or from the host's files. The host bytes that hold only
+        this range's data (driver.erase_extents) are overwritten with zeroes and
+        synced, then the range is zeroed with unmap: a hole in a raw file, zero
+        entries in qcow2 (which a backing file's data does not show through) and
+        its clusters freed. A cluster shared with another offset or a snapshot
+        is not overwritten: it still holds their data. Rules match it as a
+        write-zeroes; done synchronously (the request is at most 64 MiB)."""
+        if self.read_only:
+            self._complete_now(token, -errno.EROFS)
+            return
+        if self.inject is not None and self._injected(token, "write-zeroes", offset, length,
+                                                      queue, [], self._secure_erase, token,
+                                                      offset, length):
+            return
+        self._secure_erase(token, offset, length)
+
+    def _secure_erase(self, token: int, offset: int, length: int) -> None:
+        self.stats["secure_erase"] += 1
+        try:
+            fds = set()
+            for fd, host, n in self.driver.erase_extents(offset, length):
+                zero = memoryview(bytes(min(n, ZERO_CHUNK)))
+                pos = 0
+                while pos < n:
+                    k = min(n - pos, len(zero))
+                    pwrite_full(fd, zero[:k], host + pos)
+                    pos += k
+                fds.add(fd)
+            if not self.cache.no_flush:
+                for fd in fds:
+                    fd_datasync(fd)
+        except (OSError, BlockError) as e:
+            err = e.errno if isinstance(e, OSError) else (e.errno or errno.EIO)
+            self._complete_now(token, -(err or errno.EIO))
+            return
+        self._write_zeroes_go(token, offset, length, True)
 
     def write_zeroes(self, token: int, offset: int, length: int, unmap: bool,
                      queue: int = 0, no_fallback: bool = False) -> None:

@@ -155,6 +155,14 @@ class BlockDriver:
         """0..100: how sure the driver is that this is its format."""
         return 0
 
+    def erase_extents(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """Where the host holds guest bytes [offset, +length) of this node, and
+        of nothing else, so that a secure erase may overwrite them in place:
+        (fd for synchronous writes, host offset, length) triples. None here;
+        protocol nodes give their range, raw its window, qcow2 its clusters of
+        refcount 1, filters their child's."""
+        return []
+
     @property
     def sync_fds(self) -> list[int]:
         """File descriptors a flush must fdatasync (data and metadata)."""

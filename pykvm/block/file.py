@@ -116,6 +116,9 @@ class FileDriver(BlockDriver):
     def data_at(self, offset: int, length: int, write: bool = False) -> int:
         return offset
 
+    def erase_extents(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        return [(self.bfd, offset, length)]
+
     def discard(self, offset: int, length: int, punch: bool) -> None:
         """Give the range back: a hole in a file, BLKDISCARD on a device (a hint:
         refused is not an error)."""

@@ -234,6 +234,9 @@ class NbdDriver(BlockDriver):
                 pos += run
         return out
 
+    def erase_extents(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        return [(self.fd, offset, length)]     # (the key fd: routed to the connection)
+
     def discard(self, offset: int, length: int, punch: bool) -> None:
         """NBD_CMD_TRIM where the server offers it (a hint: refused is no error)."""
         if punch and self.can_trim and not self.read_only:

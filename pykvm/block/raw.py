@@ -61,6 +61,9 @@ class RawDriver(BlockDriver):
     def map(self, offset: int, length: int) -> list[Extent]:
         return [Extent("data", offset, length, self.fd, self.base + offset)]
 
+    def erase_extents(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        return self.file.erase_extents(self.base + offset, length)
+
     def data_at(self, offset: int, length: int, write: bool = False) -> int:
         return self.base + offset
 

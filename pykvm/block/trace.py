@@ -30,6 +30,7 @@ from .._native import ffi, lib
 DRAIN_SECONDS = 0.1
 RING_ORDER = 16              # 65536 records per C thread between drains
 OPS = {0: "read", 1: "write", 4: "flush", 8: "get-id", 11: "discard", 13: "write-zeroes",
+       14: "secure-erase",
        0xFF: "bad"}
 STATUSES = {0: "ok", 1: "ioerr", 2: "unsupp"}
 PATHS = {1: "c", 2: "python"}

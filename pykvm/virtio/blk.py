@@ -50,10 +50,14 @@ F_CONFIG_WCE = 1 << 11
 F_MQ = 1 << 12
 F_DISCARD = 1 << 13
 F_WRITE_ZEROES = 1 << 14
+F_SECURE_ERASE = 1 << 16
 
 # Request types and status (5.2.6)
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
-KNOWN_TYPES = frozenset((T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES))
+T_SECURE_ERASE = 14
+KNOWN_TYPES = frozenset((T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES,
+                         T_SECURE_ERASE))
+RANGE_TYPES = (T_DISCARD, T_WRITE_ZEROES, T_SECURE_ERASE)     # a segment in the request
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 WRITE_ZEROES_UNMAP = 1
 
@@ -70,11 +74,13 @@ MAX_REQUEST_BYTES = 256 << 20           # data bytes of one read or write
 MAX_SEGMENTS = 1024                     # its non-empty data buffers (IOV_MAX: one preadv)
 MAX_DISCARD_SECTORS = (1 << 30) // SECTOR
 MAX_WRITE_ZEROES_SECTORS = (1 << 30) // SECTOR
+# a secure erase overwrites what it erases before it completes: a smaller bound
+MAX_SECURE_ERASE_SECTORS = (64 << 20) // SECTOR
 WERROR = ("report", "ignore", "stop", "enospc")   # QEMU's -drive werror=, default enospc
 RERROR = ("report", "ignore", "stop")             # QEMU's -drive rerror=, default report
 
 # Config space layout (struct virtio_blk_config)
-CONFIG = struct.Struct("<QII HBB I BBHI BBH III II B3x")
+CONFIG = struct.Struct("<QII HBB I BBHI BBH III II B3x III")
 CONFIG_WRITEBACK = 32
 
 
@@ -162,7 +168,7 @@ class VirtioBlk(VirtioDevice):
         if self.backend.read_only:
             f |= F_RO
         else:
-            f |= F_DISCARD | F_WRITE_ZEROES
+            f |= F_DISCARD | F_WRITE_ZEROES | F_SECURE_ERASE
         return f
 
     def queue_sizes(self) -> list[int]:
@@ -186,6 +192,7 @@ class VirtioBlk(VirtioDevice):
             MAX_DISCARD_SECTORS, 1, bs // SECTOR,  # max_discard_sectors/_seg, alignment
             MAX_WRITE_ZEROES_SECTORS, 1,          # max_write_zeroes_sectors/_seg
             1,                                    # write_zeroes_may_unmap
+            MAX_SECURE_ERASE_SECTORS, 1, bs // SECTOR,  # max_secure_erase_sectors/_seg, alignment
         )
 
     def read_config(self, offset: int, size: int) -> int:
@@ -562,7 +569,7 @@ class VirtioBlk(VirtioDevice):
                 raise _BadRequest(S_UNSUPP, f"unsupported request type {rtype:#x}")
             if rtype == T_IN or rtype == T_OUT:
                 return self._rw(q, chain.head, token, rtype, sector, rout, win, status_gpa, t0)
-            if rout and rtype not in (T_DISCARD, T_WRITE_ZEROES) or \
+            if rout and rtype not in RANGE_TYPES or \
                     win and rtype not in (T_GET_ID,):
                 raise _BadRequest(S_IOERR, f"type {rtype} request with unexpected data buffers")
             if rtype == T_FLUSH:
@@ -644,8 +651,10 @@ class VirtioBlk(VirtioDevice):
     def _discard(self, q, head, token, rtype, rout, status_gpa, t0=0) -> bool:
         mem = self.mem
         if self.backend.read_only:
-            raise _BadRequest(S_IOERR, "discard or write-zeroes on a read-only disk")
-        feature = F_DISCARD if rtype == T_DISCARD else F_WRITE_ZEROES
+            raise _BadRequest(S_IOERR, "discard, write-zeroes or secure erase on a read-only "
+                              "disk")
+        feature = {T_DISCARD: F_DISCARD, T_WRITE_ZEROES: F_WRITE_ZEROES,
+                   T_SECURE_ERASE: F_SECURE_ERASE}[rtype]
         if not self._features & feature:
             raise _BadRequest(S_UNSUPP, f"type {rtype} without its feature negotiated")
         nraw = _total(rout)     # checked before anything is read: the guest chose it
@@ -654,8 +663,9 @@ class VirtioBlk(VirtioDevice):
                               f"{nraw} bytes of range segments (exactly one is supported)")
         raw = b"".join(mem.read(g, n) for g, n in rout)
         sector, num, flags = SEGMENT.unpack(raw)
-        limit = MAX_DISCARD_SECTORS if rtype == T_DISCARD else MAX_WRITE_ZEROES_SECTORS
-        if flags & ~WRITE_ZEROES_UNMAP or (rtype == T_DISCARD and flags):
+        limit = {T_DISCARD: MAX_DISCARD_SECTORS, T_WRITE_ZEROES: MAX_WRITE_ZEROES_SECTORS,
+                 T_SECURE_ERASE: MAX_SECURE_ERASE_SECTORS}[rtype]
+        if flags & ~WRITE_ZEROES_UNMAP or (rtype != T_WRITE_ZEROES and flags):
             raise _BadRequest(S_UNSUPP, f"segment flags {flags:#x}")
         if num > limit:
             raise _BadRequest(S_IOERR, f"{num} sectors exceed the limit of {limit}")
@@ -663,6 +673,9 @@ class VirtioBlk(VirtioDevice):
         req = _Request(q, head, status_gpa, 1, rtype, sector, num * SECTOR, t0)
         if rtype == T_DISCARD:
             self._start(token, req, self.backend.discard, token, offset, num * SECTOR, q.index)
+        elif rtype == T_SECURE_ERASE:
+            self._start(token, req, self.backend.secure_erase, token, offset, num * SECTOR,
+                        q.index)
         else:
             self._start(token, req, self.backend.write_zeroes, token, offset, num * SECTOR,
                         bool(flags & WRITE_ZEROES_UNMAP), q.index)

@@ -60,6 +60,9 @@ class FilterDriver(BlockDriver):
     def read_compressed(self, extent):
         return self.file.read_compressed(extent)
 
+    def erase_extents(self, offset, length):
+        return self.file.erase_extents(offset, length)
+
     def discard(self, offset, length, punch):
         self.file.discard(offset, length, punch)
 

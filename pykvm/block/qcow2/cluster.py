@@ -78,6 +78,27 @@ class ClusterMap:
             offset += n
         return out
 
+    def erase_extents(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """The host bytes of [offset, +length) that only this range uses: data
+        clusters of refcount 1 (a cluster shared with another offset or a
+        snapshot still holds their data; compressed clusters share host
+        sectors), in the external data file if there is one."""
+        out = []
+        cb, cs = self.cluster_bits, self.cluster_size
+        for e in self.map(offset, length):
+            if e.kind != "data":
+                continue
+            if self.data_fd >= 0:
+                out += self.data_file.erase_extents(e.host_offset, e.length)
+                continue
+            pos, end = e.host_offset, e.host_offset + e.length
+            while pos < end:
+                n = min(end - pos, cs - (pos & (cs - 1)))
+                if self.refcount(pos >> cb) == 1:
+                    out.append((self.bfd, pos, n))
+                pos += n
+        return out
+
     def data_at(self, offset: int, length: int, write: bool = False) -> int:
         cb = self.cluster_bits
         ci = offset >> cb
