@@ -65,8 +65,11 @@ class DiskSpec:
     TRANSPORTS = ("mmio", "pci")
     AIO = ("python", "threads", "native", "io_uring")
     KEYS = ("transport", "cache", "aio", "readonly", "discard", "detect-zeroes",
-            "serial", "poll-max-ns", "irq-coalesce-ns", "queues", "iothread", "trace", "werror",
-            "rerror")
+            "serial", "poll-max-ns", "irq-coalesce-ns", "queues", "num-queues", "iothread",
+            "trace", "werror", "rerror", "logical_block_size", "physical_block_size",
+            "min_io_size", "opt_io_size", "seg-max-adjust", "queue-size", "config-wce",
+            "write-zeroes", "max-discard-sectors", "max-write-zeroes-sectors", "event_idx",
+            "indirect_desc")
 
     def __init__(self, file: str = "", format: str | None = None, transport: str = "mmio",
                  cache: str = "writeback", aio: str | None = None, readonly: bool = False,
@@ -74,7 +77,7 @@ class DiskSpec:
                  poll_max_ns: int | None = None, irq_coalesce_ns: int | None = None,
                  queues: int = 1, iothread: str = "device", node: dict | None = None,
                  throttling=None, trace: str | None = None, werror: str = "enospc",
-                 rerror: str = "report"):
+                 rerror: str = "report", knobs=None):
         from .block.graph import image_spec
         self.node = node if node is not None else image_spec(file, format)
         self.file = file or _node_filename(self.node)   # for messages
@@ -94,6 +97,7 @@ class DiskSpec:
         self.trace = trace  # a file for the per-request trace (block/trace.py), or None
         self.werror = werror  # host write/flush errors: report|ignore|stop|enospc (QEMU's)
         self.rerror = rerror  # host read errors: report|ignore|stop
+        self.knobs = knobs    # a virtio.blk.Knobs (QEMU's device properties), or None: defaults
 
     @classmethod
     def parse(cls, text: str) -> "DiskSpec":
@@ -170,8 +174,17 @@ class DiskSpec:
                                   f"nanoseconds from 0 to 1000000000")
             return None if value is None else int(value)
 
-        from .virtio.blk import IOTHREADS, MAX_QUEUES, RERROR, WERROR
-        queues = opts.get("queues", "1")
+        from .virtio.blk import IOTHREADS, MAX_QUEUES, RERROR, WERROR, Knobs
+        if "num-queues" in opts and "queues" in opts:
+            raise ConfigError(f"--disk {text}: give queues or num-queues, not both")
+        queues = opts.get("queues", opts.get("num-queues", "1"))
+        device = {k: v for k, v in opts.items() if k in Knobs.KEYS}
+        if opts.get("discard") in ("on", "off"):      # the device's feature (QEMU's -device)
+            device["discard"] = opts.pop("discard")
+        try:
+            knobs = Knobs.parse(device)
+        except ValueError as e:
+            raise ConfigError(f"--disk {text}: {e}") from None
         if not queues.isdigit() or not 1 <= int(queues) <= MAX_QUEUES:
             raise ConfigError(f"--disk {text}: queues={queues} is not a number from 1 to "
                               f"{MAX_QUEUES}")
@@ -190,7 +203,7 @@ class DiskSpec:
                    iothread=choice("iothread", IOTHREADS, "device"), throttling=limits,
                    trace=opts.get("trace") or None,
                    werror=choice("werror", WERROR, "enospc"),
-                   rerror=choice("rerror", RERROR, "report"))
+                   rerror=choice("rerror", RERROR, "report"), knobs=knobs)
 
 
 def _node_filename(node) -> str:
@@ -407,7 +420,8 @@ class Machine:
             dev = VirtioBlk(backend, serial=spec.serial or f"pykvm-disk{i}", name=f"virtio-blk{i}",
                             poll_max_ns=spec.poll_max_ns, irq_coalesce_ns=spec.irq_coalesce_ns,
                             num_queues=spec.queues, iothread=spec.iothread, trace=trace,
-                            werror=spec.werror, rerror=spec.rerror, on_stop=self._error_stop)
+                            werror=spec.werror, rerror=spec.rerror, on_stop=self._error_stop,
+                            knobs=spec.knobs)
             self.blk_devices.append(dev)
             core = VirtioCore(dev, self.mem, name=dev.name)
             if spec.transport == "mmio":

@@ -76,7 +76,7 @@ class VhostUserExport(_Export):
                                     poll_max_ns=poll, irq_coalesce_ns=spec.irq_coalesce_ns,
                                     num_queues=spec.queues, iothread=spec.iothread,
                                     trace=self.trace, werror=spec.werror, rerror=spec.rerror,
-                                    on_stop=_stopped)
+                                    on_stop=_stopped, knobs=spec.knobs)
         except BaseException:
             self.backend.close()
             if self.trace is not None:

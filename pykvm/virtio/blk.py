@@ -76,6 +76,94 @@ MAX_DISCARD_SECTORS = (1 << 30) // SECTOR
 MAX_WRITE_ZEROES_SECTORS = (1 << 30) // SECTOR
 # a secure erase overwrites what it erases before it completes: a smaller bound
 MAX_SECURE_ERASE_SECTORS = (64 << 20) // SECTOR
+MAX_BLOCK_SIZE = 32 << 10               # logical_block_size and physical_block_size at most
+QUEUE_SIZE_MAX = 1024                   # queue-size at most (QEMU's VIRTQUEUE_MAX_SIZE)
+
+
+class Knobs:
+    """The device's guest-visible properties, QEMU's virtio-blk-device names:
+    ``logical_block_size`` (blk_size; requests not aligned to it get IOERR),
+    ``physical_block_size``, ``min_io_size`` and ``opt_io_size`` (bytes, the
+    TOPOLOGY fields), ``seg-max-adjust`` (on: seg_max = queue size - 2; off:
+    126, as QEMU before 4.2), ``queue-size``, ``config-wce``, ``discard`` and
+    ``write-zeroes`` (the features), ``max-discard-sectors``,
+    ``max-write-zeroes-sectors``, ``event_idx`` and ``indirect_desc`` (the
+    common virtio properties). ``parse`` takes them as --disk gives them."""
+
+    KEYS = ("logical_block_size", "physical_block_size", "min_io_size", "opt_io_size",
+            "seg-max-adjust", "queue-size", "config-wce", "write-zeroes", "max-discard-sectors",
+            "max-write-zeroes-sectors", "event_idx", "indirect_desc")
+
+    def __init__(self, logical_block_size: int = SECTOR, physical_block_size: int | None = None,
+                 min_io_size: int | None = None, opt_io_size: int = 0,
+                 seg_max_adjust: bool = True, queue_size: int = 256, config_wce: bool = True,
+                 discard: bool = True, write_zeroes: bool = True,
+                 max_discard_sectors: int = MAX_DISCARD_SECTORS,
+                 max_write_zeroes_sectors: int = MAX_WRITE_ZEROES_SECTORS,
+                 event_idx: bool = True, indirect_desc: bool = True):
+        self.logical_block_size = logical_block_size
+        self.physical_block_size = physical_block_size or logical_block_size
+        self.min_io_size = logical_block_size if min_io_size is None else min_io_size
+        self.opt_io_size = opt_io_size
+        self.seg_max_adjust = seg_max_adjust
+        self.queue_size = queue_size
+        self.config_wce = config_wce
+        self.discard = discard
+        self.write_zeroes = write_zeroes
+        self.max_discard_sectors = max_discard_sectors
+        self.max_write_zeroes_sectors = max_write_zeroes_sectors
+        self.event_idx = event_idx
+        self.indirect_desc = indirect_desc
+
+    @classmethod
+    def parse(cls, opts: dict) -> "Knobs":
+        """From {QEMU name: text}; ValueError naming the key and why."""
+        def onoff(key, default):
+            v = opts.get(key)
+            if v is None:
+                return default
+            if v not in ("on", "off"):
+                raise ValueError(f"{key}={v} is not on or off")
+            return v == "on"
+
+        def number(key, default, lo, hi, power2=False, multiple=1):
+            v = opts.get(key)
+            if v is None:
+                return default
+            from ..block.graph import parse_size
+            try:
+                n = parse_size(v)
+            except Exception:
+                raise ValueError(f"{key}={v} is not a number") from None
+            if not lo <= n <= hi or power2 and n & (n - 1) or n % multiple:
+                what = "a power of two " if power2 else ""
+                mult = f", a multiple of {multiple}" if multiple > 1 else ""
+                raise ValueError(f"{key}={v} is not {what}from {lo} to {hi}{mult}")
+            return n
+
+        lbs = number("logical_block_size", SECTOR, SECTOR, MAX_BLOCK_SIZE, power2=True)
+        k = cls(logical_block_size=lbs,
+                physical_block_size=number("physical_block_size", lbs, lbs, MAX_BLOCK_SIZE,
+                                           power2=True),
+                min_io_size=number("min_io_size", None, 0, 1 << 25, multiple=lbs),
+                opt_io_size=number("opt_io_size", 0, 0, 1 << 31, multiple=lbs),
+                seg_max_adjust=onoff("seg-max-adjust", True),
+                queue_size=number("queue-size", 256, 4, QUEUE_SIZE_MAX, power2=True),
+                config_wce=onoff("config-wce", True),
+                discard=onoff("discard", True), write_zeroes=onoff("write-zeroes", True),
+                max_discard_sectors=number("max-discard-sectors", MAX_DISCARD_SECTORS, 1,
+                                           MAX_DISCARD_SECTORS),
+                max_write_zeroes_sectors=number("max-write-zeroes-sectors",
+                                                MAX_WRITE_ZEROES_SECTORS, 1,
+                                                MAX_WRITE_ZEROES_SECTORS),
+                event_idx=onoff("event_idx", True), indirect_desc=onoff("indirect_desc", True))
+        return k
+
+    @property
+    def seg_max(self) -> int:
+        return min(self.queue_size - 2 if self.seg_max_adjust else 126, MAX_SEGMENTS)
+
+
 WERROR = ("report", "ignore", "stop", "enospc")   # QEMU's -drive werror=, default enospc
 RERROR = ("report", "ignore", "stop")             # QEMU's -drive rerror=, default report
 
@@ -119,7 +207,8 @@ class VirtioBlk(VirtioDevice):
     def __init__(self, backend, serial: str = "", queue_size: int = 256, name: str = "virtio-blk",
                  poll_max_ns: int | None = None, irq_coalesce_ns: int | None = None,
                  num_queues: int = 1, iothread: str = "device", trace=None,
-                 werror: str = "enospc", rerror: str = "report", on_stop=None):
+                 werror: str = "enospc", rerror: str = "report", on_stop=None,
+                 knobs: Knobs | None = None):
         if not 1 <= num_queues <= MAX_QUEUES:
             raise ValueError(f"{num_queues} queues (1 to {MAX_QUEUES})")
         if iothread not in IOTHREADS:
@@ -144,7 +233,8 @@ class VirtioBlk(VirtioDevice):
         self.poll_max_ns = poll_max_ns    # the C path's polling limit (None: its default)
         self.irq_coalesce_ns = irq_coalesce_ns or 0   # the C path's interrupt spacing
         self.serial = serial.encode()[:ID_BYTES]
-        self.queue_size = queue_size
+        self.knobs = knobs or Knobs(queue_size=queue_size)
+        self.queue_size = self.knobs.queue_size
         self.name = name
         self.threads: tuple = ()
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -161,14 +251,17 @@ class VirtioBlk(VirtioDevice):
     # -- what the transport sees -------------------------------------------------
 
     def features(self) -> int:
-        f = (F_VERSION_1 | F_INDIRECT_DESC | F_EVENT_IDX | F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE
-             | F_TOPOLOGY | F_FLUSH | F_CONFIG_WCE)
+        k = self.knobs
+        f = F_VERSION_1 | F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_TOPOLOGY | F_FLUSH
+        f |= (F_INDIRECT_DESC if k.indirect_desc else 0) | (F_EVENT_IDX if k.event_idx else 0) \
+            | (F_CONFIG_WCE if k.config_wce else 0)
         if self.num_queues > 1:
             f |= F_MQ
         if self.backend.read_only:
             f |= F_RO
         else:
-            f |= F_DISCARD | F_WRITE_ZEROES | F_SECURE_ERASE
+            f |= F_SECURE_ERASE | (F_DISCARD if k.discard else 0) \
+                | (F_WRITE_ZEROES if k.write_zeroes else 0)
         return f
 
     def queue_sizes(self) -> list[int]:
@@ -176,21 +269,24 @@ class VirtioBlk(VirtioDevice):
 
     @property
     def block_size(self) -> int:
-        return max(SECTOR, self.backend.align)
+        """blk_size: logical_block_size, or what O_DIRECT needs if more."""
+        return max(SECTOR, self.backend.align, self.knobs.logical_block_size)
 
     def _config(self) -> bytes:
         bs = self.block_size
+        k = self.knobs
+        pbs = max(bs, k.physical_block_size)
         return CONFIG.pack(
             self.backend.size // SECTOR,          # capacity, in 512-byte sectors
-            SIZE_MAX, min(self.queue_size - 2, MAX_SEGMENTS),  # size_max, seg_max
+            SIZE_MAX, k.seg_max,                  # size_max, seg_max
             0, 0, 0,                              # geometry
             bs,                                   # blk_size
-            (bs // SECTOR).bit_length() - 1, 0,   # physical_block_exp, alignment_offset
-            1, 0,                                 # min_io_size, opt_io_size (in blocks)
+            (pbs // bs).bit_length() - 1, 0,      # physical_block_exp, alignment_offset
+            k.min_io_size // bs, k.opt_io_size // bs,  # min_io_size, opt_io_size (in blocks)
             int(self.backend.write_cache), 0,     # writeback, unused
             self.num_queues,                      # num_queues
-            MAX_DISCARD_SECTORS, 1, bs // SECTOR,  # max_discard_sectors/_seg, alignment
-            MAX_WRITE_ZEROES_SECTORS, 1,          # max_write_zeroes_sectors/_seg
+            k.max_discard_sectors, 1, bs // SECTOR,  # max_discard_sectors/_seg, alignment
+            k.max_write_zeroes_sectors, 1,        # max_write_zeroes_sectors/_seg
             1,                                    # write_zeroes_may_unmap
             MAX_SECURE_ERASE_SECTORS, 1, bs // SECTOR,  # max_secure_erase_sectors/_seg, alignment
         )
@@ -636,7 +732,16 @@ class VirtioBlk(VirtioDevice):
         nsegs = sum(1 for _, n in data if n)
         if nsegs > MAX_SEGMENTS:
             raise _BadRequest(S_IOERR, f"request of {nsegs} data buffers exceeds {MAX_SEGMENTS}")
+        if nsegs > self.knobs.seg_max:
+            raise _BadRequest(S_IOERR, f"request of {nsegs} data buffers exceeds seg_max "
+                              f"{self.knobs.seg_max}")
+        if any(n > SIZE_MAX for _, n in data):
+            raise _BadRequest(S_IOERR, f"a data buffer of more than size_max {SIZE_MAX} bytes")
         offset = self._check_range(sector, nbytes)
+        bs = self.block_size
+        if bs > SECTOR and (offset % bs or nbytes % bs):
+            raise _BadRequest(S_IOERR, f"sectors [{sector}, +{nbytes // SECTOR}) not aligned to "
+                              f"the {bs}-byte logical block")
         iov = [mem.view(gpa, n) for gpa, n in data if n]
         if rtype == T_IN:
             self.stats["bytes_read"] += nbytes
@@ -663,7 +768,8 @@ class VirtioBlk(VirtioDevice):
                               f"{nraw} bytes of range segments (exactly one is supported)")
         raw = b"".join(mem.read(g, n) for g, n in rout)
         sector, num, flags = SEGMENT.unpack(raw)
-        limit = {T_DISCARD: MAX_DISCARD_SECTORS, T_WRITE_ZEROES: MAX_WRITE_ZEROES_SECTORS,
+        limit = {T_DISCARD: self.knobs.max_discard_sectors,
+                 T_WRITE_ZEROES: self.knobs.max_write_zeroes_sectors,
                  T_SECURE_ERASE: MAX_SECURE_ERASE_SECTORS}[rtype]
         if flags & ~WRITE_ZEROES_UNMAP or (rtype != T_WRITE_ZEROES and flags):
             raise _BadRequest(S_UNSUPP, f"segment flags {flags:#x}")

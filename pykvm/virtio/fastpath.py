@@ -649,7 +649,8 @@ def start(dev, mem, queues, features: int, kicks, interrupt, fail) -> FastPath:
         backend.engine.name, capacity=backend.size // 512, features=features,
         punt=_BlkPunts(dev), fail=fail, forward=interrupt.signal_queue,
         read_only=backend.read_only, write_cache=backend.write_cache,
-        no_flush=backend.cache.no_flush, align=backend.align, serial=dev.serial,
+        no_flush=backend.cache.no_flush, align=dev.block_size if dev.block_size > 512
+        else backend.align, serial=dev.serial,
         flush_fd=flush_fd, extents=extents, isr=isr, name=dev.name,
         poll_max_ns=POLL_MAX_NS if dev.poll_max_ns is None else dev.poll_max_ns,
         irq_coalesce_ns=dev.irq_coalesce_ns, per_queue=dev.iothread == "queue",

@@ -578,6 +578,7 @@ def test_a_power_cut_at_a_mark_needs_no_request(tmp_path, image, engine):
         r.backend.mark("cut")
         assert len(cut) == 1 and "power cut by the blkdebug rule at" in cut[0]
         d = r.drv
+        wait_fd(d.t.interrupt_fd(0), 0.1)       # the first write's interrupt, if still there
         d.submit([d.header(B.T_OUT, 16), d.vq.arena.readable(pattern(512, 2)),
                   d.vq.arena.writable(1)])
         assert not wait_fd(d.t.interrupt_fd(0), 0.3) and d.vq.reap() == []
