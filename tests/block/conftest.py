@@ -45,6 +45,14 @@ def qemu_io(path, *cmds, fmt="qcow2"):
         f"qemu-io {cmds}: {r.stdout}{r.stderr}"
 
 
+def img(capsys, *args):
+    """``pykvm img ARGS`` in this process: (exit status, stdout, stderr)."""
+    from pykvm.img import main_img
+    rc = main_img([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 def assert_clean(path):
     """qemu-img check finds nothing at all (exit 0)."""
     r = qemu_img("check", path, check=False)

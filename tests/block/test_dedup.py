@@ -15,19 +15,13 @@ from pykvm.block import open_image
 from pykvm.block.driver import BlockError, write_range
 from pykvm.block.locking import img_use
 from pykvm.block.qcow2 import Qcow2Driver
-from pykvm.img import main_img
 
-from .conftest import as_raw, assert_clean, needs_qemu, pattern, qemu_img, qemu_io
+from .conftest import as_raw, assert_clean, img, needs_qemu, pattern, qemu_img, qemu_io
 
 pytestmark = needs_qemu
 K, MiB = 1 << 10, 1 << 20
 CS = 64 * K
 
-
-def img(capsys, *args):
-    rc = main_img([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def make(tmp_path, *cmds, name="a.qcow2", opts="", size="16M", backing=None):

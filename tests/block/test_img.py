@@ -7,18 +7,12 @@ import struct
 import pytest
 
 from pykvm.block import open_image
-from pykvm.img import main_img
 
-from .conftest import as_raw, assert_clean, needs_qemu, pattern, qemu_img, qemu_io
+from .conftest import as_raw, assert_clean, img, needs_qemu, pattern, qemu_img, qemu_io
 
 pytestmark = needs_qemu
 MiB = 1 << 20
 
-
-def img(capsys, *args):
-    rc = main_img([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.fixture

@@ -11,17 +11,11 @@ import pytest
 
 from pykvm.block.driver import BlockError
 from pykvm.block.qcow2 import Qcow2Driver
-from pykvm.img import main_img
 
-from .conftest import assert_clean, needs_qemu, qemu_img, qemu_io
+from .conftest import assert_clean, img, needs_qemu, qemu_img, qemu_io
 
 pytestmark = needs_qemu
 
-
-def img(capsys, *args):
-    rc = main_img([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def make(tmp_path, opts="", size="32M", backing=None, snapshot=True, name="a.qcow2"):

@@ -7,18 +7,12 @@ import re
 import pytest
 
 from pykvm.block.writelog import FLUSH, open_log
-from pykvm.img import main_img
 
-from .conftest import needs_qemu, qemu_img
+from .conftest import img, needs_qemu, qemu_img
 
 pytestmark = needs_qemu
 MiB = 1 << 20
 
-
-def img(capsys, *args):
-    rc = main_img([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def lines_ok(out, n, op, size, depth, offset, step, flush=None):

@@ -4,18 +4,12 @@ import json
 
 import pytest
 
-from pykvm.img import main_img
 
-from .conftest import needs_qemu, qemu_img, qemu_io
+from .conftest import img, needs_qemu, qemu_img, qemu_io
 
 pytestmark = needs_qemu
 MiB = 1 << 20
 
-
-def img(capsys, *args):
-    rc = main_img([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.fixture(scope="module")

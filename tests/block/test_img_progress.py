@@ -10,19 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from pykvm.img import main_img
 
-from .conftest import needs_qemu, qemu_img, qemu_io
+from .conftest import img, needs_qemu, qemu_img, qemu_io
 
 pytestmark = needs_qemu
 MiB = 1 << 20
 LINE = re.compile(r" {4}\((\d+\.\d\d)/100%\)\r")
 
-
-def img(capsys, *args):
-    rc = main_img([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.fixture
@@ -99,7 +93,7 @@ def test_no_progress_without_p(capsys, images, cmd, monkeypatch):
 
     def no_p(argv):
         return real([a for a in argv if a != "-p"])
-    monkeypatch.setattr(sys.modules[__name__], "main_img", no_p)
+    monkeypatch.setattr(m, "main_img", no_p)       # (conftest.img calls it)
     (rc, out, err), _ = _run(capsys, images, cmd)
     assert rc == 0, err
     assert "/100%" not in out + err
