@@ -257,10 +257,10 @@ class BlockBackend:
     @property
     def c_may_write(self) -> bool:
         """May a device's own I/O thread write (and flush) without Python? Not
-        on a read-only disk, with detect-zeroes, while writes are logged or held
-        volatile (their nodes must see each write)."""
-        return not self.read_only and self.detect_zeroes == "off" and self.wlog is None and \
-            self.volatile is None
+        on a read-only disk, with detect-zeroes, while writes are held volatile
+        (its node must see each write). A logged disk's threads log what they
+        serve themselves (the node's C writer, ``wlog.c``)."""
+        return not self.read_only and self.detect_zeroes == "off" and self.volatile is None
 
     def direct_extents(self) -> list:
         """The driver's direct extents (driver.DirectExtent) under this backend's
