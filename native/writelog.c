@@ -25,6 +25,7 @@
 #define WLOG_ENTRY_HEAD 32      /* sector, nr_sectors, flags, data_len: u64 each */
 #define WLOG_ZERO_BUF 65536
 #define WLOG_IOV_BATCH 64
+#define WLOG_BUF (1u << 20)     /* entries gathered before they go to the file */
 
 #define HOLD_WRITE 0
 #define HOLD_ZEROES 1
@@ -57,6 +58,10 @@ struct pykvm_wlog {
     int warned;
     uint8_t *sector;            /* one entry's sector */
     uint8_t *zero;              /* WLOG_ZERO_BUF zero bytes */
+    /* entries not yet in the file: the log's bytes [pos - buf_len, pos),
+     * written out when full, before every super block, and at close */
+    uint8_t *buf;
+    uint32_t buf_len;
 };
 
 static void wlog_fail(struct pykvm_wlog *w, int err)
@@ -95,6 +100,20 @@ static int wlog_pwritev_all(int fd, struct iovec *iov, int n, uint64_t pos)
     return 0;
 }
 
+/* The gathered entries go to the file. */
+static void wlog_flush_buf(struct pykvm_wlog *w)
+{
+    struct iovec v = {w->buf, w->buf_len};
+    int err;
+
+    if (!w->buf_len || w->st.error)
+        return;
+    err = wlog_pwritev_all(w->fd, &v, 1, w->pos - w->buf_len);
+    w->buf_len = 0;
+    if (err)
+        wlog_fail(w, -err);
+}
+
 static void wlog_super(struct pykvm_wlog *w)
 {
     struct iovec v = {w->sector, w->ss};
@@ -108,51 +127,69 @@ static void wlog_super(struct pykvm_wlog *w)
     memcpy(w->sector + 8, &version, 8);
     memcpy(w->sector + 16, &nr, 8);
     memcpy(w->sector + 24, &ss, 4);
+    wlog_flush_buf(w);          /* (the entries it counts are in the file first) */
+    if (w->st.error)
+        return;
     err = wlog_pwritev_all(w->fd, &v, 1, 0);
     if (err)
         wlog_fail(w, -err);
     w->since_super = 0;
 }
 
-/* One entry (its head sector, then `data`) appended; the super block after
- * it when the flags or the interval ask. */
+/* One entry (its head sector, then `data`) appended: copied into the buffer
+ * (the data is captured as this returns), or, larger than the buffer,
+ * written out at once; the super block after it when the flags or the
+ * interval ask. */
 static void wlog_entry(struct pykvm_wlog *w, uint64_t sector, uint64_t nr, uint64_t flags,
                        const char *name, const struct iovec *data, uint32_t ndata)
 {
-    struct iovec small[1 + WLOG_IOV_BATCH], *v = small;
     uint64_t head[4] = {htole64(sector), htole64(nr), htole64(flags), 0};
     uint64_t total = w->ss;
+    uint8_t *at;
     size_t nlen = 0;
-    int err;
 
     if (w->st.error)
         return;
-    if (ndata + 1 > 1 + WLOG_IOV_BATCH) {
-        v = malloc(sizeof(*v) * (ndata + 1));
-        if (!v) {
+    for (uint32_t i = 0; i < ndata; i++)
+        total += data[i].iov_len;
+    if (w->buf_len + total > WLOG_BUF)
+        wlog_flush_buf(w);
+    if (total > WLOG_BUF) {
+        struct iovec small[1 + WLOG_IOV_BATCH], *v = small;
+        int err;
+
+        if (ndata + 1 > 1 + WLOG_IOV_BATCH && !(v = malloc(sizeof(*v) * (ndata + 1)))) {
             wlog_fail(w, ENOMEM);
             return;
         }
-    }
-    memset(w->sector, 0, w->ss);
-    if (name) {
-        nlen = strnlen(name, w->ss - WLOG_ENTRY_HEAD - 1);
-        head[3] = htole64(nlen);
-        memcpy(w->sector + WLOG_ENTRY_HEAD, name, nlen);
-    }
-    memcpy(w->sector, head, sizeof(head));
-    v[0].iov_base = w->sector;
-    v[0].iov_len = w->ss;
-    for (uint32_t i = 0; i < ndata; i++) {
-        v[1 + i] = data[i];
-        total += data[i].iov_len;
-    }
-    err = wlog_pwritev_all(w->fd, v, (int)ndata + 1, w->pos);
-    if (v != small)
-        free(v);
-    if (err) {
-        wlog_fail(w, -err);
-        return;
+        at = w->sector;
+        v[0].iov_base = w->sector;
+        v[0].iov_len = w->ss;
+        memcpy(v + 1, data, sizeof(*data) * ndata);
+        memset(at, 0, w->ss);
+        memcpy(at, head, sizeof(head));
+        err = wlog_pwritev_all(w->fd, v, (int)ndata + 1, w->pos);
+        if (v != small)
+            free(v);
+        if (err) {
+            wlog_fail(w, -err);
+            return;
+        }
+    } else {
+        at = w->buf + w->buf_len;
+        memset(at, 0, w->ss);
+        if (name) {
+            nlen = strnlen(name, w->ss - WLOG_ENTRY_HEAD - 1);
+            head[3] = htole64(nlen);
+            memcpy(at + WLOG_ENTRY_HEAD, name, nlen);
+        }
+        memcpy(at, head, sizeof(head));
+        at += w->ss;
+        for (uint32_t i = 0; i < ndata; i++) {
+            memcpy(at, data[i].iov_base, data[i].iov_len);
+            at += data[i].iov_len;
+        }
+        w->buf_len += (uint32_t)total;
     }
     w->pos += total;
     w->entries++;
@@ -280,7 +317,9 @@ struct pykvm_wlog *pykvm_wlog_new(int32_t fd, uint32_t sector_size, uint64_t ent
     w->zero = calloc(1, WLOG_ZERO_BUF);
     w->fcap = 16;
     w->fstate = calloc(w->fcap, 1);
-    if (!w->sector || !w->zero || !w->fstate) {
+    w->buf = malloc(WLOG_BUF);
+    if (!w->sector || !w->zero || !w->fstate || !w->buf) {
+        free(w->buf);
         free(w->sector);
         free(w->zero);
         free(w->fstate);
@@ -312,6 +351,7 @@ int32_t pykvm_wlog_close(struct pykvm_wlog *w)
     err = w->st.error;
     pthread_mutex_unlock(&w->lock);
     pthread_mutex_destroy(&w->lock);
+    free(w->buf);
     free(w->sector);
     free(w->zero);
     free(w->fstate);

@@ -13,7 +13,9 @@
  * every flush submitted before it completed, and before the entry of the
  * first flush submitted after it completed. A write (discard, write-zeroes)
  * that completes while no flush is in flight is appended at once (entry and
- * data in one pwritev); one that completes while a flush is in flight is
+ * data copied into a 1 MiB buffer of entries, which goes to the file when
+ * full, before every super block and at close, or, for a larger write,
+ * written with one pwritev); one that completes while a flush is in flight is
  * copied and held until the entries of every flush in flight then are
  * written (flush entries go in submission order). Past hold_max bytes held,
  * the held ones are appended early, before the flush entry (legal: they

@@ -53,6 +53,8 @@ def sequence(d):
     assert d.ranged(T_DISCARD, 256, 8) == B.S_OK
     assert d.flush() == B.S_OK
     assert aligned_write(d, 512, pattern(4096, 4)) == B.S_OK
+    assert aligned_write(d, 2048, pattern(3 << 19, 10)) == B.S_OK    # past the 1 MiB buffer
+    assert d.ranged(T_WRITE_ZEROES, 5120, 3072) == B.S_OK           # 1.5 MiB: two entries
 
 
 def run(tmp_path, image, engine, body, rules=None, **kw) -> tuple[list, dict]:
@@ -74,10 +76,12 @@ def test_the_c_path_logs_what_the_python_path_logs(tmp_path, image, engine):
         ("WRITE", 8, 8, None), ("WRITE", 64, 16, None), ("FLUSH", 0, 0, None),
         ("MARK", 0, 0, "flush-1"), ("WRITE", 8, 8, None), ("WRITE", 128, 16, None),
         ("DISCARD", 256, 8, None), ("FLUSH", 0, 0, None), ("MARK", 0, 0, "flush-2"),
-        ("WRITE", 512, 8, None), ("MARK", 0, 0, W.END_MARK)]
+        ("WRITE", 512, 8, None), ("WRITE", 2048, 3072, None), ("WRITE", 5120, 2048, None),
+        ("WRITE", 7168, 1024, None), ("MARK", 0, 0, W.END_MARK)]
     assert got == want
-    assert c["punts"] == 2              # write-zeroes and discard (Python's on every disk)
-    assert c["flushes"] == 2 and c["bytes_written"] == 4096 * 3 + 8192
+    assert got[-4][4] == pattern(3 << 19, 10) and got[-3][4] == bytes(1 << 20)
+    assert c["punts"] == 3              # write-zeroes and discard (Python's on every disk)
+    assert c["flushes"] == 2 and c["bytes_written"] == 4096 * 3 + 8192 + (3 << 19)
 
 
 def held_flush(d):
