@@ -10,6 +10,7 @@
 #include <endian.h>
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +27,8 @@
 #define WLOG_ZERO_BUF 65536
 #define WLOG_IOV_BATCH 64
 #define WLOG_BUF (1u << 20)     /* entries gathered before they go to the file */
+#define WLOG_NBUF 4             /* buffers: one filled, the others queued or free */
+#define WLOG_NONE UINT32_MAX
 
 #define HOLD_WRITE 0
 #define HOLD_ZEROES 1
@@ -44,9 +47,19 @@ struct wlog_held {
     uint8_t data[];             /* HOLD_WRITE: the data, copied */
 };
 
+/* A buffer of whole entries, the log's bytes [start, start + len). */
+struct wlog_buf {
+    uint8_t *data;
+    uint32_t len;
+    uint8_t super;              /* the interval asks for the super block after it */
+    uint64_t start;
+    uint64_t entries;           /* the log's entries once it is in the file */
+};
+
 struct pykvm_wlog {
     pthread_mutex_t lock;
     int fd;
+    int dfd;                    /* O_DIRECT on the same file, for the buffers; -1: none */
     uint32_t ss, interval;
     uint64_t entries, pos, since_super;
     uint64_t submitted, resolved;
@@ -58,10 +71,22 @@ struct pykvm_wlog {
     int warned;
     uint8_t *sector;            /* one entry's sector */
     uint8_t *zero;              /* WLOG_ZERO_BUF zero bytes */
-    /* entries not yet in the file: the log's bytes [pos - buf_len, pos),
-     * written out when full, before every super block, and at close */
-    uint8_t *buf;
-    uint32_t buf_len;
+    /* entries not yet in the file: buffer `cur` is being filled (WLOG_NONE:
+     * none taken yet; under lock); a full one is queued for the writer
+     * thread, which writes them out in order (and the super block after one
+     * that asks). The queue, the free buffers, busy, stop and werr are under
+     * qlock, which the thread takes alone: a caller that waits for it (a
+     * free buffer, or everything written) keeps `lock`, so nothing else
+     * changes the log's state meanwhile */
+    struct wlog_buf bufs[WLOG_NBUF];
+    uint32_t cur;
+    pthread_mutex_t qlock;
+    uint32_t queue[WLOG_NBUF], qhead, qn;
+    uint32_t free_[WLOG_NBUF], nfree;
+    int busy, stop, werr;
+    pthread_t thread;
+    pthread_cond_t work, idle;
+    uint8_t *tsector;           /* the writer thread's super block sector */
 };
 
 static void wlog_fail(struct pykvm_wlog *w, int err)
@@ -100,46 +125,158 @@ static int wlog_pwritev_all(int fd, struct iovec *iov, int n, uint64_t pos)
     return 0;
 }
 
-/* The gathered entries go to the file. */
-static void wlog_flush_buf(struct pykvm_wlog *w)
+static void wlog_super_sector(const struct pykvm_wlog *w, uint8_t *sector, uint64_t entries)
 {
-    struct iovec v = {w->buf, w->buf_len};
-    int err;
+    uint64_t magic = htole64(WLOG_MAGIC), version = htole64(WLOG_VERSION);
+    uint64_t nr = htole64(entries);
+    uint32_t ss = htole32(w->ss);
 
-    if (!w->buf_len || w->st.error)
-        return;
-    err = wlog_pwritev_all(w->fd, &v, 1, w->pos - w->buf_len);
-    w->buf_len = 0;
-    if (err)
-        wlog_fail(w, -err);
+    memset(sector, 0, w->ss);
+    memcpy(sector, &magic, 8);
+    memcpy(sector + 8, &version, 8);
+    memcpy(sector + 16, &nr, 8);
+    memcpy(sector + 24, &ss, 4);
 }
 
+/* The writer thread: full buffers to the file, in the order they were queued. */
+static void *wlog_thread(void *arg)
+{
+    struct pykvm_wlog *w = arg;
+
+    pthread_mutex_lock(&w->qlock);
+    for (;;) {
+        struct wlog_buf *b;
+        struct iovec v;
+        uint32_t i;
+        int err;
+
+        while (!w->qn && !w->stop)
+            pthread_cond_wait(&w->work, &w->qlock);
+        if (!w->qn)
+            break;
+        i = w->queue[w->qhead];
+        w->qhead = (w->qhead + 1) % WLOG_NBUF;
+        w->qn--;
+        w->busy = 1;
+        b = &w->bufs[i];
+        pthread_mutex_unlock(&w->qlock);
+        v.iov_base = b->data;
+        v.iov_len = b->len;
+        err = 0;
+        if (!w->werr && w->dfd >= 0) {
+            /* no copy into the page cache (on a small host that copy costs
+             * the guest a CPU); the file system refuses it: buffered from now */
+            err = wlog_pwritev_all(w->dfd, &v, 1, b->start);
+            if (err == -EINVAL) {
+                fprintf(stderr, "pykvm: blklogwrites: the log's file system refuses O_DIRECT "
+                        "writes of %u-byte sectors: the log goes through the page cache\n",
+                        w->ss);
+                w->dfd = -1;
+                v.iov_base = b->data;
+                v.iov_len = b->len;
+                err = 0;
+            }
+        }
+        if (!w->werr && w->dfd < 0 && !err)
+            err = wlog_pwritev_all(w->fd, &v, 1, b->start);
+        if (!err && b->super) {
+            wlog_super_sector(w, w->tsector, b->entries);
+            v.iov_base = w->tsector;
+            v.iov_len = w->ss;
+            err = wlog_pwritev_all(w->fd, &v, 1, 0);
+        }
+        pthread_mutex_lock(&w->qlock);
+        if (err && !w->werr)
+            w->werr = -err;
+        b->len = 0;
+        b->super = 0;
+        w->free_[w->nfree++] = i;
+        w->busy = 0;
+        pthread_cond_broadcast(&w->idle);
+    }
+    pthread_mutex_unlock(&w->qlock);
+    return NULL;
+}
+
+/* The buffer being filled goes to the writer thread. */
+static void wlog_queue_cur(struct pykvm_wlog *w)
+{
+    if (w->cur == WLOG_NONE || !w->bufs[w->cur].len)
+        return;
+    pthread_mutex_lock(&w->qlock);
+    w->queue[(w->qhead + w->qn) % WLOG_NBUF] = w->cur;
+    w->qn++;
+    pthread_cond_signal(&w->work);
+    pthread_mutex_unlock(&w->qlock);
+    w->cur = WLOG_NONE;
+}
+
+/* Room for `total` (<= WLOG_BUF) bytes at the log's end in the buffer being
+ * filled, once the writer thread has freed one if need be; NULL after an
+ * error. */
+static uint8_t *wlog_room(struct pykvm_wlog *w, uint64_t total)
+{
+    struct wlog_buf *b;
+    int err;
+
+    if (w->cur != WLOG_NONE && w->bufs[w->cur].len + total > WLOG_BUF)
+        wlog_queue_cur(w);
+    if (w->cur == WLOG_NONE) {
+        pthread_mutex_lock(&w->qlock);
+        while (!w->nfree && !w->werr)
+            pthread_cond_wait(&w->idle, &w->qlock);
+        err = w->werr;
+        if (!err) {
+            w->cur = w->free_[--w->nfree];
+            w->bufs[w->cur].len = 0;
+        }
+        pthread_mutex_unlock(&w->qlock);
+        if (err)
+            wlog_fail(w, err);
+    }
+    if (w->st.error)
+        return NULL;
+    b = &w->bufs[w->cur];
+    if (!b->len)
+        b->start = w->pos;
+    return b->data + b->len;
+}
+
+/* Every entry so far is in the file. */
+static void wlog_sync(struct pykvm_wlog *w)
+{
+    int err;
+
+    wlog_queue_cur(w);
+    pthread_mutex_lock(&w->qlock);
+    while (w->qn || w->busy)
+        pthread_cond_wait(&w->idle, &w->qlock);
+    err = w->werr;
+    pthread_mutex_unlock(&w->qlock);
+    if (err)
+        wlog_fail(w, err);
+}
+
+/* The super block, now: after the entries it counts are in the file. */
 static void wlog_super(struct pykvm_wlog *w)
 {
     struct iovec v = {w->sector, w->ss};
-    uint64_t magic = htole64(WLOG_MAGIC), version = htole64(WLOG_VERSION);
-    uint64_t nr = htole64(w->entries);
-    uint32_t ss = htole32(w->ss);
     int err;
 
-    memset(w->sector, 0, w->ss);
-    memcpy(w->sector, &magic, 8);
-    memcpy(w->sector + 8, &version, 8);
-    memcpy(w->sector + 16, &nr, 8);
-    memcpy(w->sector + 24, &ss, 4);
-    wlog_flush_buf(w);          /* (the entries it counts are in the file first) */
+    wlog_sync(w);
     if (w->st.error)
         return;
+    wlog_super_sector(w, w->sector, w->entries);
     err = wlog_pwritev_all(w->fd, &v, 1, 0);
     if (err)
         wlog_fail(w, -err);
     w->since_super = 0;
 }
 
-/* One entry (its head sector, then `data`) appended: copied into the buffer
- * (the data is captured as this returns), or, larger than the buffer,
- * written out at once; the super block after it when the flags or the
- * interval ask. */
+/* One entry (its head sector, then `data`) appended: copied into a buffer
+ * (the data is captured as this returns) that the writer thread writes out,
+ * or, larger than a buffer, written out at once; the super block after it
+ * when the flags ask (now) or the interval (after its buffer). */
 static void wlog_entry(struct pykvm_wlog *w, uint64_t sector, uint64_t nr, uint64_t flags,
                        const char *name, const struct iovec *data, uint32_t ndata)
 {
@@ -152,12 +289,13 @@ static void wlog_entry(struct pykvm_wlog *w, uint64_t sector, uint64_t nr, uint6
         return;
     for (uint32_t i = 0; i < ndata; i++)
         total += data[i].iov_len;
-    if (w->buf_len + total > WLOG_BUF)
-        wlog_flush_buf(w);
     if (total > WLOG_BUF) {
         struct iovec small[1 + WLOG_IOV_BATCH], *v = small;
         int err;
 
+        wlog_sync(w);
+        if (w->st.error)
+            return;
         if (ndata + 1 > 1 + WLOG_IOV_BATCH && !(v = malloc(sizeof(*v) * (ndata + 1)))) {
             wlog_fail(w, ENOMEM);
             return;
@@ -176,7 +314,9 @@ static void wlog_entry(struct pykvm_wlog *w, uint64_t sector, uint64_t nr, uint6
             return;
         }
     } else {
-        at = w->buf + w->buf_len;
+        at = wlog_room(w, total);
+        if (!at)
+            return;
         memset(at, 0, w->ss);
         if (name) {
             nlen = strnlen(name, w->ss - WLOG_ENTRY_HEAD - 1);
@@ -189,13 +329,20 @@ static void wlog_entry(struct pykvm_wlog *w, uint64_t sector, uint64_t nr, uint6
             memcpy(at, data[i].iov_base, data[i].iov_len);
             at += data[i].iov_len;
         }
-        w->buf_len += (uint32_t)total;
+        w->bufs[w->cur].len += (uint32_t)total;
     }
     w->pos += total;
     w->entries++;
     w->since_super++;
-    if (flags & (PYKVM_WLOG_FUA | PYKVM_WLOG_MARK) || w->since_super >= w->interval)
+    if (w->cur != WLOG_NONE)
+        w->bufs[w->cur].entries = w->entries;
+    if (flags & (PYKVM_WLOG_FUA | PYKVM_WLOG_MARK) || (total > WLOG_BUF &&
+                                                       w->since_super >= w->interval)) {
         wlog_super(w);
+    } else if (w->since_super >= w->interval) {
+        w->bufs[w->cur].super = 1;
+        w->since_super = 0;
+    }
 }
 
 /* Write-zeroes as writes of zeroes, one entry per PYKVM_WLOG_ZERO_CHUNK. */
@@ -302,10 +449,27 @@ static void wlog_hold(struct pykvm_wlog *w, uint8_t kind, uint64_t offset, uint6
         w->st.held_peak = w->st.held_bytes;
 }
 
-struct pykvm_wlog *pykvm_wlog_new(int32_t fd, uint32_t sector_size, uint64_t entries,
-                                  uint64_t pos, uint32_t super_interval, uint64_t hold_max)
+static void wlog_free(struct pykvm_wlog *w)
+{
+    pthread_cond_destroy(&w->work);
+    pthread_cond_destroy(&w->idle);
+    pthread_mutex_destroy(&w->qlock);
+    pthread_mutex_destroy(&w->lock);
+    for (uint32_t i = 0; i < WLOG_NBUF; i++)
+        free(w->bufs[i].data);
+    free(w->tsector);
+    free(w->sector);
+    free(w->zero);
+    free(w->fstate);
+    free(w);
+}
+
+struct pykvm_wlog *pykvm_wlog_new(int32_t fd, int32_t direct_fd, uint32_t sector_size,
+                                  uint64_t entries, uint64_t pos, uint32_t super_interval,
+                                  uint64_t hold_max)
 {
     struct pykvm_wlog *w;
+    int ok;
 
     if (sector_size < 512 || sector_size > 4096 || (sector_size & (sector_size - 1)) ||
         pos < sector_size)
@@ -317,23 +481,40 @@ struct pykvm_wlog *pykvm_wlog_new(int32_t fd, uint32_t sector_size, uint64_t ent
     w->zero = calloc(1, WLOG_ZERO_BUF);
     w->fcap = 16;
     w->fstate = calloc(w->fcap, 1);
-    w->buf = malloc(WLOG_BUF);
-    if (!w->sector || !w->zero || !w->fstate || !w->buf) {
-        free(w->buf);
-        free(w->sector);
-        free(w->zero);
-        free(w->fstate);
-        free(w);
-        return NULL;
+    w->tsector = malloc(sector_size);
+    ok = w->sector && w->zero && w->fstate && w->tsector;
+    for (uint32_t i = 0; i < WLOG_NBUF; i++) {
+        void *p = NULL;
+
+        ok = ok && !posix_memalign(&p, 4096, WLOG_BUF);
+        w->bufs[i].data = p;
+        w->free_[w->nfree++] = WLOG_NBUF - 1 - i;
     }
-    pthread_mutex_init(&w->lock, NULL);
+    w->cur = WLOG_NONE;
     w->fd = fd;
+    w->dfd = direct_fd;
     w->ss = sector_size;
     w->interval = super_interval ? super_interval : 1;
     w->entries = entries;
     w->pos = pos;
     w->hold_max = hold_max;
     w->held_tail = &w->held;
+    pthread_mutex_init(&w->lock, NULL);
+    pthread_mutex_init(&w->qlock, NULL);
+    pthread_cond_init(&w->work, NULL);
+    pthread_cond_init(&w->idle, NULL);
+    if (ok) {
+        sigset_t all, old;
+
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        ok = !pthread_create(&w->thread, NULL, wlog_thread, w);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+    }
+    if (!ok) {
+        wlog_free(w);
+        return NULL;
+    }
     wlog_super(w);
     return w;
 }
@@ -350,12 +531,12 @@ int32_t pykvm_wlog_close(struct pykvm_wlog *w)
     wlog_super(w);
     err = w->st.error;
     pthread_mutex_unlock(&w->lock);
-    pthread_mutex_destroy(&w->lock);
-    free(w->buf);
-    free(w->sector);
-    free(w->zero);
-    free(w->fstate);
-    free(w);
+    pthread_mutex_lock(&w->qlock);
+    w->stop = 1;
+    pthread_cond_signal(&w->work);
+    pthread_mutex_unlock(&w->qlock);
+    pthread_join(w->thread, NULL);
+    wlog_free(w);
     return err;
 }
 

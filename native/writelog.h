@@ -13,9 +13,9 @@
  * every flush submitted before it completed, and before the entry of the
  * first flush submitted after it completed. A write (discard, write-zeroes)
  * that completes while no flush is in flight is appended at once (entry and
- * data copied into a 1 MiB buffer of entries, which goes to the file when
- * full, before every super block and at close, or, for a larger write,
- * written with one pwritev); one that completes while a flush is in flight is
+ * data copied into a 1 MiB buffer of entries, which a thread of the writer
+ * writes out when full, and before every super block and at close; a larger
+ * write goes with one pwritev); one that completes while a flush is in flight is
  * copied and held until the entries of every flush in flight then are
  * written (flush entries go in submission order). Past hold_max bytes held,
  * the held ones are appended early, before the flush entry (legal: they
@@ -44,9 +44,13 @@ struct pykvm_wlog_stats {
 struct pykvm_wlog;
 
 /* A writer appending to fd from byte pos (log sector `entries` + 1 taken);
- * writes the super block at once. NULL: out of memory or a bad size. */
-struct pykvm_wlog *pykvm_wlog_new(int32_t fd, uint32_t sector_size, uint64_t entries,
-                                  uint64_t pos, uint32_t super_interval, uint64_t hold_max);
+ * writes the super block at once. direct_fd: the same file opened O_DIRECT,
+ * through which a thread of its own writes the buffers of entries (-1:
+ * through fd; so too once the file system refuses it, with one line on
+ * stderr). NULL: out of memory or a bad size. */
+struct pykvm_wlog *pykvm_wlog_new(int32_t fd, int32_t direct_fd, uint32_t sector_size,
+                                  uint64_t entries, uint64_t pos, uint32_t super_interval,
+                                  uint64_t hold_max);
 /* Everything held goes to the log, then the mark dm-log-writes-end and the
  * super block; frees the writer. Returns the first error (errno) or 0. */
 int32_t pykvm_wlog_close(struct pykvm_wlog *w);

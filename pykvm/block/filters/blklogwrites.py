@@ -38,6 +38,7 @@ class BlklogwritesDriver(FilterDriver):
     options = {"log-sector-size": "size", "log-append": "bool",
                "log-super-update-interval": "size"}
     c = None        # the C writer (struct pykvm_wlog *) while the node is open
+    _dfd = -1       # the log opened O_DIRECT, for the writer's thread
 
     def __init__(self, file, opener, read_only: bool = False, log_sector_size: int = 512,
                  log_append: bool = False, log_super_update_interval: int = 4096):
@@ -82,10 +83,20 @@ class BlklogwritesDriver(FilterDriver):
             entries, pos = reader.nr_entries, reader.end
         else:
             os.ftruncate(fd, 0)
-        c = lib.pykvm_wlog_new(fd, ss, entries, pos, interval, HOLD_MAX)
+        try:        # the buffers of entries go to the file O_DIRECT (no page-cache copy)
+            self._dfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:
+            self._dfd = -1          # (tmpfs, say: through the page cache)
+        c = lib.pykvm_wlog_new(fd, self._dfd, ss, entries, pos, interval, HOLD_MAX)
         if c == ffi.NULL:
+            self._close_dfd()
             raise LogError(path, "out of memory for the log writer")
         return c
+
+    def _close_dfd(self) -> None:
+        if self._dfd >= 0:
+            os.close(self._dfd)
+            self._dfd = -1
 
     @property
     def children(self):
@@ -136,6 +147,7 @@ class BlklogwritesDriver(FilterDriver):
         if self.c is not None:
             c, self.c = self.c, None
             err = lib.pykvm_wlog_close(c)     # never flushed: last; then the end mark
+            self._close_dfd()
             if err:
                 log.error("%s: the write log is incomplete: %s", self.log.filename,
                           os.strerror(err))
