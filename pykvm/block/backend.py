@@ -574,6 +574,14 @@ class BlockBackend:
             else:
                 w.completed_discard(offset, x)
 
+    def mark(self, name: str) -> None:
+        """A named mark in the disk's write log, now, through the log's one
+        writer: after every write logged so far (one that completed while a
+        flush is in flight is held until that flush's entry: it comes after)."""
+        if self.wlog is None:
+            raise BlockError(self.path, "no write log to mark (a blklogwrites node keeps one)")
+        self.wlog.mark(name)
+
     def power_cut_fired(self, rule: int, keep: int, torn: bool, seed: int) -> None:
         """A blkdebug power-cut rule fired (on either path): from now on no request
         lands; the VM is told to stop; a volatile node is left as ``keep`` says."""

@@ -129,7 +129,7 @@ def test_marks_from_the_api_go_through_the_same_writer(tmp_path, image, engine):
     r, log = logged_rig(tmp_path, image, engine)
     try:
         assert aligned_write(r.drv, 8, pattern(4096, 8)) == B.S_OK
-        r.backend.wlog.mark("after-the-write")
+        r.backend.mark("after-the-write")
         assert aligned_write(r.drv, 16, pattern(4096, 9)) == B.S_OK
     finally:
         r.close()
