@@ -4,11 +4,15 @@ logs what it serves): the same requests give the same log, entry for entry
 and byte for byte; a write that completes while a flush is in flight is
 logged after that flush's entry; and the C path really served them."""
 import os
+import subprocess
 import time
 
 import pytest
 
+from pykvm.block import open_image
 from pykvm.block import writelog as W
+from pykvm.block.driver import write_range
+from pykvm.block.qcow2 import Qcow2Driver
 from pykvm.virtio import blk as B
 from tests.conftest import C_ENGINES, Engine
 from tests.helpers.virtio_driver import T_DISCARD, T_FLUSH, T_WRITE_ZEROES
@@ -136,3 +140,37 @@ def test_marks_from_the_api_go_through_the_same_writer(tmp_path, image, engine):
     assert [e[:4] for e in log_entries(log)] == [
         ("WRITE", 8, 8, None), ("MARK", 0, 0, "after-the-write"), ("WRITE", 16, 8, None),
         ("MARK", 0, 0, W.END_MARK)]
+
+
+def test_a_logged_qcow2_disk_writes_allocated_clusters_in_c(tmp_path, engine):
+    """Writes to allocated clusters are the C path's, an allocating write and
+    the flush (qcow2 metadata) Python's; one log has them in order, and it
+    replays onto a raw copy of the disk as it was to the disk as it is."""
+    img = tmp_path / "d.qcow2"
+    Qcow2Driver.create(str(img), 4 << 20)
+    d = open_image(str(img), "qcow2")
+    write_range(d, 0, pattern(1 << 20, 1))          # clusters of the first MiB allocated
+    d.close()
+    log = tmp_path / "q.log"
+    spec = {"driver": "blklogwrites", "file": {"driver": "qcow2", "file": str(img)},
+            "log": str(log)}
+    r = Rig(spec, "mmio", engine)
+    try:
+        assert aligned_write(r.drv, 8, pattern(4096, 2)) == B.S_OK           # in place: C
+        assert r.dev.counters()["punts"] == 0
+        assert aligned_write(r.drv, 6144, pattern(4096, 3)) == B.S_OK        # allocates
+        assert r.drv.flush() == B.S_OK
+        assert aligned_write(r.drv, 16, pattern(4096, 4)) == B.S_OK
+        c = r.dev.counters()
+    finally:
+        r.close()
+    assert c["punts"] == 2                          # the allocating write, the flush
+    assert [e[:4] for e in log_entries(log)] == [
+        ("WRITE", 8, 8, None), ("WRITE", 6144, 8, None), ("FLUSH", 0, 0, None),
+        ("MARK", 0, 0, "flush-1"), ("WRITE", 16, 8, None), ("MARK", 0, 0, W.END_MARK)]
+    base = tmp_path / "base.raw"
+    base.write_bytes(pattern(1 << 20, 1) + bytes(3 << 20))
+    W.replay(str(log), str(base))
+    out = tmp_path / "now.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(img), str(out)], check=True)
+    assert base.read_bytes() == out.read_bytes()
