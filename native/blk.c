@@ -1545,6 +1545,7 @@ static int blk_submit_chain(struct pykvm_blk *b, struct blk_queue *q)
         req->used_len = 1;
         req->nbytes = 0;
         req->then_flush = 0;
+        req->wlog_ticket = 0;   /* (blk_flush_go takes one) */
         req->niov = 0;
         req->iov = NULL;
         req->fd = b->flush_fd;

@@ -27,7 +27,7 @@
 #define WLOG_ZERO_BUF 65536
 #define WLOG_IOV_BATCH 64
 #define WLOG_BUF (1u << 20)     /* entries gathered before they go to the file */
-#define WLOG_NBUF 4             /* buffers: one filled, the others queued or free */
+#define WLOG_NBUF 8             /* buffers: one filled, the others queued or free */
 #define WLOG_NONE UINT32_MAX
 
 #define HOLD_WRITE 0
@@ -223,6 +223,8 @@ static uint8_t *wlog_room(struct pykvm_wlog *w, uint64_t total)
         wlog_queue_cur(w);
     if (w->cur == WLOG_NONE) {
         pthread_mutex_lock(&w->qlock);
+        if (!w->nfree && !w->werr)
+            w->st.waits++;
         while (!w->nfree && !w->werr)
             pthread_cond_wait(&w->idle, &w->qlock);
         err = w->werr;

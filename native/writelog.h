@@ -38,6 +38,7 @@ struct pykvm_wlog_stats {
     uint64_t held_bytes;        /* data held now */
     uint64_t held_peak;         /* most data ever held at once */
     uint64_t forced;            /* times hold_max made the held ones go early */
+    uint64_t waits;             /* times an entry waited for the thread to free a buffer */
     int32_t error;              /* the first errno writing the log (then it stops); 0 */
 };
 

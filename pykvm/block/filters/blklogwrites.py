@@ -139,7 +139,8 @@ class BlklogwritesDriver(FilterDriver):
         st = ffi.new("struct pykvm_wlog_stats *")
         lib.pykvm_wlog_stats(self.c, st)
         out = {k: getattr(st, k) for k in ("entries", "log_bytes", "flushes", "held",
-                                           "held_bytes", "held_peak", "forced", "error")}
+                                           "held_bytes", "held_peak", "forced", "waits",
+                                           "error")}
         out["sector_size"] = self._ss
         return out
 
