@@ -78,6 +78,7 @@ struct pykvm_blk_config {
     struct pykvm_throttle *throttle;
     struct pykvm_inject *inject;
     struct pykvm_trace *trace;
+    struct pykvm_wlog *wlog;
 };
 
 struct pykvm_blk_counters {
@@ -178,6 +179,9 @@ struct blk_req {
     uint32_t inj_release_after;
     uint64_t due_ns;
     uint64_t hang_gen;
+    /* blklogwrites: a write's FUA (writethrough), a flush's ticket */
+    uint8_t wlog_fua;
+    uint64_t wlog_ticket;
     /* the trace record's fields */
     uint8_t type;
     uint64_t sector;
@@ -277,6 +281,10 @@ struct pykvm_blk {
     int release_all;            /* Python: let held completions go now */
     int power_cut;              /* a power-cut rule fired (Python was told) */
     struct pykvm_trace *trace;
+    /* blklogwrites: the disk's log (writelog.h), shared with Python and the
+     * disk's other threads; each write and flush is reported as its used
+     * element is about to be published */
+    struct pykvm_wlog *wlog;
     struct pykvm_blk_counters c;
     /* host errors (blk_failed): a flush failed once, so every later one
      * goes to Python, which fails it; paused by Python (werror/rerror=stop):
@@ -756,6 +764,43 @@ static int blk_complete_now(struct pykvm_blk *b, struct blk_queue *q, uint16_t h
 }
 
 static int blk_queue_io(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, int32_t op,
+                        int32_t fd, uint64_t offset);
+
+/* A guest flush goes to the engine (its fd in req->fd); a logged disk's
+ * writer learns that it is submitted. */
+static int blk_flush_go(struct pykvm_blk *b, struct blk_queue *q, uint16_t head)
+{
+    struct blk_req *req = &q->reqs[head];
+
+    req->wlog_ticket = b->wlog ? pykvm_wlog_flush_start(b->wlog) : 0;
+    return blk_queue_io(b, q, head, PYKVM_AIO_FLUSH, req->fd, 0);
+}
+
+/* blklogwrites: a request is about to go back to the guest with success (its
+ * buffers still the guest's and unchanged): a write's data and a flush go to
+ * the log. Frees the I/O vector that was kept for it. */
+static void blk_wlog_publish(struct pykvm_blk *b, struct blk_req *req)
+{
+    if (b->wlog) {
+        if (req->op == BLK_T_OUT || req->op == OP_FLUSH_AFTER)
+            (void)pykvm_wlog_write(b->wlog, req->sector * BLK_SECTOR, req->iov, req->niov,
+                                   req->wlog_fua);
+        else if (req->op == BLK_T_FLUSH && req->wlog_ticket)
+            pykvm_wlog_flush_done(b->wlog, req->wlog_ticket, 1);
+    }
+    blk_req_free_iov(req);
+}
+
+/* A flush the guest will not see succeed here (it failed, went to Python, or
+ * the queues are reset): the log does not wait for it. */
+static void blk_wlog_drop(struct pykvm_blk *b, struct blk_req *req)
+{
+    if (b->wlog && req->op == BLK_T_FLUSH && req->wlog_ticket)
+        pykvm_wlog_flush_done(b->wlog, req->wlog_ticket, 0);
+    req->wlog_ticket = 0;
+}
+
+static int blk_queue_io(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, int32_t op,
                         int32_t fd, uint64_t offset)
 {
     struct blk_req *req = &q->reqs[head];
@@ -912,6 +957,7 @@ static int blk_rw_go(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, in
     } else {
         req->used_len = 1;
         req->then_flush = !__atomic_load_n(&b->write_cache, __ATOMIC_RELAXED) && !b->no_flush;
+        req->wlog_fua = req->then_flush;
         CNT_ADD(b, bytes_written, nbytes);
     }
     if (blk_queue_io(b, q, head, type == BLK_T_IN ? PYKVM_AIO_READ : PYKVM_AIO_WRITE, fd,
@@ -1237,7 +1283,7 @@ static void blk_delay_resume(struct pykvm_blk *b, struct blk_queue *q, uint16_t 
     }
     free(req->held_segs);
     req->held_segs = NULL;
-    if (blk_queue_io(b, q, head, PYKVM_AIO_FLUSH, req->fd, 0) < 0)
+    if (blk_flush_go(b, q, head) < 0)
         blk_fatal(b, q, "internal error: submission queue full");
 }
 
@@ -1326,6 +1372,7 @@ static int blk_release_holds(struct pykvm_blk *b)
         uint16_t head = (uint16_t)(token & 0xFFFF);
         struct blk_req *req = &q->reqs[head];
 
+        blk_wlog_publish(b, req);
         *req->status = BLK_S_OK;
         req->state = REQ_FREE;
         blk_trace(b, q, head, BLK_S_OK);
@@ -1399,8 +1446,11 @@ static void blk_inject_drop(struct pykvm_blk *b)
     }
     for (uint32_t i = 0; i < b->nholds; i++) {
         uint32_t token = b->holds[i];
+        struct blk_req *req = &b->queues[token >> 16].reqs[token & 0xFFFF];
 
-        b->queues[token >> 16].reqs[token & 0xFFFF].state = REQ_FREE;
+        blk_req_free_iov(req);
+        blk_wlog_drop(b, req);
+        req->state = REQ_FREE;
     }
     b->ndelayed = b->nholds = 0;
     b->hold_due = 0;
@@ -1497,6 +1547,7 @@ static int blk_submit_chain(struct pykvm_blk *b, struct blk_queue *q)
         req->used_len = 1;
         req->nbytes = 0;
         req->then_flush = 0;
+        req->wlog_ticket = 0;   /* (blk_flush_go takes one) */
         req->niov = 0;
         req->iov = NULL;
         req->fd = b->flush_fd;
@@ -1509,7 +1560,7 @@ static int blk_submit_chain(struct pykvm_blk *b, struct blk_queue *q)
             }
             return blk_complete_now(b, q, head, status, 1);
         }
-        if (blk_queue_io(b, q, head, PYKVM_AIO_FLUSH, b->flush_fd, 0) < 0)
+        if (blk_flush_go(b, q, head) < 0)
             return blk_fatal(b, q, "internal error: submission queue full");
         return 0;
     }
@@ -1646,6 +1697,8 @@ static int blk_failed(struct pykvm_blk *b, struct blk_queue *q, uint16_t head, i
 
     if (result < 0 && flush)
         __atomic_store_n(&b->flush_failed, 1, __ATOMIC_RELEASE);
+    if (result < 0 && req->op == BLK_T_FLUSH)
+        blk_wlog_drop(b, req);      /* Python fails it, or does it again */
     if (result >= 0 && req->op == BLK_T_OUT && req->then_flush &&
         __atomic_load_n(&b->flush_failed, __ATOMIC_ACQUIRE))
         result = -EIO;
@@ -1772,6 +1825,7 @@ static void blk_finish(struct pykvm_blk *b, uint64_t token, int64_t result)
     if (__atomic_load_n(&b->stopping, __ATOMIC_ACQUIRE)) {
         blk_io_done(b, req);
         blk_req_free_iov(req);
+        blk_wlog_drop(b, req);
         req->state = REQ_FREE;  /* being reset: the result is dropped */
         return;
     }
@@ -1781,7 +1835,8 @@ static void blk_finish(struct pykvm_blk *b, uint64_t token, int64_t result)
         /* writethrough: the write completes once it is flushed */
         req->op = OP_FLUSH_AFTER;
         req->result = result;
-        blk_req_free_iov(req);
+        if (!b->wlog)
+            blk_req_free_iov(req);  /* (logged: the data goes to the log once it is durable) */
         if (blk_queue_io(b, q, head, PYKVM_AIO_FLUSH, req->fd, 0) < 0)
             blk_fatal(b, q, "internal error: submission queue full");
         return;
@@ -1795,7 +1850,8 @@ static void blk_finish(struct pykvm_blk *b, uint64_t token, int64_t result)
     }
     if (req->inj_action == PYKVM_INJ_CORRUPT && result >= 0)
         blk_corrupt(req);
-    blk_req_free_iov(req);
+    if (result < 0 || !b->wlog)
+        blk_req_free_iov(req);      /* (logged: kept for blk_wlog_publish) */
     if (result < 0) {
         char message[200];
 
@@ -1810,6 +1866,7 @@ static void blk_finish(struct pykvm_blk *b, uint64_t token, int64_t result)
         blk_hold(b, q, head);
         return;
     }
+    blk_wlog_publish(b, req);
     *req->status = BLK_S_OK;
     blk_trace(b, q, head, BLK_S_OK);
     req->state = REQ_FREE;
@@ -2254,6 +2311,7 @@ static struct pykvm_blk *pykvm_blk_start(const struct pykvm_blk_config *cfg, cha
     }
     b->inject = cfg->inject;
     b->trace = cfg->trace;
+    b->wlog = cfg->wlog;
     if (b->inject) {
         b->delayed = calloc(depth, sizeof(*b->delayed));
         b->holds = calloc(depth, sizeof(*b->holds));

@@ -63,6 +63,9 @@ struct pykvm_blk_config {
     struct pykvm_inject *inject;      /* NULL, or a blkdebug node's rule engine (inject.h),
                                          which must outlive the thread */
     struct pykvm_trace *trace;        /* NULL, or this thread's trace ring (trace.h) */
+    struct pykvm_wlog *wlog;          /* NULL, or the disk's write log (writelog.h), shared
+                                         with Python and the disk's other threads, which
+                                         must outlive the thread */
 };
 
 struct pykvm_blk_counters {

@@ -18,7 +18,8 @@ import sysconfig
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-UNITS = ["kvm", "memory", "file", "vq", "aio", "nbd", "throttle", "inject", "trace", "blk"]
+UNITS = ["kvm", "memory", "file", "vq", "aio", "nbd", "throttle", "inject", "trace", "writelog",
+         "blk"]
 
 ffibuilder = FFI()
 for unit in UNITS:

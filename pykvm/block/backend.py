@@ -266,10 +266,10 @@ class BlockBackend:
     @property
     def c_may_write(self) -> bool:
         """May a device's own I/O thread write (and flush) without Python? Not
-        on a read-only disk, with detect-zeroes, while writes are logged or held
-        volatile (their nodes must see each write)."""
-        return not self.read_only and self.detect_zeroes == "off" and self.wlog is None and \
-            self.volatile is None
+        on a read-only disk, with detect-zeroes, while writes are held volatile
+        (its node must see each write). A logged disk's threads log what they
+        serve themselves (the node's C writer, ``wlog.c``)."""
+        return not self.read_only and self.detect_zeroes == "off" and self.volatile is None
 
     def direct_extents(self) -> list:
         """The driver's direct extents (driver.DirectExtent) under this backend's
@@ -577,7 +577,7 @@ class BlockBackend:
             elif result < 0:
                 continue
             elif kind in ("w", "z") and ((offset | (len(x) if kind == "w" else x)) %
-                                         w.writer.ss):
+                                         w.sector_size):
                 w.completed_write(*self._wlog_widened(offset, len(x) if kind == "w" else x),
                                   durable)
             elif kind == "w":
@@ -625,7 +625,7 @@ class BlockBackend:
         at the same time may show in them too; qcow2's metadata writes, the
         case this is for, go one at a time."""
         from .driver import fd_pread
-        ss = self.wlog.writer.ss
+        ss = self.wlog.sector_size
         lo, hi = offset // ss * ss, -(-(offset + length) // ss) * ss
         if not self.driver.identity_mapped:
             raise GraphError(self.wlog.describe(), f"a write at {offset} of {length} bytes is "

@@ -248,6 +248,8 @@ class FastPath:
     ``call_fds[index]`` None). ``throttle``: the disk's ThrottleGroup
     (block/throttle.py) or None; the C threads ask its state before each read
     or write they submit and hold, in order, what must wait (native/blk.c).
+    ``wlog``: the disk's blklogwrites node, whose C writer the threads report
+    each write and flush to as they publish it (native/writelog.c).
     """
 
     def __init__(self, mem, queues, kicks, call_fds, backend_fd: int, engine_name: str, *,
@@ -256,7 +258,7 @@ class FastPath:
                  serial: bytes = b"", flush_fd: int | None = None, extents=None,
                  poll_max_ns: int = POLL_MAX_NS, irq_coalesce_ns: int = 0, isr=None,
                  isr_bit: int = 1, per_queue: bool = False, throttle=None, inject=None,
-                 trace=None, name: str = "virtio-blk"):
+                 trace=None, wlog=None, name: str = "virtio-blk"):
         if engine_name not in C_ENGINES:
             raise FastPathError(f"aio={engine_name} is not a C engine")
         self.name = name
@@ -281,6 +283,8 @@ class FastPath:
         # kept referenced here so that they outlive the threads; a trace ring per thread
         self._inject = inject
         self._trace = trace
+        # a blklogwrites node: its C writer (``wlog.c``) logs what the threads serve
+        self._wlog = wlog
         self._rings = []
         # groups[g]: the queue indices (of ``queues``) C thread g serves, in
         # its own order; where[i]: (g, i's index within group g)
@@ -322,6 +326,7 @@ class FastPath:
             cfg.nmap = len(extents)
             cfg.throttle = throttle.state if throttle is not None else ffi.NULL
             cfg.inject = inject.c if inject is not None else ffi.NULL
+            cfg.wlog = wlog.c if wlog is not None else ffi.NULL
             if trace is not None:
                 self._rings.append(trace.ring())
                 cfg.trace = self._rings[-1]
@@ -634,8 +639,7 @@ def disk_extents(backend) -> tuple[list, int]:
     extents = [Extent(0, min(512, size), drv.fd, 0, False)]
     if size > 512:
         extents.append(Extent(512, size - 512, drv.fd, 512, writable))
-    flush_fd = drv.fd if list(getattr(drv, "sync_fds", [drv.fd])) == [drv.fd] and \
-        backend.wlog is None else -1      # (a logged flush is Python's)
+    flush_fd = drv.fd if list(getattr(drv, "sync_fds", [drv.fd])) == [drv.fd] else -1
     return extents, flush_fd
 
 
@@ -654,7 +658,8 @@ def start(dev, mem, queues, features: int, kicks, interrupt, fail) -> FastPath:
         flush_fd=flush_fd, extents=extents, isr=isr, name=dev.name,
         poll_max_ns=POLL_MAX_NS if dev.poll_max_ns is None else dev.poll_max_ns,
         irq_coalesce_ns=dev.irq_coalesce_ns, per_queue=dev.iothread == "queue",
-        throttle=backend.throttle, inject=backend.inject, trace=dev.trace)
+        throttle=backend.throttle, inject=backend.inject, trace=dev.trace,
+        wlog=backend.wlog)
     if backend.driver.direct_map and not backend.driver.identity_mapped:
         # from now on the backend replaces the table (and waits for the C
         # thread to let go of the old one) before a cluster C may use changes

@@ -175,3 +175,16 @@ def test_a_read_only_log_node_is_refused(tmp_path):
         BlockBackend({"driver": "blklogwrites", "file": str(img), "log": str(tmp_path / "l")},
                      read_only=True)
     assert "read-only" in str(e.value)
+
+
+def test_the_c_path_writes_and_flushes_a_logged_disk(tmp_path):
+    """The C threads log what they serve: nothing of the log's is punted."""
+    from pykvm.virtio.fastpath import disk_extents
+    be, img, log = backend(tmp_path)
+    try:
+        assert be.c_may_write
+        assert not any("blklogwrites" in p for p in be.c_path_punts()), be.c_path_punts()
+        extents, flush_fd = disk_extents(be)
+        assert flush_fd == be.driver.fd and extents[-1].writable
+    finally:
+        be.close()

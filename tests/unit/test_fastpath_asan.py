@@ -5,7 +5,8 @@ runs the fast-path tests against it in a child process: the queue tests on
 both twins and the C queue's parity tests (hostile rings and the differential
 fuzz included), the engines, the device tests on the C I/O thread, on
 io_uring and threads (their Python-path variants, in the same files, run
-too), and throttling (its C twin and the requests blk.c holds). Python itself
+too), throttling (its C twin and the requests blk.c holds) and the write
+log (native/writelog.c, from both paths). Python itself
 is not instrumented, so the child preloads libasan (it must come first in the
 process, but not in its children) and does not check leaks (the interpreter
 keeps much for good); any sanitizer report fails the run.
@@ -22,7 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 TESTS = ["tests/unit/test_queue.py", "tests/unit/test_fastpath_parity.py",
          "tests/unit/test_fastpath_aio.py", "tests/unit/test_virtio_blk.py",
          "tests/unit/test_fastpath_blk.py", "tests/unit/test_throttle.py",
-         "tests/unit/test_blkdebug.py"]
+         "tests/unit/test_blkdebug.py", "tests/unit/test_writelog_paths.py"]
 SELECT = "not native"  # (time) the other engines cover the C I/O thread
 BOOT = """
 import importlib.util, os, sys
