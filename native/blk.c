@@ -79,6 +79,8 @@ struct pykvm_blk_config {
     struct pykvm_inject *inject;
     struct pykvm_trace *trace;
     struct pykvm_wlog *wlog;
+    uint32_t seg_max;
+    uint32_t size_max;
 };
 
 struct pykvm_blk_counters {
@@ -226,6 +228,7 @@ struct pykvm_blk {
     uint32_t nroute;
     uint64_t capacity, features;
     uint32_t align;
+    uint32_t seg_max, size_max;
     int flush_fd;
     uint8_t read_only, no_flush, write_cache;
     uint8_t serial[BLK_ID_BYTES];
@@ -887,11 +890,17 @@ static int blk_rw(struct pykvm_blk *b, struct blk_queue *q, uint32_t type, uint6
             len -= rout_skip;
         if (i == ch->nsegs - 1)
             len -= 1;
+        if (len > b->size_max)
+            return blk_bad(b, q, head, status, BLK_S_IOERR, "a data buffer of more than "
+                           "size_max %" PRIu32 " bytes", b->size_max);
         nbuf += len != 0;
     }
     if (nbuf > PYKVM_BLK_MAX_SEGMENTS)
         return blk_bad(b, q, head, status, BLK_S_IOERR, "request of %" PRIu32
                        " data buffers exceeds %d", nbuf, PYKVM_BLK_MAX_SEGMENTS);
+    if (nbuf > b->seg_max)
+        return blk_bad(b, q, head, status, BLK_S_IOERR, "request of %" PRIu32
+                       " data buffers exceeds seg_max %" PRIu32, nbuf, b->seg_max);
     /* _check_range */
     if (nbytes % BLK_SECTOR)
         return blk_bad(b, q, head, status, BLK_S_IOERR,
@@ -2287,6 +2296,9 @@ static struct pykvm_blk *pykvm_blk_start(const struct pykvm_blk_config *cfg, cha
     b->capacity = cfg->capacity;
     b->features = cfg->features;
     b->align = cfg->align ? cfg->align : 1;
+    b->seg_max = cfg->seg_max && cfg->seg_max < PYKVM_BLK_MAX_SEGMENTS ? cfg->seg_max
+                                                                      : PYKVM_BLK_MAX_SEGMENTS;
+    b->size_max = cfg->size_max ? cfg->size_max : UINT32_MAX;
     b->flush_fd = cfg->flush_fd;
     b->read_only = cfg->read_only;
     b->write_cache = cfg->write_cache;

@@ -66,6 +66,9 @@ struct pykvm_blk_config {
     struct pykvm_wlog *wlog;          /* NULL, or the disk's write log (writelog.h), shared
                                          with Python and the disk's other threads, which
                                          must outlive the thread */
+    uint32_t seg_max;           /* data buffers a request may have (config seg_max); 0: the
+                                   limit PYKVM_BLK_MAX_SEGMENTS alone */
+    uint32_t size_max;          /* bytes of one data buffer at most (config size_max); 0: any */
 };
 
 struct pykvm_blk_counters {

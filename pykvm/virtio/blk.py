@@ -159,6 +159,8 @@ class Knobs:
                 event_idx=onoff("event_idx", True), indirect_desc=onoff("indirect_desc", True))
         return k
 
+    size_max = SIZE_MAX     # bytes of one data buffer (config size_max)
+
     @property
     def seg_max(self) -> int:
         return min(self.queue_size - 2 if self.seg_max_adjust else 126, MAX_SEGMENTS)
@@ -278,7 +280,7 @@ class VirtioBlk(VirtioDevice):
         pbs = max(bs, k.physical_block_size)
         return CONFIG.pack(
             self.backend.size // SECTOR,          # capacity, in 512-byte sectors
-            SIZE_MAX, k.seg_max,                  # size_max, seg_max
+            k.size_max, k.seg_max,                # size_max, seg_max
             0, 0, 0,                              # geometry
             bs,                                   # blk_size
             (pbs // bs).bit_length() - 1, 0,      # physical_block_exp, alignment_offset
@@ -735,8 +737,9 @@ class VirtioBlk(VirtioDevice):
         if nsegs > self.knobs.seg_max:
             raise _BadRequest(S_IOERR, f"request of {nsegs} data buffers exceeds seg_max "
                               f"{self.knobs.seg_max}")
-        if any(n > SIZE_MAX for _, n in data):
-            raise _BadRequest(S_IOERR, f"a data buffer of more than size_max {SIZE_MAX} bytes")
+        if any(n > self.knobs.size_max for _, n in data):
+            raise _BadRequest(S_IOERR, f"a data buffer of more than size_max "
+                              f"{self.knobs.size_max} bytes")
         offset = self._check_range(sector, nbytes)
         bs = self.block_size
         if bs > SECTOR and (offset % bs or nbytes % bs):

@@ -258,7 +258,8 @@ class FastPath:
                  serial: bytes = b"", flush_fd: int | None = None, extents=None,
                  poll_max_ns: int = POLL_MAX_NS, irq_coalesce_ns: int = 0, isr=None,
                  isr_bit: int = 1, per_queue: bool = False, throttle=None, inject=None,
-                 trace=None, wlog=None, name: str = "virtio-blk"):
+                 trace=None, wlog=None, name: str = "virtio-blk", seg_max: int = 0,
+                 size_max: int = 0):
         if engine_name not in C_ENGINES:
             raise FastPathError(f"aio={engine_name} is not a C engine")
         self.name = name
@@ -327,6 +328,8 @@ class FastPath:
             cfg.throttle = throttle.state if throttle is not None else ffi.NULL
             cfg.inject = inject.c if inject is not None else ffi.NULL
             cfg.wlog = wlog.c if wlog is not None else ffi.NULL
+            cfg.seg_max = seg_max
+            cfg.size_max = size_max
             if trace is not None:
                 self._rings.append(trace.ring())
                 cfg.trace = self._rings[-1]
@@ -659,7 +662,7 @@ def start(dev, mem, queues, features: int, kicks, interrupt, fail) -> FastPath:
         poll_max_ns=POLL_MAX_NS if dev.poll_max_ns is None else dev.poll_max_ns,
         irq_coalesce_ns=dev.irq_coalesce_ns, per_queue=dev.iothread == "queue",
         throttle=backend.throttle, inject=backend.inject, trace=dev.trace,
-        wlog=backend.wlog)
+        wlog=backend.wlog, seg_max=dev.knobs.seg_max, size_max=dev.knobs.size_max)
     if backend.driver.direct_map and not backend.driver.identity_mapped:
         # from now on the backend replaces the table (and waits for the C
         # thread to let go of the old one) before a cluster C may use changes

@@ -123,3 +123,27 @@ def test_a_4k_disk_end_to_end_with_the_workload_guest(pykvm, tmp_path, aio):
     r = pykvm("fio", "--disk", f"file={img},format=raw,logical_block_size=4096", "--bs", "512",
               "--ios", "10", timeout=120)
     assert r.returncode != 0 and "not a multiple of the device's blk_size" in r.stderr.decode()
+
+
+def test_seg_max_and_size_max_are_enforced_on_both_paths(tmp_path, engine):
+    """A request with more data buffers than seg_max, or one buffer past
+    size_max (4 MiB), gets IOERR and nothing lands."""
+    image = tmp_path / "big.raw"
+    image.write_bytes(pattern(16 << 20))
+    r = rig_with(image, "queue-size=64", engine=engine, queue=64)
+    try:
+        d = r.drv
+        assert d.t.config(12, 4) == 62                  # seg_max: the queue size - 2
+        bufs = [d.vq.arena.readable(pattern(512, k + 1)) for k in range(63)]
+        # (past sector 0, which C leaves to Python)
+        assert d.request([d.header(B.T_OUT, 8)] + bufs + [d.vq.arena.writable(1)],
+                         indirect=True)[0] == B.S_IOERR
+        assert d.request([d.header(B.T_OUT, 8)] + bufs[:62] + [d.vq.arena.writable(1)],
+                         indirect=True)[0] == B.S_OK
+        big = d.vq.arena.readable(bytes((4 << 20) + 512))
+        assert d.request([d.header(B.T_OUT, 128), big, d.vq.arena.writable(1)])[0] == B.S_IOERR
+    finally:
+        r.close()
+    data = image.read_bytes()
+    assert data[70 * 512:71 * 512] == pattern(16 << 20)[70 * 512:71 * 512]   # the 63rd: never
+    assert data[128 * 512:129 * 512] == pattern(16 << 20)[128 * 512:129 * 512]
