@@ -253,7 +253,8 @@ class Refcounts:
             self._fresh = fresh
             return lo * self.cluster_size
         self._release_pool()
-        want = max(n, self.alloc_ahead_bytes // self.cluster_size)
+        # (not on a file of fixed size, an NBD export: the run might not fit)
+        want = max(n, self.alloc_ahead_bytes // self.cluster_size) if self.file.growable else n
         off = self._alloc_run(want)
         ci = off // self.cluster_size
         self._pool = (ci + n, ci + want, self._fresh)
