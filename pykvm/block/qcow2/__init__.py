@@ -194,13 +194,6 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
         # and an entry's removal durable before the refcount that frees it.
         # _meta_write syncs the file between the two kinds when one is pending.
         self._rc_pending = False        # refcounts written since the file was last synced
-        # L2 entry writes held back while refcounts they depend on are not yet
-        # durable (a guest's disk, alloc_ahead_bytes): written at the next flush
-        # (or before a table with them leaves the cache, or a refcount drops),
-        # after one sync, as QEMU's qcow2 writes its L2 cache back; the tables
-        # in the cache already hold them
-        self._deferred: list[tuple[int, bytes]] = []
-        self._deferred_tables: set[int] = set()
         self._pool = (0, 0, False)      # clusters raised ahead: [lo, hi), fresh (alloc_clusters)
         self._unpointed = False         # freeing clusters no entry points at (no sync first)
         self._ref_pending = False       # L1/L2 entries written since then
@@ -282,21 +275,14 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
         BLKDBG_EVENT, and a blkdebug node there may fail the write; a failed
         write is a BlockError that names it."""
         what = event or "metadata"
-        meta = fd is None or fd == self.mfd
-        defer = meta and event == "l2_update" and self.alloc_ahead_bytes > 0 and \
-            (self._deferred or self._rc_pending and self._ordered)
-        if meta and not defer:
+        if fd is None or fd == self.mfd:
             self._order(event)
         if event:
             self.file.debug_event(event)
-        if meta:
+        if fd is None or fd == self.mfd:
             err = self.file.meta_error(offset, len(data))
             if err:
                 raise BlockError(self.path, f"{what} write at {offset:#x} failed (injected)", err)
-        if defer:       # (later writes to the table go after it: all held, in order)
-            self._deferred.append((offset, bytes(data)))
-            self._deferred_tables.add(offset & ~(self.cluster_size - 1))
-            return
         try:
             pwrite_full(self.mfd if fd is None else fd, data, offset)
         except OSError as e:
@@ -321,35 +307,13 @@ class Qcow2Driver(ClusterMap, WriteAllocation, ZeroDiscard, Refcounts, Compressi
     def _freeing(self) -> None:
         """A refcount is about to go down: the entries that stopped pointing at
         the cluster must be durable first."""
-        self._write_deferred()
         if self._ref_pending:
             self._sync_for_order()
 
-    @property
-    def _ordered(self) -> bool:
-        """Whether the order of metadata writes must be kept with syncs (not
-        with cache=unsafe, nor while lazy refcounts keep the image dirty)."""
-        return not self.no_flush and not (self.lazy and self._marked_dirty)
-
     def _sync_for_order(self) -> None:
-        if self._ordered:
+        if not self.no_flush and not (self.lazy and self._marked_dirty):
             fd_datasync(self.mfd)
         self._rc_pending = self._ref_pending = False
-
-    def _write_deferred(self) -> None:
-        """Write the held L2 entries, after the refcounts they need are durable."""
-        if not self._deferred:
-            return
-        if self._rc_pending:
-            self._sync_for_order()
-        items, self._deferred = self._deferred, []
-        self._deferred_tables.clear()
-        self._ref_pending = True
-        for offset, data in items:
-            try:
-                pwrite_full(self.mfd, data, offset)
-            except OSError as e:
-                raise BlockError(self.path, f"l2_update write at {offset:#x}", e.errno) from None
 
     def _set_incompat(self, value: int) -> None:
         self.h.incompat = value

@@ -220,7 +220,6 @@ class Amend:
                 self._meta_write("l2_update", be64_bytes(entries), l2off)
             if progress:
                 progress(k + 1, len(tables))
-        self._write_deferred()
         self._l2.clear()
         self._dx_changed()
         if release:

@@ -30,8 +30,6 @@ class ClusterMap:
                                self._read_meta(l2_off, self.cluster_size)))
         self._l2[l2_off] = t
         if len(self._l2) > self.l2_cache_max:
-            if next(iter(self._l2)) in self._deferred_tables:
-                self._write_deferred()      # its held entries go to the file first
             self._l2.popitem(last=False)
         return t
 

@@ -333,7 +333,6 @@ class Refcounts:
             self._marked_dirty = True
 
     def flush_metadata(self) -> None:
-        self._write_deferred()
         for off in sorted(self._rb_dirty):
             blk = self._rb.get(off)
             if blk is not None:

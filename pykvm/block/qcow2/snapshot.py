@@ -194,7 +194,6 @@ class Snapshots:
         else:
             raise BlockError(self.path, f"cannot find snapshot {ident or name!r}")
         self.l1 = self._read_l1(s)
-        self._write_deferred()
         self._l2.clear()
         self._dx_changed()
 
