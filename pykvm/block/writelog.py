@@ -55,32 +55,40 @@ class Entry:
         return "|".join(n for f, n in FLAG_NAMES if self.flags & f) or "WRITE"
 
 
+def open_for_writing(fd: int, path: str, sector_size: int,
+                     append: bool) -> tuple[int, int, bool]:
+    """A log about to be written (``log-sector-size``, ``log-append``): the
+    entries it holds, where the next one goes, and whether it was emptied
+    (without ``append``, or a file too short to be a log: it then needs its
+    super block). LogError for a bad sector size or a
+    log of another one."""
+    if sector_size not in SECTOR_SIZES:
+        raise LogError(path, f"log-sector-size {sector_size} is not one of "
+                       f"{', '.join(map(str, SECTOR_SIZES))}")
+    if append and os.fstat(fd).st_size >= SUPER.size:
+        reader = LogReader(fd, path)
+        if reader.sector_size != sector_size:
+            raise LogError(path, f"log-append: the log's sector size is "
+                           f"{reader.sector_size}, not log-sector-size={sector_size}")
+        for _e in reader:
+            pass
+        return reader.nr_entries, reader.end, False
+    os.ftruncate(fd, 0)
+    return 0, sector_size, True
+
+
 class LogWriter:
     """Appends entries to a log through ``fd`` (the log node's buffered fd)."""
 
     def __init__(self, fd: int, path: str, sector_size: int = 512, append: bool = False,
                  super_update_interval: int = 4096):
-        if sector_size not in SECTOR_SIZES:
-            raise LogError(path, f"log-sector-size {sector_size} is not one of "
-                           f"{', '.join(map(str, SECTOR_SIZES))}")
         self.fd = fd
         self.path = path
         self.ss = sector_size
         self.interval = super_update_interval
-        self.entries = 0
-        self.pos = sector_size
         self.since_super = 0
-        if append and os.fstat(fd).st_size >= SUPER.size:
-            reader = LogReader(fd, path)
-            if reader.sector_size != sector_size:
-                raise LogError(path, f"log-append: the log's sector size is "
-                               f"{reader.sector_size}, not log-sector-size={sector_size}")
-            for _e in reader:
-                pass
-            self.entries = reader.nr_entries
-            self.pos = reader.end
-        else:
-            os.ftruncate(fd, 0)
+        self.entries, self.pos, emptied = open_for_writing(fd, path, sector_size, append)
+        if emptied:
             self.write_super()
 
     def _write(self, data, pos: int) -> None:

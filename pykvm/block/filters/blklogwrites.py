@@ -22,7 +22,7 @@ import os
 
 from ..._native import ffi, lib
 from ..driver import GraphError, register
-from ..writelog import SECTOR_SIZES, SUPER, LogError, LogReader
+from ..writelog import LogError, open_for_writing
 from . import FilterDriver
 
 log = logging.getLogger("pykvm.block")
@@ -69,20 +69,7 @@ class BlklogwritesDriver(FilterDriver):
         """The C writer, after the entries of the log (log-append) or on an
         emptied one."""
         fd, path = self.log.bfd, self.log.filename
-        if ss not in SECTOR_SIZES:
-            raise LogError(path, f"log-sector-size {ss} is not one of "
-                           f"{', '.join(map(str, SECTOR_SIZES))}")
-        entries, pos = 0, ss
-        if append and os.fstat(fd).st_size >= SUPER.size:
-            reader = LogReader(fd, path)
-            if reader.sector_size != ss:
-                raise LogError(path, f"log-append: the log's sector size is "
-                               f"{reader.sector_size}, not log-sector-size={ss}")
-            for _e in reader:
-                pass
-            entries, pos = reader.nr_entries, reader.end
-        else:
-            os.ftruncate(fd, 0)
+        entries, pos, _ = open_for_writing(fd, path, ss, append)
         try:        # the buffers of entries go to the file O_DIRECT (no page-cache copy)
             self._dfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         except OSError:
